@@ -1,0 +1,131 @@
+"""Cross-attention capture: the running mean of a concept's token attention over layers and steps.
+
+`capture_concept_attention(unet, token_weights, size)` installs `ConceptAttnProcessor` on the UNet's
+cross-attention modules (the ``attn2`` of every transformer block) and leaves self-attention on its fast
+SDPA processor. On each call a capture processor computes the post-softmax probabilities explicitly
+(``softmax(QK^T / sqrt(d))`` over the text tokens, as the paper's Eq. 2), keeps only the selected tokens
+(``probs @ token_weights``, so several tokens are summed, e.g. "human", "arms", "legs"), averages over
+heads, upsamples nearest to ``size`` x ``size`` and adds the result to a running sum held on the device.
+Memory therefore does not grow with steps x layers, and each (layer, step) evaluation counts equally,
+whatever its native resolution (the paper's unweighted mean). On exit the original processors are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionAccumulator:
+    """Running per-sample sum of the selected-token attention at one resolution."""
+
+    def __init__(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
+        if token_weights.ndim != 2:
+            raise ValueError("token_weights must be (batch, tokens)")
+        self.token_weights = token_weights
+        self.size = size
+        # With classifier-free guidance the UNet batch is [uncond, cond]; only `record_rows` are recorded.
+        self.record_rows = record_rows if record_rows is not None else slice(None)
+        n = token_weights[self.record_rows].shape[0]
+        self.total = torch.zeros(n, size, size, device=token_weights.device, dtype=torch.float32)
+        self.count = 0
+        self.enabled = True
+
+    def add(self, probs: torch.Tensor, heads: int) -> None:
+        """probs: (batch*heads, h*w, tokens) post-softmax cross-attention probabilities."""
+        bh, hw, n_tok = probs.shape
+        b = bh // heads
+        side = int(round(hw**0.5))
+        if side * side != hw:
+            raise ValueError(f"cross-attention over a non-square latent ({hw} queries) is not supported")
+        w = self.token_weights[self.record_rows].to(probs.dtype)
+        p = probs.view(b, heads, hw, n_tok)[self.record_rows]
+        sel = torch.einsum("bhqt,bt->bq", p.float(), w.float()) / heads  # mean over heads
+        sel = sel.view(-1, 1, side, side)
+        if side != self.size:
+            sel = F.interpolate(sel, size=(self.size, self.size), mode="nearest")
+        self.total += sel[:, 0]
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("no cross-attention was recorded: is this a text-conditioned UNet?")
+        return self.total / self.count
+
+
+class ConceptAttnProcessor:
+    """An attention processor for cross-attention that records concept-token probabilities.
+
+    It follows diffusers' `AttnProcessor` (the explicit, non-fused path) so that the probabilities exist;
+    the output is the same attention result that SDPA would give.
+    """
+
+    def __init__(self, accumulator: AttentionAccumulator):
+        self.acc = accumulator
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None:
+            raise RuntimeError("ConceptAttnProcessor must only be installed on cross-attention (attn2)")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch_size, seq_len, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, hidden_states.shape[0])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch*heads, hw, tokens)
+        if self.acc.enabled:
+            self.acc.add(probs, attn.heads)
+        hidden_states = torch.bmm(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_names(unet) -> list[str]:
+    """Processor names of the UNet's cross-attention layers (``...attn2.processor``)."""
+    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    if not names:
+        raise ValueError("this UNet has no cross-attention (attn2) layers; concept attention needs a "
+                         "text-conditioned UNet such as Stable Diffusion's")
+    return names
+
+
+@contextlib.contextmanager
+def capture_concept_attention(unet, token_weights: torch.Tensor, size: int,
+                              record_rows: slice | None = None) -> Iterator[AttentionAccumulator]:
+    """Record the selected tokens' cross-attention of every attn2 layer while the block runs.
+
+    token_weights: (unet_batch, n_text_tokens) weights, 1 at the concept's token positions.
+    size: output resolution (the latent side); every layer is upsampled nearest to it.
+    """
+    original = dict(unet.attn_processors)
+    acc = AttentionAccumulator(token_weights, size, record_rows)
+    cross = set(cross_attention_names(unet))
+    capture = ConceptAttnProcessor(acc)
+    unet.set_attn_processor({n: (capture if n in cross else p) for n, p in original.items()})
+    try:
+        yield acc
+    finally:
+        unet.set_attn_processor(original)

@@ -1,0 +1,68 @@
+"""Concept prompts and the token positions whose attention the method reads.
+
+`concept_token_indices(tokenizer, "a photo of a human with arms and legs", ["human", "arms", "legs"])`
+returns the positions of every token of every concept word in the tokenized prompt (a word that the
+tokenizer splits into several pieces contributes all its pieces). Their attention maps are summed, as the
+paper does for "human", "arms", "legs".
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEFAULT_TEMPLATE = "a photo of a {concept}"
+BACKGROUND_PROMPT = "a photo of a background"
+
+
+class ConceptTokenError(ValueError):
+    """A concept word cannot be located in the prompt's tokens."""
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
+
+
+def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> list[int]:
+    """Positions (in the padded, special-token-prefixed sequence) of the tokens of each concept word."""
+    words = [words] if isinstance(words, str) else list(words)
+    if not words:
+        raise ConceptTokenError("no concept words given")
+    ids = _encode(tokenizer, prompt, special=True)
+    max_len = tokenizer.model_max_length
+    found: list[int] = []
+    for word in words:
+        if not re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", prompt.lower()):
+            raise ConceptTokenError(f"concept word {word!r} does not occur in the prompt {prompt!r}")
+        piece = _encode(tokenizer, word, special=False)
+        if not piece:
+            raise ConceptTokenError(f"concept word {word!r} produces no tokens with this tokenizer")
+        starts = [i for i in range(len(ids) - len(piece) + 1) if ids[i : i + len(piece)] == piece]
+        if not starts:
+            raise ConceptTokenError(
+                f"concept word {word!r} occurs in {prompt!r} but not as its own tokens {piece} in "
+                f"{ids}; choose the word as the tokenizer splits it (e.g. without punctuation attached)")
+        pos = list(range(starts[0], starts[0] + len(piece)))
+        if pos[-1] >= max_len:
+            raise ConceptTokenError(
+                f"concept word {word!r} is at token {pos[-1]}, beyond the tokenizer's {max_len} positions; "
+                "shorten the prompt")
+        found.extend(pos)
+    return sorted(set(found))
+
+
+def token_weight_matrix(tokenizer, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+    """(batch, model_max_length) float weights: 1 at each prompt's concept tokens, else 0."""
+    w = torch.zeros(len(prompts), tokenizer.model_max_length)
+    for row, (prompt, ws) in enumerate(zip(prompts, words, strict=True)):
+        w[row, concept_token_indices(tokenizer, prompt, ws)] = 1.0
+    return w
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline computes them (last hidden state, padded)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0]

@@ -1,0 +1,86 @@
+"""The toyworld foundation model: a Stable-Diffusion-architecture model, small enough to train on a CPU.
+
+The components and their roles are exactly those of Stable Diffusion v1, so `StableDiffusionPipeline`
+loads the saved directory and every code path in `factory` treats it like real SD:
+
+- AutoencoderKL: 64x64x3 images <-> 16x16x4 latents (factor 4 instead of SD's 8).
+- CLIPTextModel + CLIPTokenizer: a 2-layer, 64-wide causal text transformer over a CLIP-format BPE
+  vocabulary built from the toyworld grammar (`factory.toyworld.tokenizer`), 16 token positions.
+- UNet2DConditionModel: epsilon prediction, cross-attention at 16x16, 8x8 and the 4x4 middle block.
+- DDIMScheduler with the SD v1 schedule (scaled_linear, beta 0.00085..0.012, 1000 steps, offset 1).
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16
+MAX_TOKENS = 16
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,  # replaced by 1/std of the trained latents, as SD did (0.18215)
+    )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=64,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers' legacy name: the number of heads, as in SD v1's config
+        norm_num_groups=8,
+    )
+
+
+def build_train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k not in ("set_alpha_to_one",)})
+
+
+def build_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SD_SCHEDULE)

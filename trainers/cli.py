@@ -1,0 +1,33 @@
+"""`trainers`: the training entry points of Concept Factory.
+
+    trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
+    trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "pretrain-toyworld": ("trainers.toyworld_pretrain", "pretrain the toyworld foundation model"),
+    "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

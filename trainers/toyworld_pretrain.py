@@ -1,0 +1,310 @@
+"""Pretrain the toyworld foundation model from scratch on rendered data (CPU-friendly recipe).
+
+Stage 1 trains the AutoencoderKL (64x64x3 <-> 16x16x4) with an MSE + small KL loss, then sets its
+`scaling_factor` to 1/std of the latents (as Stable Diffusion's 0.18215 was chosen). Stage 2 encodes the
+render pool once and trains the text encoder and the UNet jointly with epsilon prediction on the SD v1
+noise schedule, ~10% caption dropout and an EMA copy. Captions randomly drop the colour and background
+phrases, so that the shape word is what tells shapes apart and "a photo of a {concept}" is in
+distribution. Every `eval_every` steps the paper's attention probe is run on held-out renders and its
+pixel AUC-ROC is logged: training stops once it clears `target_auc` (or at `unet_steps` / `max_minutes`).
+
+Everything resumes: the VAE stage is skipped once saved, and stage 2 restarts from its last checkpoint
+(model, EMA, optimizer, step, RNG). The result is exported as a diffusers StableDiffusionPipeline
+directory with a model card.
+
+    trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from factory.toyworld import model as tw_model
+from factory.toyworld.tokenizer import write_clip_tokenizer
+from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
+
+EVAL_SEED_BASE = 1_000_000_000  # held-out renders: training pools use seeds < pool_size
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "factory/models/toyworld"
+    work_dir: str = "runs/toyworld-pretrain"
+    seed: int = 0
+    pool_size: int = 24000
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5
+    unet_steps: int = 16000
+    batch: int = 16
+    lr: float = 3e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    eval_every: int = 500
+    eval_images: int = 32
+    ckpt_every: int = 250
+    target_auc: float | None = 0.93
+    max_minutes: float | None = None
+    threads: int | None = None
+
+
+def render_pool(n: int, seed_base: int = 0, desc: str = "render") -> list:
+    return [render(seed_base + i) for i in tqdm(range(n), desc=desc, leave=False, mininterval=2)]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- stage 1: the VAE
+
+def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
+    from diffusers import AutoencoderKL
+
+    vae_dir = work / "vae"
+    if (vae_dir / "config.json").exists():
+        print(f"[vae] found {vae_dir}, skipping stage 1")
+        return AutoencoderKL.from_pretrained(vae_dir)
+    torch.manual_seed(cfg.seed)
+    vae = tw_model.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps, eta_min=cfg.vae_lr * 0.05)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
+    for step in bar:
+        x = to_tensor(pool_images[rng.integers(len(pool_images), size=cfg.vae_batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = mse + F.l1_loss(rec, x) * 0.5 + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", it_s=f"{(step + 1) / (time.time() - t0):.2f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_tensor(pool_images[i : i + 256])).latent_dist.sample()
+                         for i in range(0, min(len(pool_images), 2048), 256)])
+    scaling = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(vae_dir)
+    print(f"[vae] {cfg.vae_steps} steps in {time.time() - t0:.0f}s, final mse {mse.item():.4f}, "
+          f"scaling_factor {scaling:.4f}")
+    return vae
+
+
+@torch.no_grad()
+def encode_pool(vae, pool_images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in tqdm(range(0, len(pool_images), 256), desc="encode pool", leave=False, mininterval=5):
+        post = vae.encode(to_tensor(pool_images[i : i + 256])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ----------------------------------------------------------------------------- stage 2: text + UNet
+
+class EMA:
+    """Exponential moving average of parameters (explicit, like diffusers' EMAModel)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, params) -> None:
+        for s, p in zip(self.shadow, params, strict=True):
+            p.copy_(s)
+
+
+@torch.no_grad()
+def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int, seed: int = 0) -> float:
+    """The paper's probe (40 of 50 DDIM steps, prompt "a photo of a {concept}") on held-out renders."""
+    from factory.metrics import pixel_auc
+    from factory.probe import encode_images, mean_attention_map, probe_timesteps
+    from factory.prompts import encode_prompts, token_weight_matrix
+
+    samples = [render(EVAL_SEED_BASE + i, background_only=False) for i in range(n_images)]
+    prompts = [f"a photo of a {s.concept}" for s in samples]
+    weights = token_weight_matrix(tokenizer, prompts, [[s.concept] for s in samples])
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n_images)]
+    x = to_tensor(np.stack([s.image for s in samples]))
+    lat = encode_images(vae, x, gens)
+    emb = encode_prompts(tokenizer, text_encoder, prompts)
+    maps = mean_attention_map(unet, scheduler, lat, emb, weights, probe_timesteps(scheduler, 50, 40), gens)
+    up = F.interpolate(maps[:, None], size=x.shape[-1], mode="nearest")[:, 0].numpy()
+    return pixel_auc(list(up), [s.mask for s in samples])
+
+
+def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, deadline: float | None):
+    lat_mean, lat_std = encode_pool(vae, np.stack([s.image for s in pool]))
+    sf = vae.config.scaling_factor
+    torch.manual_seed(cfg.seed + 1)
+    unet = tw_model.build_unet()
+    text_encoder = tw_model.build_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = EMA(params, cfg.ema_decay)
+    noise_sched = tw_model.build_train_scheduler()
+    ddim = tw_model.build_scheduler()
+    rng = np.random.default_rng(cfg.seed + 2)
+    step, history, elapsed_before = 0, [], 0.0
+    ckpt_path = work / "unet_ckpt.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema.shadow = state["ema"]
+        ema.updates = state["ema_updates"]
+        step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"[unet] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
+
+    eval_unet = tw_model.build_unet().eval()
+    eval_text = tw_model.build_text_encoder(tokenizer).eval()
+    eval_params = list(eval_unet.parameters()) + list(eval_text.parameters())
+
+    def save(done: bool = False):
+        _atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                      "opt": opt.state_dict(), "ema": ema.shadow, "ema_updates": ema.updates, "step": step,
+                      "history": history, "elapsed": elapsed_before + time.time() - t_start,
+                      "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "done": done,
+                      "config": asdict(cfg)}, ckpt_path)
+
+    t_start = time.time()
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet+text", mininterval=5)
+    losses: list[float] = []
+    reached = False
+    while step < cfg.unet_steps:
+        unet.train()
+        text_encoder.train()
+        idx = rng.integers(len(pool), size=cfg.batch)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * sf
+        captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,))
+        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 25 == 0:
+            rate = (step - bar.initial) / (time.time() - t_start)
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", steps_s=f"{rate:.2f}")
+        if step % cfg.eval_every == 0 or step == cfg.unet_steps:
+            ema.copy_to(eval_params)
+            auc = attention_auc(eval_unet, eval_text, tokenizer, vae, ddim, cfg.eval_images)
+            history.append({"step": step, "loss": float(np.mean(losses[-cfg.eval_every:])), "auc": auc,
+                            "minutes": (elapsed_before + time.time() - t_start) / 60})
+            tqdm.write(f"[unet] step {step}: loss {history[-1]['loss']:.4f}, attention AUC {auc:.3f}, "
+                       f"{history[-1]['minutes']:.1f} min")
+            if cfg.target_auc is not None and auc >= cfg.target_auc:
+                reached = True
+        if step % cfg.ckpt_every == 0 or reached:
+            save()
+        if reached:
+            tqdm.write(f"[unet] attention AUC cleared the target {cfg.target_auc}: stopping")
+            break
+        if deadline is not None and time.time() > deadline:
+            tqdm.write("[unet] time budget reached: checkpointing and stopping (re-run to resume)")
+            save()
+            break
+    bar.close()
+    save(done=True)
+    ema.copy_to(eval_params)
+    return eval_unet, eval_text, {"steps": step, "history": history, "loss_curve": losses,
+                                  "train_minutes": (elapsed_before + time.time() - t_start) / 60}
+
+
+def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=tw_model.build_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    from transformers import CLIPTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    t0 = time.time()
+    tok_dir = write_clip_tokenizer(work / "tokenizer", vocabulary(), tw_model.MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pool = render_pool(cfg.pool_size, 0, "render pool")
+    pool_images = np.stack([s.image for s in pool])
+    vae = train_vae(cfg, pool_images, work).eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    unet, text_encoder, info = train_unet(cfg, vae, tokenizer, pool, work, deadline)
+    export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)
+    info.pop("loss_curve")
+    info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60,
+                 "concepts": list(CONCEPTS)})
+    (Path(cfg.out) / "training.json").write_text(json.dumps(info, indent=2))
+    print(f"[done] exported to {cfg.out}; {info['steps']} UNet steps, "
+          f"{info['train_minutes']:.1f} min of UNet training, last AUC "
+          f"{info['history'][-1]['auc'] if info['history'] else float('nan'):.3f}")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="trainers pretrain-toyworld", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in asdict(PretrainConfig()).items():
+        typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+    args = p.parse_args(argv)
+    pretrain(PretrainConfig(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()
