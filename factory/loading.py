@@ -68,7 +68,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
     if device == "cpu" and torch_dtype == torch.float16:
         raise ModelLoadError("fp16 on the CPU is not supported by most kernels; use fp32 (or bf16) on the CPU")
     source = resolve_model(model)
-    kwargs = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:

@@ -32,9 +32,12 @@ def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Ten
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code)."""
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    eps = _randn(posterior.mean.shape[1:], generators, posterior.mean.device, posterior.mean.dtype)
-    return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+    # One sample at a time, so that a sample's latents do not depend on its batch (see Distiller._decode).
+    dists = [vae.encode(x[None].to(vae.device, vae.dtype)).latent_dist for x in images]
+    mean = torch.cat([d.mean for d in dists])
+    std = torch.cat([d.std for d in dists])
+    eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)
+    return (mean + std * eps) * vae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
     trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
     trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
+    trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a labelled split
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "pretrain-toyworld": ("trainers.toyworld_pretrain", "pretrain the toyworld foundation model"),
     "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
+    "evaluate-masks": ("trainers.evaluate_masks", "score the method's masks on a labelled split"),
 }
 
 

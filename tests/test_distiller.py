@@ -1,0 +1,124 @@
+"""The method core on the toyworld model: shapes, invariants, determinism, error cases."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.inpaint import inpaint_background
+from factory.probe import encode_images, probe_timesteps
+from factory.prompts import ConceptTokenError, encode_prompts
+from factory.toyworld.world import render
+
+
+@pytest.fixture(scope="module")
+def distiller(toyworld_pipe, fast_config):
+    return Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe)
+
+
+def test_probe_uses_the_least_noisy_steps_of_the_ddim_grid(toyworld_pipe):
+    ts = probe_timesteps(toyworld_pipe.scheduler, 50, 40)
+    assert ts.tolist() == list(range(781, 0, -20))
+    with pytest.raises(ValueError):
+        probe_timesteps(toyworld_pipe.scheduler, 50, 60)
+
+
+def test_synthesize_triplet_shapes_and_metadata(distiller):
+    (t,) = distiller.synthesize([SampleSpec(Concept("star"), seed=3)])
+    assert t.image.shape == (64, 64, 3) and t.image.dtype == np.uint8
+    assert t.mask.shape == (64, 64) and t.mask.dtype == bool
+    assert t.prelim.shape == (16, 16) and t.attention.dtype == np.float16
+    assert t.foreground.shape == (64, 64, 4) and t.background.shape == (64, 64, 3)
+    assert np.array_equal(t.foreground[..., 3] > 0, t.mask)
+    # the refined mask lies inside the (nearest-upsampled) preliminary mask
+    prelim_up = np.repeat(np.repeat(t.prelim, 4, 0), 4, 1)
+    assert not (t.mask & ~prelim_up).any()
+    m = t.meta
+    for k in ("prompt", "concept", "seed", "model", "steps", "prelim_stats", "refine_stats", "mask_area", "timings"):
+        assert k in m
+    assert m["seed"] == 3 and m["model"] == "toyworld" and m["concept"] == "star" and t.key == "star-0000000003"
+    assert {"means", "weights", "bimodality", "threshold"} <= set(m["prelim_stats"])
+
+
+def test_same_seed_same_arrays_whatever_the_batch(distiller):
+    specs = [SampleSpec(Concept(c), seed=s) for c, s in [("ring", 1), ("star", 2), ("heart", 3)]]
+    batch = distiller.synthesize(specs)
+    alone = distiller.synthesize([specs[1]])[0]
+    again = distiller.synthesize([specs[1]])[0]
+    for a, b in [(alone, batch[1]), (alone, again)]:
+        for f in ("image", "mask", "prelim", "attention", "foreground", "background"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    images = [render(i, background_only=False).image for i in range(3)]
+    lab = distiller.label(images, Concept("circle"), seeds=[7, 8, 9])
+    lab1 = distiller.label([images[2]], Concept("circle"), seeds=[9])[0]
+    for f in ("mask", "prelim", "attention", "background"):
+        assert np.array_equal(getattr(lab1, f), getattr(lab[2], f)), f
+
+
+def test_label_keeps_the_original_geometry(distiller):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)
+    (t,) = distiller.label([img], Concept("square"), seeds=[1])
+    assert t.image.shape == (50, 80, 3) and t.mask.shape == (50, 80) and t.background.shape == (50, 80, 3)
+    assert t.meta["canvas"]["valid_h"] == 40 and t.meta["mode"] == "label"
+    # the padded rows of the latent grid are never foreground
+    assert not t.prelim[10:].any()
+
+
+def test_in_loop_attention_and_probe_option(toyworld_pipe, fast_config):
+    cfg = dataclasses.replace(fast_config, attention="probe")
+    (p,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
+    (l,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
+    assert np.array_equal(p.image, l.image)  # same generation; only the attention source differs
+    assert not np.array_equal(p.attention, l.attention)
+    assert p.meta["attention_source"] == "probe" and l.meta["attention_source"] == "loop"
+
+
+def test_guided_synthesis_records_only_the_conditional_branch(toyworld_pipe, fast_config):
+    cfg = dataclasses.replace(fast_config, guidance_scale=3.0)
+    (t,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("star"), 5)])
+    assert t.attention.shape == (16, 16) and np.isfinite(t.attention.astype(np.float32)).all()
+    assert t.attention.astype(np.float32).max() <= 1.0  # a probability, not a sum over two branches
+
+
+def test_errors_before_any_work(distiller):
+    with pytest.raises(ConceptTokenError, match="does not occur"):
+        distiller.synthesize([SampleSpec(Concept("star", template="a photo of a thing"), 1)])
+    with pytest.raises(ValueError, match="same length"):
+        distiller.label([np.zeros((8, 8, 3), np.uint8)], Concept("star"), seeds=[1, 2])
+    with pytest.raises(ValueError, match="unknown mask_rule"):
+        DistillConfig(mask_rule="median")
+    with pytest.raises(ValueError, match="attention"):
+        DistillConfig(attention="both")
+
+
+def test_inpainting_an_empty_region_reproduces_the_image(toyworld_pipe):
+    pipe = toyworld_pipe
+    s = render(21, background_only=False)
+    x = torch.from_numpy(s.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    gens = [torch.Generator().manual_seed(0)]
+    z0 = encode_images(pipe.vae, x, gens)
+    emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a photo of a background"])
+    z = inpaint_background(pipe.unet, pipe.scheduler, z0, torch.zeros(1, 1, 16, 16), emb, gens, 10)
+    assert torch.nn.functional.mse_loss(z, z0) < 0.1 * z0.var()
+
+
+def test_nine_channel_inpainting_unet_is_used_as_such(toyworld_pipe):
+    """A 9-channel inpainting UNet (random weights: no such toyworld model exists) runs the same loop."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(toyworld_pipe.unet.config)
+    cfg["in_channels"] = 9
+    unet9 = UNet2DConditionModel.from_config(cfg).eval()
+    z0 = torch.randn(2, 4, 16, 16)
+    region = torch.zeros(2, 1, 16, 16)
+    region[:, :, 4:12, 4:12] = 1
+    emb = encode_prompts(toyworld_pipe.tokenizer, toyworld_pipe.text_encoder, ["a photo of a background"] * 2)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = inpaint_background(unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4,
+                             masked_image_latents=z0 * (1 - region))
+    assert out.shape == z0.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="masked_image_latents"):
+        inpaint_background(unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4)

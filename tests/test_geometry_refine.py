@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from factory.geometry import Canvas, to_canvas, to_original
+from factory.refine import refine_mask
+
+
+def test_canvas_resizes_long_side_and_pads_right_bottom():
+    img = np.full((50, 100, 3), 200, np.uint8)
+    canvas, c = to_canvas(img, 64)
+    assert canvas.shape == (64, 64, 3) and (c.valid_h, c.valid_w) == (32, 64)
+    assert (canvas[:32] == 200).all() and (canvas[32:] == 0).all()
+    assert c.latent_valid(4) == (8, 16)
+    small, c2 = to_canvas(np.zeros((10, 20, 3), np.uint8), 64)  # small images are upscaled too
+    assert (c2.valid_h, c2.valid_w) == (32, 64)
+    back = to_original(np.ones((64, 64), bool), c)
+    assert back.shape == (50, 100) and back.all()
+
+
+def test_canvas_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        to_canvas(np.zeros((8, 8, 3), np.float32), 64)
+    with pytest.raises(ValueError, match="RGB"):
+        to_canvas(np.zeros((8, 8, 5), np.uint8), 64)
+
+
+def test_refined_mask_is_difference_and_prelim():
+    rng = np.random.default_rng(0)
+    bg = rng.integers(90, 110, (64, 64, 3)).astype(np.uint8)
+    img = bg.copy()
+    img[20:40, 20:40] = 250  # the object
+    prelim = np.zeros((16, 16), bool)
+    prelim[4:11, 4:11] = True  # coarse, overestimating: pixels 16..43
+    mask, diff, st = refine_mask(img, bg, prelim, Canvas(64, 64, 64, 64, 64))
+    gt = np.zeros((64, 64), bool)
+    gt[20:40, 20:40] = True
+    assert diff.shape == (64, 64) and st.rule == "gmm"
+    assert (mask == gt).mean() > 0.99
+    # the AND: a difference outside the preliminary region is not foreground
+    img2 = img.copy()
+    img2[50:60, 50:60] = 250
+    mask2, _, _ = refine_mask(img2, bg, prelim, Canvas(64, 64, 64, 64, 64))
+    assert not mask2[50:60, 50:60].any()
+
+
+def test_refine_ignores_padding_and_fills_holes_on_request():
+    bg = np.full((64, 64, 3), 100, np.uint8)
+    img = bg.copy()
+    img[10:30, 10:30] = 230
+    img[18:22, 18:22] = 100  # a hole
+    prelim = np.ones((16, 16), bool)
+    c = Canvas(64, 40, 64, 40, 64)
+    m, _, _ = refine_mask(img, bg, prelim, c)
+    assert not m[40:].any()
+    filled, _, _ = refine_mask(img, bg, prelim, c, close_and_fill=True)
+    assert filled[19, 19] and not m[19, 19]
