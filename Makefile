@@ -25,9 +25,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 demo: venv
-	$(VENV)/bin/factory demo
+	$(VENV)/bin/factory generate configs/toyworld.yaml
 
 test: venv
+	$(VENV)/bin/ruff check factory trainers tests examples
 	$(PY) -m pytest -q
 
 test-slow: venv

@@ -1,16 +1,14 @@
 """`factory`: the Concept Factory command line.
 
-    factory demo [--out out/demo] [--n 24]      run the method on the embedded toyworld model (CPU)
-    factory toyworld-split --out DIR --seeds 0:200   write a labelled toyworld split (images, masks, captions)
+    factory generate CONFIG [--set KEY=VALUE ...]               synthesize + label into WebDataset shards (Ray)
+    factory label CONFIG --input SRC [--set KEY=VALUE ...]      label your own images into shards (Ray)
+    factory toyworld-split --out DIR --seeds 0:200              write a labelled toyworld split
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 
 def _seeds(text: str) -> range:
@@ -31,56 +29,59 @@ def cmd_toyworld_split(a) -> int:
     return 0
 
 
-def cmd_demo(a) -> int:
-    """The method end to end on toyworld through the Python API: synthesize + label, then score."""
-    import numpy as np
-    from PIL import Image
+def _load_job(a):
+    from factory.config import ConfigError, load_config
 
-    from factory import Concept, DistillConfig, Distiller, SampleSpec
-    from factory.toyworld.world import CONCEPTS, write_split
-    from factory.visualize import contact_sheet
-    from trainers.evaluate_masks import evaluate_distiller, markdown_table
+    try:
+        return load_config(a.config, a.set)
+    except ConfigError as err:
+        print(f"factory: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    d = Distiller(a.model, config=DistillConfig(guidance_scale=a.guidance, negative_prompt=""))
-    specs = [SampleSpec(Concept(CONCEPTS[i % len(CONCEPTS)]), seed=i) for i in range(a.n)]
-    triplets = []
-    for i in range(0, len(specs), 8):
-        triplets += d.synthesize(specs[i : i + 8])
-        print(f"synthesized {len(triplets)}/{len(specs)}", flush=True)
-    (out / "synthetic").mkdir(exist_ok=True)
-    for tr in triplets:
-        Image.fromarray(tr.image).save(out / "synthetic" / f"{tr.key}.png")
-        Image.fromarray((tr.mask * 255).astype(np.uint8)).save(out / "synthetic" / f"{tr.key}.mask.png")
-        (out / "synthetic" / f"{tr.key}.json").write_text(json.dumps(tr.meta, indent=1))
-    contact_sheet([[t.image, t.attention.astype(np.float32), t.prelim, t.background, t.mask, t.foreground]
-                   for t in triplets[:12]], ["image", "attention", "M_pre", "background", "refined M", "foreground"],
-                  row_labels=[t.key for t in triplets[:12]]).save(out / "synthetic_sheet.png")
-    split = write_split(out / "toyworld-test", range(2_000_000_000, 2_000_000_000 + a.n_eval))
-    res = evaluate_distiller(d, split, batch=16, out=out / "eval")
-    print(markdown_table(res))
-    print(f"demo done in {time.time() - t0:.0f}s: synthetic triplets in {out / 'synthetic'}, "
-          f"contact sheets {out / 'synthetic_sheet.png'} and {out / 'eval' / 'contact_sheet.png'}")
-    return 0
+
+def cmd_generate(a) -> int:
+    from factory.pipeline import run_job
+
+    cfg = _load_job(a)
+    summary = run_job(cfg, "generate")
+    return 0 if summary["complete"] else 1
+
+
+def cmd_label(a) -> int:
+    from factory.pipeline import list_images, run_job
+
+    cfg = _load_job(a)
+    try:
+        sources = list_images(a.input)
+    except FileNotFoundError as err:
+        print(f"factory: {err}", file=sys.stderr)
+        return 2
+    print(f"[factory] label: {len(sources)} images from {a.input}")
+    summary = run_job(cfg, "label", sources)
+    return 0 if summary["complete"] else 1
+
+
+def _add_job_args(s) -> None:
+    s.add_argument("config", help="job YAML (see configs/)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted path, e.g. --set output.uri=s3://b/x --set concepts.0.samples=10")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="factory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("generate", help="synthesize and label triplets into WebDataset shards on Ray")
+    _add_job_args(s)
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("label", help="label your own images into WebDataset shards on Ray")
+    _add_job_args(s)
+    s.add_argument("--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)")
+    s.set_defaults(fn=cmd_label)
     s = sub.add_parser("toyworld-split", help="write a labelled toyworld split")
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", type=_seeds, default=range(0, 200))
     s.add_argument("--size", type=int, default=64)
     s.set_defaults(fn=cmd_toyworld_split)
-    s = sub.add_parser("demo", help="run the method on the embedded toyworld model")
-    s.add_argument("--out", default="out/demo")
-    s.add_argument("--model", default="toyworld")
-    s.add_argument("--n", type=int, default=24, help="synthetic samples")
-    s.add_argument("--n-eval", type=int, default=64, help="held-out labelled images to score")
-    s.add_argument("--guidance", type=float, default=3.0)
-    s.set_defaults(fn=cmd_demo)
     a = p.parse_args(argv)
     return a.fn(a)
 

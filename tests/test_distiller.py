@@ -70,10 +70,10 @@ def test_label_keeps_the_original_geometry(distiller):
 def test_in_loop_attention_and_probe_option(toyworld_pipe, fast_config):
     cfg = dataclasses.replace(fast_config, attention="probe")
     (p,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
-    (l,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
-    assert np.array_equal(p.image, l.image)  # same generation; only the attention source differs
-    assert not np.array_equal(p.attention, l.attention)
-    assert p.meta["attention_source"] == "probe" and l.meta["attention_source"] == "loop"
+    (lp,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
+    assert np.array_equal(p.image, lp.image)  # same generation; only the attention source differs
+    assert not np.array_equal(p.attention, lp.attention)
+    assert p.meta["attention_source"] == "probe" and lp.meta["attention_source"] == "loop"
 
 
 def test_guided_synthesis_records_only_the_conditional_branch(toyworld_pipe, fast_config):

@@ -39,15 +39,15 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
 
 def test_unet_loss_falls():
     """On a fixed small pool the epsilon-prediction loss falls within a few dozen steps."""
+    import tempfile
+    from pathlib import Path
+
     from transformers import CLIPTokenizer
 
     from factory.toyworld import model as tw
     from factory.toyworld.tokenizer import write_clip_tokenizer
     from factory.toyworld.world import vocabulary
     from trainers.toyworld_pretrain import PretrainConfig, render_pool, train_unet
-
-    import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
         tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(d) / "tok", vocabulary(), 16))

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.toyworld.world import BACKGROUNDS, COLORS, CONCEPTS, caption_variants, render, vocabulary, write_split
+from factory.toyworld.world import (
+    BACKGROUNDS,
+    COLORS,
+    CONCEPTS,
+    caption_variants,
+    render,
+    vocabulary,
+    write_split,
+)
 
 
 def test_same_seed_same_sample_and_different_seeds_differ():

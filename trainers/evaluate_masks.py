@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from factory.distiller import Concept, DistillConfig, Distiller
-from factory.geometry import crop_valid, resize_mask
+from factory.geometry import resize_mask
 from factory.metrics import PooledSegmentationMetrics, pixel_auc
 from factory.visualize import contact_sheet
 

@@ -299,9 +299,15 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="trainers pretrain-toyworld", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    def optional(typ):
+        return lambda text: None if text.lower() in ("none", "off", "") else typ(text)
+
     for name, default in asdict(PretrainConfig()).items():
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+        if name in ("target_auc", "max_minutes", "threads"):
+            typ = optional(float if name != "threads" else int)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
+                       help="'none' disables" if name in ("target_auc", "max_minutes") else None)
     args = p.parse_args(argv)
     pretrain(PretrainConfig(**vars(args)))
 

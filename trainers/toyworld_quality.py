@@ -208,9 +208,12 @@ def write_card(model_dir: Path, res: dict, n: int) -> None:
     for c in ("vae", "text_encoder", "unet"):
         conf = json.loads((model_dir / c / "config.json").read_text())
         size = sum(f.stat().st_size for f in (model_dir / c).glob("*.safetensors")) / 4  # fp32 params
-        comps.append(f"| {c} | {conf['_class_name']} | {size / 1e6:.2f}M params |")
+        cls = conf.get("_class_name") or conf.get("architectures", ["?"])[0]
+        comps.append(f"| {c} | {cls} | {size / 1e6:.2f}M params |")
     vae_conf = json.loads((model_dir / "vae" / "config.json").read_text())
-    vocab = len(json.loads((model_dir / "tokenizer" / "vocab.json").read_text()))
+    from transformers import CLIPTokenizer
+
+    vocab = len(CLIPTokenizer.from_pretrained(model_dir / "tokenizer"))
     hist = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes']:.1f} |" for h in info["history"])
     text = CARD.format(
         concepts=", ".join(CONCEPTS), path=model_dir, components="\n".join(comps), vocab=vocab, max_tokens=16,

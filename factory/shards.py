@@ -1,0 +1,161 @@
+"""Shard writing: triplets -> WebDataset tar shards on any fsspec filesystem, committed atomically.
+
+Each sample of a shard holds
+    {key}.jpg (or .png)   image            {key}.mask.png    refined mask, 0/255
+    {key}.prelim.png      preliminary mask {key}.attn.npy    float16 mean attention map
+    {key}.fg.png          RGBA cut-out     {key}.bg.jpg      inpainted background
+    {key}.json            metadata
+A shard is first written completely to a local temporary file. On a local filesystem it is then moved
+into place with an atomic rename in the destination folder; on an object store it is uploaded in one put,
+which makes the object visible only once complete. Its stats file ({name}.stats.json) is committed after
+the tar: a shard counts as done only when both exist, so a crash never leaves a shard that resume skips
+but readers cannot read. The manifest is rebuilt from all stats files at the end of every run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.json"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _image(array: np.ndarray, fmt: str, quality: int) -> bytes:
+    if fmt == "png":
+        return _png(array)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_triplet(t: dict, image_format: str = "jpg", jpeg_quality: int = 95) -> dict:
+    """A triplet (dict of arrays + meta) -> a WebDataset sample of encoded bytes."""
+    attn = io.BytesIO()
+    np.save(attn, np.asarray(t["attention"], np.float16))
+    return {
+        "__key__": t["key"],
+        image_format: _image(t["image"], image_format, jpeg_quality),
+        "mask.png": _png(np.asarray(t["mask"], np.uint8) * 255),
+        "prelim.png": _png(np.asarray(t["prelim"], np.uint8) * 255),
+        "attn.npy": attn.getvalue(),
+        "fg.png": _png(t["foreground"]),
+        f"bg.{image_format}": _image(t["background"], image_format, jpeg_quality),
+        "json": json.dumps(t["meta"], sort_keys=True).encode(),
+    }
+
+
+class ShardStore:
+    """The output folder of a job: shards, their stats, the manifest. `uri` is any fsspec URL."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def url(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def ensure(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def committed(self) -> set[str]:
+        """Names of shards whose tar and stats both exist."""
+        if not self.fs.exists(self.root):
+            return set()
+        files = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
+        return {f[: -len(".stats.json")] for f in files if f.endswith(".stats.json") and
+                f[: -len(".stats.json")] + ".tar" in files}
+
+    def _commit_bytes_file(self, local_tmp: str, name: str) -> None:
+        if self.local:
+            final = self.path(name)
+            tmp = f"{final}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+            self.fs.put_file(local_tmp, tmp)  # copy into the destination folder, then rename atomically
+            os.replace(tmp, final)
+        else:
+            self.fs.put_file(local_tmp, self.path(name))
+
+    def write_json(self, name: str, obj) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        try:
+            self._commit_bytes_file(f.name, name)
+        finally:
+            os.unlink(f.name)
+
+    def read_json(self, name: str):
+        with self.fs.open(self.path(name), "r") as f:
+            return json.load(f)
+
+    def write_shard(self, name: str, samples: list[dict], stats: dict, subdir: str = "") -> str:
+        """Write `samples` as {name}.tar, then {name}.stats.json. Returns the tar's URL."""
+        import webdataset as wds
+
+        prefix = f"{subdir}/" if subdir else ""
+        if subdir:
+            self.fs.makedirs(self.path(subdir), exist_ok=True)
+        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
+            with wds.TarWriter(f, encoder=False, mtime=0) as w:
+                for s in samples:
+                    w.write(s)
+        try:
+            self._commit_bytes_file(f.name, f"{prefix}{name}.tar")
+        finally:
+            os.unlink(f.name)
+        if not subdir:
+            self.write_json(f"{name}.stats.json", stats)
+        return self.url(f"{prefix}{name}.tar")
+
+    def read_shard(self, name: str) -> list[dict]:
+        """All samples of a committed shard as {"__key__": ..., ext: bytes} dicts (WebDataset grouping)."""
+        import tarfile
+
+        samples: dict[str, dict] = {}
+        with self.fs.open(self.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        return list(samples.values())
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files left by a crashed run (never committed shards)."""
+        if not self.fs.exists(self.root):
+            return 0
+        stale = [p for p in self.fs.ls(self.root, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
+        for p in stale:
+            self.fs.rm(p)
+        return len(stale)
+
+    def write_manifest(self, expected: list[str], job: dict) -> dict:
+        """Rebuild manifest.json from every committed shard's stats."""
+        shards, totals = [], {"written": 0, "rejected": {}, "seconds": 0.0}
+        for name in sorted(self.committed()):
+            st = self.read_json(f"{name}.stats.json")
+            shards.append({"name": f"{name}.tar", "written": st["written"], "rejected": st["rejected"]})
+            totals["written"] += st["written"]
+            totals["seconds"] += st.get("timings", {}).get("total_s", 0.0)
+            for reason, n in st["rejected"].items():
+                totals["rejected"][reason] = totals["rejected"].get(reason, 0) + n
+        done = {s["name"][:-4] for s in shards}
+        manifest = {"job": job, "shards": shards, "totals": totals, "expected_shards": len(expected),
+                    "missing_shards": sorted(set(expected) - done), "complete": set(expected) <= done}
+        self.write_json(MANIFEST, manifest)
+        return manifest

@@ -1,0 +1,107 @@
+"""The Ray pipeline on a real local Ray: shards, manifest, report, resume, filters, label mode, readers."""
+
+import json
+import os
+
+import pytest
+import ray
+
+from factory.config import load_config
+from factory.pipeline import list_images, run_job
+from factory.shards import ShardStore
+
+FAST = ["sampler.steps=6", "sampler.probe_t0=4", "inpaint.steps=6", "output.samples_per_shard=2",
+        "resources.actors=2", "resources.num_cpus_per_actor=0.75", "output.report_samples=4"]
+
+
+def job(tmp_path, *extra, name="out"):
+    return load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / name}",
+                                                 "concepts=[{name: star, samples: 3}, {name: ring, samples: 2}]",
+                                                 *FAST, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_generate_writes_shards_manifest_report_and_resumes(tmp_path):
+    cfg = job(tmp_path, "filters.min_area=0.0", "filters.max_area=1.0")
+    summary = run_job(cfg, "generate", progress=False)
+    out = tmp_path / "out"
+    assert summary["complete"] and summary["shards_this_run"] == 3
+    names = sorted(p.name for p in out.glob("*.tar"))
+    assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    t = manifest["totals"]
+    assert t["written"] + sum(t["rejected"].values()) == 5 and manifest["complete"]
+    assert (out / "report.png").stat().st_size > 1000 and "shard-000000.tar" in (out / "report.md").read_text()
+    samples = ShardStore(str(out)).read_shard("shard-000000.tar")
+    assert {"png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png", "json"} <= set(samples[0])
+    meta = json.loads(samples[0]["json"])
+    assert meta["concept"] == "star" and meta["model"] == "toyworld" and "node" in meta
+
+    # resume: remove one committed shard; only it is produced again, the others are untouched
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.stats.json").unlink()
+    again = run_job(cfg, "generate", progress=False)
+    assert again["shards_this_run"] == 1 and again["complete"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert after["shard-000000.tar"] == before["shard-000000.tar"]
+    assert after["shard-000002.tar"] == before["shard-000002.tar"]
+    assert json.loads((out / "manifest.json").read_text())["totals"] == t
+    # nothing left to do: a third run produces nothing
+    assert run_job(cfg, "generate", progress=False)["shards_this_run"] == 0
+
+
+def test_a_different_job_cannot_resume_into_the_same_output(tmp_path):
+    run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]"), "generate", progress=False)
+    with pytest.raises(RuntimeError, match="different job"):
+        run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]", "masks.rule=otsu"), "generate", progress=False)
+
+
+def test_quality_filters_reject_by_reason_and_keep_rejects_aside(tmp_path):
+    cfg = job(tmp_path, "concepts=[{name: heart, samples: 2}]", "filters.min_area=0.95", "filters.keep_rejected=true")
+    summary = run_job(cfg, "generate", progress=False)
+    assert summary["written_this_run"] == 0 and sum(summary["rejected_this_run"].values()) == 2
+    assert set(summary["rejected_this_run"]) <= {"area_below_min", "empty_mask"}
+    assert (tmp_path / "out" / "rejected" / "shard-000000.tar").exists()
+    assert ShardStore(str(tmp_path / "out")).read_shard("shard-000000.tar") == []
+
+
+def test_label_mode_on_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    from factory.toyworld.world import render
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(render(100 + i, concept="circle", background_only=False).image).save(src / f"img{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    (src / "notes.txt").write_text("ignored")
+    sources = list_images(str(src))
+    assert len(sources) == 4 and all(s.endswith(".png") for s in sources)
+    cfg = job(tmp_path, "concepts=[{name: circle}]", "filters.min_area=0.0", "output.samples_per_shard=10")
+    summary = run_job(cfg, "label", sources, progress=False)
+    assert summary["complete"]
+    stats = json.loads((tmp_path / "out" / "shard-000000.stats.json").read_text())
+    assert stats["rejected"].get("unreadable") == 1 and "circle-broken" in stats["errors"]
+    samples = ShardStore(str(tmp_path / "out")).read_shard("shard-000000.tar")
+    assert sorted(s["__key__"] for s in samples) == [f"circle-img{i}" for i in range(3) if f"circle-img{i}" in stats["keys"]]
+    meta = json.loads(samples[0]["json"])
+    assert meta["mode"] == "label" and meta["source"].endswith(".png")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(str(tmp_path / "missing"))
+
+
+def test_list_images_from_glob_and_list_file(tmp_path):
+    for n in ("a.jpg", "b.png", "c.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    assert [os.path.basename(p) for p in list_images(str(tmp_path / "*.png"))] == ["b.png"]
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{tmp_path / 'a.jpg'}\n# comment\n\ns3://bucket/x.png\n")
+    assert list_images(str(lst)) == [str(tmp_path / "a.jpg"), "s3://bucket/x.png"]
