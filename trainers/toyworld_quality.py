@@ -216,7 +216,7 @@ def write_card(model_dir: Path, res: dict, n: int) -> None:
     vocab = len(CLIPTokenizer.from_pretrained(model_dir / "tokenizer"))
     hist = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes']:.1f} |" for h in info["history"])
     text = CARD.format(
-        concepts=", ".join(CONCEPTS), path=model_dir, components="\n".join(comps), vocab=vocab, max_tokens=16,
+        concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir, components="\n".join(comps), vocab=vocab, max_tokens=16,
         command="trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain",
         seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_steps=cfg["vae_steps"],
         vae_batch=cfg["vae_batch"], vae_lr=cfg["vae_lr"], kl=cfg["kl_weight"], sf=vae_conf["scaling_factor"],
