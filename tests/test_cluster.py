@@ -48,6 +48,9 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_against_a_local_head(tmp_path):
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token")}
     (tmp_path / "auth_token").write_text("concept-factory-test-token-0123456789abcdef\n")
@@ -56,7 +59,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     head = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={dash}", "--disable-usage-stats",
-                           f"--temp-dir={tmp_path / 'ray'}"], env=env, capture_output=True, text=True, timeout=180)
+                           f"--temp-dir={ray_tmp}"], env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stdout + head.stderr
     out = tmp_path / "shards"
     try:
@@ -85,4 +88,4 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         assert refused.returncode != 0
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
