@@ -291,11 +291,11 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
 
     rows, labels = [], []
     fmt = cfg.output.image_format
-    for shard in manifest["shards"]:
+    per_shard = max(1, -(-cfg.output.report_samples // max(1, len(manifest["shards"]))))
+    for shard in manifest["shards"]:  # a few samples from every shard, so every concept shows
         if len(rows) >= cfg.output.report_samples:
             break
-        samples = store.read_shard(shard["name"])
-        for sample in samples:
+        for sample in store.read_shard(shard["name"])[:per_shard]:
             if len(rows) >= cfg.output.report_samples:
                 break
 

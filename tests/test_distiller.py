@@ -122,3 +122,17 @@ def test_nine_channel_inpainting_unet_is_used_as_such(toyworld_pipe):
     assert out.shape == z0.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="masked_image_latents"):
         inpaint_background(unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4)
+
+
+def test_object_guidance_changes_the_background_and_needs_the_object_prompt(toyworld_pipe, fast_config):
+    specs = [SampleSpec(Concept("circle"), 11)]
+    plain = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize(specs)[0]
+    cfg = dataclasses.replace(fast_config, object_guidance=-2.0)
+    away = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize(specs)[0]
+    assert np.array_equal(plain.image, away.image) and np.array_equal(plain.prelim, away.prelim)
+    assert not np.array_equal(plain.background, away.background)
+    assert away.meta["object_guidance"] == -2.0
+    z = torch.zeros(1, 4, 16, 16)
+    with pytest.raises(ValueError, match="fg_emb"):
+        inpaint_background(toyworld_pipe.unet, toyworld_pipe.scheduler, z, torch.ones(1, 1, 16, 16),
+                           torch.zeros(1, 16, 64), [torch.Generator()], 2, object_guidance=1.0)
