@@ -2,7 +2,8 @@
 
     factory generate CONFIG [--set KEY=VALUE ...]               synthesize + label into WebDataset shards (Ray)
     factory label CONFIG --input SRC [--set KEY=VALUE ...]      label your own images into shards (Ray)
-    factory toyworld-split --out DIR --seeds 0:200              write a labelled toyworld split
+    factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
+    factory finetune CONFIG [--set KEY=VALUE ...]               concept fine-tuning (same as `trainers finetune`)
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def _seeds(text: str) -> range:
 def cmd_toyworld_split(a) -> int:
     from factory.toyworld.world import write_split
 
-    out = write_split(a.out, a.seeds, a.size)
-    print(f"wrote {len(a.seeds)} toyworld images with masks and captions to {out}")
+    out = write_split(a.out, a.seeds, a.size, a.concept)
+    what = f"{a.concept} images" if a.concept else "images"
+    print(f"wrote {len(a.seeds)} toyworld {what} with masks and captions to {out}")
     return 0
 
 
@@ -48,7 +50,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_label(a) -> int:
-    from factory.pipeline import list_images, run_job
+    from factory.pipeline import run_job
+    from factory.sources import list_images
 
     cfg = _load_job(a)
     try:
@@ -77,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_job_args(s)
     s.add_argument("--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)")
     s.set_defaults(fn=cmd_label)
+    s = sub.add_parser("finetune", help="concept fine-tuning with DeepSpeed on Ray Train (`trainers finetune`)",
+                       add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=lambda a: __import__("trainers.finetune", fromlist=["main"]).main(a.args))
     s = sub.add_parser("toyworld-split", help="write a labelled toyworld split")
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", type=_seeds, default=range(0, 200))
     s.add_argument("--size", type=int, default=64)
+    s.add_argument("--concept", default=None, help="only images of this concept (a one-concept data set)")
     s.set_defaults(fn=cmd_toyworld_split)
     a = p.parse_args(argv)
     return a.fn(a)

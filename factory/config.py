@@ -148,6 +148,12 @@ def apply_override(data: dict, item: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """A generation/label job: the YAML at `path` with `--set` overrides, validated."""
+    return load_yaml_model(path, overrides, JobConfig)
+
+
+def load_yaml_model(path: str | Path, overrides: list[str] | None, model: type[BaseModel]):
+    """Any pydantic config (jobs, fine-tuning, students) from YAML + `--set` overrides, validated up front."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} not found")
@@ -158,7 +164,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     for item in overrides or []:
         apply_override(data, item)
     try:
-        return JobConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"invalid job config {p}:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"invalid config {p}:\n" + "\n".join(lines)) from None

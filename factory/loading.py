@@ -93,3 +93,18 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
 def model_id(model: str) -> str:
     """A stable identifier for metadata: the short name or hub id as given, or the directory's name."""
     return model if model in SHORT_NAMES or not Path(model).exists() else Path(model).resolve().name
+
+
+def model_geometry(model: str) -> tuple[int, int]:
+    """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source = resolve_model(model)
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the configs of model {model!r}: {err}. Pass a diffusers pipeline "
+                             "directory, a short name or a reachable hub id.") from err
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["sample_size"]) * factor, factor

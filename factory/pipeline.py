@@ -26,8 +26,6 @@ from factory.config import JobConfig
 from factory.shards import ShardStore, encode_triplet
 from factory.specs import ShardTask, generation_shards, label_shards
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 
 def job_fingerprint(cfg: JobConfig) -> str:
     """Hash of everything that determines the shards' contents (not resources or report settings)."""
@@ -157,33 +155,6 @@ def write_shards(batch: dict, job: dict) -> dict:
         out["name"].append(str(name))
         out["stats"].append(json.dumps(stats))
     return {"name": np.array(out["name"], dtype=object), "stats": np.array(out["stats"], dtype=object)}
-
-
-def list_images(source: str) -> list[str]:
-    """Image URLs from a folder, a glob, or a list file (one URL per line), on any fsspec filesystem."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(source)
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-    def url(p: str) -> str:
-        return p if proto in ("file", "local") else f"{proto}://{p}"
-
-    if any(ch in source for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
-    elif fs.isfile(path) and path.endswith((".txt", ".lst")):
-        with fs.open(path, "r") as f:
-            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        raise FileNotFoundError(f"no images at {source!r}: give a folder, a glob or a .txt list of image URLs")
-    images = sorted(url(p) for p in found if p.lower().endswith(IMAGE_EXTENSIONS))
-    if not images:
-        raise FileNotFoundError(f"{source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images
 
 
 def plan(cfg: JobConfig, mode: str, sources: list[str] | None) -> list[ShardTask]:

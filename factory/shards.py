@@ -57,6 +57,23 @@ def encode_triplet(t: dict, image_format: str = "jpg", jpeg_quality: int = 95) -
     }
 
 
+def read_tar(url: str, limit: int | None = None) -> list[dict]:
+    """The samples of a WebDataset tar at any fsspec URL as {"__key__": ..., ext: bytes} dicts, in order;
+    at most `limit` samples."""
+    import tarfile
+
+    samples: dict[str, dict] = {}
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = member.name.split(".", 1)
+            if key not in samples and limit is not None and len(samples) >= limit:
+                break
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
 class ShardStore:
     """The output folder of a job: shards, their stats, the manifest. `uri` is any fsspec URL."""
 
@@ -124,16 +141,7 @@ class ShardStore:
 
     def read_shard(self, name: str) -> list[dict]:
         """All samples of a committed shard as {"__key__": ..., ext: bytes} dicts (WebDataset grouping)."""
-        import tarfile
-
-        samples: dict[str, dict] = {}
-        with self.fs.open(self.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
-        return list(samples.values())
+        return read_tar(self.url(name))
 
     def clean_temporaries(self) -> int:
         """Remove temporary files left by a crashed run (never committed shards)."""

@@ -7,8 +7,9 @@ import pytest
 import ray
 
 from factory.config import load_config
-from factory.pipeline import list_images, run_job
+from factory.pipeline import run_job
 from factory.shards import ShardStore
+from factory.sources import list_images
 
 FAST = ["sampler.steps=6", "sampler.probe_t0=4", "inpaint.steps=6", "output.samples_per_shard=2",
         "resources.actors=2", "resources.num_cpus_per_actor=0.75", "output.report_samples=4"]

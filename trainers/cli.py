@@ -3,6 +3,7 @@
     trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
     trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
     trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a labelled split
+    trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed inside Ray Train
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ COMMANDS = {
     "pretrain-toyworld": ("trainers.toyworld_pretrain", "pretrain the toyworld foundation model"),
     "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
     "evaluate-masks": ("trainers.evaluate_masks", "score the method's masks on a labelled split"),
+    "finetune": ("trainers.finetune", "concept fine-tuning with DeepSpeed on Ray Train"),
 }
 
 
@@ -27,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
-    return 0
+    return module.main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

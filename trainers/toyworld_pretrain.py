@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from factory.toyworld import model as tw_model
 from factory.toyworld.tokenizer import write_clip_tokenizer
 from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
+from trainers.ema import EMA
 
 EVAL_SEED_BASE = 1_000_000_000  # held-out renders: training pools use seeds < pool_size
 
@@ -127,27 +128,6 @@ def encode_pool(vae, pool_images: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------- stage 2: text + UNet
 
-class EMA:
-    """Exponential moving average of parameters (explicit, like diffusers' EMAModel)."""
-
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, params) -> None:
-        for s, p in zip(self.shadow, params, strict=True):
-            p.copy_(s)
-
-
 @torch.no_grad()
 def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int, seed: int = 0) -> float:
     """The paper's probe (40 of 50 DDIM steps, prompt "a photo of a {concept}") on held-out renders."""
@@ -186,8 +166,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
-        ema.shadow = state["ema"]
-        ema.updates = state["ema_updates"]
+        ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
         step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])

@@ -195,9 +195,11 @@ def caption_variants(sample: Sample, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def iter_samples(seeds: range | list[int], size: int = 64) -> Iterator[Sample]:
+def iter_samples(seeds: range | list[int], size: int = 64, concept: str | None = None) -> Iterator[Sample]:
+    """Renders of `seeds`; with `concept`, every image holds that concept (a one-concept data set, as the
+    paper's: every image contains the object)."""
     for s in seeds:
-        yield render(int(s), size)
+        yield render(int(s), size, concept=concept, background_only=False if concept else None)
 
 
 def vocabulary() -> list[str]:
@@ -206,13 +208,16 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_split(out_dir: str | Path, seeds: range | list[int], size: int = 64) -> Path:
-    """Write a labelled split: images/{seed}.png, masks/{seed}.png (0/255), captions.jsonl."""
+def write_split(out_dir: str | Path, seeds: range | list[int], size: int = 64, concept: str | None = None) -> Path:
+    """Write a labelled split: images/{seed}.png, masks/{seed}.png (0/255), captions.jsonl. With `concept`,
+    only images of that concept."""
+    if concept is not None and concept not in CONCEPTS:
+        raise ValueError(f"unknown toyworld concept {concept!r}; choose one of {', '.join(CONCEPTS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     with open(out / "captions.jsonl", "w") as f:
-        for s in iter_samples(seeds, size):
+        for s in iter_samples(seeds, size, concept):
             name = f"{s.seed:08d}.png"
             Image.fromarray(s.image).save(out / "images" / name)
             Image.fromarray(s.mask.astype(np.uint8) * 255).save(out / "masks" / name)
