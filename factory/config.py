@@ -52,6 +52,7 @@ class MaskConfig(_Strict):
 
 
 class InpaintConfig(_Strict):
+    model: str | None = Field(None, description="the fine-tuned m' for Step 4 (default: the job's model)")
     steps: int = Field(50, ge=1, le=1000)
     object_guidance: float = 0.0
     background_prompt: str = "a photo of a background"

@@ -111,11 +111,28 @@ class Distiller:
     """Concept distillation with one loaded pipeline. Not thread-safe; make one per worker/actor."""
 
     def __init__(self, model: str = "toyworld", device: str = "cpu", dtype: str | None = None,
-                 config: DistillConfig | None = None, pipeline=None):
+                 config: DistillConfig | None = None, pipeline=None, inpaint_model: str | None = None):
+        """`inpaint_model`: the fine-tuned m' (`trainers finetune`) for Step 4's background inpainting, while
+        `model` (the pretrained m) gives the attention of Steps 1-2, as the paper does for real images. It
+        must share m's VAE and text encoder (fine-tuning freezes both)."""
         self.config = config or DistillConfig()
         self.model = model
         self.pipe = pipeline if pipeline is not None else load_pipeline(model, device, dtype)
         p = self.pipe
+        self.inpaint_model = inpaint_model
+        self.inpaint_unet = p.unet
+        if inpaint_model is not None:
+            from diffusers import UNet2DConditionModel
+
+            from factory.loading import ModelLoadError, resolve_model
+
+            try:
+                self.inpaint_unet = UNet2DConditionModel.from_pretrained(resolve_model(inpaint_model), subfolder="unet",
+                                                                         torch_dtype=p.unet.dtype).to(p.unet.device)
+            except (OSError, ValueError) as err:
+                raise ModelLoadError(f"could not load the inpainting model {inpaint_model!r}'s UNet: {err}") from err
+            if self.inpaint_unet.config.cross_attention_dim != p.unet.config.cross_attention_dim:
+                raise ModelLoadError(f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder")
         self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
         self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
         if self.resolution % self.vae_factor:
@@ -164,9 +181,9 @@ class Distiller:
         bg_emb = self._embed([cfg.background_prompt] * len(specs))
         fg_emb = self._embed([s.concept.prompt for s in specs]) if cfg.object_guidance else None
         masked_latents = None
-        if p.unet.config.in_channels == 9:
+        if self.inpaint_unet.config.in_channels == 9:
             masked_latents = z0 * (1 - region)
-        z_bg = inpaint_background(p.unet, p.scheduler, z0, region, bg_emb, gens, cfg.inpaint_steps,
+        z_bg = inpaint_background(self.inpaint_unet, p.scheduler, z0, region, bg_emb, gens, cfg.inpaint_steps,
                                   fg_emb, cfg.object_guidance, masked_latents)
         backgrounds = self._decode(z_bg)
         timings["inpaint_s"] = time.perf_counter() - t
@@ -191,6 +208,7 @@ class Distiller:
             meta = {
                 "key": spec.key, "mode": mode, "concept": spec.concept.name, "prompt": spec.concept.prompt,
                 "concept_words": spec.concept.token_words, "seed": spec.seed, "model": model_id(self.model),
+                "inpaint_model": model_id(self.inpaint_model) if self.inpaint_model else None,
                 "steps": cfg.num_inference_steps, "probe_t0": cfg.probe_t0, "inpaint_steps": cfg.inpaint_steps,
                 "guidance_scale": cfg.guidance_scale if mode == "synthesis" else None,
                 "object_guidance": cfg.object_guidance, "attention_source": cfg.attention if mode == "synthesis" else "probe",

@@ -42,7 +42,18 @@ class PooledSegmentationMetrics:
             "miou": (iou_fg + iou_bg) / 2,
             "per_image_iou": float(np.mean(self.per_image_iou)) if self.per_image_iou else float("nan"),
             "n_images": len(self.per_image_iou),
+            "counts": {"tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn},
         }
+
+    @classmethod
+    def pooled(cls, results: list[dict]) -> dict:
+        """Pool several `compute()` results (e.g. one per concept) into one, by summing their pixel counts."""
+        m = cls()
+        for r in results:
+            for k in ("tp", "fp", "fn", "tn"):
+                setattr(m, k, getattr(m, k) + r["counts"][k])
+            m.per_image_iou += [r["per_image_iou"]] * r["n_images"]
+        return m.compute()
 
 
 def pixel_auc(maps: list[np.ndarray], gts: list[np.ndarray], normalize: bool = True) -> float:

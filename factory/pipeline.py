@@ -35,6 +35,8 @@ def job_fingerprint(cfg: JobConfig) -> str:
     d["output"].pop("uri", None)
     for c in d["concepts"]:
         c.pop("samples")  # more samples per concept changes which shards exist, not their contents
+    if d["inpaint"]["model"] is None:
+        d["inpaint"].pop("model")  # added later: outputs written before it existed keep their fingerprint
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -50,7 +52,8 @@ class GenerateShard:
         self.cfg = JobConfig.model_validate(job)
         self.mode = mode
         torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus_per_actor)))
-        self.distiller = Distiller(self.cfg.model, self.cfg.actor_device(), self.cfg.dtype, self.cfg.distill_config())
+        self.distiller = Distiller(self.cfg.model, self.cfg.actor_device(), self.cfg.dtype, self.cfg.distill_config(),
+                                   inpaint_model=self.cfg.inpaint.model)
         self.node = ray.get_runtime_context().get_node_id()
         self.concepts = [c.to_concept() for c in self.cfg.concepts]
 

@@ -5,7 +5,8 @@ import pytest
 
 from factory.metrics import pixel_auc
 from factory.toyworld.world import render
-from trainers.toyworld_quality import QUALITY_SEED_BASE, grabcut_mask, probe_samples, upsample
+from trainers.evaluate import grabcut_mask
+from trainers.toyworld_quality import QUALITY_SEED_BASE, probe_samples, upsample
 
 
 def test_shipped_model_attention_localizes_the_concept(toyworld_pipe):

@@ -4,6 +4,9 @@
     trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
     trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a labelled split
     trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed inside Ray Train
+    trainers students CONFIG [...]     timm-backbone students (paper Step 6), every concept at once on Ray
+    trainers evaluate [...]            score a student, a mask folder or GrabCut on a labelled set (ACC/IoU/mIoU)
+    trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ COMMANDS = {
     "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
     "evaluate-masks": ("trainers.evaluate_masks", "score the method's masks on a labelled split"),
     "finetune": ("trainers.finetune", "concept fine-tuning with DeepSpeed on Ray Train"),
+    "students": ("trainers.students", "train segmentation students on shards"),
+    "evaluate": ("trainers.evaluate", "score a student or mask source on a labelled set"),
+    "toyworld-tables": ("trainers.toyworld_tables", "the paper's tables in toyworld"),
 }
 
 

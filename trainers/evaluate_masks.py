@@ -7,7 +7,9 @@ the method assumes every image contains the concept, as the paper does.
 
 Reports pixel-pooled ACC / foreground IoU / mIoU for the preliminary masks M_pre (nearest-upsampled to
 image size) and the refined masks M, the pixel AUC-ROC of the mean attention maps, and writes a contact
-sheet image | attention | M_pre | inpainted background | M | GT.
+sheet image | attention | M_pre | inpainted background | M | GT. It also measures whether the background
+inpainting removed the object: the share of GT object pixels whose colour changed by more than 10 % of the
+range, and the fraction of images where under half of the object was removed ("the object survives").
 
     trainers evaluate-masks --split out/toyworld-test --model toyworld --out out/eval-base
 """
@@ -27,6 +29,10 @@ from factory.distiller import Concept, DistillConfig, Distiller
 from factory.geometry import resize_mask
 from factory.metrics import PooledSegmentationMetrics, pixel_auc
 from factory.visualize import contact_sheet
+
+# A GT object pixel counts as removed by the inpainting when its mean RGB change exceeds 10 % of the range; an
+# image "keeps the object" when fewer than half of its object pixels were removed.
+OBJECT_CHANGE_THRESHOLD = 0.1
 
 
 def read_split(split: str | Path, n: int | None = None) -> list[dict]:
@@ -51,7 +57,7 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
     split = Path(split)
     rows = read_split(split, n)
     prelim_m, refined_m = PooledSegmentationMetrics(), PooledSegmentationMetrics()
-    maps, gts, sheet = [], [], []
+    maps, gts, sheet, changed = [], [], [], []
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
         chunk = rows[i : i + batch]
@@ -69,10 +75,16 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
             refined_m.update(tr.mask, gt)
             maps.append(att_up)
             gts.append(gt)
+            if gt.any():  # how much of the object did the background inpainting remove?
+                change = np.abs(img.astype(np.float32) - tr.background.astype(np.float32)).mean(-1) / 255.0
+                changed.append(float((change[gt] > OBJECT_CHANGE_THRESHOLD).mean()))
             if len(sheet) < sheet_rows:
                 sheet.append([img, att_up, prelim, tr.background, tr.mask, gt])
     res = {"n_images": len(rows), "attention_auc": pixel_auc(maps, gts), "prelim": prelim_m.compute(),
+           "inpaint_model": distiller.inpaint_model,
            "refined": refined_m.compute(), "seconds": time.time() - t0, "model": distiller.model,
+           "object_changed_mean": float(np.mean(changed)) if changed else float("nan"),
+           "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
            "config": distiller.config_dict()}
     if out:
         out = Path(out)
@@ -85,8 +97,12 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
 
 
 def markdown_table(res: dict) -> str:
-    lines = [f"Mask quality on {res['n_images']} held-out images (model `{res['model']}`); pixel-pooled.", "",
+    inp = f", inpainting with `{res['inpaint_model']}`" if res.get("inpaint_model") else ""
+    lines = [f"Mask quality on {res['n_images']} held-out images (model `{res['model']}`{inp}); pixel-pooled.", "",
              f"Mean attention map AUC-ROC: {res['attention_auc']:.3f}", "",
+             f"Background inpainting: {100 * res['object_changed_mean']:.1f}% of GT object pixels removed on "
+             f"average; the object survives (under half removed) in {100 * res['object_kept_fraction']:.1f}% of images.",
+             "",
              "| stage | ACC | IoU | mIoU |", "|---|---|---|---|"]
     for name, key in [("preliminary masks M_pre", "prelim"), ("refined masks M", "refined")]:
         m = res[key]
@@ -98,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="trainers evaluate-masks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", required=True)
-    p.add_argument("--model", default="toyworld")
+    p.add_argument("--model", default="toyworld", help="m: attention (Steps 1-2), and inpainting unless --inpaint-model")
+    p.add_argument("--inpaint-model", default=None, help="m' for the background inpainting (trainers finetune's export)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--batch", type=int, default=16)
@@ -107,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a DistillConfig field, e.g. --set mask_rule=otsu")
     a = p.parse_args(argv)
     cfg = DistillConfig(**parse_overrides(a.set, DistillConfig))
-    res = evaluate_distiller(Distiller(a.model, a.device, config=cfg), a.split, a.n, a.batch, a.out)
+    res = evaluate_distiller(Distiller(a.model, a.device, config=cfg, inpaint_model=a.inpaint_model), a.split, a.n,
+                             a.batch, a.out)
     print(markdown_table(res))
 
 

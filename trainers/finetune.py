@@ -524,8 +524,7 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False) -> dict:
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
             datasets={"train": ds},
-            resume_from_checkpoint=resume,
-        )
+        )  # same name + storage_path: Ray Train v2 restores the run's latest checkpoint by itself
         result = trainer.fit()
         if result.error:
             raise result.error

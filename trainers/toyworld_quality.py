@@ -34,6 +34,7 @@ from factory.metrics import PooledSegmentationMetrics, pixel_auc
 from factory.probe import encode_images, mean_attention_map, probe_timesteps
 from factory.prompts import encode_prompts, token_weight_matrix
 from factory.toyworld.world import CONCEPTS, render
+from trainers.evaluate import grabcut_mask
 
 QUALITY_SEED_BASE = 1_000_100_000  # disjoint from training pools and from the early-stopping set
 
@@ -45,16 +46,6 @@ def otsu_mask(image: np.ndarray) -> np.ndarray:
     border = np.ones_like(m)
     border[1:-1, 1:-1] = False
     return m if m[border].mean() <= (~m)[border].mean() else ~m
-
-
-def grabcut_mask(image: np.ndarray, margin: float = 0.1, iters: int = 5) -> np.ndarray:
-    h, w = image.shape[:2]
-    rect = (int(w * margin), int(h * margin), int(w * (1 - 2 * margin)), int(h * (1 - 2 * margin)))
-    mask = np.zeros((h, w), np.uint8)
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(0)
-    cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), mask, rect, bgd, fgd, iters, cv2.GC_INIT_WITH_RECT)
-    return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
 @torch.no_grad()

@@ -1,0 +1,180 @@
+"""Students (paper Step 6): timm-backbone models, shard targets, evaluation, and concurrent Ray training."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from factory.geometry import to_canvas
+from factory.toyworld.world import write_split
+from trainers.evaluate import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
+from trainers.student_data import augment_pair, split_to_shards, target_of, to_student_examples
+from trainers.students import (
+    PretrainedWeightsError,
+    build_student,
+    load_student,
+    load_students_config,
+    run_students,
+    student_loss,
+)
+
+TINY = {"decoder_channels": [32, 16, 16, 8, 8]}
+
+
+def _png(a):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _row(h=48, w=64):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[8:24, 16:40] = 200
+    mask = np.zeros((h, w), np.uint8)
+    mask[8:24, 16:40] = 255
+    _, canvas = to_canvas(img, 64)  # valid 48x64 on a 64 canvas; latent grid 16x16
+    prelim = np.zeros((16, 16), np.uint8)
+    prelim[2:6, 4:10] = 255
+    attn = np.zeros((16, 16), np.float16)
+    attn[2:6, 4:10] = 1
+    buf = io.BytesIO()
+    np.save(buf, attn)
+    meta = {"concept": "square", "canvas": canvas.as_dict()}
+    return {"__key__": "k", "png": _png(img), "mask.png": _png(mask), "prelim.png": _png(prelim),
+            "attn.npy": buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def test_targets_align_with_the_image():
+    row = _row()
+    refined = target_of(row, "refined")
+    assert refined.shape == (48, 64) and refined[8:24, 16:40].all() and refined.sum() == 16 * 24
+    for kind in ("prelim", "attention"):
+        t = target_of(row, kind)
+        assert t.shape == (48, 64) and 0 <= t.min() and t.max() <= 1
+        assert t[16, 28] > 0.9 and t[40, 5] < 0.1, f"{kind} target is where the object is"
+    with pytest.raises(ValueError, match="unknown target"):
+        target_of(row, "gt")
+
+
+def test_augmentation_and_multiclass_labels():
+    rng = np.random.default_rng(0)
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[:, :48] = 255
+    target = (img[..., 0] > 0).astype(np.float32)
+    for _ in range(5):
+        x, y = augment_pair(img, target, 32, rng)
+        assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+        assert np.allclose((x[0] > 0), (y > 0.5)), "image and target were cropped and flipped together"
+    batch = {k: [v] for k, v in _row().items()}
+    out = to_student_examples(batch, 32, classes=["star", "square"])
+    assert set(np.unique(out["target"])) <= {0.0, 2.0} and (out["target"] == 2).any()
+    assert to_student_examples(batch, 32, concepts=["star"])["image"].shape == (0, 3, 32, 32)
+
+
+def test_build_student_from_any_timm_backbone_offline(tmp_path):
+    import timm
+
+    for name in ("resnet10t", "mobilenetv3_small_100"):
+        m = build_student(name, 1, decoder_kwargs=TINY)
+        assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 64, 64)
+    assert build_student("resnet10t", 3, "FPN")(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        build_student("resnet_does_not_exist")
+    with pytest.raises(PretrainedWeightsError, match="never downloaded"):
+        build_student("resnet10t", pretrained=str(tmp_path / "missing.safetensors"))
+    # a local timm checkpoint loads into the encoder
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    ref = timm.create_model("resnet10t", pretrained=False)
+    save_file(ref.state_dict(), str(tmp_path / "r.safetensors"))
+    m = build_student("resnet10t", pretrained=str(tmp_path / "r.safetensors"))
+    assert torch.equal(m.encoder.model.state_dict()["conv1.0.weight"], ref.state_dict()["conv1.0.weight"])
+
+
+def test_student_losses():
+    logits, target = torch.zeros(2, 1, 8, 8), torch.ones(2, 8, 8)
+    assert student_loss(logits, target).item() == pytest.approx(np.log(2), rel=1e-5)
+    assert student_loss(logits, target, "bce+dice").item() > student_loss(logits, target).item()
+    assert student_loss(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8), multiclass=True).item() == pytest.approx(np.log(3), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    d = tmp_path_factory.mktemp("split")
+    write_split(d / "star", range(3_100_000_000, 3_100_000_024), concept="star")
+    write_split(d / "heart", range(3_200_000_000, 3_200_000_024), concept="heart")
+    return d
+
+
+def test_evaluate_mask_sources_pooled_and_boxes(split, tmp_path):
+    rows = labelled_set(split / "star")
+    assert len(rows) == 24 and all(r["concept"] == "star" for r in rows)
+    # a folder holding the ground truth itself scores perfectly
+    res = evaluate(rows, folder_predictor(split / "star" / "masks", rows, 64), 64, bbox=True, out=tmp_path / "e")
+    assert res["acc"] == pytest.approx(1.0) and res["iou"] == pytest.approx(1.0) and res["box_iou"] == pytest.approx(1.0)
+    assert (tmp_path / "e" / "cases.png").exists() and json.loads((tmp_path / "e" / "metrics.json").read_text())
+    gc = evaluate(rows, grabcut_predictor(64), 64)
+    assert 0.2 < gc["acc"] < 1.0 and 0.0 < gc["iou"] < 0.9
+    assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    with pytest.raises(FileNotFoundError, match="no predicted mask"):
+        folder_predictor(tmp_path, rows, 64)
+
+
+def test_cub_style_layout(tmp_path):
+    for sub in ("images/001.Bird", "segmentations/001.Bird"):
+        (tmp_path / sub).mkdir(parents=True)
+    img = np.zeros((40, 50, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "images/001.Bird/a.jpg")
+    Image.fromarray(np.full((40, 50), 255, np.uint8)).save(tmp_path / "segmentations/001.Bird/a.png")
+    rows = labelled_set(tmp_path)
+    assert [r["id"] for r in rows] == ["001.Bird/a"] and rows[0]["mask"].suffix == ".png"
+
+
+@pytest.fixture(scope="module")
+def students(split, tmp_path_factory):
+    d = tmp_path_factory.mktemp("students")
+    split_to_shards(str(split / "star"), str(d / "gt-star"), samples_per_shard=12)
+    split_to_shards(str(split / "heart"), str(d / "gt-heart"), samples_per_shard=12)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield d
+    ray.shutdown()
+
+
+def _cfg(d, *extra):
+    return load_students_config("configs/students-toyworld.yaml", [
+        f"data.shards=[{d / 'gt-star'}, {d / 'gt-heart'}]", "data.concepts=[star, heart]", "train.steps=12", "train.batch=8",
+        "checkpoint.every=6", f"output.storage={d / 'runs'}", f"output.export={d / 'export'}",
+        "model.decoder_kwargs={decoder_channels: [32, 16, 16, 8, 8]}", "data.val_every=4", *extra])
+
+
+def test_students_for_all_concepts_train_concurrently_and_export(students, split):
+    summary = run_students(_cfg(students))
+    runs = {r["student"]: r for r in summary["students"]}
+    assert set(runs) == {"star", "heart"}
+    a, b = runs["star"], runs["heart"]
+    assert a["started"] < b["finished"] and b["started"] < a["finished"], "the concepts' runs overlapped in time"
+    for name, r in runs.items():
+        assert r["metrics"]["step"] == 12 and np.isfinite(r["metrics"]["loss"]) and r["val_images"] > 0
+        model, info = load_student(r["export"])
+        assert info["concept"] == name and info["resolution"] == 64
+        ts = torch.jit.load(str(students / "export" / name / "last.ts"))
+        x = torch.zeros(1, 3, 64, 64)
+        assert torch.allclose(ts(x), load_student(r["export"], "last")[0](x), atol=1e-5)
+    from trainers.evaluate import student_predictor
+
+    predict, info = student_predictor(runs["star"]["export"])
+    res = evaluate(labelled_set(split / "star"), predict, info["resolution"])
+    assert 0.0 <= res["iou"] <= 1.0 and res["n_images"] == 24
+
+
+def test_one_multiclass_student(students):
+    summary = run_students(_cfg(students, "multiclass=true", "output.name=mc"))
+    [r] = summary["students"]
+    model, info = load_student(r["export"])
+    assert r["student"] == "multiclass" and info["classes"] == 3 and info["class_names"] == ["background", "star", "heart"]
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
