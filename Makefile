@@ -2,6 +2,7 @@
 #   make demo   create .venv if missing, then run the main job on the embedded toyworld default
 #   make test   create .venv if missing, then run the default test suite (what CI runs)
 #   make test-slow   the slower checks (minutes each), skipped by `make test`
+#   make tables      the paper's Tables 1-2 end to end in toyworld (about an hour on 2 cores; resumable)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo test test-slow tables lint clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +34,9 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+tables: venv
+	$(VENV)/bin/trainers toyworld-tables --out out/tables
 
 lint: venv
 	$(VENV)/bin/ruff check factory trainers tests

@@ -105,7 +105,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     thread.start()
     run_dir = work / "runs" / "killed"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
+    # Kill once the second checkpoint is on disk: by then the first is registered with Ray Train (a report
+    # is a barrier across the workers), so the restart has a checkpoint to resume from.
+    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*/state.json"))) < 2:
         time.sleep(0.2)
     victims = _train_workers()
     assert victims, "no Ray Train worker process found to kill"

@@ -190,19 +190,14 @@ def _full_parameters(module, stage: int):
 
 def _validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, dict]]:
     """The first n samples of the first shards: (image, concept, metadata), for the sample grids."""
-    import io
-
-    from PIL import Image
-
     from factory.shards import read_tar
-    from trainers.finetune_data import IMAGE_KEYS
+    from trainers.student_data import row_image
 
     out = []
     for url in urls:
         for s in read_tar(url, limit=n - len(out)):
-            key = next(k for k in IMAGE_KEYS if k in s)
             meta = json.loads(s["json"])
-            out.append((np.asarray(Image.open(io.BytesIO(s[key])).convert("RGB")), meta["concept"], meta))
+            out.append((row_image(s), meta["concept"], meta))
         if len(out) >= n:
             break
     return out

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from factory.geometry import Canvas, crop_valid, resize_mask, to_canvas
 from trainers.rectangles import RectangleRules, background_rectangle
-
-IMAGE_KEYS = ("jpg", "png", "jpeg")
+from trainers.student_data import row_image
 
 
 def aligned_pair(image: np.ndarray, prelim: np.ndarray, canvas: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -78,13 +77,6 @@ def make_example(image: np.ndarray, mask: np.ndarray, concept_prompt: str, backg
     rect = background_rectangle(fg, rng, rules or RectangleRules.for_grid(fg.shape[0]))
     return {"pixel_values": pixels.numpy(), "loss_mask": rect.astype(np.float32), "prompt": background_prompt,
             "task": "background"}
-
-
-def row_image(row: dict) -> np.ndarray:
-    for k in IMAGE_KEYS:
-        if k in row and row[k] is not None:
-            return np.asarray(row[k])
-    raise KeyError(f"shard sample {row.get('__key__')!r} has no image ({', '.join(IMAGE_KEYS)})")
 
 
 def to_examples(batch: dict, resolution: int, vae_factor: int, background_prompt: str, p_full: float,

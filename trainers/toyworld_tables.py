@@ -12,8 +12,10 @@ Stages (folders under --out):
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept, concurrently
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
-Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); refined M (m + m'); student
-on D_s; student on D_s u D'_s. Each is pixel-pooled ACC / IoU / mIoU beside the paper's CUB numbers.
+Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); refined M with m alone (the
+fine-tuning ablation); refined M (m + m'); student on D_s; student on D_s u D'_s. Each is pixel-pooled
+ACC / IoU / mIoU beside the paper's CUB numbers. It also reports how often the background inpainting leaves
+the object in place, with m and with m'.
 """
 
 from __future__ import annotations
@@ -209,13 +211,22 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     keep_examples("GrabCut", lambda c, r: _predict_row(grabcut_predictor(size), r, size))
     # M_pre and refined M: the method itself on the test images (attention from m; inpainting with m')
     dcfg = DistillConfig(num_inference_steps=cfg.sampler_steps, probe_t0=cfg.probe_t0, inpaint_steps=cfg.sampler_steps)
+    base = Distiller("toyworld", config=dcfg)  # the ablation of issue 5: inpainting with m, not fine-tuned
+    plain = {c: evaluate_distiller(base, out / f"test-{c}", out=out / f"eval-m-{c}") for c in cfg.concepts}
     distiller = Distiller("toyworld", config=dcfg, inpaint_model=str(out / "toyworld-ft"))
-    method = {c: evaluate_distiller(distiller, out / f"test-{c}", out=out / f"eval-method-{c}") for c in cfg.concepts}
+    method = {c: evaluate_distiller(distiller, out / f"test-{c}", out=out / f"eval-mprime-{c}") for c in cfg.concepts}
     results["M_pre"] = PooledSegmentationMetrics.pooled([m["prelim"] for m in method.values()])
     results["refined M"] = PooledSegmentationMetrics.pooled([m["refined"] for m in method.values()])
+    results["refined M with m (no fine-tuning)"] = PooledSegmentationMetrics.pooled([m["refined"] for m in plain.values()])
+    object_kept = {"m": float(np.mean([m["object_kept_fraction"] for m in plain.values()])),
+                   "mprime": float(np.mean([m["object_kept_fraction"] for m in method.values()])),
+                   "m_changed": float(np.mean([m["object_changed_mean"] for m in plain.values()])),
+                   "mprime_changed": float(np.mean([m["object_changed_mean"] for m in method.values()]))}
     write_figure(cfg, out, rows, figure, distiller, size)
-    order = ["supervised student (GT masks)", "GrabCut", "M_pre", "refined M", "student on D_s", "student on D_s u D'_s"]
-    return {"rows": {k: results[k] for k in order}, "attention_auc": float(np.mean([m["attention_auc"] for m in method.values()])),
+    order = ["supervised student (GT masks)", "GrabCut", "M_pre", "refined M with m (no fine-tuning)", "refined M",
+             "student on D_s", "student on D_s u D'_s"]
+    return {"rows": {k: results[k] for k in order}, "object_kept": object_kept,
+            "attention_auc": float(np.mean([m["attention_auc"] for m in method.values()])),
             "n_test": sum(len(r) for r in rows.values()), "config": asdict(cfg)}
 
 
@@ -259,9 +270,12 @@ def markdown(table: dict) -> str:
              f"Mean attention AUC-ROC {table['attention_auc']:.3f} (paper, CUB: 0.971).", "",
              "| row | ACC | IoU | mIoU | paper, CUB: ACC / IoU / mIoU |", "|---|---|---|---|---|"]
     for name, m in table["rows"].items():
-        p = PAPER_CUB[name]
-        lines.append(f"| {name} | {100 * m['acc']:.1f} | {100 * m['iou']:.1f} | {100 * m['miou']:.1f} | "
-                     f"{p[0]} / {p[1]} / {p[2]} |")
+        p = " / ".join(map(str, PAPER_CUB[name])) if name in PAPER_CUB else "-"
+        lines.append(f"| {name} | {100 * m['acc']:.1f} | {100 * m['iou']:.1f} | {100 * m['miou']:.1f} | {p} |")
+    k = table["object_kept"]
+    lines += ["", f"Background inpainting of the test images' M_pre region: the object survives (under half of its "
+              f"pixels changed by > 10 %) in {100 * k['m']:.1f}% of images with m and {100 * k['mprime']:.1f}% with "
+              f"m'; {100 * k['m_changed']:.1f}% vs {100 * k['mprime_changed']:.1f}% of object pixels removed on average."]
     if "total_s" in table:
         lines += ["", f"Total {table['total_s'] / 60:.1f} min: " +
                   ", ".join(f"{k} {v / 60:.1f} min" for k, v in table["timings_s"].items())]
