@@ -98,7 +98,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
-    cfg = ft_config(work, "train.max_steps=80", "output.name=killed", "checkpoint.grid_images=0",
+    cfg = ft_config(work, "train.max_steps=40", "output.name=killed", "checkpoint.grid_images=0",
                     "scaling.max_failures=1", "output.export=null")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_finetune(cfg)), daemon=True)
@@ -115,4 +115,4 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     thread.join(timeout=600)
     assert not thread.is_alive() and result, "training did not finish after the worker was killed"
     state = result["state"]
-    assert state["step"] == 80 and state["resumed_from"] is not None and 10 <= state["resumed_from"] < 80
+    assert state["step"] == 40 and state["resumed_from"] is not None and 10 <= state["resumed_from"] < 40

@@ -107,11 +107,20 @@ def augment_pair(image: np.ndarray, target: np.ndarray, size: int, rng: np.rando
     return stack[:3].numpy(), stack[3].clamp(0, 1).numpy()
 
 
+def center_pair(image: np.ndarray, target: np.ndarray, size: int):
+    """The evaluation geometry: Resize(size) of the shorter side, CenterCrop(size)."""
+    x = center_crop(resize_shorter(to_tensor(image), size), size)
+    y = center_crop(resize_shorter(torch.from_numpy(np.asarray(target, np.float32))[None], size), size)[0]
+    return x.numpy(), y.clamp(0, 1).numpy()
+
+
 def to_student_examples(batch: dict, size: int, target: str = "refined", concepts: list[str] | None = None,
-                        classes: list[str] | None = None) -> dict:
-    """Ray Data map_batches function: shard rows -> {"image": (B, 3, S, S), "target": (B, S, S)} (fresh
-    randomness on each call, so each epoch is augmented anew). `concepts` keeps only those concepts' rows;
-    `classes` (multi-class) turns targets into class indices (0 = background, i + 1 = classes[i])."""
+                        classes: list[str] | None = None, augment: bool = True) -> dict:
+    """Ray Data map_batches function: shard rows -> {"image": (B, 3, S, S), "target": (B, S, S)}.
+
+    augment=True draws fresh random crops and flips on each call (each epoch anew); False centre-crops (for
+    validation). `concepts` keeps only those concepts' rows; `classes` (multi-class) turns targets into
+    class indices (0 = background, i + 1 = classes[i])."""
     rng = np.random.default_rng()
     keep = set(concepts or [])
     images, targets = [], []
@@ -120,7 +129,8 @@ def to_student_examples(batch: dict, size: int, target: str = "refined", concept
         meta = _decode(row["json"], "json")
         if keep and meta.get("concept") not in keep:
             continue
-        x, y = augment_pair(row_image(row), target_of(row, target), size, rng)
+        image, t = row_image(row), target_of(row, target)
+        x, y = augment_pair(image, t, size, rng) if augment else center_pair(image, t, size)
         if classes is not None:
             y = np.where(y >= 0.5, classes.index(meta["concept"]) + 1, 0).astype(np.float32)
         images.append(x)

@@ -273,31 +273,11 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
     val = ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
     train = train.map_batches(to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs=kw)
     # validation: centre crops, fixed once (a small set)
-    val_rows = val.map_batches(_val_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs=kw).take_all()
+    val_rows = val.map_batches(to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus,
+                               fn_kwargs={**kw, "augment": False}).take_all()
     vx = np.stack([r["image"] for r in val_rows]) if val_rows else np.zeros((0, 3, 1, 1), np.float32)
     vy = np.stack([r["target"] for r in val_rows]) if val_rows else np.zeros((0, 1, 1), np.float32)
     return train, {"image": vx, "target": vy}
-
-
-def _val_examples(batch: dict, size: int, target: str, concepts, classes) -> dict:
-    from trainers.student_data import _decode, center_crop, resize_shorter, row_image, target_of, to_tensor
-
-    keep = set(concepts or [])
-    xs, ys = [], []
-    for i in range(len(batch["json"])):
-        row = {k: v[i] for k, v in batch.items()}
-        meta = _decode(row["json"], "json")
-        if keep and meta.get("concept") not in keep:
-            continue
-        x = center_crop(resize_shorter(to_tensor(row_image(row)), size), size)
-        y = center_crop(resize_shorter(torch.from_numpy(target_of(row, target))[None], size), size)[0]
-        if classes is not None:
-            y = torch.where(y >= 0.5, float(classes.index(meta["concept"]) + 1), 0.0)
-        xs.append(x.numpy())
-        ys.append(y.numpy())
-    if not xs:
-        return {"image": np.zeros((0, 3, size, size), np.float32), "target": np.zeros((0, size, size), np.float32)}
-    return {"image": np.stack(xs), "target": np.stack(ys)}
 
 
 def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: list[str]) -> dict:

@@ -54,6 +54,7 @@ class TablesConfig:
     probe_t0: int = 16
     finetune_steps: int = 1500
     student_steps: int = 400
+    student_batch: int = 16
     student_backbone: str = "mobilenetv3_small_100"
     seed: int = 0
 
@@ -61,7 +62,7 @@ class TablesConfig:
     def small(cls, out: str) -> TablesConfig:
         """The same pipeline at test size (minutes): few images, short schedules, few steps."""
         return cls(out=out, n_train=12, n_test=8, n_synthetic=8, sampler_steps=6, probe_t0=4, finetune_steps=12,
-                   student_steps=60)
+                   student_steps=60, student_batch=4)
 
 
 def _log(msg: str) -> None:
@@ -154,7 +155,8 @@ def run_tables(cfg: TablesConfig) -> dict:
             shards = ", ".join(str(out / f) for f in folders)
             run_students(load_students_config("configs/students-toyworld.yaml", [
                 f"data.shards=[{shards}]", f"data.concepts=[{', '.join(cfg.concepts)}]",
-                f"train.steps={cfg.student_steps}", f"checkpoint.every={max(1, cfg.student_steps // 4)}",
+                f"train.steps={cfg.student_steps}", f"train.batch={cfg.student_batch}",
+                f"checkpoint.every={max(1, cfg.student_steps // 4)}",
                 f"model.backbone={cfg.student_backbone}", f"output.storage={out / 'runs'}",
                 f"output.name=students-{name}", f"output.export={export}"]))
 
