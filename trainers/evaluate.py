@@ -199,12 +199,6 @@ def grabcut_predictor(size: int):
     return predict
 
 
-def format_row(res: dict) -> str:
-    if "acc" not in res:
-        return f"| {res['source']} | box IoU {100 * res['box_iou']:.1f} |"
-    return f"| {res['source']} | {100 * res['acc']:.1f} | {100 * res['iou']:.1f} | {100 * res['miou']:.1f} |"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trainers evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
