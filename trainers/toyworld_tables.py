@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are skipped).
 
-    trainers toyworld-tables --out out/tables            (about an hour on 2 cores)
+    trainers toyworld-tables --out out/tables            (about 70 minutes on 2 cores)
     trainers toyworld-tables --out out/tables-small --small
 
 Stages (folders under --out):
@@ -49,10 +49,10 @@ class TablesConfig:
     concepts: list[str] = field(default_factory=lambda: ["star", "heart"])
     n_train: int = 150
     n_test: int = 60
-    n_synthetic: int = 150
+    n_synthetic: int = 100
     sampler_steps: int = 20
     probe_t0: int = 16
-    finetune_steps: int = 1500
+    finetune_steps: int = 800
     student_steps: int = 400
     student_batch: int = 16
     student_backbone: str = "mobilenetv3_small_100"
