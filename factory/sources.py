@@ -46,3 +46,10 @@ def list_images(source: str) -> list[str]:
 def list_shards(source: str) -> list[str]:
     """Shards of a job's output folder (its top level only: rejected/ holds rejects), a glob or a list."""
     return list_files(source, SHARD_EXTENSIONS, "shards", recursive=False)
+
+
+def storage_path(uri: str) -> str:
+    """A Ray Train storage_path: URLs (s3://, gs://) as they are, local folders made absolute."""
+    from pathlib import Path
+
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())

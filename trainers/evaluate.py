@@ -32,9 +32,8 @@ import torch
 from PIL import Image
 
 from factory.metrics import PooledSegmentationMetrics
+from factory.sources import IMAGE_EXTENSIONS
 from trainers.student_data import center_crop, resize_shorter, to_tensor
-
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def grabcut_mask(image: np.ndarray, margin: float = 0.1, iters: int = 5) -> np.ndarray:
@@ -72,9 +71,9 @@ def labelled_set(split: str | Path, concept: str | None = None) -> list[dict]:
     mask_files = {}
     if masks is not None:
         mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in masks.rglob("*")
-                      if p.suffix.lower() in IMAGE_EXT}
+                      if p.suffix.lower() in IMAGE_EXTENSIONS}
     rows = []
-    for p in sorted(q for q in images.rglob("*") if q.suffix.lower() in IMAGE_EXT):
+    for p in sorted(q for q in images.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS):
         rel = p.relative_to(images).with_suffix("").as_posix()
         c = concepts.get(rel)
         if concepts and c is None:
@@ -181,7 +180,7 @@ def folder_predictor(folder: str | Path, rows: list[dict], size: int):
     """Predicted masks read from a folder with the images' relative names (foreground > 127)."""
     folder = Path(folder)
     index = {q.relative_to(folder).with_suffix("").as_posix(): q for q in folder.rglob("*")
-             if q.suffix.lower() in IMAGE_EXT}
+             if q.suffix.lower() in IMAGE_EXTENSIONS}
     missing = [r["id"] for r in rows if r["id"] not in index]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images have no predicted mask in {folder}, e.g. {missing[0]!r}")

@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.prompts import BACKGROUND_PROMPT
+from factory.sources import storage_path
 
 EMA_FILE = "ema_unet.safetensors"
 STATE_FILE = "state.json"
@@ -417,17 +418,12 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 
-def _storage(cfg: FinetuneConfig) -> str:
-    s = cfg.output.storage
-    return s if "://" in s else str(Path(s).expanduser().resolve())
-
-
 def latest_checkpoint(cfg: FinetuneConfig):
     """The newest complete checkpoint of this run (by training step), or None."""
     import fsspec
     from ray.train import Checkpoint
 
-    fs, root = fsspec.core.url_to_fs(f"{_storage(cfg)}/{cfg.output.name}")
+    fs, root = fsspec.core.url_to_fs(f"{storage_path(cfg.output.storage)}/{cfg.output.name}")
     if not fs.exists(root):
         return None
     best = None
@@ -489,7 +485,7 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False) -> dict:
     resume = latest_checkpoint(cfg)
     if export_only:
         if resume is None:
-            raise FileNotFoundError(f"no checkpoint of run {cfg.output.name!r} under {_storage(cfg)}")
+            raise FileNotFoundError(f"no checkpoint of run {cfg.output.name!r} under {storage_path(cfg.output.storage)}")
         result_checkpoint = resume
     else:
         ds_config = deepspeed_config(cfg)
@@ -515,7 +511,7 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False) -> dict:
             train_loop_config={"job": cfg.model_dump(), "deepspeed": ds_config, "shard_urls": urls[:4]},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=cfg.output.name, storage_path=_storage(cfg),
+            run_config=RunConfig(name=cfg.output.name, storage_path=storage_path(cfg.output.storage),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
             datasets={"train": ds},

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from factory.sources import storage_path
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -299,7 +301,7 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
         train_loop_config={"job": job, "concept": concept, "classes": classes, "val": val},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.output.name}-{name}", storage_path=_storage(cfg.output.storage),
+        run_config=RunConfig(name=f"{cfg.output.name}-{name}", storage_path=storage_path(cfg.output.storage),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets={"train": train},
@@ -312,10 +314,6 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
     return {"student": name, "export": str(out), "started": started, "finished": time.time(),
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
             "val_images": int(len(val["image"]))}
-
-
-def _storage(s: str) -> str:
-    return s if "://" in s else str(Path(s).expanduser().resolve())
 
 
 def export_student(cfg: StudentsConfig, result, out: Path, concept: str | None, classes: list[str] | None) -> None:
@@ -413,7 +411,7 @@ def run_students(cfg: StudentsConfig) -> dict:
             tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
             param_space={"concept": tune.grid_search(concepts)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.scaling.max_concurrent or len(concepts)),
-            run_config=tune.RunConfig(name=f"{cfg.output.name}-tune", storage_path=_storage(cfg.output.storage),
+            run_config=tune.RunConfig(name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage),
                                       verbose=0),
         )
         grid = tuner.fit()
