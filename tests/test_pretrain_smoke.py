@@ -59,3 +59,45 @@ def test_unet_loss_falls():
         losses = info["loss_curve"]
         assert len(losses) == 60 and all(np.isfinite(losses))
         assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_timestep_weights():
+    import pytest
+
+    from factory.toyworld import model as tw
+    from trainers.toyworld_pretrain import timestep_weights
+
+    sched = tw.build_train_scheduler()
+    eps, v, p2 = (timestep_weights(sched, k) for k in ("eps", "v", "p2"))
+    assert torch.allclose(eps, torch.ones(1000))
+    for w in (v, p2):
+        assert abs(float(w.mean()) - 1.0) < 1e-4 and bool((w[1:] >= w[:-1] - 1e-6).all())  # more weight on noise
+    assert float(v.max() / v.min()) <= 20.0 + 1e-3  # the cap
+    assert v[900] > 10 * v[50]
+    with pytest.raises(ValueError, match="loss weighting"):
+        timestep_weights(sched, "snr")
+
+
+def test_continue_from_an_exported_model(tmp_path):
+    """--init-from: the VAE is taken as is, text encoder + UNet start from the export, the card's chain is kept."""
+    torch.set_num_threads(2)
+    base = PretrainConfig(out=str(tmp_path / "m1"), work_dir=str(tmp_path / "w1"), pool_size=32, vae_steps=2,
+                          vae_batch=4, unet_steps=6, batch=4, eval_every=6, eval_images=2, target_auc=None)
+    pretrain(base, command="trainers pretrain-toyworld (first)")
+    cont = PretrainConfig(out=str(tmp_path / "m2"), work_dir=str(tmp_path / "w2"), pool_size=32, unet_steps=4, batch=4,
+                          eval_every=4, eval_images=2, target_auc=None, init_from=str(tmp_path / "m1"),
+                          loss_weighting="v", sample_every=2)
+    info = pretrain(cont, command="trainers pretrain-toyworld (second)")
+    assert info["steps"] == 4 and info["continued_from"]["steps"] == 6
+    assert info["continued_from"]["commands"] == ["trainers pretrain-toyworld (first)"]
+    for f in ("samples-000002.png", "samples-000004.png", "samples-final.png"):
+        assert (tmp_path / "w2" / f).exists()
+    assert not (tmp_path / "w2" / "vae").exists()  # stage 1 skipped
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / m / "vae" / "diffusion_pytorch_model.safetensors") for m in ("m1", "m2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from trainers.toyworld_quality import training_runs
+
+    runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
+    assert [r["steps"] for r in runs] == [6, 4]

@@ -9,8 +9,10 @@ over heads, upsampled nearest to latent size, averaged over layers and steps. It
 - IoU of its GMM-midpoint + 3x3-majority mask (at latent resolution, upsampled nearest) against GT;
 - the same IoU for Otsu on grayscale and for OpenCV GrabCut with a centred box.
 
-It also writes a text-to-image sample grid per concept and an attention figure, and (with --card) the
-model card. IoU is pooled over all pixels of the set, as the paper's tables; per-image means are given too.
+Generation is measured too: the concept accuracy of "a photo of a {concept}" samples read by the toyworld
+shape classifier (`trainers/toyworld_classifier.py`), and the caption usage (how much worse the UNet
+denoises a render when the prompt names a wrong shape). It also writes a text-to-image sample grid per
+concept and an attention figure, and (with --card) the model card. IoU is pooled over all pixels of the set, as the paper's tables; per-image means are given too.
 
     python -m trainers.toyworld_quality --model toyworld --n 200 --card
 """
@@ -65,16 +67,39 @@ def probe_samples(pipe, samples, batch: int = 50, seed: int = 0) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def caption_usage(pipe, samples, timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> dict[int, float]:
+    """How much the shape word helps the UNet denoise: the relative increase of the epsilon MSE on held-out
+    renders when the prompt names a wrong shape instead of the right one, per timestep (same noise for both).
+    Near 0 means the model ignores the shape word, which is what makes samples ignore it too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = pipe.vae.encode(x.to(pipe.device)).latent_dist.mean * pipe.vae.config.scaling_factor
+    wrong_of = {c: CONCEPTS[(i + len(CONCEPTS) // 2) % len(CONCEPTS)] for i, c in enumerate(CONCEPTS)}
+    right = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"a photo of a {s.concept}" for s in samples])
+    wrong = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"a photo of a {wrong_of[s.concept]}" for s in samples])
+    ab = pipe.scheduler.alphas_cumprod.to(z.device)
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(z.shape, generator=g).to(z.device)
+        zt = ab[t].sqrt() * z + (1 - ab[t]).sqrt() * noise
+        tt = torch.full((len(samples),), t, device=z.device)
+        mse = [F.mse_loss(pipe.unet(zt, tt, encoder_hidden_states=e).sample, noise).item() for e in (right, wrong)]
+        out[t] = mse[1] / mse[0] - 1.0
+    return out
+
+
 def upsample(maps: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
     return F.interpolate(t, size=(size, size), mode="nearest")[:, 0].numpy()
 
 
-def sample_grid(pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, seed: int = 0) -> None:
+def sample_grid(pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, steps: int = 50, seed: int = 0) -> None:
+    """A grid of "a photo of a {concept}" samples, one row per concept (the model card's figure)."""
     rows = []
     for ci, concept in enumerate(CONCEPTS):
         g = [torch.Generator().manual_seed(seed + 1000 * ci + j) for j in range(per_concept)]
-        imgs = pipe([f"a photo of a {concept}"] * per_concept, num_inference_steps=50, guidance_scale=guidance,
+        imgs = pipe([f"a photo of a {concept}"] * per_concept, num_inference_steps=steps, guidance_scale=guidance,
                     generator=g, output_type="np").images
         rows.append(np.concatenate(list((imgs * 255).round().astype(np.uint8)), 1))
     grid = np.concatenate(rows, 0)
@@ -82,8 +107,9 @@ def sample_grid(pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, s
     labelled = Image.new("RGB", (img.width + 110, img.height), "white")
     labelled.paste(img, (110, 0))
     d = ImageDraw.Draw(labelled)
+    cell = img.height // len(CONCEPTS)
     for ci, concept in enumerate(CONCEPTS):
-        d.text((8, ci * 128 + 58), concept, fill="black")
+        d.text((8, ci * cell + cell // 2 - 6), concept, fill="black")
     labelled.save(path)
 
 
@@ -98,7 +124,7 @@ def attention_figure(samples, maps_up, masks, path: Path, n: int = 8) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
 
 
-def evaluate(model: str, n: int, out_dir: Path, grid: bool = True) -> dict:
+def evaluate(model: str, n: int, out_dir: Path, grid: bool = True, concept_samples: int = 50) -> dict:
     t0 = time.time()
     pipe = load_pipeline(model)
     samples = [render(QUALITY_SEED_BASE + i, background_only=False) for i in range(n)]
@@ -119,11 +145,20 @@ def evaluate(model: str, n: int, out_dir: Path, grid: bool = True) -> dict:
                 pred = fn(s.image)
             met.update(pred, s.mask)
         res[name] = met.compute()
-    res["seconds"] = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     attention_figure(samples, maps_up, gmm_masks, out_dir / "attention.png")
     if grid:
         sample_grid(pipe, out_dir / "samples.png")
+    if concept_samples:
+        from trainers.toyworld_classifier import concept_accuracy, load_or_train, reconstruction_accuracy
+
+        classifier, info = load_or_train()
+        info["vae_reconstruction_accuracy"] = reconstruction_accuracy(classifier, pipe.vae)
+        res["classifier"] = info
+        for gs in (3.0, 7.5):
+            res[f"concept_accuracy_g{gs:g}"] = concept_accuracy(pipe, classifier, concept_samples, gs)
+    res["caption_usage"] = caption_usage(pipe, samples[:96])
+    res["seconds"] = time.time() - t0
     return res
 
 
@@ -149,16 +184,16 @@ tokenizer is a CLIP-format BPE vocabulary of {vocab} tokens built from the capti
 "a photo of a star" the concept is token 5, as in SD.
 
 ## Training (our recipe, `trainers/toyworld_pretrain.py`)
-Command: `{command}`
+{runs}
 
 - seed {seed}; render pool of {pool} images (seeds 0..{pool_last});
 - VAE: {vae_steps} steps, batch {vae_batch}, AdamW {vae_lr} (cosine), MSE + 0.5 L1 + {kl} KL; scaling factor {sf:.4f};
-- text encoder + UNet jointly: {steps} steps, batch {batch}, AdamW {lr}, {dropout:.0%} caption dropout, EMA {ema}; captions
+- text encoder + UNet jointly: {steps} steps in all, batch {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
   randomly drop the colour and the background phrase;
-- UNet training time {train_min:.1f} min on 2 CPU cores; stop rule: attention AUC >= {target} on 32 held-out renders
-  (seeds 1,000,000,000+), checked every {eval_every} steps.
+- UNet training time {train_min:.1f} min on 2 CPU cores in all; attention AUC checked every {eval_every} steps on 32
+  held-out renders (seeds 1,000,000,000+).
 
-Attention AUC during training (early-stopping set):
+Attention AUC during training (early-stopping set; loss = plain epsilon MSE of the last interval):
 
 | step | loss | AUC | minutes |
 |---|---|---|---|
@@ -176,7 +211,7 @@ Attention AUC during training (early-stopping set):
 | GMM-midpoint + 3x3 majority mask IoU | {gmm_iou:.3f} ({gmm_img:.3f}) |
 | Otsu on grayscale IoU | {otsu_iou:.3f} ({otsu_img:.3f}) |
 | GrabCut, centred box (10% margin) IoU | {gc_iou:.3f} ({gc_img:.3f}) |
-
+{concept_rows}
 ![attention](attention.png)
 
 Rows: held-out image, mean attention of the concept token, GMM mask, ground truth.
@@ -186,15 +221,38 @@ Rows: held-out image, mean attention of the concept token, GMM mask, ground trut
 
 ![samples](samples.png)
 
+{samples_note}
+
 ## Limits
 64x64 images, six shapes, eight colours, five background textures; it knows nothing else. Words outside the
 grammar tokenize into character pieces the model never learned.
 """
 
 
-def write_card(model_dir: Path, res: dict, n: int) -> None:
+def training_runs(info: dict) -> list[dict]:
+    """The chain of pretraining runs behind a model (oldest first), from training.json's `continued_from`."""
+    runs = []
+    while info:
+        runs.append(info)
+        info = info.get("continued_from")
+    return runs[::-1]
+
+
+def _run_line(i: int, run: dict, first_step: int) -> str:
+    cfg = run.get("config") or {}
+    weighting = (f"P2-weighted epsilon loss (gamma {cfg['p2_gamma']}, k {cfg.get('p2_k', 1.0)})"
+                 if cfg.get("p2_gamma") else "plain epsilon MSE")
+    start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)" if cfg.get("init_from") \
+        else "from scratch"
+    cmds = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "(command not recorded)"
+    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, AdamW {cfg.get('lr')}, "
+            f"{weighting}, {run['train_minutes']:.1f} min.")
+
+
+def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> None:
     info = json.loads((model_dir / "training.json").read_text())
-    cfg = info["config"]
+    runs = training_runs(info)
+    cfg = runs[0]["config"]
     comps = []
     for c in ("vae", "text_encoder", "unet"):
         conf = json.loads((model_dir / c / "config.json").read_text())
@@ -205,17 +263,35 @@ def write_card(model_dir: Path, res: dict, n: int) -> None:
     from transformers import CLIPTokenizer
 
     vocab = len(CLIPTokenizer.from_pretrained(model_dir / "tokenizer"))
-    hist = "\n".join(f"| {h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes']:.1f} |" for h in info["history"])
+    lines, hist, offset, minutes = [], [], 0, 0.0
+    for i, run in enumerate(runs, 1):
+        lines.append(_run_line(i, run, offset))
+        hist += [f"| {h['step'] + offset} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes'] + minutes:.1f} |"
+                 for h in run["history"]]
+        offset += run["steps"]
+        minutes += run["train_minutes"]
+    concept_rows = "".join(
+        f"| concept accuracy of samples, guidance {v['guidance']:g} (shape classifier; chance 0.167) | {v['mean']:.3f} |\n"
+        for k, v in sorted(res.items()) if k.startswith("concept_accuracy"))
+    if "caption_usage" in res:
+        concept_rows += ("| epsilon MSE increase with a wrong shape word, t = " +
+                         " / ".join(str(t) for t in res["caption_usage"]) + " | " +
+                         " / ".join(f"{100 * v:.1f}%" for v in res["caption_usage"].values()) + " |\n")
+    if "classifier" in res:
+        c = res["classifier"]
+        concept_rows += (f"| shape classifier on held-out renders / their VAE reconstructions | "
+                         f"{c['test_accuracy']:.3f} / {c['vae_reconstruction_accuracy']:.3f} |\n")
     text = CARD.format(
-        concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir, components="\n".join(comps), vocab=vocab, max_tokens=16,
-        command="trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain",
+        concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir,
+        components="\n".join(comps), vocab=vocab, max_tokens=16, runs="\n".join(lines),
         seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_steps=cfg["vae_steps"],
         vae_batch=cfg["vae_batch"], vae_lr=cfg["vae_lr"], kl=cfg["kl_weight"], sf=vae_conf["scaling_factor"],
-        steps=info["steps"], batch=cfg["batch"], lr=cfg["lr"], dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
-        train_min=info["train_minutes"], target=cfg["target_auc"], eval_every=cfg["eval_every"], history=hist,
+        steps=offset, batch=cfg["batch"], dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
+        train_min=minutes, eval_every=cfg["eval_every"], history="\n".join(hist),
         n=n, qseed=QUALITY_SEED_BASE, auc=res["auc"], auc_raw=res["auc_unnormalized"],
         gmm_iou=res["gmm"]["iou"], gmm_img=res["gmm"]["per_image_iou"], otsu_iou=res["otsu_gray"]["iou"],
-        otsu_img=res["otsu_gray"]["per_image_iou"], gc_iou=res["grabcut"]["iou"], gc_img=res["grabcut"]["per_image_iou"])
+        otsu_img=res["otsu_gray"]["per_image_iou"], gc_iou=res["grabcut"]["iou"], gc_img=res["grabcut"]["per_image_iou"],
+        concept_rows=concept_rows, samples_note=samples_note)
     (model_dir / "README.md").write_text(text)
     (model_dir / "quality.json").write_text(json.dumps(res, indent=2))
 
@@ -227,13 +303,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=None, help="where figures go (default: the model directory)")
     p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--concept-samples", type=int, default=50,
+                   help="samples per concept for the shape-classifier concept accuracy (0 skips it)")
     p.add_argument("--card", action="store_true", help="write README.md + quality.json into the model directory")
+    p.add_argument("--note", default="", help="a paragraph for the card's Samples section")
     a = p.parse_args(argv)
     model_dir = Path(resolve_model(a.model))
-    res = evaluate(a.model, a.n, Path(a.out) if a.out else model_dir, grid=not a.no_grid)
+    res = evaluate(a.model, a.n, Path(a.out) if a.out else model_dir, grid=not a.no_grid,
+                   concept_samples=a.concept_samples)
     print(json.dumps({k: v for k, v in res.items()}, indent=2))
     if a.card:
-        write_card(model_dir, res, a.n)
+        write_card(model_dir, res, a.n, a.note)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The toyworld shape classifier (the yardstick for "recognizable samples") and the shipped model's samples."""
+
+import numpy as np
+import torch
+
+from trainers.toyworld_classifier import (
+    CLASSES,
+    DEFAULT_PATH,
+    TEST_SEED_BASE,
+    _augment,
+    concept_accuracy,
+    load_or_train,
+    predict,
+    renders,
+    train_classifier,
+)
+
+
+def testrenders_are_class_balanced_and_labelled():
+    images, labels = renders(70, TEST_SEED_BASE)
+    assert images.shape == (70, 64, 64, 3) and images.dtype == np.uint8
+    assert np.bincount(labels, minlength=len(CLASSES)).tolist() == [10] * len(CLASSES)
+
+
+def test_augment_keeps_shape_and_range():
+    x = torch.rand(5, 3, 64, 64) * 2 - 1
+    y = _augment(x.clone(), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert (y - x).abs().mean() < 0.5  # blur + noise + flips, not a different image
+
+
+def test_classifier_training_runs_and_learns_something():
+    torch.manual_seed(0)
+    model, info = train_classifier(n_train=280, steps=40, batch=16, n_test=70)
+    assert 0.0 <= info["test_accuracy"] <= 1.0
+    assert predict(model, renders(14, TEST_SEED_BASE)[0]).shape == (14,)
+
+
+def test_shipped_classifier_reads_held_outrenders():
+    assert DEFAULT_PATH.exists(), "the shape classifier ships beside the toyworld model"
+    model, info = load_or_train(DEFAULT_PATH)
+    images, labels = renders(280, TEST_SEED_BASE + 10_000)
+    assert (predict(model, images) == labels).mean() >= 0.85
+    assert info["test_accuracy"] >= 0.85
+
+
+def test_shipped_model_samples_show_their_concept(toyworld_pipe):
+    """Issue 2: text-to-image samples must be recognizable. Chance is 1/6 (and "no object" counts as a miss)."""
+    model, _ = load_or_train(DEFAULT_PATH)
+    res = concept_accuracy(toyworld_pipe, model, per_concept=8, guidance=3.0, steps=25, seed=7)
+    assert res["mean"] >= 0.5, res
