@@ -2,6 +2,7 @@
 
     trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
     trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
+    trainers toyworld-classifier [...] concept accuracy of the toyworld model's samples (shape classifier)
     trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a labelled split
     trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed inside Ray Train
     trainers students CONFIG [...]     timm-backbone students (paper Step 6), every concept at once on Ray
@@ -16,6 +17,7 @@ import sys
 COMMANDS = {
     "pretrain-toyworld": ("trainers.toyworld_pretrain", "pretrain the toyworld foundation model"),
     "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
+    "toyworld-classifier": ("trainers.toyworld_classifier", "concept accuracy of toyworld samples"),
     "evaluate-masks": ("trainers.evaluate_masks", "score the method's masks on a labelled split"),
     "finetune": ("trainers.finetune", "concept fine-tuning with DeepSpeed on Ray Train"),
     "students": ("trainers.students", "train segmentation students on shards"),

@@ -10,7 +10,7 @@ Generated 64x64 images pass through the VAE decoder, which blurs edges, so the c
 with random blur, noise and flips, and its accuracy is reported both on crisp held-out renders and on their
 VAE reconstructions (the best a sample decoded by that VAE could score).
 
-    python -m trainers.toyworld_classifier --model toyworld --per-concept 50
+    trainers toyworld-classifier --model toyworld --per-concept 50
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from factory.loading import MODELS_DIR
 from factory.toyworld.world import CONCEPTS, render
 
 CLASSES: tuple[str, ...] = (*CONCEPTS, "none")
 TRAIN_SEED_BASE = 4_000_000_000  # disjoint from the pretraining pool, early stopping, quality and tables seeds
 TEST_SEED_BASE = 4_100_000_000
 # shipped beside the toyworld model (about 0.4 MB), like an Inception network for FID: a fixed yardstick
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "factory" / "models" / "toyworld-shape-classifier.safetensors"
+DEFAULT_PATH = MODELS_DIR / "toyworld-shape-classifier.safetensors"
 
 
 def build_classifier() -> nn.Module:
@@ -179,7 +180,7 @@ def concept_accuracy(pipe, classifier: nn.Module, per_concept: int = 50, guidanc
 def main(argv: list[str] | None = None) -> None:
     from factory.loading import load_pipeline
 
-    p = argparse.ArgumentParser(prog="python -m trainers.toyworld_classifier", description=__doc__,
+    p = argparse.ArgumentParser(prog="trainers toyworld-classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toyworld")
     p.add_argument("--classifier", default=str(DEFAULT_PATH), help="cached classifier (trained if missing)")
