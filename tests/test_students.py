@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,8 +153,11 @@ def _cfg(d, *extra):
         "model.decoder_kwargs={decoder_channels: [32, 16, 16, 8, 8]}", "data.val_every=4", *extra])
 
 
-def test_students_for_all_concepts_train_concurrently_and_export(students, split):
-    summary = run_students(_cfg(students))
+def test_students_for_all_concepts_train_concurrently_and_export(students, split, monkeypatch):
+    # relative output paths, as in configs/students-toyworld.yaml: Ray Tune runs each trial in a working
+    # directory of its own, and the exports must still land where the user asked
+    monkeypatch.chdir(students)
+    summary = run_students(_cfg(students, "output.storage=runs", "output.export=export"))
     runs = {r["student"]: r for r in summary["students"]}
     assert set(runs) == {"star", "heart"}
     a, b = runs["star"], runs["heart"]
@@ -162,6 +166,7 @@ def test_students_for_all_concepts_train_concurrently_and_export(students, split
         assert r["metrics"]["step"] == 12 and np.isfinite(r["metrics"]["loss"]) and r["val_images"] > 0
         model, info = load_student(r["export"])
         assert info["concept"] == name and info["resolution"] == 64
+        assert Path(r["export"]) == students / "export" / name and (students / "runs").is_dir()
         ts = torch.jit.load(str(students / "export" / name / "last.ts"))
         x = torch.zeros(1, 3, 64, 64)
         assert torch.allclose(ts(x), load_student(r["export"], "last")[0](x), atol=1e-5)

@@ -395,6 +395,13 @@ def run_students(cfg: StudentsConfig) -> dict:
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Tune runs each trial in a working directory of its own, so relative local paths would land there:
+    # make them absolute here, in the driver (fsspec URLs stay as they are).
+    cfg = cfg.model_copy(deep=True)
+    cfg.output.storage = storage_path(cfg.output.storage)
+    cfg.output.export = storage_path(cfg.output.export)
+    if cfg.model.pretrained:
+        cfg.model.pretrained = storage_path(cfg.model.pretrained)
     job = cfg.model_dump()
     t0 = time.time()
     if cfg.multiclass:
