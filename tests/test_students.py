@@ -156,8 +156,9 @@ def _cfg(d, *extra):
 def test_students_for_all_concepts_train_concurrently_and_export(students, split, monkeypatch):
     # relative output paths, as in configs/students-toyworld.yaml: Ray Tune runs each trial in a working
     # directory of its own, and the exports must still land where the user asked
+    cfg = _cfg(students, "output.storage=runs", "output.export=export")
     monkeypatch.chdir(students)
-    summary = run_students(_cfg(students, "output.storage=runs", "output.export=export"))
+    summary = run_students(cfg)
     runs = {r["student"]: r for r in summary["students"]}
     assert set(runs) == {"star", "heart"}
     a, b = runs["star"], runs["heart"]
