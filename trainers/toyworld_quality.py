@@ -12,7 +12,8 @@ over heads, upsampled nearest to latent size, averaged over layers and steps. It
 Generation is measured too: the concept accuracy of "a photo of a {concept}" samples read by the toyworld
 shape classifier (`trainers/toyworld_classifier.py`), and the caption usage (how much worse the UNet
 denoises a render when the prompt names a wrong shape). It also writes a text-to-image sample grid per
-concept and an attention figure, and (with --card) the model card. IoU is pooled over all pixels of the set, as the paper's tables; per-image means are given too.
+concept and an attention figure, and (with --card) the model card. IoU is pooled over all pixels of the set,
+as the paper's tables; per-image means are given too.
 
     python -m trainers.toyworld_quality --model toyworld --n 200 --card
 """
