@@ -97,11 +97,11 @@ def upsample(maps: np.ndarray, size: int) -> np.ndarray:
 
 def sample_grid(pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, steps: int = 50, seed: int = 0) -> None:
     """A grid of "a photo of a {concept}" samples, one row per concept (the model card's figure)."""
+    from trainers.toyworld_classifier import generate
+
     rows = []
     for ci, concept in enumerate(CONCEPTS):
-        g = [torch.Generator().manual_seed(seed + 1000 * ci + j) for j in range(per_concept)]
-        imgs = pipe([f"a photo of a {concept}"] * per_concept, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=g, output_type="np").images
+        imgs = generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci, batch=per_concept)
         rows.append(np.concatenate(list((imgs * 255).round().astype(np.uint8)), 1))
     grid = np.concatenate(rows, 0)
     img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
