@@ -101,3 +101,32 @@ def test_continue_from_an_exported_model(tmp_path):
 
     runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
     assert [r["steps"] for r in runs] == [6, 4]
+
+
+def test_unet_size_options(tmp_path):
+    """--unet-channels / --unet-layers grow (or shrink) a new UNet; bad values fail before any rendering."""
+    import pytest
+    from transformers import CLIPTokenizer
+
+    from factory.toyworld import model as tw
+    from factory.toyworld.tokenizer import write_clip_tokenizer
+    from factory.toyworld.world import vocabulary
+    from trainers.toyworld_pretrain import render_pool, train_unet
+
+    for bad, match in (("30,64,64", "multiple of 8"), ("64,128", "3 block widths"), ("a,b,c", "comma-separated")):
+        with pytest.raises(ValueError, match=match):
+            PretrainConfig(unet_channels=bad)
+    with pytest.raises(ValueError, match="unet-layers"):
+        PretrainConfig(unet_layers=0)
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tok", vocabulary(), 16))
+    cfg = PretrainConfig(work_dir=str(tmp_path), unet_channels="16,24,32", unet_layers=2, unet_steps=3, batch=4,
+                         eval_every=10**6, ckpt_every=10**6, target_auc=None)
+    unet, _, info = train_unet(cfg, tw.build_vae().eval(), tok, render_pool(8), tmp_path, None)
+    assert tuple(unet.config.block_out_channels) == (16, 24, 32) and unet.config.layers_per_block == 2
+    assert info["steps"] == 3 and np.isfinite(info["loss_curve"]).all()
+
+    # continuing an exported model keeps its UNet: a size option alongside --init-from is a mistake
+    with pytest.raises(ValueError, match="drop them"):
+        train_unet(PretrainConfig(work_dir=str(tmp_path / "w2"), init_from="toyworld", unet_channels="64,128,128"),
+                   tw.build_vae().eval(), tok, render_pool(2), tmp_path / "w2", None)

@@ -27,6 +27,10 @@ can be trained further without the original run's work dir.
   they cause;
 - `p2`: 1 / (1 + SNR(t)) (P2 weighting, Choi et al., CVPR 2022), which only takes weight off low noise.
 
+`--device cuda` trains on a GPU (the render pool stays on the CPU, its latents move to the device; a resumed
+GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed). The
+CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU.
+
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
 
@@ -37,6 +41,7 @@ work dir (samples-{step}.png), to watch generation improve.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -84,6 +89,15 @@ class PretrainConfig:
     loss_weighting: str = "eps"
     max_weight: float = 20.0
     sample_every: int | None = None
+    device: str = "cpu"
+    unet_channels: str | None = None  # e.g. "64,128,128"; default: factory.toyworld.model.UNET_CHANNELS
+    unet_layers: int = 1
+
+    def __post_init__(self):  # fail before minutes of rendering, not after
+        if self.unet_channels is not None:
+            tw_model.check_unet_channels(parse_channels(self.unet_channels))
+        if self.unet_layers < 1:
+            raise ValueError(f"--unet-layers must be >= 1, got {self.unet_layers}")
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render") -> list:
@@ -111,14 +125,14 @@ def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
         print(f"[vae] found {vae_dir}, skipping stage 1")
         return AutoencoderKL.from_pretrained(vae_dir)
     torch.manual_seed(cfg.seed)
-    vae = tw_model.build_vae()
+    vae = tw_model.build_vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps, eta_min=cfg.vae_lr * 0.05)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
     bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
     for step in bar:
-        x = to_tensor(pool_images[rng.integers(len(pool_images), size=cfg.vae_batch)])
+        x = to_tensor(pool_images[rng.integers(len(pool_images), size=cfg.vae_batch)]).to(cfg.device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
@@ -133,7 +147,7 @@ def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
             bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", it_s=f"{(step + 1) / (time.time() - t0):.2f}")
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(to_tensor(pool_images[i : i + 256])).latent_dist.sample()
+        lat = torch.cat([vae.encode(to_tensor(pool_images[i : i + 256]).to(cfg.device)).latent_dist.sample()
                          for i in range(0, min(len(pool_images), 2048), 256)])
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -147,7 +161,7 @@ def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
 def encode_pool(vae, pool_images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in tqdm(range(0, len(pool_images), 256), desc="encode pool", leave=False, mininterval=5):
-        post = vae.encode(to_tensor(pool_images[i : i + 256])).latent_dist
+        post = vae.encode(to_tensor(pool_images[i : i + 256]).to(vae.device)).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -169,8 +183,8 @@ def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int, 
     x = to_tensor(np.stack([s.image for s in samples]))
     lat = encode_images(vae, x, gens)
     emb = encode_prompts(tokenizer, text_encoder, prompts)
-    maps = mean_attention_map(unet, scheduler, lat, emb, weights, probe_timesteps(scheduler, 50, 40), gens)
-    up = F.interpolate(maps[:, None], size=x.shape[-1], mode="nearest")[:, 0].numpy()
+    maps = mean_attention_map(unet, scheduler, lat, emb, weights.to(lat.device), probe_timesteps(scheduler, 50, 40), gens)
+    up = F.interpolate(maps[:, None].float().cpu(), size=x.shape[-1], mode="nearest")[:, 0].numpy()
     return pixel_auc(list(up), [s.mask for s in samples])
 
 
@@ -192,11 +206,19 @@ def timestep_weights(noise_sched, kind: str, max_weight: float = 20.0) -> torch.
     return (w / w.mean()).float()
 
 
+def parse_channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ValueError(f"--unet-channels takes three comma-separated integers like 64,128,128, got {text!r}") from None
+
+
 def _initial_weights(cfg: PretrainConfig, tokenizer):
     """Fresh models, or the text encoder and UNet of an exported model (`init_from`)."""
     if cfg.init_from is None:
         torch.manual_seed(cfg.seed + 1)
-        return tw_model.build_unet(), tw_model.build_text_encoder(tokenizer)
+        channels = tw_model.UNET_CHANNELS if cfg.unet_channels is None else parse_channels(cfg.unet_channels)
+        return tw_model.build_unet(channels, cfg.unet_layers), tw_model.build_text_encoder(tokenizer)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -204,6 +226,10 @@ def _initial_weights(cfg: PretrainConfig, tokenizer):
 
     src = Path(resolve_model(cfg.init_from))
     unet = UNet2DConditionModel.from_pretrained(src / "unet")
+    if cfg.unet_channels is not None or cfg.unet_layers != 1:
+        raise ValueError("--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
+                         f"is {cfg.init_from}'s ({list(unet.config.block_out_channels)}, "
+                         f"{unet.config.layers_per_block} layer(s) per block): drop them")
     text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
     if text_encoder.config.vocab_size != len(tokenizer):
         raise ValueError(f"--init-from {cfg.init_from}: its text encoder has {text_encoder.config.vocab_size} "
@@ -215,28 +241,29 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     lat_mean, lat_std = encode_pool(vae, np.stack([s.image for s in pool]))
     sf = vae.config.scaling_factor
     unet, text_encoder = _initial_weights(cfg, tokenizer)
+    unet, text_encoder = unet.to(cfg.device), text_encoder.to(cfg.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = EMA(params, cfg.ema_decay)
     noise_sched = tw_model.build_train_scheduler()
-    weights = timestep_weights(noise_sched, cfg.loss_weighting, cfg.max_weight)
+    weights = timestep_weights(noise_sched, cfg.loss_weighting, cfg.max_weight).to(cfg.device)
     ddim = tw_model.build_scheduler()
     rng = np.random.default_rng(cfg.seed + 2)
     step, history, elapsed_before = 0, [], 0.0
     ckpt_path = work / "unet_ckpt.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
         step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
         rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         print(f"[unet] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
 
-    eval_unet = tw_model.build_unet().eval()
-    eval_text = tw_model.build_text_encoder(tokenizer).eval()
+    eval_unet = copy.deepcopy(unet).eval()  # holds the EMA weights for evaluation and export
+    eval_text = copy.deepcopy(text_encoder).eval()
     eval_params = list(eval_unet.parameters()) + list(eval_text.parameters())
 
     def save(done: bool = False):
@@ -259,9 +286,9 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * sf
         captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+                        truncation=True, return_tensors="pt").input_ids.to(cfg.device)
         noise = torch.randn_like(z0)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,))
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(cfg.device)
         pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
@@ -346,15 +373,17 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
         vae = AutoencoderKL.from_pretrained(src / "vae")
         if (src / "training.json").exists():
             previous = json.loads((src / "training.json").read_text())
-    vae.eval()
+    vae = vae.to(cfg.device).eval()
     for p in vae.parameters():
         p.requires_grad_(False)
     unet, text_encoder, info = train_unet(cfg, vae, tokenizer, pool, work, deadline)
-    export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)
+    export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)  # save_pretrained copies to the CPU
     if cfg.sample_every:
         sample_grid(build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6)
     info.pop("loss_curve")
-    info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60,
+    hardware = (torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda")
+                else f"{torch.get_num_threads()} CPU threads")  # runs before this field: 2 CPU cores
+    info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60, "hardware": hardware,
                  "concepts": list(CONCEPTS)})
     if command:
         info["commands"] = [command]
@@ -380,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
         if name in ("target_auc", "max_minutes", "threads"):
             typ = optional(int if name == "threads" else float)
-        if name == "init_from":
+        if name in ("init_from", "unet_channels"):
             typ = optional(str)
         if name == "sample_every":
             typ = optional(int)

@@ -191,7 +191,7 @@ tokenizer is a CLIP-format BPE vocabulary of {vocab} tokens built from the capti
 - VAE: {vae_steps} steps, batch {vae_batch}, AdamW {vae_lr} (cosine), MSE + 0.5 L1 + {kl} KL; scaling factor {sf:.4f};
 - text encoder + UNet jointly: {steps} steps in all, batch {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
   randomly drop the colour and the background phrase;
-- UNet training time {train_min:.1f} min on 2 CPU cores in all; the attention AUC is checked on 32 held-out renders
+- UNet training time {train_min:.1f} min in all (each run's device above); the attention AUC is checked on 32 held-out renders
   (seeds 1,000,000,000+).
 
 Attention AUC during training (early-stopping set; loss = plain epsilon MSE of the last interval):
@@ -248,7 +248,8 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
         else "from scratch"
     cmds = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "(command not recorded)"
     return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, AdamW {cfg.get('lr')}, "
-            f"{weighting}, {run['train_minutes']:.1f} min, attention AUC checked every {cfg.get('eval_every')} steps.")
+            f"{weighting}, {run['train_minutes']:.1f} min on {run.get('hardware', '2 CPU cores')}, "
+            f"attention AUC checked every {cfg.get('eval_every')} steps.")
 
 
 def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> None:

@@ -63,15 +63,27 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet() -> UNet2DConditionModel:
+UNET_CHANNELS = (32, 64, 64)  # the shipped model's UNet (1.5M parameters)
+
+
+def check_unet_channels(block_out_channels: tuple[int, ...]) -> None:
+    if len(block_out_channels) != 3 or any(c <= 0 or c % 8 for c in block_out_channels):
+        raise ValueError("the toyworld UNet takes 3 block widths, each a positive multiple of 8 (its GroupNorm "
+                         f"groups), e.g. 64,128,128; got {','.join(map(str, block_out_channels))}")
+
+
+def build_unet(block_out_channels: tuple[int, ...] = UNET_CHANNELS, layers_per_block: int = 1) -> UNet2DConditionModel:
+    """The toyworld UNet; wider or deeper ones (`trainers pretrain-toyworld --unet-channels/--unet-layers`) keep
+    the block layout: cross-attention in all but the lowest-resolution block, 3 resolutions (16, 8, 4)."""
+    check_unet_channels(block_out_channels)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
         cross_attention_dim=64,
         attention_head_dim=4,  # diffusers' legacy name: the number of heads, as in SD v1's config
         norm_num_groups=8,
