@@ -36,7 +36,10 @@ work dir (samples-{step}.png), to watch generation improve.
 
     trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain
     trainers pretrain-toyworld --init-from toyworld --loss-weighting v --target-auc none --sample-every 1000 \
-        --out runs/tw-v2/model --work-dir runs/tw-v2/work --max-minutes 27    (the shipped model's run 2)
+        --out runs/tw-v2/model --work-dir runs/tw-v2/work --max-minutes 27    (the shipped model's run 2; run 3
+        is the same for 55 minutes, see the model card)
+    trainers pretrain-toyworld --unet-channels 64,128,128 --unet-layers 2 --loss-weighting v --device cuda \
+        --out runs/tw-wide/model --work-dir runs/tw-wide/work    (a wider UNet from scratch; not yet run)
 """
 
 from __future__ import annotations
