@@ -2,7 +2,7 @@
 #   make demo   create .venv if missing, then run the main job on the embedded toyworld default
 #   make test   create .venv if missing, then run the default test suite (what CI runs)
 #   make test-slow   the slower checks (minutes each), skipped by `make test`
-#   make tables      the paper's Tables 1-2 end to end in toyworld (about 50 min on 2 cores; resumable)
+#   make tables      the paper's Tables 1-2 end to end in toyworld (about 40 min on 2 cores; resumable)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

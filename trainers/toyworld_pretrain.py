@@ -101,6 +101,9 @@ class PretrainConfig:
             tw_model.check_unet_channels(parse_channels(self.unet_channels))
         if self.unet_layers < 1:
             raise ValueError(f"--unet-layers must be >= 1, got {self.unet_layers}")
+        if self.init_from is not None and (self.unet_channels is not None or self.unet_layers != 1):
+            raise ValueError("--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
+                             f"is {self.init_from}'s, whatever its size: drop them")
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render") -> list:
@@ -229,10 +232,6 @@ def _initial_weights(cfg: PretrainConfig, tokenizer):
 
     src = Path(resolve_model(cfg.init_from))
     unet = UNet2DConditionModel.from_pretrained(src / "unet")
-    if cfg.unet_channels is not None or cfg.unet_layers != 1:
-        raise ValueError("--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
-                         f"is {cfg.init_from}'s ({list(unet.config.block_out_channels)}, "
-                         f"{unet.config.layers_per_block} layer(s) per block): drop them")
     text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
     if text_encoder.config.vocab_size != len(tokenizer):
         raise ValueError(f"--init-from {cfg.init_from}: its text encoder has {text_encoder.config.vocab_size} "

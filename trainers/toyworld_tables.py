@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are skipped).
 
-    trainers toyworld-tables --out out/tables            (about 50 minutes on 2 cores)
+    trainers toyworld-tables --out out/tables            (about 40 minutes on 2 cores)
     trainers toyworld-tables --out out/tables-small --small
 
 Stages (folders under --out):
