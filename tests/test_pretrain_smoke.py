@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -62,7 +63,6 @@ def test_unet_loss_falls():
 
 
 def test_timestep_weights():
-    import pytest
 
     from factory.toyworld import model as tw
     from trainers.toyworld_pretrain import timestep_weights
@@ -86,8 +86,13 @@ def test_continue_from_an_exported_model(tmp_path):
     pretrain(base, command="trainers pretrain-toyworld (first)")
     cont = PretrainConfig(out=str(tmp_path / "m2"), work_dir=str(tmp_path / "w2"), pool_size=32, unet_steps=4, batch=4,
                           eval_every=4, eval_images=2, target_auc=None, init_from=str(tmp_path / "m1"),
-                          loss_weighting="v", sample_every=2)
+                          loss_weighting="v", sample_every=2, lr_schedule="cosine")
     info = pretrain(cont, command="trainers pretrain-toyworld (second)")
+    from trainers.toyworld_pretrain import learning_rate
+
+    opt_state = torch.load(tmp_path / "w2" / "unet_ckpt.pt", weights_only=False)["opt"]
+    assert opt_state["param_groups"][0]["lr"] == pytest.approx(learning_rate(cont, 3))  # the schedule was applied
+    assert learning_rate(cont, 3) < cont.lr
     assert info["steps"] == 4 and info["continued_from"]["steps"] == 6
     assert info["continued_from"]["commands"] == ["trainers pretrain-toyworld (first)"]
     for f in ("samples-000002.png", "samples-000004.png", "samples-final.png"):
@@ -101,11 +106,28 @@ def test_continue_from_an_exported_model(tmp_path):
 
     runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
     assert [r["steps"] for r in runs] == [6, 4]
+    from trainers.toyworld_quality import _run_line
+
+    assert "AdamW 0.0003 constant" in _run_line(1, runs[0], 0)
+    assert "AdamW 0.0003 cosine to 5% of it" in _run_line(2, runs[1], 6)
+
+
+def test_lr_schedule():
+    from trainers.toyworld_pretrain import learning_rate
+
+    const = PretrainConfig(lr=1e-3, unet_steps=100)
+    assert all(learning_rate(const, s) == 1e-3 for s in (0, 50, 100))
+    cos = PretrainConfig(lr=1e-3, unet_steps=100, lr_schedule="cosine")
+    lrs = [learning_rate(cos, s) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[100] == pytest.approx(5e-5) and lrs[50] == pytest.approx(5.25e-4)
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+    assert learning_rate(cos, 150) == pytest.approx(5e-5)  # past the end (a run extended by resume) stays at the floor
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        PretrainConfig(lr_schedule="linear")
 
 
 def test_unet_size_options(tmp_path):
     """--unet-channels / --unet-layers grow (or shrink) a new UNet; bad values fail before any rendering."""
-    import pytest
     from transformers import CLIPTokenizer
 
     from factory.toyworld import model as tw

@@ -27,6 +27,10 @@ can be trained further without the original run's work dir.
   they cause;
 - `p2`: 1 / (1 + SNR(t)) (P2 weighting, Choi et al., CVPR 2022), which only takes weight off low noise.
 
+`--lr-schedule` is `constant` (runs 1-3 of the shipped model) or `cosine`: from `--lr` down to 5% of it at
+`--unet-steps` (so set `--unet-steps` to the steps the run will really make, not a cap), to anneal a
+continuation run.
+
 `--device cuda` trains on a GPU (the render pool stays on the CPU, its latents move to the device; a resumed
 GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed). The
 CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU.
@@ -90,6 +94,7 @@ class PretrainConfig:
     threads: int | None = None
     init_from: str | None = None
     loss_weighting: str = "eps"
+    lr_schedule: str = "constant"
     max_weight: float = 20.0
     sample_every: int | None = None
     device: str = "cpu"
@@ -99,6 +104,8 @@ class PretrainConfig:
     def __post_init__(self):  # fail before minutes of rendering, not after
         if self.unet_channels is not None:
             tw_model.check_unet_channels(parse_channels(self.unet_channels))
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.unet_layers < 1:
             raise ValueError(f"--unet-layers must be >= 1, got {self.unet_layers}")
         if self.init_from is not None and (self.unet_channels is not None or self.unet_layers != 1):
@@ -195,6 +202,16 @@ def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int, 
 
 
 LOSS_WEIGHTINGS = ("eps", "v", "p2")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: PretrainConfig, step: int) -> float:
+    """The UNet + text encoder learning rate at `step` of this run: `constant`, or `cosine` from cfg.lr down to
+    5% of it at cfg.unet_steps (a function of the step alone, so a resumed run follows the same curve)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(step / max(cfg.unet_steps, 1), 1.0)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
 def timestep_weights(noise_sched, kind: str, max_weight: float = 20.0) -> torch.Tensor:
@@ -294,6 +311,8 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -415,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
             typ = optional(str)
         if name == "sample_every":
             typ = optional(int)
-        extra = {"choices": LOSS_WEIGHTINGS} if name == "loss_weighting" else {}
+        extra = {"choices": {"loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES}[name]} \
+            if name in ("loss_weighting", "lr_schedule") else {}
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
                        help="'none' disables" if name in ("target_auc", "max_minutes") else None, **extra)
     args = p.parse_args(argv)

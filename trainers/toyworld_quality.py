@@ -247,7 +247,8 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
     start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)" if cfg.get("init_from") \
         else "from scratch"
     cmds = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "(command not recorded)"
-    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, AdamW {cfg.get('lr')}, "
+    lr = f"{cfg.get('lr')} cosine to 5% of it" if cfg.get("lr_schedule") == "cosine" else f"{cfg.get('lr')} constant"
+    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, AdamW {lr}, "
             f"{weighting}, {run['train_minutes']:.1f} min on {run.get('hardware', '2 CPU cores')}, "
             f"attention AUC checked every {cfg.get('eval_every')} steps.")
 
