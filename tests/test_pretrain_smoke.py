@@ -15,7 +15,7 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
     cfg = PretrainConfig(out=str(tmp_path / "model"), work_dir=str(tmp_path / "work"), pool_size=64,
                          vae_steps=3, vae_batch=4, unet_steps=40, batch=8, lr=1e-3, eval_every=40,
                          eval_images=2, ckpt_every=20, target_auc=None)
-    info = pretrain(cfg)
+    info = pretrain(cfg, command="trainers pretrain-toyworld (first invocation)")
     assert info["steps"] == 40
     assert (tmp_path / "work" / "vae" / "config.json").exists()
     ckpt = torch.load(tmp_path / "work" / "unet_ckpt.pt", weights_only=False)
@@ -27,8 +27,11 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
 
     # resume: a longer budget continues from step 40 instead of starting over
     cfg.unet_steps = 50
-    info2 = pretrain(cfg)
+    info2 = pretrain(cfg, command="trainers pretrain-toyworld (resumed)")
     assert info2["steps"] == 50
+    # both invocations are recorded: the card states the whole command history of a resumed run
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["commands"] == [
+        "trainers pretrain-toyworld (first invocation)", "trainers pretrain-toyworld (resumed)"]
     assert [h["step"] for h in info2["history"]] == [40, 50] and all(np.isfinite(h["loss"]) for h in info2["history"])
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)

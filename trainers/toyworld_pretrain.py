@@ -256,7 +256,10 @@ def _initial_weights(cfg: PretrainConfig, tokenizer):
     return unet, text_encoder
 
 
-def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, deadline: float | None):
+def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, deadline: float | None,
+               command: str | None = None):
+    """Stage 2. `command` (the invocation) is appended to the commands kept in the checkpoint, so that a run
+    resumed over several invocations exports all of them."""
     lat_mean, lat_std = encode_pool(vae, np.stack([s.image for s in pool]))
     sf = vae.config.scaling_factor
     unet, text_encoder = _initial_weights(cfg, tokenizer)
@@ -268,7 +271,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     weights = timestep_weights(noise_sched, cfg.loss_weighting, cfg.max_weight).to(cfg.device)
     ddim = tw_model.build_scheduler()
     rng = np.random.default_rng(cfg.seed + 2)
-    step, history, elapsed_before = 0, [], 0.0
+    step, history, elapsed_before, commands = 0, [], 0.0, []
     ckpt_path = work / "unet_ckpt.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
@@ -277,10 +280,13 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         opt.load_state_dict(state["opt"])
         ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
         step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
+        commands = state.get("commands", [])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"].cpu())
         print(f"[unet] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
 
+    if command:
+        commands = [*commands, command]
     eval_unet = copy.deepcopy(unet).eval()  # holds the EMA weights for evaluation and export
     eval_text = copy.deepcopy(text_encoder).eval()
     eval_params = list(eval_unet.parameters()) + list(eval_text.parameters())
@@ -290,7 +296,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
                       "opt": opt.state_dict(), "ema": ema.shadow, "ema_updates": ema.updates, "step": step,
                       "history": history, "elapsed": elapsed_before + time.time() - t_start,
                       "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "done": done,
-                      "config": asdict(cfg)}, ckpt_path)
+                      "config": asdict(cfg), "commands": commands}, ckpt_path)
 
     t_start = time.time()
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet+text", mininterval=5)
@@ -349,7 +355,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     bar.close()
     save(done=True)
     ema.copy_to(eval_params)
-    return eval_unet, eval_text, {"steps": step, "history": history, "loss_curve": losses,
+    return eval_unet, eval_text, {"steps": step, "history": history, "loss_curve": losses, "commands": commands,
                                   "train_minutes": (elapsed_before + time.time() - t_start) / 60}
 
 
@@ -397,7 +403,7 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     vae = vae.to(cfg.device).eval()
     for p in vae.parameters():
         p.requires_grad_(False)
-    unet, text_encoder, info = train_unet(cfg, vae, tokenizer, pool, work, deadline)
+    unet, text_encoder, info = train_unet(cfg, vae, tokenizer, pool, work, deadline, command)
     export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)  # save_pretrained copies to the CPU
     if cfg.sample_every:
         sample_grid(build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6)
@@ -406,8 +412,8 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
                 else f"{torch.get_num_threads()} CPU threads")  # runs before this field: 2 CPU cores
     info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60, "hardware": hardware,
                  "concepts": list(CONCEPTS)})
-    if command:
-        info["commands"] = [command]
+    if not info["commands"]:
+        info.pop("commands")
     if previous is not None:  # the model this run continued from, so the card can state the whole recipe
         info["continued_from"] = {k: previous[k] for k in ("steps", "train_minutes", "history", "config", "commands",
                                                             "note", "continued_from") if k in previous}
