@@ -8,7 +8,11 @@ generated images the way an Inception network reads ImageNet samples: the fracti
 
 Generated 64x64 images pass through the VAE decoder, which blurs edges, so the classifier trains on renders
 with random blur, noise and flips, and its accuracy is reported both on crisp held-out renders and on their
-VAE reconstructions (the best a sample decoded by that VAE could score).
+VAE reconstructions (the best a sample decoded by that VAE could score). The shipped classifier (defaults
+below, 10 minutes on 2 cores) reads 0.954 of 700 held-out renders right (every class 0.92-0.99) and 0.84 of
+their reconstructions by the toyworld VAE. Its first version, which read a 2x2-mean 32x32 copy and trained on
+half the renders for two thirds of the steps, reached 0.787 (hearts 0.50): too weak a yardstick to tell a
+badly drawn heart from a misread one.
 
     trainers toyworld-classifier --model toyworld --per-concept 50
 """
@@ -32,19 +36,20 @@ from factory.toyworld.world import CONCEPTS, render
 CLASSES: tuple[str, ...] = (*CONCEPTS, "none")
 TRAIN_SEED_BASE = 4_000_000_000  # disjoint from the pretraining pool, early stopping, quality and tables seeds
 TEST_SEED_BASE = 4_100_000_000
-# shipped beside the toyworld model (about 0.4 MB), like an Inception network for FID: a fixed yardstick
+# shipped beside the toyworld model (about 2.3 MB), like an Inception network for FID: a fixed yardstick
 DEFAULT_PATH = MODELS_DIR / "toyworld-shape-classifier.safetensors"
 
 
 def build_classifier() -> nn.Module:
-    """A small CNN that reads 64x64 images at 32x32 (the 2x2 mean also softens the decoder-vs-render gap)."""
+    """A small CNN over the full 64x64 image: a learned stride-2 stem (a 2x2 mean, as the first version had,
+    blurred away the corners that tell a square or a heart from a blob), then three stride-2 blocks."""
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
                 nn.Conv2d(o, o, 3, padding=1, stride=2), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
-    stem = [nn.AvgPool2d(2), nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(inplace=True)]  # 32x32
-    return nn.Sequential(*stem, *block(24, 48), *block(48, 96), *block(96, 96),  # 16, 8, 4
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, len(CLASSES)))
+    stem = [nn.Conv2d(3, 32, 4, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]  # 32x32
+    return nn.Sequential(*stem, *block(32, 64), *block(64, 128), *block(128, 128),  # 16, 8, 4
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, len(CLASSES)))
 
 
 def renders(n: int, seed_base: int, balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +90,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train_classifier(n_train: int = 16000, steps: int = 4000, batch: int = 32, lr: float = 2e-3, seed: int = 0,
+def train_classifier(n_train: int = 32000, steps: int = 6000, batch: int = 32, lr: float = 2e-3, seed: int = 0,
                      n_test: int = 700) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -105,8 +110,10 @@ def train_classifier(n_train: int = 16000, steps: int = 4000, batch: int = 32, l
         sched.step()
     model.eval()
     test_images, test_labels = renders(n_test, TEST_SEED_BASE)
-    acc = float((predict(model, test_images) == test_labels).mean())
-    return model, {"n_train": n_train, "steps": steps, "test_accuracy": acc, "seconds": time.time() - t0}
+    pred = predict(model, test_images)
+    per_class = {c: float((pred[test_labels == k] == k).mean()) for k, c in enumerate(CLASSES)}
+    return model, {"n_train": n_train, "steps": steps, "batch": batch, "test_accuracy": float((pred == test_labels).mean()),
+                   "test_per_class": per_class, "seconds": time.time() - t0, "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()
