@@ -55,3 +55,43 @@ def test_shipped_model_samples_show_their_concept(toyworld_pipe):
     res = concept_accuracy(toyworld_pipe, model, per_concept=8, guidance=3.0, steps=25, seed=7)
     assert res["mean"] >= 0.5, res
     assert res["per_concept"]["circle"] >= 0.75 and res["per_concept"]["ring"] >= 0.75, res
+
+
+def _write_shard(path, samples):
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    with wds.TarWriter(str(path)) as w:
+        for i, (image, concept) in enumerate(samples):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            w.write({"__key__": f"{concept}-{i:08d}", "png": buf.getvalue(),
+                     "json": json.dumps({"concept": concept}).encode()})
+
+
+def test_shard_recognizability_reads_a_written_dataset(tmp_path):
+    """`trainers toyworld-classifier --shards`: concept accuracy of a dataset already written as WebDataset shards
+    (how the README measures D'_s), here on real renders."""
+    import pytest
+
+    from factory.toyworld.world import render
+    from trainers.toyworld_classifier import main, shard_recognizability
+
+    renders_ = [(render(TEST_SEED_BASE + 20_000 + i, concept=c).image, c) for c in ("ring", "square") for i in range(6)]
+    _write_shard(tmp_path / "shard-000000.tar", renders_[:7])
+    _write_shard(tmp_path / "shard-000001.tar", renders_[7:])
+    model, _ = load_or_train(DEFAULT_PATH)
+    res = shard_recognizability(model, str(tmp_path))
+    assert res["samples"] == {"ring": 6, "square": 6}
+    assert sum(res["confusion"]["ring"]) == 6 and res["classes"] == list(CLASSES)
+    assert res["per_concept"]["ring"] >= 5 / 6 and res["per_concept"]["square"] >= 5 / 6  # crisp renders: easy
+    main(["--shards", str(tmp_path)])  # the CLI path prints the same JSON
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_shard(bad / "shard-000000.tar", [(renders_[0][0], "dog")])
+    with pytest.raises(ValueError, match="not a toyworld shape"):
+        shard_recognizability(model, str(bad))

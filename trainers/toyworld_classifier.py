@@ -15,11 +15,13 @@ half the renders for two thirds of the steps, reached 0.787 (hearts 0.50): too w
 badly drawn heart from a misread one.
 
     trainers toyworld-classifier --model toyworld --per-concept 50
+    trainers toyworld-classifier --shards out/tables/synthetic     (a written synthetic dataset, e.g. D'_s)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
@@ -184,6 +186,34 @@ def concept_accuracy(pipe, classifier: nn.Module, per_concept: int = 50, guidanc
             "classes": list(CLASSES), "per_concept_samples": per_concept, "guidance": guidance, "steps": steps}
 
 
+def shard_recognizability(classifier: nn.Module, source: str) -> dict:
+    """Concept accuracy of a written dataset: the images (`.png`) of the WebDataset shards at `source` (a job's
+    output folder, a glob or a list; any fsspec URL), grouped by the concept in their metadata."""
+    from PIL import Image
+
+    from factory.shards import read_tar
+    from factory.sources import list_shards
+
+    images: dict[str, list[np.ndarray]] = {}
+    for url in list_shards(source):
+        for sample in read_tar(url):
+            if "png" not in sample or "json" not in sample:
+                raise ValueError(f"{url}: sample {sample['__key__']} has no .png image or no .json metadata; "
+                                 "is this a `factory generate` / `factory label` output?")
+            concept = json.loads(sample["json"])["concept"]
+            if concept not in CONCEPTS:
+                raise ValueError(f"{url}: concept {concept!r} is not a toyworld shape ({', '.join(CONCEPTS)}); "
+                                 "the shape classifier only reads toyworld datasets")
+            images.setdefault(concept, []).append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
+    per, confusion = {}, {}
+    for concept, imgs in sorted(images.items()):
+        pred = predict(classifier, np.stack(imgs))
+        per[concept] = float((pred == CLASSES.index(concept)).mean())
+        confusion[concept] = np.bincount(pred, minlength=len(CLASSES)).tolist()
+    return {"per_concept": per, "confusion": confusion, "classes": list(CLASSES),
+            "samples": {c: len(v) for c, v in sorted(images.items())}}
+
+
 def main(argv: list[str] | None = None) -> None:
     from factory.loading import load_pipeline
 
@@ -194,8 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-concept", type=int, default=50)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--shards", default=None, help="instead of sampling the model: read the images of these "
+                   "WebDataset shards (a factory job's output, e.g. out/tables/synthetic) by their concept")
     a = p.parse_args(argv)
     classifier, info = load_or_train(Path(a.classifier))
+    if a.shards:
+        print(json.dumps({"classifier": info, "shards": a.shards, **shard_recognizability(classifier, a.shards)},
+                         indent=1))
+        return
     pipe = load_pipeline(a.model)
     info["vae_reconstruction_accuracy"] = reconstruction_accuracy(classifier, pipe.vae)
     result = {"classifier": info}
