@@ -43,7 +43,8 @@ work dir (samples-{step}.png), to watch generation improve.
         --out runs/tw-v2/model --work-dir runs/tw-v2/work --max-minutes 27    (the shipped model's run 2; run 3
         is the same for 55 minutes, see the model card)
     trainers pretrain-toyworld --unet-channels 64,128,128 --unet-layers 2 --loss-weighting v --device cuda \
-        --out runs/tw-wide/model --work-dir runs/tw-wide/work    (a wider UNet from scratch; not yet run)
+        --out runs/tw-wide/model --work-dir runs/tw-wide/work    (a wider UNet from scratch; its GPU path not yet
+        run, 82 CPU-minutes of --unet-channels 64,128,128 are in the README)
 """
 
 from __future__ import annotations
