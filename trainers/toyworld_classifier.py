@@ -176,14 +176,22 @@ def concept_accuracy(pipe, classifier: nn.Module, per_concept: int = 50, guidanc
     """Fraction of "a photo of a {concept}" samples that the classifier reads as {concept}, per concept,
     plus the confusion counts (rows: prompted concept, columns: CLASSES)."""
     pipe.set_progress_bar_config(disable=True)
-    per, confusion = {}, {}
-    for ci, concept in enumerate(CONCEPTS):
-        images = generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci)
-        pred = predict(classifier, images.astype(np.float32))
-        per[concept] = float((pred == ci).mean())
-        confusion[concept] = np.bincount(pred, minlength=len(CLASSES)).tolist()
+    images = {concept: generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci).astype(np.float32)
+              for ci, concept in enumerate(CONCEPTS)}
+    per, confusion = score_by_concept(classifier, images)
     return {"mean": float(np.mean(list(per.values()))), "per_concept": per, "confusion": confusion,
             "classes": list(CLASSES), "per_concept_samples": per_concept, "guidance": guidance, "steps": steps}
+
+
+def score_by_concept(classifier: nn.Module, images: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """For each concept's images: the fraction the classifier reads as that concept, and the counts of what it
+    reads them as (indexed by CLASSES)."""
+    per, confusion = {}, {}
+    for concept, imgs in images.items():
+        pred = predict(classifier, imgs)
+        per[concept] = float((pred == CLASSES.index(concept)).mean())
+        confusion[concept] = np.bincount(pred, minlength=len(CLASSES)).tolist()
+    return per, confusion
 
 
 def shard_recognizability(classifier: nn.Module, source: str) -> dict:
@@ -205,11 +213,7 @@ def shard_recognizability(classifier: nn.Module, source: str) -> dict:
                 raise ValueError(f"{url}: concept {concept!r} is not a toyworld shape ({', '.join(CONCEPTS)}); "
                                  "the shape classifier only reads toyworld datasets")
             images.setdefault(concept, []).append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
-    per, confusion = {}, {}
-    for concept, imgs in sorted(images.items()):
-        pred = predict(classifier, np.stack(imgs))
-        per[concept] = float((pred == CLASSES.index(concept)).mean())
-        confusion[concept] = np.bincount(pred, minlength=len(CLASSES)).tolist()
+    per, confusion = score_by_concept(classifier, {c: np.stack(v) for c, v in sorted(images.items())})
     return {"per_concept": per, "confusion": confusion, "classes": list(CLASSES),
             "samples": {c: len(v) for c, v in sorted(images.items())}}
 

@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     def optional(typ):
         return lambda text: None if text.lower() in ("none", "off", "") else typ(text)
 
+    choices = {"loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES}
+
     for name, default in asdict(PretrainConfig()).items():
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
         if name in ("target_auc", "max_minutes", "threads"):
@@ -441,8 +443,7 @@ def main(argv: list[str] | None = None) -> None:
             typ = optional(str)
         if name == "sample_every":
             typ = optional(int)
-        extra = {"choices": {"loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES}[name]} \
-            if name in ("loss_weighting", "lr_schedule") else {}
+        extra = {"choices": choices[name]} if name in choices else {}
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
                        help="'none' disables" if name in ("target_auc", "max_minutes") else None, **extra)
     args = p.parse_args(argv)
