@@ -80,6 +80,11 @@ class ResourcesConfig(_Strict):
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
     batch_size: int = Field(8, ge=1, description="samples per model call inside an actor")
     writer_num_cpus: float = Field(0.25, gt=0.0, description="CPU share of each encode+write task")
+    wait_for_actors_s: int | None = Field(
+        None, gt=0, description="start work only once every actor of the pool has loaded its model, and fail "
+        "with Ray Data's 'Timed out while starting actors' after this many seconds (the cluster lacks the "
+        "resources for the pool). None: start as soon as one actor is up, let the others join when they can "
+        "(what an autoscaling cluster wants)")
 
 
 class JobConfig(_Strict):

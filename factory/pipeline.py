@@ -202,6 +202,8 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
             ray.init(log_to_driver=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        if cfg.resources.wait_for_actors_s:
+            ctx.wait_for_min_actors_s = cfg.resources.wait_for_actors_s
         job = cfg.model_dump()
         r = cfg.resources
         ds = ray.data.from_items([t.as_row() for t in todo], override_num_blocks=len(todo))

@@ -31,7 +31,10 @@ def test_pipeline_places_actors_on_more_than_one_node(tmp_path):
         cfg = load_config("configs/toyworld.yaml", [
             f"output.uri={tmp_path / 'out'}", "concepts=[{name: star, samples: 2}, {name: square, samples: 2}]",
             "sampler.steps=4", "sampler.probe_t0=3", "inpaint.steps=4", "output.samples_per_shard=1",
-            "resources.actors=2", "resources.num_cpus_per_actor=0.75", "filters.min_area=0.0"])
+            "resources.actors=2", "resources.num_cpus_per_actor=0.75", "filters.min_area=0.0",
+            # without it, one actor can drain the 4 tiny shards while the other still loads the model
+            # (seen once, on a busy machine): wait until both are up
+            "resources.wait_for_actors_s=300"])
         summary = run_job(cfg, "generate", progress=False)
         assert summary["complete"] and len(summary["nodes"]) == 2, summary["nodes"]
         nodes = {json.loads((tmp_path / "out" / f"shard-{i:06d}.stats.json").read_text())["node"] for i in range(4)}
