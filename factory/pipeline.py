@@ -184,6 +184,7 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
             progress: bool = True) -> dict:
     """Run a generate or label job to completion (resuming whatever is already committed)."""
     import ray
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -202,10 +203,11 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
             ray.init(log_to_driver=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        if cfg.resources.wait_for_actors_s:
-            ctx.wait_for_min_actors_s = cfg.resources.wait_for_actors_s
         job = cfg.model_dump()
         r = cfg.resources
+        # the DataContext outlives this job in the process: set the wait either way, so a later job without
+        # it does not inherit an earlier job's
+        ctx.wait_for_min_actors_s = r.wait_for_actors_s or DEFAULT_WAIT_FOR_MIN_ACTORS_S
         ds = ray.data.from_items([t.as_row() for t in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(GenerateShard, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=min(r.actors, len(todo))),

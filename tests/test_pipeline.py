@@ -59,6 +59,20 @@ def test_generate_writes_shards_manifest_report_and_resumes(tmp_path):
     assert run_job(cfg, "generate", progress=False)["shards_this_run"] == 0
 
 
+def test_wait_for_actors_fails_clearly_when_the_pool_cannot_start_and_does_not_leak(tmp_path):
+    """resources.wait_for_actors_s: a pool the cluster cannot place (3 CPUs per actor on 2) fails with Ray
+    Data's timeout instead of waiting forever, and the next job in the process does not inherit the wait."""
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+    cfg = job(tmp_path, "resources.num_cpus_per_actor=3", "resources.wait_for_actors_s=2")
+    with pytest.raises(Exception, match="Timed out while starting actors"):
+        run_job(cfg, "generate", progress=False)
+    assert not list((tmp_path / "out").glob("*.tar"))
+    fine = job(tmp_path, "filters.min_area=0.0", "concepts=[{name: star, samples: 2}]", name="out2")
+    assert run_job(fine, "generate", progress=False)["complete"]
+    assert ray.data.DataContext.get_current().wait_for_min_actors_s == DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+
 def test_a_different_job_cannot_resume_into_the_same_output(tmp_path):
     run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]"), "generate", progress=False)
     with pytest.raises(RuntimeError, match="different job"):
