@@ -179,9 +179,7 @@ def concept_accuracy(pipe, classifier: nn.Module, per_concept: int = 50, guidanc
     pipe.set_progress_bar_config(disable=True)
     images = {concept: generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci).astype(np.float32)
               for ci, concept in enumerate(CONCEPTS)}
-    per, confusion = score_by_concept(classifier, images)
-    return {"mean": float(np.mean(list(per.values()))), "per_concept": per, "confusion": confusion,
-            "classes": list(CLASSES), "per_concept_samples": per_concept, "guidance": guidance, "steps": steps}
+    return accuracy_report(classifier, images, per_concept_samples=per_concept, guidance=guidance, steps=steps)
 
 
 def shape_retention(pipe, classifier: nn.Module, strength: float, per_concept: int = 20, guidance: float = 3.0,
@@ -206,10 +204,8 @@ def shape_retention(pipe, classifier: nn.Module, strength: float, per_concept: i
         images[concept] = img2img([f"a photo of a {concept}"] * per_concept, image=src, strength=strength,
                                   guidance_scale=guidance, num_inference_steps=steps, generator=gens,
                                   output_type="np").images.astype(np.float32)
-    per, confusion = score_by_concept(classifier, images)
-    return {"mean": float(np.mean(list(per.values()))), "per_concept": per, "confusion": confusion,
-            "classes": list(CLASSES), "per_concept_samples": per_concept, "strength": strength,
-            "guidance": guidance, "steps": steps}
+    return accuracy_report(classifier, images, per_concept_samples=per_concept, strength=strength,
+                           guidance=guidance, steps=steps)
 
 
 def score_by_concept(classifier: nn.Module, images: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -221,6 +217,14 @@ def score_by_concept(classifier: nn.Module, images: dict[str, np.ndarray]) -> tu
         per[concept] = float((pred == CLASSES.index(concept)).mean())
         confusion[concept] = np.bincount(pred, minlength=len(CLASSES)).tolist()
     return per, confusion
+
+
+def accuracy_report(classifier: nn.Module, images: dict[str, np.ndarray], **settings) -> dict:
+    """score_by_concept's figures with their mean over concepts, the class order and the settings that made
+    the images: what concept_accuracy and shape_retention return."""
+    per, confusion = score_by_concept(classifier, images)
+    return {"mean": float(np.mean(list(per.values()))), "per_concept": per, "confusion": confusion,
+            "classes": list(CLASSES), **settings}
 
 
 def shard_recognizability(classifier: nn.Module, source: str) -> dict:
