@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Never contact the Hugging Face hub from tests: a hub look-up without network hangs ~1 min before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,3 +23,31 @@ def fast_config():
     from factory.distiller import DistillConfig
 
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
+
+
+# --- Ending the test process ---------------------------------------------------------------------------------
+# This one pytest process starts and stops Ray several times (module fixtures, a two-node cluster), loads
+# torch, DeepSpeed, pyarrow and gRPC, and then lets the interpreter tear all of that down. Once in CI (after
+# "161 passed" had been printed) that teardown crashed with a segmentation fault, so `make test` went red with
+# every test green; it did not happen again in 3 full runs and 6 shorter ones here. Native threads outliving
+# `ray.shutdown()` are a known cause of such crashes (ray-project/ray#31145). Nothing any test checks runs
+# after the session has finished, so the process ends there with pytest's own exit status, skipping the
+# interpreter's teardown. Our own processes are not exempt: the `ray job submit` test runs the `factory` CLI
+# in a fresh process and requires the job to succeed, i.e. that process's normal exit.
+# CF_TEST_FULL_TEARDOWN=1 restores the normal teardown (run with `python -X faulthandler -m pytest` to see
+# where a crash there happens).
+_session_exit_status = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _session_exit_status
+    _session_exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _session_exit_status is None or os.environ.get("CF_TEST_FULL_TEARDOWN") == "1":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_session_exit_status)
