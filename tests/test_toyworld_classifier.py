@@ -10,6 +10,7 @@ from trainers.toyworld_classifier import (
     TEST_SEED_BASE,
     _augment,
     concept_accuracy,
+    generate,
     load_or_train,
     predict,
     renders,
@@ -70,6 +71,16 @@ def test_shape_retention_of_the_shipped_model(toyworld_pipe):
     assert res["mean"] >= 0.75, res
     with pytest.raises(ValueError, match="strength"):
         shape_retention(toyworld_pipe, model, 0.0)
+
+
+def test_negative_prompt_replaces_the_empty_prompt(toyworld_pipe):
+    """Without a negative prompt guidance steers away from "" (diffusers' default); with one, away from it."""
+    toyworld_pipe.set_progress_bar_config(disable=True)
+    plain = generate(toyworld_pipe, "square", 2, steps=3)
+    empty = generate(toyworld_pipe, "square", 2, steps=3, negative_prompt="")
+    background = generate(toyworld_pipe, "square", 2, steps=3, negative_prompt="a photo of a background")
+    assert np.allclose(plain, empty, atol=1e-5)
+    assert np.abs(plain - background).mean() > 1e-3
 
 
 def _write_shard(path, samples):

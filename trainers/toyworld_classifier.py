@@ -161,25 +161,30 @@ def reconstruction_accuracy(classifier: nn.Module, vae, n: int = 350) -> float:
 
 
 def generate(pipe, concept: str, n: int, guidance: float = 3.0, steps: int = 50, seed: int = 0,
-             batch: int = 25) -> np.ndarray:
-    """n samples of "a photo of a {concept}" in [0, 1], (n, H, W, 3); seed i is seed + i."""
+             batch: int = 25, negative_prompt: str | None = None) -> np.ndarray:
+    """n samples of "a photo of a {concept}" in [0, 1], (n, H, W, 3); seed i is seed + i. A negative prompt
+    replaces the empty prompt that classifier-free guidance steers away from."""
     out = []
     for i in range(0, n, batch):
         k = min(batch, n - i)
         gens = [torch.Generator(device="cpu").manual_seed(seed + i + j) for j in range(k)]
         out.append(pipe([f"a photo of a {concept}"] * k, num_inference_steps=steps, guidance_scale=guidance,
+                        negative_prompt=None if negative_prompt is None else [negative_prompt] * k,
                         generator=gens, output_type="np").images)
     return np.concatenate(out)
 
 
 def concept_accuracy(pipe, classifier: nn.Module, per_concept: int = 50, guidance: float = 3.0, steps: int = 50,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, negative_prompt: str | None = None) -> dict:
     """Fraction of "a photo of a {concept}" samples that the classifier reads as {concept}, per concept,
     plus the confusion counts (rows: prompted concept, columns: CLASSES)."""
     pipe.set_progress_bar_config(disable=True)
-    images = {concept: generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci).astype(np.float32)
+    images = {concept: generate(pipe, concept, per_concept, guidance, steps, seed + 1000 * ci,
+                                negative_prompt=negative_prompt).astype(np.float32)
               for ci, concept in enumerate(CONCEPTS)}
-    return accuracy_report(classifier, images, per_concept_samples=per_concept, guidance=guidance, steps=steps)
+    settings = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    return accuracy_report(classifier, images, per_concept_samples=per_concept, guidance=guidance, steps=steps,
+                           **settings)
 
 
 def shape_retention(pipe, classifier: nn.Module, strength: float, per_concept: int = 20, guidance: float = 3.0,
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-concept", type=int, default=50)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--negative-prompt", default=None,
+                   help="sample with this negative prompt instead of the empty one (concept accuracy only)")
     p.add_argument("--retention", type=float, nargs="*", default=[], metavar="STRENGTH",
                    help="also measure shape retention: renders noised to each STRENGTH (e.g. 0.3 0.5) and denoised")
     p.add_argument("--shards", default=None, help="instead of sampling the model: read the images of these "
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     info["vae_reconstruction_accuracy"] = reconstruction_accuracy(classifier, pipe.vae)
     result = {"classifier": info}
     for gs in a.guidance:
-        result[f"guidance_{gs:g}"] = concept_accuracy(pipe, classifier, a.per_concept, gs, a.steps)
+        result[f"guidance_{gs:g}"] = concept_accuracy(pipe, classifier, a.per_concept, gs, a.steps,
+                                                          negative_prompt=a.negative_prompt)
     for strength in a.retention:
         result[f"retention_{strength:g}"] = shape_retention(pipe, classifier, strength, guidance=a.guidance[0],
                                                              steps=a.steps)
