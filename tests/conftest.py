@@ -29,7 +29,7 @@ def fast_config():
 # This one pytest process starts and stops Ray several times (module fixtures, a two-node cluster), loads
 # torch, DeepSpeed, pyarrow and gRPC, and then lets the interpreter tear all of that down. Once in CI (after
 # "161 passed" had been printed) that teardown crashed with a segmentation fault, so `make test` went red with
-# every test green; it did not happen again in 3 full runs and 6 shorter ones here. Native threads outliving
+# every test green; it did not happen again in 2 full runs and 6 shorter ones here. Native threads outliving
 # `ray.shutdown()` are a known cause of such crashes (ray-project/ray#31145). Nothing any test checks runs
 # after the session has finished, so the process ends there with pytest's own exit status, skipping the
 # interpreter's teardown. Our own processes are not exempt: the `ray job submit` test runs the `factory` CLI
