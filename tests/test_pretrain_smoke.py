@@ -101,10 +101,23 @@ def test_continue_from_an_exported_model(tmp_path):
     for f in ("samples-000002.png", "samples-000004.png", "samples-final.png"):
         assert (tmp_path / "w2" / f).exists()
     assert not (tmp_path / "w2" / "vae").exists()  # stage 1 skipped
+    with pytest.raises(ValueError, match="drop one"):
+        PretrainConfig(init_from="toyworld", vae_from="toyworld")
     from safetensors.torch import load_file
 
     a, b = (load_file(tmp_path / m / "vae" / "diffusion_pytorch_model.safetensors") for m in ("m1", "m2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # --vae-from: the same VAE under a new, differently sized UNet, and no continuation chain on the card
+    fresh = PretrainConfig(out=str(tmp_path / "m3"), work_dir=str(tmp_path / "w3"), pool_size=32, unet_steps=2,
+                           batch=4, eval_every=2, eval_images=2, target_auc=None, vae_from=str(tmp_path / "m1"),
+                           unet_channels="16,24,32")
+    info3 = pretrain(fresh, command="trainers pretrain-toyworld (third)")
+    assert "continued_from" not in info3 and not (tmp_path / "w3" / "vae").exists()
+    c = load_file(tmp_path / "m3" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    unet3 = json.loads((tmp_path / "m3" / "unet" / "config.json").read_text())
+    assert unet3["block_out_channels"] == [16, 24, 32]
     from trainers.toyworld_quality import training_runs
 
     runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))

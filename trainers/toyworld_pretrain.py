@@ -14,7 +14,9 @@ directory with a model card.
 
 Training can also continue from an exported model (`--init-from toyworld` or a directory): its VAE is
 kept and stage 2 starts from its (EMA) text encoder and UNet with a fresh optimizer, so the shipped model
-can be trained further without the original run's work dir.
+can be trained further without the original run's work dir. `--vae-from toyworld` (or a directory) instead
+keeps only that model's VAE and trains a new text encoder and UNet on its latents, e.g. a wider UNet
+(`--unet-channels`) for the same latent space.
 
 `--loss-weighting` chooses how the epsilon MSE of each timestep counts:
 - `eps` (default): plain epsilon MSE, as Stable Diffusion was trained;
@@ -36,7 +38,8 @@ can be trained further without the original run's work dir.
 continuation run.
 
 `--device cuda` trains on a GPU (the render pool stays on the CPU, its latents move to the device; a resumed
-GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed). The
+GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed;
+float32 matrix products run in TF32 there, as cuDNN's convolutions do by default). The
 CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU.
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
@@ -107,6 +110,7 @@ class PretrainConfig:
     device: str = "cpu"
     unet_channels: str | None = None  # e.g. "64,128,128"; default: factory.toyworld.model.UNET_CHANNELS
     unet_layers: int = 1
+    vae_from: str | None = None  # an exported model whose VAE a new UNet is trained on (stage 1 skipped)
 
     def __post_init__(self):  # fail before minutes of rendering, not after
         if self.unet_channels is not None:
@@ -118,6 +122,8 @@ class PretrainConfig:
         if self.init_from is not None and (self.unet_channels is not None or self.unet_layers != 1):
             raise ValueError("--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
                              f"is {self.init_from}'s, whatever its size: drop them")
+        if self.init_from is not None and self.vae_from is not None:
+            raise ValueError("--init-from already keeps that model's VAE; --vae-from is for a new UNet: drop one")
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render") -> list:
@@ -386,6 +392,8 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # as cuDNN's convolutions already do by default
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -395,17 +403,18 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     pool = render_pool(cfg.pool_size, 0, "render pool")
     pool_images = np.stack([s.image for s in pool])
     previous = None
-    if cfg.init_from is None:
+    vae_source = cfg.init_from or cfg.vae_from
+    if vae_source is None:
         vae = train_vae(cfg, pool_images, work)
     else:
         from diffusers import AutoencoderKL
 
         from factory.loading import resolve_model
 
-        src = Path(resolve_model(cfg.init_from))
-        print(f"[vae] taken from {src} (--init-from), skipping stage 1")
+        src = Path(resolve_model(vae_source))
+        print(f"[vae] taken from {src} ({'--init-from' if cfg.init_from else '--vae-from'}), skipping stage 1")
         vae = AutoencoderKL.from_pretrained(src / "vae")
-        if (src / "training.json").exists():
+        if cfg.init_from is not None and (src / "training.json").exists():
             previous = json.loads((src / "training.json").read_text())
     vae = vae.to(cfg.device).eval()
     for p in vae.parameters():
@@ -445,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
         if name in ("target_auc", "max_minutes", "threads"):
             typ = optional(int if name == "threads" else float)
-        if name in ("init_from", "unet_channels"):
+        if name in ("init_from", "unet_channels", "vae_from"):
             typ = optional(str)
         if name == "sample_every":
             typ = optional(int)
