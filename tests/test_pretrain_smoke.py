@@ -169,3 +169,14 @@ def test_unet_size_options(tmp_path):
     for extra in ({"unet_channels": "64,128,128"}, {"unet_layers": 2}):
         with pytest.raises(ValueError, match="drop them"):
             PretrainConfig(init_from="toyworld", **extra)
+
+
+def test_throughput_benchmark_runs(capsys):
+    """The steps/s benchmark times the real train_unet, one row per batch size (figures, not asserted)."""
+    from trainers.toyworld_pretrain_bench import main
+
+    main(["--steps", "2", "--batches", "2,4", "--unet-channels", "16,24,32", "--pool-size", "8"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["batch"] for r in summary["results"]] == [2, 4]
+    assert all(r["steps"] == 2 and r["steps_s"] > 0 and r["samples_s"] == pytest.approx(r["batch"] * r["steps_s"])
+               for r in summary["results"])

@@ -40,7 +40,9 @@ continuation run.
 `--device cuda` trains on a GPU (the render pool stays on the CPU, its latents move to the device; a resumed
 GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed;
 float32 matrix products run in TF32 there, as cuDNN's convolutions do by default). The
-CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU.
+CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU. It
+ran once, on a lent H200 (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
+batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512`.
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
@@ -51,9 +53,12 @@ work dir (samples-{step}.png), to watch generation improve.
         is the same for 55 minutes, see the model card)
     trainers pretrain-toyworld --init-from toyworld --loss-weighting eps --lr-schedule cosine --unet-steps 8000 \
         --target-auc none --max-minutes 36 --out runs/tw-v6/model --work-dir runs/tw-v6/work   (run 4)
-    trainers pretrain-toyworld --unet-channels 64,128,128 --unet-layers 2 --loss-weighting v --device cuda \
-        --out runs/tw-wide/model --work-dir runs/tw-wide/work    (a wider UNet from scratch; its GPU path not yet
-        run, 82 CPU-minutes of --unet-channels 64,128,128 are in the README)
+    trainers pretrain-toyworld --vae-from toyworld --unet-channels 64,128,128 --loss-weighting v --device cuda \
+        --batch 512 --target-auc none --max-minutes 60 --out runs/tw-wide/p1 --work-dir runs/tw-wide/w1
+    trainers pretrain-toyworld --init-from runs/tw-wide/p1 --loss-weighting eps --lr-schedule cosine --device cuda \
+        --batch 512 --unet-steps N --target-auc none --out runs/tw-wide/p2 --work-dir runs/tw-wide/w2
+        (a wider UNet on the shipped VAE, by the shipped model's two phases; 8 minutes of it at batch 128 on an
+        H200 and 82 CPU-minutes are in the README's tries, neither enough)
 """
 
 from __future__ import annotations
