@@ -107,6 +107,14 @@ def test_continue_from_an_exported_model(tmp_path):
 
     a, b = (load_file(tmp_path / m / "vae" / "diffusion_pytorch_model.safetensors") for m in ("m1", "m2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from trainers.toyworld_quality import training_runs
+
+    runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
+    assert [r["steps"] for r in runs] == [6, 4]
+    from trainers.toyworld_quality import _run_line
+
+    assert "AdamW 0.0003 constant" in _run_line(1, runs[0], 0)
+    assert "AdamW 0.0003 cosine to 5% of it" in _run_line(2, runs[1], 6)
 
     # --vae-from: the same VAE under a new, differently sized UNet, and no continuation chain on the card
     fresh = PretrainConfig(out=str(tmp_path / "m3"), work_dir=str(tmp_path / "w3"), pool_size=32, unet_steps=2,
@@ -118,14 +126,16 @@ def test_continue_from_an_exported_model(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
     unet3 = json.loads((tmp_path / "m3" / "unet" / "config.json").read_text())
     assert unet3["block_out_channels"] == [16, 24, 32]
-    from trainers.toyworld_quality import training_runs
+    run3 = training_runs(json.loads((tmp_path / "m3" / "training.json").read_text()))
+    assert len(run3) == 1 and "on the VAE of `--vae-from" in _run_line(1, run3[0], 0)
+    assert "batch 4," in _run_line(1, run3[0], 0)
+    from trainers.toyworld_quality import write_card
 
-    runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
-    assert [r["steps"] for r in runs] == [6, 4]
-    from trainers.toyworld_quality import _run_line
-
-    assert "AdamW 0.0003 constant" in _run_line(1, runs[0], 0)
-    assert "AdamW 0.0003 cosine to 5% of it" in _run_line(2, runs[1], 6)
+    fig = {"iou": 0.5, "per_image_iou": 0.5}  # the quality figures are not what this checks
+    write_card(tmp_path / "m3", {"auc": 0.9, "auc_unnormalized": 0.9, "gmm": fig, "otsu_gray": fig, "grabcut": fig}, 2)
+    card = (tmp_path / "m3" / "README.md").read_text()
+    assert f"VAE: taken unchanged from `{tmp_path / 'm1'}` (`--vae-from`)" in card  # not a VAE recipe it never ran
+    assert "VAE: 2 steps" not in card
 
 
 def test_lr_schedule():

@@ -188,8 +188,8 @@ tokenizer is a CLIP-format BPE vocabulary of {vocab} tokens built from the capti
 {runs}
 
 - seed {seed}; render pool of {pool} images (seeds 0..{pool_last});
-- VAE: {vae_steps} steps, batch {vae_batch}, AdamW {vae_lr} (cosine), MSE + 0.5 L1 + {kl} KL; scaling factor {sf:.4f};
-- text encoder + UNet jointly: {steps} steps in all, batch {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
+- VAE: {vae_line}; scaling factor {sf:.4f};
+- text encoder + UNet jointly: {steps} steps in all, {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
   randomly drop the colour and the background phrase;
 - UNet training time {train_min:.1f} min in all (each run's device above); the attention AUC is checked on 32 held-out renders
   (seeds 1,000,000,000+).
@@ -244,11 +244,16 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
     weighting = {"eps": "plain epsilon MSE", "p2": "P2-weighted epsilon MSE",
                  "v": f"epsilon MSE with v-prediction weights capped at {cfg.get('max_weight')}"}[
                      cfg.get("loss_weighting", "eps")]
-    start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)" if cfg.get("init_from") \
-        else "from scratch"
+    if cfg.get("init_from"):
+        start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)"
+    elif cfg.get("vae_from"):
+        start = f"a new text encoder and UNet on the VAE of `--vae-from {cfg['vae_from']}`"
+    else:
+        start = "from scratch"
     cmds = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "(command not recorded)"
     lr = f"{cfg.get('lr')} cosine to 5% of it" if cfg.get("lr_schedule") == "cosine" else f"{cfg.get('lr')} constant"
-    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, AdamW {lr}, "
+    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, batch {cfg.get('batch')}, "
+            f"AdamW {lr}, "
             f"{weighting}, {run['train_minutes']:.1f} min on {run.get('hardware', '2 CPU cores')}, "
             f"attention AUC checked every {cfg.get('eval_every')} steps.")
 
@@ -285,12 +290,16 @@ def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> No
         c = res["classifier"]
         concept_rows += (f"| shape classifier on held-out renders / their VAE reconstructions | "
                          f"{c['test_accuracy']:.3f} / {c['vae_reconstruction_accuracy']:.3f} |\n")
+    vae_line = (f"taken unchanged from `{cfg['vae_from']}` (`--vae-from`), whose card gives its recipe"
+                if cfg.get("vae_from") else f"{cfg['vae_steps']} steps, batch {cfg['vae_batch']}, AdamW "
+                f"{cfg['vae_lr']} (cosine), MSE + 0.5 L1 + {cfg['kl_weight']} KL")
+    batches = sorted({r["config"].get("batch") for r in runs if r.get("config")})
+    batch = f"batch {batches[0]}" if len(batches) == 1 else "batch per run (above)"
     text = CARD.format(
         concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir,
         components="\n".join(comps), vocab=vocab, max_tokens=16, runs="\n".join(lines),
-        seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_steps=cfg["vae_steps"],
-        vae_batch=cfg["vae_batch"], vae_lr=cfg["vae_lr"], kl=cfg["kl_weight"], sf=vae_conf["scaling_factor"],
-        steps=offset, batch=cfg["batch"], dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
+        seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_line=vae_line,
+        sf=vae_conf["scaling_factor"], steps=offset, batch=batch, dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
         train_min=minutes, history="\n".join(hist),
         n=n, qseed=QUALITY_SEED_BASE, auc=res["auc"], auc_raw=res["auc_unnormalized"],
         gmm_iou=res["gmm"]["iou"], gmm_img=res["gmm"]["per_image_iou"], otsu_iou=res["otsu_gray"]["iou"],
