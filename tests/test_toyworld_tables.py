@@ -6,16 +6,26 @@ import math
 import pytest
 import ray
 
-from trainers.toyworld_tables import PAPER_CUB, TablesConfig, run_tables
+from trainers.toyworld_tables import (
+    PAPER_CUB,
+    TablesConfig,
+    main,
+    markdown,
+    mean_over_seeds,
+    run_tables,
+    student_folder,
+)
 
 
 @pytest.mark.slow
 def test_small_tables_pipeline_end_to_end(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        table = run_tables(TablesConfig.small(str(tmp_path / "tables")))
+        cfg = TablesConfig.small(str(tmp_path / "tables"))
+        cfg.student_seeds = [0, 1]
+        table = run_tables(cfg)
         # resumable: a second run skips every finished stage, and rescoring gives the same table
-        again = run_tables(TablesConfig.small(str(tmp_path / "tables")))
+        again = run_tables(cfg)
     finally:
         ray.shutdown()
     assert again["rows"]["GrabCut"] == table["rows"]["GrabCut"]
@@ -31,5 +41,27 @@ def test_small_tables_pipeline_end_to_end(tmp_path):
     assert table["attention_auc"] > 0.8
     for name in ("supervised student (GT masks)", "student on D_s", "student on D_s u D'_s"):
         assert rows[name]["iou"] > 0.05, name
+        # two student seeds: two trained sets of students, and the row is their mean
+        assert len(rows[name]["seed_ious"]) == 2 and rows[name]["iou"] == pytest.approx(sum(rows[name]["seed_ious"]) / 2)
+    assert (tmp_path / "tables" / "students-ds-seed1" / "students.json").exists()
     out = tmp_path / "tables"
     assert (out / "figure.png").exists() and "student on D_s u D'_s" in (out / "table.md").read_text()
+
+
+def test_student_rows_over_seeds():
+    a, b = {"acc": 0.9, "iou": 0.4, "miou": 0.6}, {"acc": 0.8, "iou": 0.5, "miou": 0.7}
+    assert mean_over_seeds([a]) is a  # one seed: the row as it was, no spread claimed
+    m = mean_over_seeds([a, b])
+    assert m["acc"] == pytest.approx(0.85) and m["iou"] == pytest.approx(0.45) and m["seed_ious"] == [0.4, 0.5]
+    assert m["iou_sd"] == pytest.approx(0.0707, abs=1e-4)  # sample standard deviation
+    assert student_folder("ds", 0) == "students-ds" and student_folder("ds-syn", 2) == "students-ds-syn-seed2"
+    from dataclasses import asdict
+
+    table = {"config": asdict(TablesConfig(student_seeds=[0, 1])), "rows": {"student on D_s": m, "GrabCut": a},
+             "n_test": 2, "attention_auc": 0.9, "object_kept": {"m": 0.5, "mprime": 0.1, "m_changed": 0.4,
+                                                                 "mprime_changed": 0.8}}
+    md = markdown(table)
+    assert "| student on D_s | 85.0 | 45.0 ± 7.1 | 65.0 |" in md and "| GrabCut | 90.0 | 40.0 | 60.0 |" in md
+    assert "mean over student seeds 0, 1" in md
+    with pytest.raises(SystemExit, match="integers"):
+        main(["--student-seeds", "0,x"])

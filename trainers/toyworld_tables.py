@@ -11,11 +11,14 @@ Stages (folders under --out):
   5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled by the same pipeline)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept, concurrently
+                             (and students-{set}-seed{s}/ for each further `--student-seeds` seed)
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
 Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); refined M with m alone (the
 fine-tuning ablation); refined M (m + m'); student on D_s; student on D_s u D'_s. Each is pixel-pooled
 ACC / IoU / mIoU beside the paper's CUB numbers. It also reports how often the background inpainting leaves
-the object in place, with m and with m'.
+the object in place, with m and with m'. With several `--student-seeds` each student row is the mean over the
+seeds (students trained again on the same shards, only `train.seed` changed) and its IoU carries their
+standard deviation, so that two student rows can be told apart from seed noise.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TablesConfig:
     student_steps: int = 400
     student_batch: int = 16
     student_backbone: str = "mobilenetv3_small_100"
+    student_seeds: list[int] = field(default_factory=lambda: [0])
     seed: int = 0
 
     @classmethod
@@ -83,6 +87,21 @@ def _job(cfg: TablesConfig, uri: str, concepts: list[dict], **over):
         else:
             d[k] = v
     return JobConfig.model_validate(d)
+
+
+def student_folder(name: str, seed: int) -> str:
+    """Seed 0 keeps the name it had before there were several seeds, so that finished runs are reused."""
+    return f"students-{name}" if seed == 0 else f"students-{name}-seed{seed}"
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """One student row from its runs with different seeds: the mean of each metric, the IoU's standard
+    deviation (ddof 1) and the per-seed IoUs. A single run is returned as it is."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    row = {k: float(np.mean([m[k] for m in per_seed])) for k in ("acc", "iou", "miou")}
+    ious = [m["iou"] for m in per_seed]
+    return {**row, "iou_sd": float(np.std(ious, ddof=1)), "seed_ious": ious}
 
 
 def _done(path: Path) -> bool:
@@ -149,16 +168,17 @@ def run_tables(cfg: TablesConfig) -> dict:
 
     def students():
         for name, folders in sets.items():
-            export = out / f"students-{name}"
-            if (export / "students.json").exists():
-                continue
-            shards = ", ".join(str(out / f) for f in folders)
-            run_students(load_students_config("configs/students-toyworld.yaml", [
-                f"data.shards=[{shards}]", f"data.concepts=[{', '.join(cfg.concepts)}]",
-                f"train.steps={cfg.student_steps}", f"train.batch={cfg.student_batch}",
-                f"checkpoint.every={max(1, cfg.student_steps // 4)}",
-                f"model.backbone={cfg.student_backbone}", f"output.storage={out / 'runs'}",
-                f"output.name=students-{name}", f"output.export={export}"]))
+            for seed in cfg.student_seeds:
+                export = out / student_folder(name, seed)
+                if (export / "students.json").exists():
+                    continue
+                shards = ", ".join(str(out / f) for f in folders)
+                run_students(load_students_config("configs/students-toyworld.yaml", [
+                    f"data.shards=[{shards}]", f"data.concepts=[{', '.join(cfg.concepts)}]",
+                    f"train.steps={cfg.student_steps}", f"train.batch={cfg.student_batch}", f"train.seed={seed}",
+                    f"checkpoint.every={max(1, cfg.student_steps // 4)}",
+                    f"model.backbone={cfg.student_backbone}", f"output.storage={out / 'runs'}",
+                    f"output.name={export.name}", f"output.export={export}"]))
 
     stage("1 splits", splits)
     stage("2 label with m (M_pre)", lambda: label("label", None))
@@ -200,14 +220,18 @@ def score(cfg: TablesConfig, out: Path) -> dict:
                 figure.setdefault(f"{c} {r['id']}", {})[name] = predict_or_masks(c, r)
 
     # students and GrabCut through `trainers evaluate`'s protocol
-    for label, folder in [("supervised student (GT masks)", "students-gt"), ("student on D_s", "students-ds"),
-                          ("student on D_s u D'_s", "students-ds-syn")]:
-        per, preds = {}, {}
-        for c in cfg.concepts:
-            preds[c], _ = student_predictor(out / folder / c)
-            per[c] = evaluate(rows[c], preds[c], size, name=label)
-        results[label] = pooled(per)
-        keep_examples(label, lambda c, r, preds=preds: _predict_row(preds[c], r, size))
+    for label, name in [("supervised student (GT masks)", "gt"), ("student on D_s", "ds"),
+                        ("student on D_s u D'_s", "ds-syn")]:
+        per_seed = []
+        for seed in cfg.student_seeds:
+            per, preds = {}, {}
+            for c in cfg.concepts:
+                preds[c], _ = student_predictor(out / student_folder(name, seed) / c)
+                per[c] = evaluate(rows[c], preds[c], size, name=label)
+            per_seed.append(pooled(per))
+            if seed == cfg.student_seeds[0]:  # the figure shows the first seed's students
+                keep_examples(label, lambda c, r, preds=preds: _predict_row(preds[c], r, size))
+        results[label] = mean_over_seeds(per_seed)
     per = {c: evaluate(rows[c], grabcut_predictor(size), size, name="GrabCut") for c in cfg.concepts}
     results["GrabCut"] = pooled(per)
     keep_examples("GrabCut", lambda c, r: _predict_row(grabcut_predictor(size), r, size))
@@ -282,7 +306,12 @@ def markdown(table: dict) -> str:
              "| row | ACC | IoU | mIoU | paper, CUB: ACC / IoU / mIoU |", "|---|---|---|---|---|"]
     for name, m in table["rows"].items():
         p = " / ".join(map(str, PAPER_CUB[name])) if name in PAPER_CUB else "-"
-        lines.append(f"| {name} | {100 * m['acc']:.1f} | {100 * m['iou']:.1f} | {100 * m['miou']:.1f} | {p} |")
+        iou = f"{100 * m['iou']:.1f}" + (f" ± {100 * m['iou_sd']:.1f}" if "iou_sd" in m else "")
+        lines.append(f"| {name} | {100 * m['acc']:.1f} | {iou} | {100 * m['miou']:.1f} | {p} |")
+    seeds = c.get("student_seeds", [0])
+    if len(seeds) > 1:
+        lines += ["", f"Student rows: mean over student seeds {', '.join(map(str, seeds))} (the same shards, only "
+                  "`train.seed` differs), IoU ± its standard deviation over those seeds."]
     k = table["object_kept"]
     lines += ["", f"Background inpainting of the test images' M_pre region: the object survives (under half of its "
               f"pixels changed by > 10 %) in {100 * k['m']:.1f}% of images with m and {100 * k['mprime']:.1f}% with "
@@ -301,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concepts", default=None, help="comma-separated toyworld concepts (default: star,heart)")
     for name in ("n_train", "n_test", "n_synthetic", "finetune_steps", "student_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--student-seeds", default=None,
+                   help="comma-separated student seeds (default 0): each student row becomes their mean ± sd")
     a = p.parse_args(argv)
     cfg = TablesConfig.small(a.out) if a.small else TablesConfig(out=a.out)
     if a.concepts:
@@ -311,5 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("n_train", "n_test", "n_synthetic", "finetune_steps", "student_steps"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
+    if a.student_seeds:
+        try:
+            cfg.student_seeds = sorted({int(s) for s in a.student_seeds.split(",") if s.strip()})
+        except ValueError:
+            raise SystemExit(f"trainers toyworld-tables: --student-seeds takes integers, e.g. 0,1,2; got "
+                             f"{a.student_seeds!r}") from None
     run_tables(cfg)
     return 0
