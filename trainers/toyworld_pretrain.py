@@ -42,7 +42,8 @@ GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG s
 float32 matrix products run in TF32 there, as cuDNN's convolutions do by default). The
 CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU. It
 ran once, on a lent H200 (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
-batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512`.
+batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512` (3.2
+times the images per second; the learning rate has not been re-tuned for it).
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
