@@ -1,6 +1,7 @@
 """The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are skipped).
 
     trainers toyworld-tables --out out/tables            (about 40 minutes on 2 cores)
+    trainers toyworld-tables --out out/tables --student-seeds 0,1,2   (students again with seeds 1 and 2: ~57 min)
     trainers toyworld-tables --out out/tables-small --small
 
 Stages (folders under --out):
