@@ -393,19 +393,32 @@ def export_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> Path:
     return out
 
 
-def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
+def prepare_device(device: str) -> None:
+    """Process-wide settings for training on `device`: on a GPU, float32 matmuls in TF32."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # as cuDNN's convolutions already do by default
+
+
+def hardware_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+
+
+def toyworld_tokenizer(directory: Path):
+    """The toyworld CLIP tokenizer (the caption grammar's vocabulary), written to `directory` and loaded."""
     from transformers import CLIPTokenizer
 
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory, vocabulary(), tw_model.MAX_TOKENS))
+
+
+def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as cuDNN's convolutions already do by default
+    prepare_device(cfg.device)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     t0 = time.time()
-    tok_dir = write_clip_tokenizer(work / "tokenizer", vocabulary(), tw_model.MAX_TOKENS)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = toyworld_tokenizer(work / "tokenizer")
     pool = render_pool(cfg.pool_size, 0, "render pool")
     pool_images = np.stack([s.image for s in pool])
     previous = None
@@ -430,8 +443,7 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     if cfg.sample_every:
         sample_grid(build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6)
     info.pop("loss_curve")
-    hardware = (torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda")
-                else f"{torch.get_num_threads()} CPU threads")  # runs before this field: 2 CPU cores
+    hardware = hardware_name(cfg.device)  # runs before this field: 2 CPU cores
     info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60, "hardware": hardware,
                  "concepts": list(CONCEPTS)})
     if not info["commands"]:

@@ -19,22 +19,24 @@ from pathlib import Path
 
 import torch
 
-from trainers.toyworld_pretrain import PretrainConfig, render_pool, train_unet
+from trainers.toyworld_pretrain import (
+    PretrainConfig,
+    hardware_name,
+    prepare_device,
+    render_pool,
+    toyworld_tokenizer,
+    train_unet,
+)
 
 
 def bench(device: str, steps: int, batches: list[int], channels: str, pool_size: int = 2000) -> dict:
-    from transformers import CLIPTokenizer
-
     from factory.toyworld import model as tw
-    from factory.toyworld.tokenizer import write_clip_tokenizer
-    from factory.toyworld.world import vocabulary
 
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as pretrain() sets it
+    prepare_device(device)  # as pretrain() does
     pool = render_pool(pool_size)
     results = []
     with tempfile.TemporaryDirectory() as d:
-        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(d) / "tok", vocabulary(), tw.MAX_TOKENS))
+        tok = toyworld_tokenizer(Path(d) / "tok")
         vae = tw.build_vae().to(device).eval()
         for batch in batches:
             cfg = PretrainConfig(work_dir=d, unet_steps=steps, batch=batch, eval_every=10**6, eval_images=2,
@@ -50,8 +52,7 @@ def bench(device: str, steps: int, batches: list[int], channels: str, pool_size:
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
             print(json.dumps(row), flush=True)
             results.append(row)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    return {"device": name, "unet_channels": channels, "results": results}
+    return {"device": hardware_name(device), "unet_channels": channels, "results": results}
 
 
 def main(argv: list[str] | None = None) -> None:

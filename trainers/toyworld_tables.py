@@ -169,11 +169,11 @@ def run_tables(cfg: TablesConfig) -> dict:
 
     def students():
         for name, folders in sets.items():
+            shards = ", ".join(str(out / f) for f in folders)
             for seed in cfg.student_seeds:
                 export = out / student_folder(name, seed)
                 if (export / "students.json").exists():
                     continue
-                shards = ", ".join(str(out / f) for f in folders)
                 run_students(load_students_config("configs/students-toyworld.yaml", [
                     f"data.shards=[{shards}]", f"data.concepts=[{', '.join(cfg.concepts)}]",
                     f"train.steps={cfg.student_steps}", f"train.batch={cfg.student_batch}", f"train.seed={seed}",
