@@ -40,6 +40,15 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
     assert img.shape == (1, 64, 64, 3)
 
 
+def test_render_pool_in_processes_matches_one_process():
+    """The pool rendered by worker processes is the same samples, in the same seed order."""
+    from trainers.toyworld_pretrain import render_pool
+
+    one, two = render_pool(24, seed_base=7, workers=1), render_pool(24, seed_base=7, workers=2)
+    assert [s.concept for s in one] == [s.concept for s in two]
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) for a, b in zip(one, two, strict=True))
+
+
 def test_unet_loss_falls():
     """On a fixed small pool the epsilon-prediction loss falls within a few dozen steps."""
     import tempfile

@@ -66,10 +66,12 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,8 +134,18 @@ class PretrainConfig:
             raise ValueError("--init-from already keeps that model's VAE; --vae-from is for a new UNet: drop one")
 
 
-def render_pool(n: int, seed_base: int = 0, desc: str = "render") -> list:
-    return [render(seed_base + i) for i in tqdm(range(n), desc=desc, leave=False, mininterval=2)]
+def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int | None = None) -> list:
+    """Renders seeds seed_base .. seed_base + n - 1, in that order. `workers` > 1 renders in that many
+    processes (the same samples: a render depends only on its seed); None uses every CPU for pools of 2000
+    or more (24000 renders take ~28 s on one core)."""
+    seeds = range(seed_base, seed_base + n)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if n >= 2000 else 1
+    if workers <= 1:
+        return [render(s) for s in tqdm(seeds, desc=desc, leave=False, mininterval=2)]
+    # spawn, not fork: this process may already run torch's thread pools
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return list(tqdm(ex.map(render, seeds, chunksize=256), total=n, desc=desc, leave=False, mininterval=2))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
