@@ -70,3 +70,16 @@ def pixel_auc(maps: list[np.ndarray], gts: list[np.ndarray], normalize: bool = T
     if y.all() or not y.any():
         raise ValueError("AUC needs both foreground and background pixels in the ground truth")
     return float(roc_auc_score(y, np.concatenate(scores)))
+
+
+def pixel_auc_by_group(maps: list[np.ndarray], gts: list[np.ndarray], groups: list[str],
+                       normalize: bool = True) -> dict[str, float]:
+    """`pixel_auc` within each group (e.g. each concept), pooled over that group's images, in sorted order.
+    One concept whose attention fails can hide in a pooled figure that still looks fine."""
+    if not len(maps) == len(gts) == len(groups):
+        raise ValueError(f"maps, gts and groups differ in length: {len(maps)}, {len(gts)}, {len(groups)}")
+    out = {}
+    for g in sorted(set(groups)):
+        idx = [i for i, k in enumerate(groups) if k == g]
+        out[g] = pixel_auc([maps[i] for i in idx], [gts[i] for i in idx], normalize)
+    return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from factory.toyworld.world import CONCEPTS
 from trainers.toyworld_pretrain import PretrainConfig, pretrain
 
 
@@ -22,6 +23,8 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
     assert ckpt["step"] == 40 and ckpt["done"]
     hist = info["history"]
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"]) and 0.0 <= hist[0]["auc"] <= 1.0
+    by_concept = hist[0]["auc_per_concept"]  # the 2 early-stopping renders' concepts, each scored alone
+    assert by_concept and set(by_concept) <= set(CONCEPTS) and all(0.0 <= v <= 1.0 for v in by_concept.values())
     training = json.loads((tmp_path / "model" / "training.json").read_text())
     assert training["steps"] == 40
 
@@ -141,8 +144,10 @@ def test_continue_from_an_exported_model(tmp_path):
     from trainers.toyworld_quality import write_card
 
     fig = {"iou": 0.5, "per_image_iou": 0.5}  # the quality figures are not what this checks
-    write_card(tmp_path / "m3", {"auc": 0.9, "auc_unnormalized": 0.9, "gmm": fig, "otsu_gray": fig, "grabcut": fig}, 2)
+    write_card(tmp_path / "m3", {"auc": 0.9, "auc_unnormalized": 0.9, "gmm": fig, "otsu_gray": fig, "grabcut": fig,
+                                 "auc_per_concept": {"circle": 0.95, "star": 0.512}}, 2)
     card = (tmp_path / "m3" / "README.md").read_text()
+    assert "| attention pixel AUC-ROC per concept | circle 0.950, star 0.512 |" in card
     assert f"VAE: taken unchanged from `{tmp_path / 'm1'}` (`--vae-from`)" in card  # not a VAE recipe it never ran
     assert "VAE: 2 steps" not in card
 

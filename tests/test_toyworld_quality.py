@@ -3,17 +3,33 @@
 import numpy as np
 import pytest
 
-from factory.metrics import pixel_auc
+from factory.metrics import pixel_auc, pixel_auc_by_group
 from factory.toyworld.world import render
 from trainers.evaluate import grabcut_mask
 from trainers.toyworld_quality import QUALITY_SEED_BASE, probe_samples, upsample
 
 
 def test_shipped_model_attention_localizes_the_concept(toyworld_pipe):
-    """The paper's probe (40 of 50 DDIM steps) on held-out renders: the issue's goal is AUC >= 0.90."""
+    """The paper's probe (40 of 50 DDIM steps) on held-out renders: the issue's goal is AUC >= 0.90, and every
+    concept localizes on its own (measured: 0.91 for rings to 0.98 for circles, 2-6 images each; a 64-wide
+    GPU-trained UNet that reached 0.90 pooled scored 0.45 on its stars here)."""
     samples = [render(QUALITY_SEED_BASE + 500 + i, background_only=False) for i in range(24)]
     maps = upsample(probe_samples(toyworld_pipe, samples, batch=24), 64)
-    assert pixel_auc(list(maps), [s.mask for s in samples]) >= 0.90
+    gts = [s.mask for s in samples]
+    assert pixel_auc(list(maps), gts) >= 0.90
+    by_concept = pixel_auc_by_group(list(maps), gts, [s.concept for s in samples])
+    assert len(by_concept) == 6 and min(by_concept.values()) >= 0.85, by_concept
+
+
+def test_pixel_auc_by_group_scores_each_group_alone():
+    gt = np.zeros((4, 4), bool)
+    gt[1:3, 1:3] = True
+    good, inverted = gt.astype(float), (~gt).astype(float)
+    by = pixel_auc_by_group([good, inverted, good], [gt, gt, gt], ["star", "circle", "star"])
+    assert by == {"circle": 0.0, "star": 1.0}  # sorted by group; a collapsed group shows however the pool looks
+    assert 0.0 < pixel_auc([good, inverted, good], [gt, gt, gt]) < 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        pixel_auc_by_group([good], [gt], ["star", "circle"])
 
 
 def test_grabcut_baseline_runs_on_toyworld():

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from factory.loading import load_pipeline, resolve_model
 from factory.masks import binarize, otsu
-from factory.metrics import PooledSegmentationMetrics, pixel_auc
+from factory.metrics import PooledSegmentationMetrics, pixel_auc, pixel_auc_by_group
 from factory.probe import encode_images, mean_attention_map, probe_timesteps
 from factory.prompts import encode_prompts, token_weight_matrix
 from factory.toyworld.world import CONCEPTS, render
@@ -133,7 +133,8 @@ def evaluate(model: str, n: int, out_dir: Path, grid: bool = True, concept_sampl
     size = samples[0].image.shape[0]
     maps_up = upsample(maps, size)
     gts = [s.mask for s in samples]
-    res = {"n_images": n, "auc": pixel_auc(list(maps_up), gts), "auc_unnormalized": pixel_auc(list(maps_up), gts, False)}
+    res = {"n_images": n, "auc": pixel_auc(list(maps_up), gts), "auc_unnormalized": pixel_auc(list(maps_up), gts, False),
+           "auc_per_concept": pixel_auc_by_group(list(maps_up), gts, [s.concept for s in samples])}
     gmm_masks = []
     for name, fn in [("gmm", None), ("otsu_gray", otsu_mask), ("grabcut", grabcut_mask)]:
         met = PooledSegmentationMetrics()
@@ -209,7 +210,7 @@ Attention AUC during training (early-stopping set; loss = plain epsilon MSE of t
 |---|---|
 | attention pixel AUC-ROC (instance-normalised) | {auc:.3f} |
 | attention pixel AUC-ROC (raw) | {auc_raw:.3f} |
-| GMM-midpoint + 3x3 majority mask IoU | {gmm_iou:.3f} ({gmm_img:.3f}) |
+{auc_concept_row}| GMM-midpoint + 3x3 majority mask IoU | {gmm_iou:.3f} ({gmm_img:.3f}) |
 | Otsu on grayscale IoU | {otsu_iou:.3f} ({otsu_img:.3f}) |
 | GrabCut, centred box (10% margin) IoU | {gc_iou:.3f} ({gc_img:.3f}) |
 {concept_rows}
@@ -279,6 +280,10 @@ def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> No
                  for h in run["history"]]
         offset += run["steps"]
         minutes += run["train_minutes"]
+    # absent from quality.json files written before it was measured
+    auc_concept_row = ("| attention pixel AUC-ROC per concept | " +
+                       ", ".join(f"{c} {v:.3f}" for c, v in res["auc_per_concept"].items()) + " |\n"
+                       if "auc_per_concept" in res else "")
     concept_rows = "".join(
         f"| concept accuracy of samples, guidance {v['guidance']:g} (shape classifier; chance 0.167) | {v['mean']:.3f} |\n"
         for k, v in sorted(res.items()) if k.startswith("concept_accuracy"))
@@ -304,7 +309,7 @@ def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> No
         n=n, qseed=QUALITY_SEED_BASE, auc=res["auc"], auc_raw=res["auc_unnormalized"],
         gmm_iou=res["gmm"]["iou"], gmm_img=res["gmm"]["per_image_iou"], otsu_iou=res["otsu_gray"]["iou"],
         otsu_img=res["otsu_gray"]["per_image_iou"], gc_iou=res["grabcut"]["iou"], gc_img=res["grabcut"]["per_image_iou"],
-        concept_rows=concept_rows, samples_note=samples_note)
+        auc_concept_row=auc_concept_row, concept_rows=concept_rows, samples_note=samples_note)
     (model_dir / "README.md").write_text(text)
     (model_dir / "quality.json").write_text(json.dumps(res, indent=2))
 
