@@ -41,9 +41,10 @@ continuation run.
 GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed;
 float32 matrix products run in TF32 there, as cuDNN's convolutions do by default). The
 CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU. It
-ran once, on a lent H200 (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
+ran on lent H200s (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
 batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512` (3.2
-times the images per second; the learning rate has not been re-tuned for it).
+times the images per second). One continuation ran at `--batch 512 --lr 6e-4` (not tuned): its samples became
+recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log).
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
