@@ -90,3 +90,13 @@ def test_write_split_round_trips(tmp_path):
         mask = np.asarray(Image.open(out / "masks" / row["file"])) > 127
         assert np.array_equal(img, s.image) and np.array_equal(mask, s.mask)
         assert row["caption"] == s.caption and row["concept"] == s.concept
+
+
+def test_world_imports_without_torch():
+    """The renderer is numpy + PIL only: `import factory` defers its torch/diffusers API to first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, factory.toyworld.world; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
