@@ -139,7 +139,7 @@ def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int |
     """Renders seeds seed_base .. seed_base + n - 1, in that order. `workers` > 1 renders in that many
     processes (the same samples: a render depends only on its seed); None uses every CPU for pools of 2000
     or more. 24000 renders on 2 cores: 28 s in one process, 22 s in two (each spawned worker first imports
-    the main module, ~5 s when that is this trainer's CLI), a few seconds on a 16-core GPU host."""
+    the main module, ~5 s when that is this trainer's CLI)."""
     seeds = range(seed_base, seed_base + n)
     if workers is None:
         workers = (os.cpu_count() or 1) if n >= 2000 else 1
