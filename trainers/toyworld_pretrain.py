@@ -44,7 +44,14 @@ CPU recipe is the reference; the GPU path has no test here, since the project's 
 ran on lent H200s (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
 batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512` (3.2
 times the images per second). One continuation ran at `--batch 512 --lr 6e-4` (not tuned): its samples became
-recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log).
+recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log): the
+jointly trained text encoder's output for "star" became nearly the padding tokens' (cosine 0.94, shipped model
+-0.14), so background pixels that attend to the padding attended to "star" too (cutting the padding from the
+probe's keys, an experiment only, gave the stars back 0.955).
+
+`--freeze-text-encoder` (with `--init-from`) trains the UNet alone and keeps the text encoder as it was, as
+Stable Diffusion trains its UNet under a frozen CLIP text encoder: a continuation then cannot move a concept
+token onto the padding. Not yet run on a GPU.
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
@@ -60,7 +67,11 @@ work dir (samples-{step}.png), to watch generation improve.
     trainers pretrain-toyworld --init-from runs/tw-wide/p1 --loss-weighting eps --lr-schedule cosine --device cuda \
         --batch 512 --unet-steps N --target-auc none --out runs/tw-wide/p2 --work-dir runs/tw-wide/w2
         (a wider UNet on the shipped VAE, by the shipped model's two phases; 8 minutes of it at batch 128 on an
-        H200 and 82 CPU-minutes are in the README's tries, neither enough)
+        H200 and 82 CPU-minutes are in the README's tries, neither enough; 8 more at batch 512, --lr 6e-4, made
+        its samples recognizable and broke its star attention)
+    trainers pretrain-toyworld --init-from runs/tw-wide/p2 --freeze-text-encoder --loss-weighting v --device cuda \
+        --batch 512 --target-auc none --max-minutes M --out runs/tw-wide/p3 --work-dir runs/tw-wide/w3
+        (the next try: the same continuation with the text encoder frozen)
 """
 
 from __future__ import annotations
@@ -120,6 +131,7 @@ class PretrainConfig:
     unet_channels: str | None = None  # e.g. "64,128,128"; default: factory.toyworld.model.UNET_CHANNELS
     unet_layers: int = 1
     vae_from: str | None = None  # an exported model whose VAE a new UNet is trained on (stage 1 skipped)
+    freeze_text_encoder: bool = False  # with --init-from: train the UNet only, as Stable Diffusion does
 
     def __post_init__(self):  # fail before minutes of rendering, not after
         if self.unet_channels is not None:
@@ -133,6 +145,9 @@ class PretrainConfig:
                              f"is {self.init_from}'s, whatever its size: drop them")
         if self.init_from is not None and self.vae_from is not None:
             raise ValueError("--init-from already keeps that model's VAE; --vae-from is for a new UNet: drop one")
+        if self.freeze_text_encoder and self.init_from is None:
+            raise ValueError("--freeze-text-encoder keeps a trained text encoder fixed: it needs --init-from "
+                             "(a new text encoder would stay random)")
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int | None = None) -> list:
@@ -301,7 +316,9 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     sf = vae.config.scaling_factor
     unet, text_encoder = _initial_weights(cfg, tokenizer)
     unet, text_encoder = unet.to(cfg.device), text_encoder.to(cfg.device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    if cfg.freeze_text_encoder:
+        text_encoder.requires_grad_(False).eval()
+    params = list(unet.parameters()) + ([] if cfg.freeze_text_encoder else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = EMA(params, cfg.ema_decay)
     noise_sched = tw_model.build_train_scheduler()
@@ -312,6 +329,10 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     ckpt_path = work / "unet_ckpt.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
+        was_frozen = state.get("config", {}).get("freeze_text_encoder", False)
+        if was_frozen != cfg.freeze_text_encoder:
+            raise ValueError(f"{ckpt_path} was trained {'with' if was_frozen else 'without'} "
+                             f"--freeze-text-encoder: resume it the same way, or use a new --work-dir")
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -326,7 +347,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         commands = [*commands, command]
     eval_unet = copy.deepcopy(unet).eval()  # holds the EMA weights for evaluation and export
     eval_text = copy.deepcopy(text_encoder).eval()
-    eval_params = list(eval_unet.parameters()) + list(eval_text.parameters())
+    eval_params = list(eval_unet.parameters()) + ([] if cfg.freeze_text_encoder else list(eval_text.parameters()))
 
     def save(done: bool = False):
         _atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
@@ -336,14 +357,14 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
                       "config": asdict(cfg), "commands": commands}, ckpt_path)
 
     t_start = time.time()
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet+text", mininterval=5)
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet" if cfg.freeze_text_encoder else "unet+text", mininterval=5)
     losses: list[float] = []
     reached = False
     if cfg.init_from is not None and not ckpt_path.exists():
         print(f"[unet] starting from the text encoder and UNet of {cfg.init_from}")
     while step < cfg.unet_steps:
         unet.train()
-        text_encoder.train()
+        text_encoder.train(not cfg.freeze_text_encoder)
         idx = rng.integers(len(pool), size=cfg.batch)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * sf
         captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
@@ -351,7 +372,9 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
                         truncation=True, return_tensors="pt").input_ids.to(cfg.device)
         noise = torch.randn_like(z0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(cfg.device)
-        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        with torch.set_grad_enabled(not cfg.freeze_text_encoder):
+            text = text_encoder(ids)[0]
+        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         for group in opt.param_groups:
@@ -489,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     choices = {"loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES}
 
     for name, default in asdict(PretrainConfig()).items():
+        if isinstance(default, bool):
+            p.add_argument("--" + name.replace("_", "-"), action="store_true")
+            continue
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
         if name in ("target_auc", "max_minutes", "threads"):
             typ = optional(int if name == "threads" else float)

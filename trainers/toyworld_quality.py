@@ -247,6 +247,8 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
                      cfg.get("loss_weighting", "eps")]
     if cfg.get("init_from"):
         start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)"
+        if cfg.get("freeze_text_encoder"):
+            start += ", text encoder frozen (UNet trained alone)"
     elif cfg.get("vae_from"):
         start = f"a new text encoder and UNet on the VAE of `--vae-from {cfg['vae_from']}`"
     else:
