@@ -46,8 +46,8 @@ batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a 
 times the images per second). One continuation ran at `--batch 512 --lr 6e-4` (not tuned): its samples became
 recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log): the
 jointly trained text encoder's output for "star" became nearly the padding tokens' (cosine 0.94, shipped model
--0.14), so background pixels that attend to the padding attended to "star" too (cutting the padding from the
-probe's keys, an experiment only, gave the stars back 0.955).
+-0.14); the padding takes about 40% of every pixel's attention, so "star" shared in it everywhere (cutting the
+padding from the probe's keys, an experiment only, gave the stars back 0.955).
 
 `--freeze-text-encoder` (with `--init-from`) trains the UNet alone and keeps the text encoder as it was, as
 Stable Diffusion trains its UNet under a frozen CLIP text encoder: a continuation then cannot move a concept
