@@ -316,9 +316,13 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     sf = vae.config.scaling_factor
     unet, text_encoder = _initial_weights(cfg, tokenizer)
     unet, text_encoder = unet.to(cfg.device), text_encoder.to(cfg.device)
-    if cfg.freeze_text_encoder:
-        text_encoder.requires_grad_(False).eval()
-    params = list(unet.parameters()) + ([] if cfg.freeze_text_encoder else list(text_encoder.parameters()))
+    text_encoder.requires_grad_(not cfg.freeze_text_encoder)
+
+    def trained_params(unet_, text_encoder_) -> list:
+        """What the optimizer and the EMA hold, in one order for the training models and their EMA copies."""
+        return list(unet_.parameters()) + ([] if cfg.freeze_text_encoder else list(text_encoder_.parameters()))
+
+    params = trained_params(unet, text_encoder)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = EMA(params, cfg.ema_decay)
     noise_sched = tw_model.build_train_scheduler()
@@ -347,7 +351,7 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         commands = [*commands, command]
     eval_unet = copy.deepcopy(unet).eval()  # holds the EMA weights for evaluation and export
     eval_text = copy.deepcopy(text_encoder).eval()
-    eval_params = list(eval_unet.parameters()) + ([] if cfg.freeze_text_encoder else list(eval_text.parameters()))
+    eval_params = trained_params(eval_unet, eval_text)
 
     def save(done: bool = False):
         _atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
