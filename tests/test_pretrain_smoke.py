@@ -109,6 +109,7 @@ def test_continue_from_an_exported_model(tmp_path):
     assert opt_state["param_groups"][0]["lr"] == pytest.approx(learning_rate(cont, 3))  # the schedule was applied
     assert learning_rate(cont, 3) < cont.lr
     assert info["steps"] == 4 and info["continued_from"]["steps"] == 6
+    assert info["continued_from"]["hardware"] == info["hardware"]  # the card names each run's machine
     assert info["continued_from"]["commands"] == ["trainers pretrain-toyworld (first)"]
     for f in ("samples-000002.png", "samples-000004.png", "samples-final.png"):
         assert (tmp_path / "w2" / f).exists()
@@ -167,6 +168,20 @@ def test_continue_from_an_exported_model(tmp_path):
         pretrain(frozen)
     with pytest.raises(ValueError, match="needs --init-from"):
         PretrainConfig(freeze_text_encoder=True)
+
+    # --text-encoder-from: one model's UNet continues under another model's text encoder (here m2's, which its
+    # joint training moved away from m1's), exported unchanged when frozen
+    swapped = PretrainConfig(out=str(tmp_path / "m5"), work_dir=str(tmp_path / "w5"), pool_size=32, unet_steps=2,
+                             batch=4, eval_every=2, eval_images=2, target_auc=None, init_from=str(tmp_path / "m1"),
+                             text_encoder_from=str(tmp_path / "m2"), freeze_text_encoder=True)
+    pretrain(swapped, command="trainers pretrain-toyworld (fifth)")
+    t2, t5 = (load_file(tmp_path / m / "text_encoder" / "model.safetensors") for m in ("m2", "m5"))
+    assert all(torch.equal(t2[k], t5[k]) for k in t2) and not all(torch.equal(t1[k], t2[k]) for k in t1)
+    run5 = training_runs(json.loads((tmp_path / "m5" / "training.json").read_text()))
+    assert [r["steps"] for r in run5] == [6, 2]  # the UNet's lineage
+    assert f"under the text encoder of `--text-encoder-from {tmp_path / 'm2'}`" in _run_line(2, run5[-1], 6)
+    with pytest.raises(ValueError, match="needs --init-from"):
+        PretrainConfig(text_encoder_from="toyworld")
 
 
 def test_lr_schedule():

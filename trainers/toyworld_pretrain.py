@@ -45,13 +45,16 @@ ran on lent H200s (README, "tries"): a 64,128,128 UNet made about 15 steps/s at 
 batch 512 (`python -m trainers.toyworld_pretrain_bench --device cuda`), so on a GPU use `--batch 512` (3.2
 times the images per second). One continuation ran at `--batch 512 --lr 6e-4` (not tuned): its samples became
 recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log): the
-jointly trained text encoder's output for "star" became nearly the padding tokens' (cosine 0.94, shipped model
--0.14); the padding takes about 40% of every pixel's attention, so "star" shared in it everywhere (cutting the
-padding from the probe's keys, an experiment only, gave the stars back 0.955).
+jointly trained text encoder's output for "star" became nearly the padding tokens' (cosine 0.94, the
+CPU-trained v1 model -0.14); the padding takes about 40% of every pixel's attention, so "star" shared in it
+everywhere (cutting the padding from the probe's keys, an experiment only, gave the stars back 0.955).
 
 `--freeze-text-encoder` (with `--init-from`) trains the UNet alone and keeps the text encoder as it was, as
 Stable Diffusion trains its UNet under a frozen CLIP text encoder: a continuation then cannot move a concept
-token onto the padding. Not yet run on a GPU.
+token onto the padding. `--text-encoder-from DIR` (with `--init-from`) takes the text encoder from another
+model instead, e.g. an earlier one whose concept tokens were still apart from the padding, so that the UNet
+relearns to read it (with `--freeze-text-encoder`, it stays exactly that model's): how the shipped model (v2) was
+repaired, below.
 
 Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
 work dir (samples-{step}.png), to watch generation improve.
@@ -69,9 +72,15 @@ work dir (samples-{step}.png), to watch generation improve.
         (a wider UNet on the shipped VAE, by the shipped model's two phases; 8 minutes of it at batch 128 on an
         H200 and 82 CPU-minutes are in the README's tries, neither enough; 8 more at batch 512, --lr 6e-4, made
         its samples recognizable and broke its star attention)
-    trainers pretrain-toyworld --init-from runs/tw-wide/p2 --freeze-text-encoder --loss-weighting v --device cuda \
-        --batch 512 --target-auc none --max-minutes M --out runs/tw-wide/p3 --work-dir runs/tw-wide/w3
-        (the next try: the same continuation with the text encoder frozen)
+    trainers pretrain-toyworld --init-from runs/tw-wide/p3 --text-encoder-from runs/tw-wide/p2 \
+        --freeze-text-encoder --loss-weighting eps --lr 1e-4 --target-auc none --max-minutes 12 \
+        --out runs/tw-wide/p4 --work-dir runs/tw-wide/w4
+    trainers pretrain-toyworld --init-from runs/tw-wide/p4 --freeze-text-encoder --loss-weighting eps --lr 1e-4 \
+        --lr-schedule cosine --unet-steps 3600 --target-auc none --max-minutes 27 --out runs/tw-wide/p5 \
+        --work-dir runs/tw-wide/w5
+        (the shipped model v2's last two runs, on 2 CPU cores: the continued UNet (p3) under the earlier text
+        encoder (p2's, in which "star" was still apart from the padding), frozen, until it draws from it again;
+        its card has the figures)
 """
 
 from __future__ import annotations
@@ -132,6 +141,7 @@ class PretrainConfig:
     unet_layers: int = 1
     vae_from: str | None = None  # an exported model whose VAE a new UNet is trained on (stage 1 skipped)
     freeze_text_encoder: bool = False  # with --init-from: train the UNet only, as Stable Diffusion does
+    text_encoder_from: str | None = None  # with --init-from: that model's UNet under this model's text encoder
 
     def __post_init__(self):  # fail before minutes of rendering, not after
         if self.unet_channels is not None:
@@ -148,6 +158,9 @@ class PretrainConfig:
         if self.freeze_text_encoder and self.init_from is None:
             raise ValueError("--freeze-text-encoder keeps a trained text encoder fixed: it needs --init-from "
                              "(a new text encoder would stay random)")
+        if self.text_encoder_from is not None and self.init_from is None:
+            raise ValueError("--text-encoder-from puts another model's text encoder under --init-from's UNet: it "
+                             "needs --init-from")
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int | None = None) -> list:
@@ -299,12 +312,16 @@ def _initial_weights(cfg: PretrainConfig, tokenizer):
 
     from factory.loading import resolve_model
 
-    src = Path(resolve_model(cfg.init_from))
-    unet = UNet2DConditionModel.from_pretrained(src / "unet")
-    text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(Path(resolve_model(cfg.init_from)) / "unet")
+    flag, te_source = (("--text-encoder-from", cfg.text_encoder_from) if cfg.text_encoder_from
+                       else ("--init-from", cfg.init_from))
+    text_encoder = CLIPTextModel.from_pretrained(Path(resolve_model(te_source)) / "text_encoder")
     if text_encoder.config.vocab_size != len(tokenizer):
-        raise ValueError(f"--init-from {cfg.init_from}: its text encoder has {text_encoder.config.vocab_size} "
+        raise ValueError(f"{flag} {te_source}: its text encoder has {text_encoder.config.vocab_size} "
                          f"tokens, the toyworld tokenizer {len(tokenizer)}; it is not a toyworld model")
+    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(f"{flag} {te_source}: its text encoder is {text_encoder.config.hidden_size} wide, "
+                         f"{cfg.init_from}'s UNet reads {unet.config.cross_attention_dim}-wide text embeddings")
     return unet, text_encoder
 
 
@@ -365,7 +382,9 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     losses: list[float] = []
     reached = False
     if cfg.init_from is not None and not ckpt_path.exists():
-        print(f"[unet] starting from the text encoder and UNet of {cfg.init_from}")
+        te = f"the text encoder of {cfg.text_encoder_from} and the UNet" if cfg.text_encoder_from else \
+            "the text encoder and UNet"
+        print(f"[unet] starting from {te} of {cfg.init_from}")
     while step < cfg.unet_steps:
         unet.train()
         text_encoder.train(not cfg.freeze_text_encoder)
@@ -497,7 +516,7 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
         info.pop("commands")
     if previous is not None:  # the model this run continued from, so the card can state the whole recipe
         info["continued_from"] = {k: previous[k] for k in ("steps", "train_minutes", "history", "config", "commands",
-                                                            "note", "continued_from") if k in previous}
+                                                            "hardware", "note", "continued_from") if k in previous}
     (Path(cfg.out) / "training.json").write_text(json.dumps(info, indent=2))
     print(f"[done] exported to {cfg.out}; {info['steps']} UNet steps, "
           f"{info['train_minutes']:.1f} min of UNet training, last AUC "
@@ -522,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         typ = type(default) if default is not None else (float if "minutes" in name or "auc" in name else int)
         if name in ("target_auc", "max_minutes", "threads"):
             typ = optional(int if name == "threads" else float)
-        if name in ("init_from", "unet_channels", "vae_from"):
+        if name in ("init_from", "unet_channels", "vae_from", "text_encoder_from"):
             typ = optional(str)
         if name == "sample_every":
             typ = optional(int)

@@ -247,6 +247,8 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
                      cfg.get("loss_weighting", "eps")]
     if cfg.get("init_from"):
         start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)"
+        if cfg.get("text_encoder_from"):
+            start += f", its UNet under the text encoder of `--text-encoder-from {cfg['text_encoder_from']}`"
         if cfg.get("freeze_text_encoder"):
             start += ", text encoder frozen (UNet trained alone)"
     elif cfg.get("vae_from"):
