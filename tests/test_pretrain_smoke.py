@@ -180,6 +180,9 @@ def test_continue_from_an_exported_model(tmp_path):
     run5 = training_runs(json.loads((tmp_path / "m5" / "training.json").read_text()))
     assert [r["steps"] for r in run5] == [6, 2]  # the UNet's lineage
     assert f"under the text encoder of `--text-encoder-from {tmp_path / 'm2'}`" in _run_line(2, run5[-1], 6)
+    write_card(tmp_path / "m5", {"auc": 0.9, "auc_unnormalized": 0.9, "gmm": fig, "otsu_gray": fig, "grabcut": fig}, 2)
+    card = (tmp_path / "m5" / "README.md").read_text()
+    assert "- text encoder + UNet jointly, the UNet alone in the 1 run(s) with the text encoder frozen: 8 steps" in card
     with pytest.raises(ValueError, match="needs --init-from"):
         PretrainConfig(text_encoder_from="toyworld")
 

@@ -190,7 +190,7 @@ tokenizer is a CLIP-format BPE vocabulary of {vocab} tokens built from the capti
 
 - seed {seed}; render pool of {pool} images (seeds 0..{pool_last});
 - VAE: {vae_line}; scaling factor {sf:.4f};
-- text encoder + UNet jointly: {steps} steps in all, {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
+- {trained}: {steps} steps in all, {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
   randomly drop the colour and the background phrase;
 - UNet training time {train_min:.1f} min in all (each run's device above); the attention AUC is checked on 32 held-out renders
   (seeds 1,000,000,000+).
@@ -302,13 +302,17 @@ def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> No
     vae_line = (f"taken unchanged from `{cfg['vae_from']}` (`--vae-from`), whose card gives its recipe"
                 if cfg.get("vae_from") else f"{cfg['vae_steps']} steps, batch {cfg['vae_batch']}, AdamW "
                 f"{cfg['vae_lr']} (cosine), MSE + 0.5 L1 + {cfg['kl_weight']} KL")
+    frozen = sum(1 for r in runs if (r.get("config") or {}).get("freeze_text_encoder"))
+    trained = ("text encoder + UNet jointly" if not frozen else
+               "UNet alone (text encoder frozen)" if frozen == len(runs) else
+               f"text encoder + UNet jointly, the UNet alone in the {frozen} run(s) with the text encoder frozen")
     batches = sorted({r["config"].get("batch") for r in runs if r.get("config")})
     batch = f"batch {batches[0]}" if len(batches) == 1 else "batch per run (above)"
     text = CARD.format(
         concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir,
         components="\n".join(comps), vocab=vocab, max_tokens=16, runs="\n".join(lines),
         seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_line=vae_line,
-        sf=vae_conf["scaling_factor"], steps=offset, batch=batch, dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
+        sf=vae_conf["scaling_factor"], trained=trained, steps=offset, batch=batch, dropout=cfg["caption_dropout"], ema=cfg["ema_decay"],
         train_min=minutes, history="\n".join(hist),
         n=n, qseed=QUALITY_SEED_BASE, auc=res["auc"], auc_raw=res["auc_unnormalized"],
         gmm_iou=res["gmm"]["iou"], gmm_img=res["gmm"]["per_image_iou"], otsu_iou=res["otsu_gray"]["iou"],
