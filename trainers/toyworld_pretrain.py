@@ -141,7 +141,7 @@ class PretrainConfig:
     unet_layers: int = 1
     vae_from: str | None = None  # an exported model whose VAE a new UNet is trained on (stage 1 skipped)
     freeze_text_encoder: bool = False  # with --init-from: train the UNet only, as Stable Diffusion does
-    text_encoder_from: str | None = None  # with --init-from: that model's UNet under this model's text encoder
+    text_encoder_from: str | None = None  # with --init-from: its UNet goes on under this model's text encoder
 
     def __post_init__(self):  # fail before minutes of rendering, not after
         if self.unet_channels is not None:
