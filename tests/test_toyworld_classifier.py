@@ -67,7 +67,8 @@ def test_shape_retention_of_the_shipped_model(toyworld_pipe):
     """Held-out renders noised to t ~ 300 and denoised with their own prompt mostly keep their shape. Measured
     with exactly these settings: the shipped v2 0.896 (triangles 0.5, every other shape >= 0.875); v1 0.875
     (triangles 0.5), v1 after its run 3 0.833 (its squares 0.75). 48 images cannot tell those apart, so this is
-    a regression bar, not the comparison (the model card's figures are on 20 per concept at 50 steps). A strength outside (0, 1] is refused."""
+    a regression bar, not the comparison (the model card's figures are on 20 per concept at 50 steps). A strength
+    outside (0, 1] is refused."""
     model, _ = load_or_train(DEFAULT_PATH)
     res = shape_retention(toyworld_pipe, model, 0.3, per_concept=8, steps=20)
     assert res["mean"] >= 0.75, res

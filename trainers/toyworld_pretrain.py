@@ -378,7 +378,8 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
                       "config": asdict(cfg), "commands": commands}, ckpt_path)
 
     t_start = time.time()
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet" if cfg.freeze_text_encoder else "unet+text", mininterval=5)
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet" if cfg.freeze_text_encoder else "unet+text",
+               mininterval=5)
     losses: list[float] = []
     reached = False
     if cfg.init_from is not None and not ckpt_path.exists():
