@@ -1,8 +1,4 @@
-# Concept Factory: every set-up step a fresh machine needs is in these targets.
-#   make demo   create .venv if missing, then run the main job on the embedded toyworld default
-#   make test   create .venv if missing, then run the default test suite (what CI runs)
-#   make test-slow   the slower checks (minutes each), skipped by `make test`
-#   make tables      the paper's Tables 1-2 end to end in toyworld (about 40 min on 2 cores; resumable)
+# Concept Factory: every set-up step a fresh machine needs is in these targets. `make help` lists them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,9 +8,13 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-slow tables lint clean
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-fast test-slow tables format lint clean
 
-venv: $(VENV)/.installed
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## create .venv with the pinned packages (editable factory + trainers)
 
 # torch is pinned to the CPU-usable pair that lies on these machines' disk (torch 2.13.0's CPU wheel does
 # not load beside PyPI's torchvision); the constraints file pins every other package for dev and CI.
@@ -25,21 +25,28 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test,students]'
 	touch $@
 
-demo: venv
+demo: venv ## the main job on the embedded toyworld default (local Ray, CPU, ~4 min)
 	$(VENV)/bin/factory generate configs/toyworld.yaml
 
-test: venv
-	$(VENV)/bin/ruff check factory trainers tests examples
+test: venv lint ## lint, then the default test suite: what CI runs (~11 min on 2 cores)
 	$(PY) -m pytest -q
 
-test-slow: venv
+test-fast: venv ## the fast lane: no training (Ray Train, DeepSpeed, Tune), no whole jobs (~2 min)
+	$(PY) -m pytest -q -m 'not slow and not training and not integration'
+
+test-slow: venv ## the slower checks that `make test` skips (~17 min)
 	$(PY) -m pytest -q -m slow
 
-tables: venv
+tables: venv ## the paper's Tables 1-2 end to end in toyworld (~50 min; resumable)
 	$(VENV)/bin/trainers toyworld-tables --out out/tables
 
-lint: venv
-	$(VENV)/bin/ruff check factory trainers tests
+format: venv ## ruff format and the import-order fix
+	$(VENV)/bin/ruff format factory trainers tests examples
+	$(VENV)/bin/ruff check --select I --fix factory trainers tests examples
 
-clean:
+lint: venv ## ruff check and ruff format --check
+	$(VENV)/bin/ruff check factory trainers tests examples
+	$(VENV)/bin/ruff format --check factory trainers tests examples
+
+clean: ## remove outputs and caches (out/, runs/, .pytest_cache)
 	rm -rf out runs .pytest_cache

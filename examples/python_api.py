@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.dataset.report import contact_sheet
 from factory.toyworld.world import CONCEPTS, write_split
-from factory.visualize import contact_sheet
-from trainers.evaluate_masks import evaluate_distiller, markdown_table
+from trainers.evaluate.method_masks import evaluate_distiller, markdown_table
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default="out/api-demo")

@@ -3,7 +3,8 @@
     factory generate CONFIG [--set KEY=VALUE ...]               synthesize + label into WebDataset shards (Ray)
     factory label CONFIG --input SRC [--set KEY=VALUE ...]      label your own images into shards (Ray)
     factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
-    factory finetune CONFIG [--set KEY=VALUE ...]               concept fine-tuning (same as `trainers finetune`)
+
+Concept fine-tuning, students and evaluation are `trainers` commands (`trainers --help`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def cmd_toyworld_split(a) -> int:
 
 
 def _load_job(a):
-    from factory.config import ConfigError, load_config
+    from factory.dataset.config import ConfigError, load_config
 
     try:
         return load_config(a.config, a.set)
@@ -42,16 +43,16 @@ def _load_job(a):
 
 
 def cmd_generate(a) -> int:
-    from factory.pipeline import run_job
+    from factory.dataset.pipeline import run_job
 
     cfg = _load_job(a)
-    summary = run_job(cfg, "generate")
+    summary = run_job(cfg, "generate", verbose=a.verbose or None)
     return 0 if summary["complete"] else 1
 
 
 def cmd_label(a) -> int:
-    from factory.pipeline import run_job
-    from factory.sources import list_images
+    from factory.dataset.pipeline import run_job
+    from factory.dataset.sources import list_images
 
     cfg = _load_job(a)
     try:
@@ -60,12 +61,13 @@ def cmd_label(a) -> int:
         print(f"factory: {err}", file=sys.stderr)
         return 2
     print(f"[factory] label: {len(sources)} images from {a.input}")
-    summary = run_job(cfg, "label", sources)
+    summary = run_job(cfg, "label", sources, verbose=a.verbose or None)
     return 0 if summary["complete"] else 1
 
 
 def _add_job_args(s) -> None:
     s.add_argument("config", help="job YAML (see configs/)")
+    s.add_argument("--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by dotted path, e.g. --set output.uri=s3://b/x --set concepts.0.samples=10")
 
@@ -80,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_job_args(s)
     s.add_argument("--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)")
     s.set_defaults(fn=cmd_label)
-    s = sub.add_parser("finetune", help="concept fine-tuning with DeepSpeed on Ray Train (`trainers finetune`)",
-                       add_help=False)
-    s.add_argument("args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=lambda a: __import__("trainers.finetune", fromlist=["main"]).main(a.args))
     s = sub.add_parser("toyworld-split", help="write a labelled toyworld split")
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", type=_seeds, default=range(0, 200))

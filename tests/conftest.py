@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def toyworld_pipe():
     """The shipped toyworld pipeline (fp32, CPU), loaded once per test session."""
-    from factory.loading import load_pipeline
+    from factory.method.loading import load_pipeline
 
     return load_pipeline("toyworld")
 
@@ -20,7 +20,7 @@ def toyworld_pipe():
 @pytest.fixture(scope="session")
 def fast_config():
     """A DistillConfig with short schedules, for tests that exercise code paths rather than quality."""
-    from factory.distiller import DistillConfig
+    from factory.method.distiller import DistillConfig
 
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
 

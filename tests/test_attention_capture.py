@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
-from factory.attention import capture_concept_attention, cross_attention_names
-from factory.prompts import encode_prompts, token_weight_matrix
+from factory.method.attention import capture_concept_attention, cross_attention_names
+from factory.method.prompts import encode_prompts, token_weight_matrix
 
 
 class StoreEverything:

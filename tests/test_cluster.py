@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # a multi-node cluster, a Ray head in another process
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -17,8 +21,8 @@ def test_pipeline_places_actors_on_more_than_one_node(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from factory.config import load_config
-    from factory.pipeline import run_job
+    from factory.dataset.config import load_config
+    from factory.dataset.pipeline import run_job
 
     if ray.is_initialized():
         ray.shutdown()

@@ -1,7 +1,7 @@
 import pytest
 
-from factory.config import ConfigError, load_config
-from factory.specs import generation_shards, label_shards
+from factory.dataset.config import ConfigError, load_config
+from factory.dataset.specs import generation_shards, label_shards
 
 TOY = "configs/toyworld.yaml"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
-from factory.inpaint import inpaint_background
-from factory.probe import encode_images, probe_timesteps
-from factory.prompts import ConceptTokenError, encode_prompts
+from factory.method.inpaint import inpaint_background
+from factory.method.probe import encode_images, probe_timesteps
+from factory.method.prompts import ConceptTokenError, encode_prompts
 from factory.toyworld.world import render
 
 

@@ -18,13 +18,15 @@ import ray
 import torch
 from diffusers import UNet2DConditionModel
 
-from factory.config import load_config
-from factory.distiller import Concept, Distiller, SampleSpec
-from factory.loading import load_pipeline
-from factory.pipeline import run_job
-from factory.sources import list_images
+from factory.dataset.config import load_config
+from factory.dataset.pipeline import run_job
+from factory.dataset.sources import list_images
+from factory.method.distiller import Concept, Distiller, SampleSpec
+from factory.method.loading import load_pipeline
 from factory.toyworld.world import write_split
-from trainers.finetune import load_finetune_config, run_finetune
+from trainers.finetune.train import load_finetune_config, run_finetune
+
+pytestmark = pytest.mark.training  # Ray Train + DeepSpeed: `make test-fast` skips these
 
 
 @pytest.fixture(scope="module")

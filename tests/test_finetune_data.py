@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from factory.config import ConfigError
-from factory.geometry import to_canvas
-from trainers.finetune import FinetuneConfig, deepspeed_config, load_finetune_config, masked_mse
-from trainers.finetune_data import aligned_pair, augment, make_example, to_examples
+from factory.dataset.config import ConfigError
+from factory.method.geometry import to_canvas
+from trainers.finetune.data import aligned_pair, augment, make_example, to_examples
+from trainers.finetune.train import FinetuneConfig, deepspeed_config, load_finetune_config, masked_mse
 
 
 def _square_image(h=48, w=64):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from factory.geometry import Canvas, to_canvas, to_original
-from factory.refine import refine_mask
+from factory.method.geometry import Canvas, to_canvas, to_original
+from factory.method.refine import refine_mask
 
 
 def test_canvas_resizes_long_side_and_pads_right_bottom():

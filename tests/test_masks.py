@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from factory.masks import binarize, gmm_midpoint, majority_filter, otsu
+from factory.method.masks import binarize, gmm_midpoint, majority_filter, otsu
 
 
 def _bimodal(rng, shape=(32, 32), lo=0.1, hi=0.8):

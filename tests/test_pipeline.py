@@ -6,10 +6,10 @@ import os
 import pytest
 import ray
 
-from factory.config import load_config
-from factory.pipeline import run_job
-from factory.shards import ShardStore
-from factory.sources import list_images
+from factory.dataset.config import load_config
+from factory.dataset.pipeline import run_job
+from factory.dataset.shards import ShardStore
+from factory.dataset.sources import list_images
 
 FAST = ["sampler.steps=6", "sampler.probe_t0=4", "inpaint.steps=6", "output.samples_per_shard=2",
         "resources.actors=2", "resources.num_cpus_per_actor=0.75", "output.report_samples=4"]
@@ -28,6 +28,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_generate_writes_shards_manifest_report_and_resumes(tmp_path):
     cfg = job(tmp_path, "filters.min_area=0.0", "filters.max_area=1.0")
     summary = run_job(cfg, "generate", progress=False)
@@ -59,6 +60,7 @@ def test_generate_writes_shards_manifest_report_and_resumes(tmp_path):
     assert run_job(cfg, "generate", progress=False)["shards_this_run"] == 0
 
 
+@pytest.mark.integration
 def test_wait_for_actors_fails_clearly_when_the_pool_cannot_start_and_does_not_leak(tmp_path):
     """resources.wait_for_actors_s: a pool the cluster cannot place (3 CPUs per actor on 2) fails with Ray
     Data's timeout instead of waiting forever, and the next job in the process does not inherit the wait."""
@@ -73,12 +75,14 @@ def test_wait_for_actors_fails_clearly_when_the_pool_cannot_start_and_does_not_l
     assert ray.data.DataContext.get_current().wait_for_min_actors_s == DEFAULT_WAIT_FOR_MIN_ACTORS_S
 
 
+@pytest.mark.integration
 def test_a_different_job_cannot_resume_into_the_same_output(tmp_path):
     run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]"), "generate", progress=False)
     with pytest.raises(RuntimeError, match="different job"):
         run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]", "masks.rule=otsu"), "generate", progress=False)
 
 
+@pytest.mark.integration
 def test_quality_filters_reject_by_reason_and_keep_rejects_aside(tmp_path):
     cfg = job(tmp_path, "concepts=[{name: heart, samples: 2}]", "filters.min_area=0.95",
               "filters.max_area=1.0", "filters.keep_rejected=true")
@@ -89,6 +93,7 @@ def test_quality_filters_reject_by_reason_and_keep_rejects_aside(tmp_path):
     assert ShardStore(str(tmp_path / "out")).read_shard("shard-000000.tar") == []
 
 
+@pytest.mark.integration
 def test_label_mode_on_a_folder_of_images(tmp_path):
     from PIL import Image
 

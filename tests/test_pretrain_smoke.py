@@ -8,9 +8,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from factory.toyworld.world import CONCEPTS
-from trainers.toyworld_pretrain import PretrainConfig, pretrain
+from trainers.toyworld.pretrain import PretrainConfig, pretrain
 
 
+@pytest.mark.training
 def test_pretrain_recipe_smoke_and_resume(tmp_path):
     torch.set_num_threads(2)
     cfg = PretrainConfig(out=str(tmp_path / "model"), work_dir=str(tmp_path / "work"), pool_size=64,
@@ -45,13 +46,14 @@ def test_pretrain_recipe_smoke_and_resume(tmp_path):
 
 def test_render_pool_in_processes_matches_one_process():
     """The pool rendered by worker processes is the same samples, in the same seed order."""
-    from trainers.toyworld_pretrain import render_pool
+    from trainers.toyworld.pretrain import render_pool
 
     one, two = render_pool(24, seed_base=7, workers=1), render_pool(24, seed_base=7, workers=2)
     assert [s.concept for s in one] == [s.concept for s in two]
     assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) for a, b in zip(one, two, strict=True))
 
 
+@pytest.mark.training
 def test_unet_loss_falls():
     """On a fixed small pool the epsilon-prediction loss falls within a few dozen steps."""
     import tempfile
@@ -62,7 +64,7 @@ def test_unet_loss_falls():
     from factory.toyworld import model as tw
     from factory.toyworld.tokenizer import write_clip_tokenizer
     from factory.toyworld.world import vocabulary
-    from trainers.toyworld_pretrain import PretrainConfig, render_pool, train_unet
+    from trainers.toyworld.pretrain import PretrainConfig, render_pool, train_unet
 
     with tempfile.TemporaryDirectory() as d:
         tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(d) / "tok", vocabulary(), 16))
@@ -80,7 +82,7 @@ def test_unet_loss_falls():
 def test_timestep_weights():
 
     from factory.toyworld import model as tw
-    from trainers.toyworld_pretrain import timestep_weights
+    from trainers.toyworld.pretrain import timestep_weights
 
     sched = tw.build_train_scheduler()
     eps, v, p2 = (timestep_weights(sched, k) for k in ("eps", "v", "p2"))
@@ -93,6 +95,7 @@ def test_timestep_weights():
         timestep_weights(sched, "snr")
 
 
+@pytest.mark.training
 def test_continue_from_an_exported_model(tmp_path):
     """--init-from: the VAE is taken as is, text encoder + UNet start from the export, the card's chain is kept."""
     torch.set_num_threads(2)
@@ -103,7 +106,7 @@ def test_continue_from_an_exported_model(tmp_path):
                           eval_every=4, eval_images=2, target_auc=None, init_from=str(tmp_path / "m1"),
                           loss_weighting="v", sample_every=2, lr_schedule="cosine")
     info = pretrain(cont, command="trainers pretrain-toyworld (second)")
-    from trainers.toyworld_pretrain import learning_rate
+    from trainers.toyworld.pretrain import learning_rate
 
     opt_state = torch.load(tmp_path / "w2" / "unet_ckpt.pt", weights_only=False)["opt"]
     assert opt_state["param_groups"][0]["lr"] == pytest.approx(learning_rate(cont, 3))  # the schedule was applied
@@ -120,11 +123,11 @@ def test_continue_from_an_exported_model(tmp_path):
 
     a, b = (load_file(tmp_path / m / "vae" / "diffusion_pytorch_model.safetensors") for m in ("m1", "m2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from trainers.toyworld_quality import training_runs
+    from trainers.toyworld.quality import training_runs
 
     runs = training_runs(json.loads((tmp_path / "m2" / "training.json").read_text()))
     assert [r["steps"] for r in runs] == [6, 4]
-    from trainers.toyworld_quality import _run_line
+    from trainers.toyworld.quality import _run_line
 
     assert "AdamW 0.0003 constant" in _run_line(1, runs[0], 0)
     assert "AdamW 0.0003 cosine to 5% of it" in _run_line(2, runs[1], 6)
@@ -142,7 +145,7 @@ def test_continue_from_an_exported_model(tmp_path):
     run3 = training_runs(json.loads((tmp_path / "m3" / "training.json").read_text()))
     assert len(run3) == 1 and "on the VAE of `--vae-from" in _run_line(1, run3[0], 0)
     assert "batch 4," in _run_line(1, run3[0], 0)
-    from trainers.toyworld_quality import write_card
+    from trainers.toyworld.quality import write_card
 
     fig = {"iou": 0.5, "per_image_iou": 0.5}  # the quality figures are not what this checks
     write_card(tmp_path / "m3", {"auc": 0.9, "auc_unnormalized": 0.9, "gmm": fig, "otsu_gray": fig, "grabcut": fig,
@@ -188,7 +191,7 @@ def test_continue_from_an_exported_model(tmp_path):
 
 
 def test_lr_schedule():
-    from trainers.toyworld_pretrain import learning_rate
+    from trainers.toyworld.pretrain import learning_rate
 
     const = PretrainConfig(lr=1e-3, unet_steps=100)
     assert all(learning_rate(const, s) == 1e-3 for s in (0, 50, 100))
@@ -208,7 +211,7 @@ def test_unet_size_options(tmp_path):
     from factory.toyworld import model as tw
     from factory.toyworld.tokenizer import write_clip_tokenizer
     from factory.toyworld.world import vocabulary
-    from trainers.toyworld_pretrain import render_pool, train_unet
+    from trainers.toyworld.pretrain import render_pool, train_unet
 
     for bad, match in (("30,64,64", "multiple of 8"), ("64,128", "3 block widths"), ("a,b,c", "comma-separated")):
         with pytest.raises(ValueError, match=match):
@@ -232,7 +235,7 @@ def test_unet_size_options(tmp_path):
 
 def test_throughput_benchmark_runs(capsys):
     """The steps/s benchmark times the real train_unet, one row per batch size (figures, not asserted)."""
-    from trainers.toyworld_pretrain_bench import main
+    from trainers.toyworld.pretrain_bench import main
 
     main(["--steps", "2", "--batches", "2,4", "--unet-channels", "16,24,32", "--pool-size", "8"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -244,7 +247,7 @@ def test_throughput_benchmark_runs(capsys):
 def test_cli_parses_switches_and_optional_values(monkeypatch):
     """`--freeze-text-encoder` is a switch (bool("False") would be True); 'none' disables an optional value.
     The training itself is replaced by a recorder here: this checks the parsing only."""
-    import trainers.toyworld_pretrain as tp
+    import trainers.toyworld.pretrain as tp
 
     seen = []
     monkeypatch.setattr(tp, "pretrain", lambda cfg, command: seen.append((cfg, command)))

@@ -1,7 +1,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from factory.prompts import ConceptTokenError, concept_token_indices, token_weight_matrix
+from factory.method.prompts import ConceptTokenError, concept_token_indices, token_weight_matrix
 from factory.toyworld.tokenizer import write_clip_tokenizer
 from factory.toyworld.world import vocabulary
 

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainers.rectangles import RectangleRules, background_rectangle
+from trainers.finetune.rectangles import RectangleRules, background_rectangle
 
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.shards import ShardStore, encode_triplet
+from factory.dataset.shards import ShardStore, encode_triplet
 
 
 def _triplet(key, rng):

@@ -10,11 +10,11 @@ import ray
 import torch
 from PIL import Image
 
-from factory.geometry import to_canvas
+from factory.method.geometry import to_canvas
 from factory.toyworld.world import write_split
-from trainers.evaluate import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
-from trainers.student_data import augment_pair, split_to_shards, target_of, to_student_examples
-from trainers.students import (
+from trainers.evaluate.score import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
+from trainers.students.data import augment_pair, split_to_shards, target_of, to_student_examples
+from trainers.students.train import (
     PretrainedWeightsError,
     build_student,
     load_student,
@@ -153,6 +153,7 @@ def _cfg(d, *extra):
         "model.decoder_kwargs={decoder_channels: [32, 16, 16, 8, 8]}", "data.val_every=4", *extra])
 
 
+@pytest.mark.training
 def test_students_for_all_concepts_train_concurrently_and_export(students, split, monkeypatch):
     # relative output paths, as in configs/students-toyworld.yaml: Ray Tune runs each trial in a working
     # directory of its own, and the exports must still land where the user asked
@@ -171,13 +172,14 @@ def test_students_for_all_concepts_train_concurrently_and_export(students, split
         ts = torch.jit.load(str(students / "export" / name / "last.ts"))
         x = torch.zeros(1, 3, 64, 64)
         assert torch.allclose(ts(x), load_student(r["export"], "last")[0](x), atol=1e-5)
-    from trainers.evaluate import student_predictor
+    from trainers.evaluate.score import student_predictor
 
     predict, info = student_predictor(runs["star"]["export"])
     res = evaluate(labelled_set(split / "star"), predict, info["resolution"])
     assert 0.0 <= res["iou"] <= 1.0 and res["n_images"] == 24
 
 
+@pytest.mark.training
 def test_one_multiclass_student(students):
     summary = run_students(_cfg(students, "multiclass=true", "output.name=mc"))
     [r] = summary["students"]

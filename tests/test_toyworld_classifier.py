@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.toyworld_classifier import (
+from trainers.toyworld.classifier import (
     CLASSES,
     DEFAULT_PATH,
     TEST_SEED_BASE,
@@ -107,7 +107,7 @@ def test_shard_recognizability_reads_a_written_dataset(tmp_path):
     import pytest
 
     from factory.toyworld.world import render
-    from trainers.toyworld_classifier import main, shard_recognizability
+    from trainers.toyworld.classifier import main, shard_recognizability
 
     renders_ = [(render(TEST_SEED_BASE + 20_000 + i, concept=c).image, c) for c in ("ring", "square") for i in range(6)]
     _write_shard(tmp_path / "shard-000000.tar", renders_[:7])

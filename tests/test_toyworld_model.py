@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from factory.loading import SHORT_NAMES, ModelLoadError, load_pipeline, resolve_model
+from factory.method.loading import SHORT_NAMES, ModelLoadError, load_pipeline, resolve_model
 
 TOYWORLD = SHORT_NAMES["toyworld"]
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from factory.metrics import pixel_auc, pixel_auc_by_group
 from factory.toyworld.world import render
-from trainers.evaluate import grabcut_mask
-from trainers.toyworld_quality import QUALITY_SEED_BASE, probe_samples, upsample
+from trainers.evaluate.metrics import pixel_auc, pixel_auc_by_group
+from trainers.evaluate.score import grabcut_mask
+from trainers.toyworld.quality import QUALITY_SEED_BASE, probe_samples, upsample
 
 
 def test_shipped_model_attention_localizes_the_concept(toyworld_pipe):
@@ -42,9 +42,9 @@ def test_grabcut_baseline_runs_on_toyworld():
 @pytest.mark.slow
 def test_refined_masks_beat_preliminary_masks(tmp_path, toyworld_pipe):
     """Paper Table 2's ordering, in toyworld: refined M improves on M_pre (paper settings, 48 images)."""
-    from factory.distiller import Distiller
+    from factory.method.distiller import Distiller
     from factory.toyworld.world import write_split
-    from trainers.evaluate_masks import evaluate_distiller
+    from trainers.evaluate.method_masks import evaluate_distiller
 
     split = write_split(tmp_path / "split", range(3_000_000_000, 3_000_000_048))
     res = evaluate_distiller(Distiller("toyworld", pipeline=toyworld_pipe), split, batch=16, out=tmp_path / "eval")

@@ -6,7 +6,7 @@ import math
 import pytest
 import ray
 
-from trainers.toyworld_tables import (
+from trainers.toyworld.tables import (
     PAPER_CUB,
     TablesConfig,
     main,

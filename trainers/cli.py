@@ -15,14 +15,14 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "pretrain-toyworld": ("trainers.toyworld_pretrain", "pretrain the toyworld foundation model"),
-    "toyworld-quality": ("trainers.toyworld_quality", "measure the toyworld model against ground truth"),
-    "toyworld-classifier": ("trainers.toyworld_classifier", "concept accuracy of toyworld samples"),
-    "evaluate-masks": ("trainers.evaluate_masks", "score the method's masks on a labelled split"),
-    "finetune": ("trainers.finetune", "concept fine-tuning with DeepSpeed on Ray Train"),
-    "students": ("trainers.students", "train segmentation students on shards"),
-    "evaluate": ("trainers.evaluate", "score a student or mask source on a labelled set"),
-    "toyworld-tables": ("trainers.toyworld_tables", "the paper's tables in toyworld"),
+    "pretrain-toyworld": ("trainers.toyworld.pretrain", "pretrain the toyworld foundation model"),
+    "toyworld-quality": ("trainers.toyworld.quality", "measure the toyworld model against ground truth"),
+    "toyworld-classifier": ("trainers.toyworld.classifier", "concept accuracy of toyworld samples"),
+    "evaluate-masks": ("trainers.evaluate.method_masks", "score the method's masks on a labelled split"),
+    "finetune": ("trainers.finetune.train", "concept fine-tuning with DeepSpeed on Ray Train"),
+    "students": ("trainers.students.train", "train segmentation students on shards"),
+    "evaluate": ("trainers.evaluate.score", "score a student or mask source on a labelled set"),
+    "toyworld-tables": ("trainers.toyworld.tables", "the paper's tables in toyworld"),
 }
 
 

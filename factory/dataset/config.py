@@ -1,0 +1,205 @@
+"""Job configuration: one YAML file per job, validated before any work starts.
+
+    cfg = load_config("configs/toyworld.yaml", ["output.uri=/tmp/x", "concepts.0.samples=10"])
+
+`--set KEY=VALUE` overrides use dotted paths (list items by index); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.method.distiller import Concept, DistillConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConceptConfig(_Strict):
+    name: str = Field(min_length=1)
+    template: str = "a photo of a {concept}"
+    words: list[str] = Field(default_factory=list, description="words whose attention is summed; default [name]")
+    samples: int = Field(100, ge=0, description="synthetic samples to generate (generate mode)")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot_or_words(cls, v: str) -> str:
+        if "{" in v and "{concept}" not in v:
+            raise ValueError("the only template field is {concept}")
+        return v
+
+    def to_concept(self) -> Concept:
+        return Concept(self.name, self.template, tuple(self.words))
+
+
+class SamplerConfig(_Strict):
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
+    probe_t0: int = Field(40, ge=1)
+    probe_repeats: int = Field(1, ge=1)
+    attention: Literal["loop", "probe"] = "loop"
+
+
+class MaskConfig(_Strict):
+    rule: Literal["gmm", "gmm3", "otsu"] = "gmm"
+    close_and_fill: bool = False
+
+
+class InpaintConfig(_Strict):
+    model: str | None = Field(None, description="the fine-tuned m' for Step 4 (default: the job's model)")
+    steps: int = Field(50, ge=1, le=1000)
+    object_guidance: float = 0.0
+    background_prompt: str = "a photo of a background"
+
+
+class FilterConfig(_Strict):
+    min_area: float = Field(0.0, ge=0.0, le=1.0, description="refined-mask area fraction bounds")
+    max_area: float = Field(1.0, ge=0.0, le=1.0)
+    min_bimodality: float = Field(0.0, ge=0.0, description="Ashman's D of the attention GMM")
+    keep_rejected: bool = False
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(min_length=1, description="any fsspec URL: a local path, s3://bucket/prefix, gs://...")
+    samples_per_shard: int = Field(100, ge=1)
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_.-]+$")
+    report_samples: int = Field(16, ge=0)
+
+
+class ResourcesConfig(_Strict):
+    actors: int = Field(1, ge=1, description="size of the generation actor pool")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="samples per model call inside an actor")
+    writer_num_cpus: float = Field(0.25, gt=0.0, description="CPU share of each encode+write task")
+    wait_for_actors_s: int | None = Field(
+        None, gt=0, description="start work only once every actor of the pool has loaded its model, and fail "
+        "with Ray Data's 'Timed out while starting actors' after this many seconds (the cluster lacks the "
+        "resources for the pool). None: start as soon as one actor is up, let the others join when they can "
+        "(what an autoscaling cluster wants)")
+
+
+class JobConfig(_Strict):
+    """A `factory generate` / `factory label` job: one YAML in `configs/`, every field checked before any work.
+
+    Sections: `model`, `device`, `dtype`, `seed`, `concepts` (name, template, words, samples), `sampler`
+    (steps, guidance, attention source), `masks` (the rule of Steps 2 and 4b), `inpaint` (Step 4), `filters`
+    (which samples are rejected), `output` (URI, shard size, image format) and `resources` (actors, GPUs
+    and CPUs per actor, batch size). Unknown fields are errors. docs/factory.md describes each one.
+
+    Example:
+        >>> cfg = JobConfig.model_validate({"concepts": [{"name": "star"}], "output": {"uri": "out/x"}})
+        >>> cfg.distill_config().num_inference_steps
+        50
+    """
+
+    model: str = "toyworld"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    seed: int = 0
+    concepts: list[ConceptConfig] = Field(min_length=1)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    output: OutputConfig
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        names = [c.name for c in self.concepts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"concept names must be unique, got {names}")
+        if self.sampler.probe_t0 > self.sampler.steps:
+            raise ValueError(f"sampler.probe_t0 ({self.sampler.probe_t0}) exceeds sampler.steps ({self.sampler.steps})")
+        if self.filters.min_area > self.filters.max_area:
+            raise ValueError("filters.min_area exceeds filters.max_area")
+        if self.device == "cuda" and self.resources.num_gpus_per_actor == 0:
+            raise ValueError("device: cuda needs resources.num_gpus_per_actor > 0")
+        return self
+
+    def distill_config(self) -> DistillConfig:
+        s, m, i = self.sampler, self.masks, self.inpaint
+        return DistillConfig(num_inference_steps=s.steps, probe_t0=s.probe_t0, probe_repeats=s.probe_repeats,
+                             mask_rule=m.rule, close_and_fill=m.close_and_fill, inpaint_steps=i.steps,
+                             object_guidance=i.object_guidance, background_prompt=i.background_prompt,
+                             guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, attention=s.attention)
+
+    def actor_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message lists every problem."""
+
+
+def apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    path, raw = item.split("=", 1)
+    keys = path.strip().split(".")
+    node = data
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {path}: {k!r} is not an index of a list of {len(node)}")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+    last = keys[-1]
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {path}: {last!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """A generation or label job: the YAML at `path` with `--set` overrides applied, validated.
+
+    Args:
+        path: the job YAML (see `configs/`).
+        overrides: `KEY=VALUE` items by dotted path, as the CLI's `--set` (`"concepts.0.samples=10"`); each
+            value is parsed as YAML.
+
+    Returns:
+        The validated `JobConfig`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or the config is invalid; the message lists every
+            problem, one line each.
+
+    Example:
+        >>> cfg = load_config("configs/toyworld.yaml", ["output.uri=out/x", "concepts.0.samples=10"])
+    """
+    return load_yaml_model(path, overrides, JobConfig)
+
+
+def load_yaml_model(path: str | Path, overrides: list[str] | None, model: type[BaseModel]):
+    """Any pydantic config (jobs, fine-tuning, students) from YAML + `--set` overrides, validated up front."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from err
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid config {p}:\n" + "\n".join(lines)) from None

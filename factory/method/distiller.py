@@ -1,0 +1,422 @@
+"""The Python API of the method: label existing images, or synthesize and label new ones.
+
+    from factory import Distiller, Concept
+    d = Distiller("toyworld")                                   # or a local SD dir / hub id, device="cuda"
+    triplets = d.synthesize([SampleSpec(Concept("star"), seed=s) for s in range(8)])
+    labelled = d.label([image], Concept("star"), seeds=[0])
+
+One sample's path (both modes), top to bottom:
+  1. image -> one canvas geometry (`factory.method.geometry`) -> VAE latents           [label mode]
+     or DDIM text-to-image with in-loop attention capture (`factory.method.synthesis`) [synthesis mode]
+  2. mean cross-attention map of the concept tokens (`factory.method.probe`, paper Step 1)
+  3. preliminary mask: GMM midpoint + 3x3 majority on the valid region (`factory.method.masks`, Step 2)
+  4. background inpainting of the preliminary region (`factory.method.inpaint`, Step 4)
+  5. refined mask: rule(|x - background|) AND M_pre (`factory.method.refine`, Step 4b)
+  6. a `Triplet`: image, refined mask, preliminary mask, attention, RGBA foreground, background, metadata
+
+All randomness comes from one torch.Generator per sample seeded by the sample's seed, so a sample depends
+only on (config, seed), not on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
+from factory.method.inpaint import inpaint_background
+from factory.method.loading import load_pipeline, model_id
+from factory.method.masks import binarize
+from factory.method.probe import encode_images, mean_attention_map, probe_timesteps
+from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE, encode_prompts, token_weight_matrix
+from factory.method.refine import refine_mask
+from factory.method.synthesis import synthesize_latents
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to segment: its name, the prompt template, and the words whose attention is summed.
+
+    Args:
+        name: the concept as it appears in the prompt, e.g. "bird".
+        template: the prompt, with `{concept}` where the name goes (the paper: "a photo of a {concept}").
+        words: the prompt words whose cross-attention is summed into the concept map; default: `(name,)`.
+            A word that the tokenizer splits into several tokens counts with all of them.
+
+    Example:
+        >>> Concept("bird").prompt
+        'a photo of a bird'
+        >>> Concept("human", "a photo of a {concept} with arms and legs", ("human", "arms", "legs")).token_words
+        ['human', 'arms', 'legs']
+    """
+
+    name: str
+    template: str = DEFAULT_TEMPLATE
+    words: tuple[str, ...] = ()
+
+    @property
+    def prompt(self) -> str:
+        return self.template.format(concept=self.name)
+
+    @property
+    def token_words(self) -> list[str]:
+        return list(self.words) if self.words else [self.name]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample to synthesize: its concept, the seed that fixes every random draw, and its key.
+
+    Args:
+        concept: what to draw and segment.
+        seed: the per-sample seed; a sample depends only on (config, seed), not on its batch.
+        key: the sample's key in the shards; default `"{concept}-{seed:010d}"`.
+
+    Example:
+        >>> SampleSpec(Concept("star"), seed=3).seed
+        3
+    """
+
+    concept: Concept
+    seed: int
+    key: str = ""
+
+
+@dataclass
+class DistillConfig:
+    """The method's settings for one `Distiller` (a job YAML's `sampler`, `masks` and `inpaint` sections).
+
+    The defaults are the paper's: 50 DDIM steps, attention over the 40 least-noisy, the GMM midpoint rule,
+    50-step background inpainting, guidance scale 1. Invalid combinations raise ValueError at once.
+
+    Example:
+        >>> DistillConfig(num_inference_steps=20, probe_t0=16, inpaint_steps=20).mask_rule
+        'gmm'
+    """
+
+    num_inference_steps: int = 50  # T: the DDIM grid
+    probe_t0: int = 40  # T0: least-noisy steps whose attention is averaged
+    probe_repeats: int = 1  # N
+    mask_rule: str = "gmm"  # gmm | gmm3 | otsu (Step 2 and 4b)
+    close_and_fill: bool = False
+    inpaint_steps: int = 50
+    object_guidance: float = 0.0  # eps_b + s (eps_f - eps_b) while inpainting; s < 0 avoids the object
+    background_prompt: str = BACKGROUND_PROMPT
+    guidance_scale: float = 1.0  # synthesis; the paper samples with 1
+    negative_prompt: str = ""  # synthesis's unguided branch ("" or the background prompt, as the paper)
+    attention: str = "loop"  # synthesis: "loop" (in the denoising loop) or "probe" (paper Step 1 afterwards)
+    resolution: int | None = None  # canvas side; default: the model's native resolution
+    # Samples per model call. None = 1 on the CPU (CPU convolutions are not bitwise batch-invariant, so
+    # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and the whole
+    # batch on a GPU (where results may differ in the last bits between batch sizes).
+    micro_batch: int | None = None
+
+    def __post_init__(self):
+        from factory.method.masks import RULES
+
+        if self.mask_rule not in RULES:
+            raise ValueError(f"unknown mask_rule {self.mask_rule!r}; choose one of {sorted(RULES)}")
+        if self.attention not in ("loop", "probe"):
+            raise ValueError(f"attention must be 'loop' or 'probe', got {self.attention!r}")
+        if not 0 < self.probe_t0 <= self.num_inference_steps:
+            raise ValueError("probe_t0 must be in 1..num_inference_steps")
+
+
+@dataclass
+class Triplet:
+    """One labelled sample, as the shards store it (`{key}.jpg|png`, `.mask.png`, `.prelim.png`, `.attn.npy`,
+    `.fg.png`, `.bg.jpg|png`, `.json`). Arrays are in the image's own size, except `prelim` and `attention`,
+    which are on the latent grid of the model's canvas."""
+
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) bool, refined
+    prelim: np.ndarray  # (h, w) bool, latent resolution, canvas coordinates
+    attention: np.ndarray  # (h, w) float16, mean attention map
+    foreground: np.ndarray  # (H, W, 4) uint8 RGBA cut-out
+    background: np.ndarray  # (H, W, 3) uint8 inpainted background
+    meta: dict = field(default_factory=dict)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Distiller:
+    """Concept distillation with one loaded pipeline: label images, or synthesize and label new ones.
+
+    Args:
+        model: a short name (`"toyworld"`), a local diffusers pipeline directory or a hub id.
+        device: `"cpu"`, `"cuda"`, `"cuda:1"`, ...
+        dtype: `"fp32"`, `"fp16"`, `"bf16"` or None (fp16 on CUDA, fp32 on the CPU).
+        config: the method's settings; default `DistillConfig()`, the paper's.
+        pipeline: an already loaded diffusers pipeline to use instead of loading `model`.
+        inpaint_model: the fine-tuned m' (`trainers finetune`) for Step 4's background inpainting, while
+            `model` (the pretrained m) gives the attention of Steps 1-2, as the paper does for real images. It
+            must share m's VAE and text encoder (fine-tuning freezes both).
+
+    Raises:
+        ModelLoadError: the model or the inpainting model cannot be loaded; the message says what to do.
+
+    Not thread-safe: make one per worker or actor.
+
+    Example:
+        >>> d = Distiller("toyworld", config=DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8))
+        >>> [t] = d.synthesize([SampleSpec(Concept("star"), seed=0)])
+        >>> t.image.shape, t.mask.dtype
+        ((64, 64, 3), dtype('bool'))
+    """
+
+    def __init__(self, model: str = "toyworld", device: str = "cpu", dtype: str | None = None,
+                 config: DistillConfig | None = None, pipeline=None, inpaint_model: str | None = None):
+        self.config = config or DistillConfig()
+        self.model = model
+        self.pipe = pipeline if pipeline is not None else load_pipeline(model, device, dtype)
+        p = self.pipe
+        self.inpaint_model = inpaint_model
+        self.inpaint_unet = p.unet
+        if inpaint_model is not None:
+            from diffusers import UNet2DConditionModel
+
+            from factory.method.loading import ModelLoadError, resolve_model
+
+            try:
+                self.inpaint_unet = UNet2DConditionModel.from_pretrained(resolve_model(inpaint_model), subfolder="unet",
+                                                                         torch_dtype=p.unet.dtype).to(p.unet.device)
+            except (OSError, ValueError) as err:
+                raise ModelLoadError(f"could not load the inpainting model {inpaint_model!r}'s UNet: {err}") from err
+            if self.inpaint_unet.config.cross_attention_dim != p.unet.config.cross_attention_dim:
+                raise ModelLoadError(f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder")
+        self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
+        self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
+        if self.resolution % self.vae_factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
+        self.latent_size = self.resolution // self.vae_factor
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def device(self):
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self):
+        return self.pipe.unet.dtype
+
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts).to(self.dtype)
+
+    def _decode(self, z: torch.Tensor) -> np.ndarray:
+        # One sample at a time (diffusers' "VAE slicing"): the CPU convolution kernels are not bitwise
+        # batch-invariant, and a sample must not depend on the batch it lands in.
+        vae = self.pipe.vae
+        with torch.no_grad():
+            return np.concatenate([_to_uint8(vae.decode(zi[None] / vae.config.scaling_factor).sample) for zi in z])
+
+    def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
+        masks, stats = [], []
+        for a, c in zip(attention.float().cpu().numpy(), canvases, strict=True):
+            vh, vw = c.latent_valid(self.vae_factor)
+            m_valid, st = binarize(a[:vh, :vw], self.config.mask_rule)
+            m = np.zeros(a.shape, bool)
+            m[:vh, :vw] = m_valid
+            masks.append(m)
+            stats.append(st)
+        return masks, stats
+
+    def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode):
+        """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2)."""
+        # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
+        t = time.perf_counter()
+        prelims, prelim_stats = self._prelim(attention, canvases)
+        timings["prelim_s"] = time.perf_counter() - t
+
+        # 4. Background: inpaint the M_pre region with the background prompt (Step 4), decode to pixels.
+        t = time.perf_counter()
+        backgrounds = self._inpaint(specs, gens, z0, prelims)
+        timings["inpaint_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        out = []
+        att_np = attention.float().cpu().numpy()
+        for i, spec in enumerate(specs):
+            c = canvases[i]
+            # 5. Refined mask: rule(|x - background|) AND M_pre (Step 4b), then back to the image's own size.
+            mask, _, refine_stats = refine_mask(
+                images[i], backgrounds[i], prelims[i], c, self.config.mask_rule, self.config.close_and_fill
+            )
+            image = originals[i] if originals is not None else crop_valid(images[i], c)
+            h, w = image.shape[:2]
+            mask_o = resize_mask(crop_valid(mask, c), h, w)
+            bg = crop_valid(backgrounds[i], c)
+            if bg.shape[:2] != (h, w):
+                from PIL import Image
+
+                bg = np.asarray(Image.fromarray(bg).resize((w, h), Image.BICUBIC))
+
+            # 6. The triplet: image, masks, attention, RGBA foreground, background, metadata.
+            fg = np.concatenate([image, (mask_o * 255).astype(np.uint8)[..., None]], -1)
+            vh, vw = c.latent_valid(self.vae_factor)
+            meta = self._metadata(spec, mode, c, timings)
+            meta.update(
+                prelim_stats=prelim_stats[i].as_dict(),
+                refine_stats=refine_stats.as_dict(),
+                mask_area=float(mask_o.mean()),
+                prelim_area=float(prelims[i][:vh, :vw].mean()),
+            )
+            out.append(Triplet(spec.key, image, mask_o, prelims[i], att_np[i].astype(np.float16), fg, bg, meta))
+        timings["refine_s"] = time.perf_counter() - t
+        for tr in out:
+            tr.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
+        return out
+
+    def _inpaint(self, specs, gens, z0, prelims) -> np.ndarray:
+        """The inpainted backgrounds of the M_pre regions, decoded: (B, H, W, 3) uint8 on the canvas."""
+        cfg = self.config
+        region = torch.from_numpy(np.stack(prelims)).to(self.device, self.dtype)[:, None]
+        bg_emb = self._embed([cfg.background_prompt] * len(specs))
+        fg_emb = self._embed([s.concept.prompt for s in specs]) if cfg.object_guidance else None
+        masked_latents = z0 * (1 - region) if self.inpaint_unet.config.in_channels == 9 else None
+        z_bg = inpaint_background(
+            self.inpaint_unet,
+            self.pipe.scheduler,
+            z0,
+            region,
+            bg_emb,
+            gens,
+            cfg.inpaint_steps,
+            fg_emb,
+            cfg.object_guidance,
+            masked_latents,
+        )
+        return self._decode(z_bg)
+
+    def _metadata(self, spec: SampleSpec, mode: str, canvas: Canvas, timings: dict) -> dict:
+        """What a sample's `.json` records of how it was made."""
+        cfg = self.config
+        synthesis = mode == "synthesis"
+        return {
+            "key": spec.key,
+            "mode": mode,
+            "concept": spec.concept.name,
+            "prompt": spec.concept.prompt,
+            "concept_words": spec.concept.token_words,
+            "seed": spec.seed,
+            "model": model_id(self.model),
+            "inpaint_model": model_id(self.inpaint_model) if self.inpaint_model else None,
+            "steps": cfg.num_inference_steps,
+            "probe_t0": cfg.probe_t0,
+            "inpaint_steps": cfg.inpaint_steps,
+            "guidance_scale": cfg.guidance_scale if synthesis else None,
+            "object_guidance": cfg.object_guidance,
+            "attention_source": cfg.attention if synthesis else "probe",
+            "canvas": canvas.as_dict(),
+            "timings": dict(timings),
+        }
+
+    # ------------------------------------------------------------------ public API
+    def _micro_batch(self, n: int) -> int:
+        if self.config.micro_batch:
+            return self.config.micro_batch
+        return 1 if self.device.type == "cpu" else n
+
+    def label(self, images: list[np.ndarray], concept: Concept | list[Concept], seeds: list[int],
+              keys: list[str] | None = None) -> list[Triplet]:
+        """Label existing (unlabelled) images: paper Steps 1, 2, 4 and 4b.
+
+        Args:
+            images: (H, W, 3) uint8 RGB arrays (grey (H, W) arrays are repeated to RGB), any size.
+            concept: one concept for all images, or one per image.
+            seeds: one seed per image (the probe's and the inpainting's noise).
+            keys: the samples' keys; default `"{concept}-{seed:010d}"`.
+
+        Returns:
+            One `Triplet` per image, in order, in the image's own size.
+
+        Example:
+            >>> [t] = d.label([image], Concept("star"), seeds=[0])
+        """
+        p = self.pipe
+        concepts = concept if isinstance(concept, list) else [concept] * len(images)
+        if not (len(images) == len(concepts) == len(seeds)):
+            raise ValueError("images, concepts and seeds must have the same length")
+        keys = keys or [f"{c.name}-{s:010d}" for c, s in zip(concepts, seeds, strict=True)]
+        specs = [SampleSpec(c, s, k) for c, s, k in zip(concepts, seeds, keys, strict=True)]
+        # validate every prompt before any model work
+        token_weight_matrix(p.tokenizer, [c.prompt for c in concepts], [c.token_words for c in concepts])
+        mb = self._micro_batch(len(specs))
+        return [t for i in range(0, len(specs), mb) for t in self._label_batch(images[i : i + mb], specs[i : i + mb])]
+
+    def _label_batch(self, images: list[np.ndarray], specs: list[SampleSpec]) -> list[Triplet]:
+        cfg, p = self.config, self.pipe
+        concepts = [s.concept for s in specs]
+        seeds = [s.seed for s in specs]
+        prompts = [c.prompt for c in concepts]
+        weights = token_weight_matrix(p.tokenizer, prompts, [c.token_words for c in concepts])
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        canv = [to_canvas(np.asarray(im), self.resolution) for im in images]
+        canvases = [c for _, c in canv]
+        imgs = [im for im, _ in canv]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        z0 = encode_images(p.vae, x.to(self.device, self.dtype), gens)
+        timings["encode_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        attention = mean_attention_map(p.unet, p.scheduler, z0, self._embed(prompts), weights,
+                                       probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+                                       gens, cfg.probe_repeats)
+        timings["attention_s"] = time.perf_counter() - t
+        originals = [np.asarray(im)[..., :3] if np.asarray(im).ndim == 3 else np.repeat(np.asarray(im)[..., None], 3, 2)
+                     for im in images]
+        return self._finish(specs, gens, z0, attention, canvases, imgs, originals, timings, "label")
+
+    def synthesize(self, specs: list[SampleSpec]) -> list[Triplet]:
+        """Generate images of each spec's concept and label them: paper Step 5.
+
+        Args:
+            specs: what to generate; each spec's seed fixes its noise, so a sample does not depend on its batch.
+
+        Returns:
+            One `Triplet` per spec, in order, at the model's resolution (or `config.resolution`).
+
+        Example:
+            >>> triplets = d.synthesize([SampleSpec(Concept("star"), seed=s) for s in range(4)])
+        """
+        p = self.pipe
+        if p.unet.config.in_channels == 9:
+            raise ValueError("synthesis needs a text-to-image UNet; a 9-channel inpainting UNet can only label images")
+        specs = [s if s.key else SampleSpec(s.concept, s.seed, f"{s.concept.name}-{s.seed:010d}") for s in specs]
+        token_weight_matrix(p.tokenizer, [s.concept.prompt for s in specs], [s.concept.token_words for s in specs])
+        mb = self._micro_batch(len(specs))
+        return [t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb])]
+
+    def _synthesize_batch(self, specs: list[SampleSpec]) -> list[Triplet]:
+        cfg, p = self.config, self.pipe
+        prompts = [s.concept.prompt for s in specs]
+        weights = token_weight_matrix(p.tokenizer, prompts, [s.concept.token_words for s in specs])
+        gens = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        neg = self._embed([cfg.negative_prompt] * len(specs)) if cfg.guidance_scale != 1.0 else None
+        shape = (p.unet.config.in_channels, self.latent_size, self.latent_size)
+        cond = self._embed(prompts)
+        z0, attention = synthesize_latents(p.unet, p.scheduler, shape, cond, weights, gens,
+                                           cfg.num_inference_steps, cfg.guidance_scale, neg, cfg.probe_t0,
+                                           capture=cfg.attention == "loop")
+        timings["generate_s"] = time.perf_counter() - t
+        if cfg.attention == "probe":
+            t = time.perf_counter()
+            attention = mean_attention_map(p.unet, p.scheduler, z0, cond, weights,
+                                           probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+                                           gens, cfg.probe_repeats)
+            timings["attention_s"] = time.perf_counter() - t
+        images = self._decode(z0)
+        canvases = [Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)] * len(specs)
+        return self._finish(specs, gens, z0, attention, canvases, list(images), None, timings, "synthesis")
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

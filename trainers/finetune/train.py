@@ -1,0 +1,462 @@
+"""Concept fine-tuning (paper Step 3): DeepSpeed inside a Ray Train TorchTrainer.
+
+    trainers finetune configs/finetune-toyworld.yaml [--set KEY=VALUE ...]
+    trainers finetune CONFIG --export-only          # re-export the EMA pipeline of the latest checkpoint
+
+The UNet of a Stable-Diffusion-family model becomes the paper's m': it keeps painting "a photo of a
+{concept}" and learns to paint a clean "a photo of a background" inside background rectangles. The data
+are the user's unlabeled images with their preliminary masks, as written by `factory label` (WebDataset
+shards, any fsspec URL), streamed through Ray Data (`trainers.finetune.data`).
+
+One training step on each worker, top to bottom:
+  batch of examples (image, prompt, loss mask) from the worker's Ray Data shard
+  -> z0 = VAE.encode(x).sample() * scaling      (frozen VAE; the text encoder is frozen too)
+  -> z_t = add_noise(z0, eps, t), t ~ U{0..T-1}  (the model's own training schedule)
+  -> loss = mean((mask * (unet(z_t, t, text(prompt)) - eps))^2)   (not normalised by mask area, as the paper;
+                                                                   `train.normalize_loss` divides per sample)
+  -> DeepSpeed backward + step (ZeRO stage 2 by default; stage 3 and optimizer offload selectable)
+  -> EMA update (rank 0 keeps the EMA; with ZeRO-3 the parameters are gathered for it)
+Every `checkpoint.every` steps all ranks write their DeepSpeed shards, rank 0 adds the EMA weights, the
+training state and a sample grid, and each reports its folder to Ray Train, which merges them into one
+checkpoint. A worker failure restarts the workers from the latest checkpoint (`scaling.max_failures`);
+running the same config again resumes a stopped run. At the end the driver exports the EMA UNet with the
+base model's other components as a diffusers pipeline directory that `factory generate --set model=DIR`
+loads.
+
+Departures from the paper (method.md Step 3): AdamW with a constant lr and no 1-step warm-up; the
+rectangle limits scale with the latent grid (`trainers.finetune.rectangles`); both tasks' images are clamped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from factory.dataset.console import init_ray, verbose_from_env
+from factory.dataset.sources import storage_path
+from factory.method.loading import quiet_model_libraries
+from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
+
+EMA_FILE = "ema_unet.safetensors"
+STATE_FILE = "state.json"
+DS_TAG = "deepspeed"
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """The paper's loss: mean over all elements of (mask * (pred - target))^2, the (B, h, w) mask repeated over
+    channels. normalize=True divides each sample's sum by its mask area instead (an option, not the paper)."""
+    m = mask[:, None].to(pred.dtype).expand_as(pred)
+    se = (pred - target).pow(2) * m
+    if not normalize:
+        return se.mean()
+    return (se.flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)).mean()
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+@contextmanager
+def _full_parameters(module, stage: int):
+    """With ZeRO-3 the parameters are partitioned: gather them (a collective: every rank must enter)."""
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, dict]]:
+    """The first n samples of the first shards: (image, concept, metadata), for the sample grids."""
+    from factory.dataset.shards import read_tar
+    from trainers.students.data import row_image
+
+    out = []
+    for url in urls:
+        for s in read_tar(url, limit=n - len(out)):
+            meta = json.loads(s["json"])
+            out.append((row_image(s), meta["concept"], meta))
+        if len(out) >= n:
+            break
+    return out
+
+
+def sample_grid(pipe, unet, model: str, validation, background_prompt: str, steps: int):
+    """Rows: a validation image, m's M_pre, the inpainted background, refined M (all with the EMA UNet),
+    then text-to-image samples of "a photo of a {concept}" and of the background prompt."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from factory.dataset.report import contact_sheet
+    from factory.method.distiller import Concept, DistillConfig, Distiller
+
+    ema_pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ema_pipe.set_progress_bar_config(disable=True)
+    d = Distiller(model, pipeline=ema_pipe,
+                  config=DistillConfig(num_inference_steps=steps, probe_t0=max(1, steps * 4 // 5),
+                                       inpaint_steps=steps, background_prompt=background_prompt))
+    rows, labels = [], []
+    for i, (image, concept, meta) in enumerate(validation):
+        c = Concept(concept, meta.get("template") or "a photo of a {concept}",
+                    tuple(meta.get("concept_words") or ()))
+        [t] = d.label([image], c, seeds=[i])
+        gens = [torch.Generator().manual_seed(1000 + i) for _ in range(2)]
+        with torch.no_grad():
+            samples = ema_pipe([meta["prompt"], background_prompt], num_inference_steps=steps, guidance_scale=1.0,
+                               generator=gens, output_type="np").images
+        rows.append([t.image, t.prelim, t.background, t.mask, (samples[0] * 255).round().astype(np.uint8),
+                     (samples[1] * 255).round().astype(np.uint8)])
+        labels.append(f"{concept} #{i}")
+    return contact_sheet(rows, ["image", "M_pre (m')", "background (m')", "refined M", "sample: object",
+                                "sample: background"], row_labels=labels)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker.
+
+    1. the worker's context: rank, world size, device, seeds;
+    2. the model: the base pipeline, VAE and text encoder frozen, the UNet trained;
+    3. DeepSpeed: the optimizer (or ZeRO-Offload's CPU Adam) and the engine; rank 0 keeps the EMA;
+    4. resume from Ray Train's latest checkpoint, if any;
+    5. the training loop over this worker's Ray Data shard: encode, noise, masked loss, DeepSpeed step, EMA;
+    6. every `train.log_every` steps the metrics (all-reduced), every `checkpoint.every` steps a checkpoint.
+    """
+    # 1. The worker's context.
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from factory.method.loading import load_pipeline
+    from factory.method.prompts import encode_prompts
+    from trainers.ema import EMA
+
+    cfg = FinetuneConfig.model_validate(config["job"])
+    quiet_model_libraries(bool(config.get("verbose")))
+    ds_config = config["deepspeed"]
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+
+    # 2. The model.
+    pipe = load_pipeline(cfg.model, str(device), "fp32")
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(True)
+    unet.train()
+    if cfg.checkpointing():
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    embeddings: dict[str, torch.Tensor] = {}
+
+    def embed(prompts) -> torch.Tensor:
+        for p in set(prompts) - embeddings.keys():
+            embeddings[p] = encode_prompts(pipe.tokenizer, text_encoder, [p])[0]
+        return torch.stack([embeddings[p] for p in prompts])
+
+    # 3. DeepSpeed and the EMA.
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
+    names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+
+    ema = None
+    with _full_parameters(engine.module, stage):
+        if rank == 0:
+            ema = EMA([p for p in engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
+
+    # 4. Resume.
+    step, samples_seen, resumed_from = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            step, samples_seen, resumed_from = state["step"], state["samples_seen"], state["step"]
+            if ema is not None:
+                shadow = load_file(str(Path(d) / EMA_FILE))
+                ema.load_state_dict({"shadow": [shadow[n] for n in names], "updates": state["ema_updates"]})
+            rng = Path(d) / f"rng_rank{rank}.pt"
+            if rng.exists():
+                torch.set_rng_state(torch.load(rng))
+        if rank == 0:
+            print(f"[finetune] resumed from the checkpoint at step {step}", flush=True)
+
+    validation = _validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
+    eval_unet = None
+
+    def save_checkpoint(metrics: dict) -> None:
+        nonlocal eval_unet
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=DS_TAG)
+            torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                save_file({n: s.contiguous() for n, s in zip(names, ema.shadow, strict=True)}, str(Path(d) / EMA_FILE))
+                (Path(d) / STATE_FILE).write_text(json.dumps(
+                    {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates, "world_size": world,
+                     "metrics": metrics, "model": cfg.model, "resumed_from": resumed_from}, indent=1))
+                if validation:
+                    if eval_unet is None:
+                        from diffusers import UNet2DConditionModel
+
+                        eval_unet = UNet2DConditionModel.from_config(unet.config).to(device).eval()
+                    ema.copy_to([p for p in eval_unet.parameters() if p.requires_grad])
+                    sample_grid(pipe, eval_unet, cfg.model, validation, cfg.data.background_prompt,
+                                cfg.checkpoint.grid_steps).save(Path(d) / "samples.png")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def fixed_probe(z0, emb, mask, repeats: int = 4):
+        g = torch.Generator().manual_seed(cfg.train.seed + 7 * rank)
+        n = z0.shape[0] * repeats
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
+        noise = torch.randn((n, *z0.shape[1:]), generator=g).to(device)
+        z_t = noise_scheduler.add_noise(z0.repeat(repeats, 1, 1, 1), noise, t)
+        return z_t, t, emb.repeat(repeats, 1, 1), mask.repeat(repeats, 1, 1), noise
+
+    @torch.no_grad()
+    def probe_loss(p) -> float:
+        z_t, t, emb, mask, noise = p
+        pred = engine.module(z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)).sample.float()
+        return float(masked_mse(pred, noise, mask, cfg.train.normalize_loss))
+
+    # 5. Train.
+    probe, probe_initial = None, math.nan
+    shard = ray.train.get_dataset_shard("train")
+    sums = torch.zeros(6, dtype=torch.float64)  # loss sum, n; full-task sum, n; background-task sum, n
+    t_window, steps_window = time.time(), 0
+    t_start = time.time()
+    micro = 0
+    while step < cfg.train.max_steps:
+        seen_batch = False
+        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None):
+            seen_batch = True
+            x = torch.from_numpy(batch["pixel_values"]).to(device)
+            mask = torch.from_numpy(batch["loss_mask"]).to(device)
+            with torch.no_grad():
+                z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+                emb = embed(list(batch["prompt"]))
+            if probe is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
+                probe = fixed_probe(z0, emb, mask)
+                probe_initial = probe_loss(probe)
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
+            z_t = noise_scheduler.add_noise(z0, noise, t)
+            pred = engine(z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)).sample.float()
+            loss = masked_mse(pred, noise, mask, cfg.train.normalize_loss)
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                per = (pred - noise).pow(2).mul(mask[:, None]).flatten(1).mean(1).cpu().double()
+                full = torch.from_numpy(np.asarray(batch["task"]) == "full")
+                sums += torch.stack([per.sum(), torch.tensor(len(per)), per[full].sum(), full.sum(),
+                                     per[~full].sum(), (~full).sum()]).double()
+            samples_seen += x.shape[0] * world
+            micro += 1
+            if micro % cfg.train.grad_accum:
+                continue  # DeepSpeed applies the optimizer step on the accumulation boundary only
+            step += 1
+            steps_window += 1
+            with _full_parameters(engine.module, stage):
+                if ema is not None:
+                    ema.update([p for p in engine.module.parameters() if p.requires_grad])
+            # 6. Metrics and checkpoints.
+            last = step >= cfg.train.max_steps
+            if step % cfg.train.log_every == 0 or step % cfg.checkpoint.every == 0 or last:
+                totals = sums.clone()
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(totals)
+                dt = time.time() - t_window
+                metrics = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
+                           "loss_full": float(totals[2] / max(totals[3], 1)) if totals[3] else math.nan,
+                           "loss_background": float(totals[4] / max(totals[5], 1)) if totals[5] else math.nan,
+                           "steps_per_s": steps_window / dt, "samples_per_s": float(totals[1]) / dt,
+                           "samples_seen": samples_seen, "elapsed_s": time.time() - t_start}
+                sums.zero_()
+                pl = torch.tensor([probe_loss(probe), probe_initial], dtype=torch.float64)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(pl)
+                metrics["probe_loss"], metrics["probe_loss_initial"] = float(pl[0] / world), float(pl[1] / world)
+                t_window, steps_window = time.time(), 0
+                if rank == 0:
+                    print(f"[finetune] step {step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
+                          f"(object {metrics['loss_full']:.4f}, background {metrics['loss_background']:.4f}; "
+                          f"fixed batch {metrics['probe_loss_initial']:.4f} -> {metrics['probe_loss']:.4f}) "
+                          f"{metrics['steps_per_s']:.2f} steps/s {metrics['samples_per_s']:.1f} samples/s", flush=True)
+                if step % cfg.checkpoint.every == 0 or last:
+                    save_checkpoint(metrics)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+        if not seen_batch:
+            raise RuntimeError("this worker's data shard is empty: there are fewer training samples than "
+                               f"workers x micro_batch ({world} x {cfg.train.micro_batch})")
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def latest_checkpoint(cfg: FinetuneConfig):
+    """The newest complete checkpoint of this run (by training step), or None."""
+    import fsspec
+    from ray.train import Checkpoint
+
+    fs, root = fsspec.core.url_to_fs(f"{storage_path(cfg.output.storage)}/{cfg.output.name}")
+    if not fs.exists(root):
+        return None
+    best = None
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint_") or not fs.exists(f"{path}/{STATE_FILE}"):
+            continue
+        if not fs.exists(f"{path}/{EMA_FILE}"):
+            continue
+        with fs.open(f"{path}/{STATE_FILE}") as f:
+            step = json.load(f)["step"]
+        if best is None or step > best[0]:
+            best = (step, path)
+    if best is None:
+        return None
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return Checkpoint(best[1] if proto in ("file", "local") else f"{proto}://{best[1]}")
+
+
+def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
+    """The base model with the checkpoint's EMA UNet, saved as a diffusers pipeline directory (local or any
+    fsspec URL)."""
+    import fsspec
+    from safetensors.torch import load_file
+
+    from factory.method.loading import load_pipeline
+
+    pipe = load_pipeline(model, "cpu", "fp32")
+    shadow = load_file(str(Path(checkpoint_dir) / EMA_FILE))
+    missing, unexpected = pipe.unet.load_state_dict(shadow, strict=False)
+    trainable = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise RuntimeError(f"the EMA weights do not fit {model!r}'s UNet (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}): was the run trained from another model?")
+    state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+    fs, root = fsspec.core.url_to_fs(out)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(root) if local else Path(tmp) / "export"
+        pipe.save_pretrained(target, safe_serialization=True)
+        (target / "finetune.json").write_text(json.dumps({"base_model": model, **state}, indent=1))
+        if (Path(checkpoint_dir) / "samples.png").exists():
+            (target / "samples.png").write_bytes((Path(checkpoint_dir) / "samples.png").read_bytes())
+        if not local:
+            fs.put(str(target), root, recursive=True)
+    return out
+
+
+def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool | None = None) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from factory.dataset.sources import list_shards
+    from factory.method.loading import model_geometry
+    from trainers.finetune.data import to_examples
+
+    verbose = verbose_from_env() if verbose is None else verbose
+    quiet_model_libraries(verbose)  # the driver loads the model too, to export it
+    urls = [u for src in cfg.data.shards for u in list_shards(src)]
+    resume = latest_checkpoint(cfg)
+    if export_only:
+        if resume is None:
+            raise FileNotFoundError(f"no checkpoint of run {cfg.output.name!r} under {storage_path(cfg.output.storage)}")
+        result_checkpoint = resume
+    else:
+        ds_config = deepspeed_config(cfg)
+        resolution, vae_factor = model_geometry(cfg.model)
+        print(f"[finetune] {cfg.model}: {len(urls)} shards, {cfg.scaling.workers} workers "
+              f"({'GPU' if cfg.scaling.use_gpu else 'CPU'}), ZeRO stage "
+              f"{ds_config['zero_optimization'].get('stage', 0)}, {cfg.train.max_steps} steps of "
+              f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {cfg.scaling.workers} samples"
+              + (f"; resuming from {resume.path}" if resume else ""), flush=True)
+        init_ray(verbose)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = ray.data.read_webdataset(urls, shuffle="files", num_cpus=cfg.data.map_num_cpus).map_batches(
+            to_examples, batch_size=16, num_cpus=cfg.data.map_num_cpus,
+            fn_kwargs={"resolution": resolution, "vae_factor": vae_factor,
+                       "background_prompt": cfg.data.background_prompt, "p_full": cfg.data.p_full,
+                       "concepts": cfg.data.concepts})
+        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        if cfg.scaling.use_gpu:
+            resources["GPU"] = cfg.scaling.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": cfg.model_dump(), "deepspeed": ds_config, "shard_urls": urls[:4],
+                               "verbose": verbose},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=cfg.output.name, storage_path=storage_path(cfg.output.storage),
+                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+            datasets={"train": ds},
+        )  # same name + storage_path: Ray Train v2 restores the run's latest checkpoint by itself
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        result_checkpoint = result.checkpoint
+    summary = {"checkpoint": result_checkpoint.path if result_checkpoint else None, "export": None}
+    if result_checkpoint is not None:
+        with result_checkpoint.as_directory() as d:
+            summary["state"] = json.loads((Path(d) / STATE_FILE).read_text())
+            if cfg.output.export:
+                summary["export"] = export_pipeline(cfg.model, d, cfg.output.export)
+    st = summary.get("state", {})
+    print(f"[finetune] done: step {st.get('step')}, last loss {st.get('metrics', {}).get('loss', math.nan):.4f}; "
+          f"checkpoint {summary['checkpoint']}" + (f"; EMA pipeline exported to {summary['export']} "
+                                                    f"(use it with --set model={summary['export']})"
+                                                    if summary["export"] else ""), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from factory.dataset.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="trainers finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="fine-tuning YAML (see configs/finetune-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA pipeline")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars")
+    a = p.parse_args(argv)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    try:
+        cfg = load_finetune_config(a.config, a.set)
+        if not a.export_only:
+            deepspeed_config(cfg)  # fail before Ray starts
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"trainers finetune: {err}", file=sys.stderr)
+        return 2
+    run_finetune(cfg, export_only=a.export_only, verbose=a.verbose or None)
+    return 0
