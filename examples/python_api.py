@@ -27,14 +27,21 @@ out = Path(a.out)
 (out / "synthetic").mkdir(parents=True, exist_ok=True)
 
 distiller = Distiller("toyworld", config=DistillConfig(guidance_scale=3.0))
-triplets = distiller.synthesize([SampleSpec(Concept(CONCEPTS[i % len(CONCEPTS)]), seed=i) for i in range(a.n)])
+triplets = distiller.synthesize(
+    [SampleSpec(Concept(CONCEPTS[i % len(CONCEPTS)]), seed=i) for i in range(a.n)]
+)
 for t in triplets:
     Image.fromarray(t.image).save(out / "synthetic" / f"{t.key}.png")
     Image.fromarray((t.mask * 255).astype(np.uint8)).save(out / "synthetic" / f"{t.key}.mask.png")
     (out / "synthetic" / f"{t.key}.json").write_text(json.dumps(t.meta, indent=1))
-contact_sheet([[t.image, t.attention.astype(np.float32), t.prelim, t.background, t.mask, t.foreground] for t in triplets],
-              ["image", "attention", "M_pre", "background", "refined M", "foreground"],
-              row_labels=[t.key for t in triplets]).save(out / "synthetic_sheet.png")
+contact_sheet(
+    [
+        [t.image, t.attention.astype(np.float32), t.prelim, t.background, t.mask, t.foreground]
+        for t in triplets
+    ],
+    ["image", "attention", "M_pre", "background", "refined M", "foreground"],
+    row_labels=[t.key for t in triplets],
+).save(out / "synthetic_sheet.png")
 
 split = write_split(out / "toyworld-test", range(2_000_000_000, 2_000_000_000 + a.n_eval))
 print(markdown_table(evaluate_distiller(distiller, split, out=out / "eval")))

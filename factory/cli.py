@@ -1,8 +1,10 @@
 """`factory`: the Concept Factory command line.
 
-    factory generate CONFIG [--set KEY=VALUE ...]               synthesize + label into WebDataset shards (Ray)
-    factory label CONFIG --input SRC [--set KEY=VALUE ...]      label your own images into shards (Ray)
+    factory generate CONFIG [--set KEY=VALUE ...]            synthesize + label into WebDataset shards (Ray)
+    factory label CONFIG --input SRC [--set KEY=VALUE ...]   label your own images into shards (Ray)
     factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
+
+Each job command takes --verbose (Ray's and diffusers' log lines and loading bars; quiet by default).
 
 Concept fine-tuning, students and evaluation are `trainers` commands (`trainers --help`).
 """
@@ -67,20 +69,32 @@ def cmd_label(a) -> int:
 
 def _add_job_args(s) -> None:
     s.add_argument("config", help="job YAML (see configs/)")
-    s.add_argument("--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field by dotted path, e.g. --set output.uri=s3://b/x --set concepts.0.samples=10")
+    s.add_argument(
+        "--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars"
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path, e.g. --set output.uri=s3://b/x "
+        "--set concepts.0.samples=10",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="factory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="factory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("generate", help="synthesize and label triplets into WebDataset shards on Ray")
     _add_job_args(s)
     s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("label", help="label your own images into WebDataset shards on Ray")
     _add_job_args(s)
-    s.add_argument("--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)")
+    s.add_argument(
+        "--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)"
+    )
     s.set_defaults(fn=cmd_label)
     s = sub.add_parser("toyworld-split", help="write a labelled toyworld split")
     s.add_argument("--out", required=True)

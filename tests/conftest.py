@@ -25,7 +25,7 @@ def fast_config():
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
 
 
-# --- Ending the test process ---------------------------------------------------------------------------------
+# --- Ending the test process ---------------------------------------------------------------------------
 # This one pytest process starts and stops Ray several times (module fixtures, a two-node cluster), loads
 # torch, DeepSpeed, pyarrow and gRPC, and then lets the interpreter tear all of that down. Once in CI (after
 # "161 passed" had been printed) that teardown crashed with a segmentation fault, so `make test` went red with

@@ -44,7 +44,9 @@ def test_capture_equals_naive_full_computation(toyworld_pipe):
     store = []
     original = dict(pipe.unet.attn_processors)
     naive = StoreEverything(store)
-    pipe.unet.set_attn_processor({n: (naive if n.endswith("attn2.processor") else p) for n, p in original.items()})
+    pipe.unet.set_attn_processor(
+        {n: (naive if n.endswith("attn2.processor") else p) for n, p in original.items()}
+    )
     try:
         with torch.no_grad():
             outs_naive = [pipe.unet(z, t, encoder_hidden_states=emb).sample for t in ts]

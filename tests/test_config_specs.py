@@ -21,8 +21,9 @@ def test_all_shipped_configs_validate():
 
 
 def test_set_overrides_by_dotted_path():
-    cfg = load_config(TOY, ["output.uri=/tmp/x", "concepts.1.samples=7", "sampler.guidance_scale=1.5",
-                            "masks.rule=otsu"])
+    cfg = load_config(
+        TOY, ["output.uri=/tmp/x", "concepts.1.samples=7", "sampler.guidance_scale=1.5", "masks.rule=otsu"]
+    )
     assert cfg.output.uri == "/tmp/x" and cfg.concepts[1].samples == 7
     assert cfg.sampler.guidance_scale == 1.5 and cfg.distill_config().mask_rule == "otsu"
 

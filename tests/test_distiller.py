@@ -36,9 +36,21 @@ def test_synthesize_triplet_shapes_and_metadata(distiller):
     prelim_up = np.repeat(np.repeat(t.prelim, 4, 0), 4, 1)
     assert not (t.mask & ~prelim_up).any()
     m = t.meta
-    for k in ("prompt", "concept", "seed", "model", "steps", "prelim_stats", "refine_stats", "mask_area", "timings"):
+    for k in (
+        "prompt",
+        "concept",
+        "seed",
+        "model",
+        "steps",
+        "prelim_stats",
+        "refine_stats",
+        "mask_area",
+        "timings",
+    ):
         assert k in m
-    assert m["seed"] == 3 and m["model"] == "toyworld" and m["concept"] == "star" and t.key == "star-0000000003"
+    assert (
+        m["seed"] == 3 and m["model"] == "toyworld" and m["concept"] == "star" and t.key == "star-0000000003"
+    )
     assert {"means", "weights", "bimodality", "threshold"} <= set(m["prelim_stats"])
 
 
@@ -69,8 +81,12 @@ def test_label_keeps_the_original_geometry(distiller):
 
 def test_in_loop_attention_and_probe_option(toyworld_pipe, fast_config):
     cfg = dataclasses.replace(fast_config, attention="probe")
-    (p,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
-    (lp,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("ring"), 4)])
+    (p,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize(
+        [SampleSpec(Concept("ring"), 4)]
+    )
+    (lp,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize(
+        [SampleSpec(Concept("ring"), 4)]
+    )
     assert np.array_equal(p.image, lp.image)  # same generation; only the attention source differs
     assert not np.array_equal(p.attention, lp.attention)
     assert p.meta["attention_source"] == "probe" and lp.meta["attention_source"] == "loop"
@@ -78,7 +94,9 @@ def test_in_loop_attention_and_probe_option(toyworld_pipe, fast_config):
 
 def test_guided_synthesis_records_only_the_conditional_branch(toyworld_pipe, fast_config):
     cfg = dataclasses.replace(fast_config, guidance_scale=3.0)
-    (t,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize([SampleSpec(Concept("star"), 5)])
+    (t,) = Distiller("toyworld", config=cfg, pipeline=toyworld_pipe).synthesize(
+        [SampleSpec(Concept("star"), 5)]
+    )
     assert t.attention.shape == (16, 16) and np.isfinite(t.attention.astype(np.float32)).all()
     assert t.attention.astype(np.float32).max() <= 1.0  # a probability, not a sum over two branches
 
@@ -117,8 +135,9 @@ def test_nine_channel_inpainting_unet_is_used_as_such(toyworld_pipe):
     region[:, :, 4:12, 4:12] = 1
     emb = encode_prompts(toyworld_pipe.tokenizer, toyworld_pipe.text_encoder, ["a photo of a background"] * 2)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    out = inpaint_background(unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4,
-                             masked_image_latents=z0 * (1 - region))
+    out = inpaint_background(
+        unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4, masked_image_latents=z0 * (1 - region)
+    )
     assert out.shape == z0.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="masked_image_latents"):
         inpaint_background(unet9, toyworld_pipe.scheduler, z0, region, emb, gens, 4)
@@ -134,5 +153,13 @@ def test_object_guidance_changes_the_background_and_needs_the_object_prompt(toyw
     assert away.meta["object_guidance"] == -2.0
     z = torch.zeros(1, 4, 16, 16)
     with pytest.raises(ValueError, match="fg_emb"):
-        inpaint_background(toyworld_pipe.unet, toyworld_pipe.scheduler, z, torch.ones(1, 1, 16, 16),
-                           torch.zeros(1, 16, 64), [torch.Generator()], 2, object_guidance=1.0)
+        inpaint_background(
+            toyworld_pipe.unet,
+            toyworld_pipe.scheduler,
+            z,
+            torch.ones(1, 1, 16, 16),
+            torch.zeros(1, 16, 64),
+            [torch.Generator()],
+            2,
+            object_guidance=1.0,
+        )

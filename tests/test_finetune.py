@@ -34,9 +34,17 @@ def work(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     d = tmp_path_factory.mktemp("ft")
     write_split(d / "train", range(2_000_000_000, 2_000_000_016), concept="star")
-    cfg = load_config("configs/toyworld-label.yaml", [
-        f"output.uri={d / 'label'}", "sampler.steps=6", "sampler.probe_t0=4", "inpaint.steps=6",
-        "output.samples_per_shard=8", "output.report_samples=0"])
+    cfg = load_config(
+        "configs/toyworld-label.yaml",
+        [
+            f"output.uri={d / 'label'}",
+            "sampler.steps=6",
+            "sampler.probe_t0=4",
+            "inpaint.steps=6",
+            "output.samples_per_shard=8",
+            "output.report_samples=0",
+        ],
+    )
     assert run_job(cfg, "label", list_images(str(d / "train" / "images")), progress=False)["complete"]
     # The toyworld model with a freshly initialised UNet: its loss must fall within a few steps, which a
     # converged UNet's need not (its fixed-batch loss is already near its floor).
@@ -49,10 +57,22 @@ def work(tmp_path_factory):
 
 
 def ft_config(d: Path, *extra):
-    return load_finetune_config("configs/finetune-toyworld.yaml", [
-        f"model={d / 'scratch-model'}", f"data.shards=[{d / 'label'}]", f"output.storage={d / 'runs'}", "train.micro_batch=4", "train.log_every=5",
-        "checkpoint.every=10", "checkpoint.grid_images=1", "checkpoint.grid_steps=4", "data.shuffle_buffer=8",
-        f"output.export={d / 'export'}", *extra])
+    return load_finetune_config(
+        "configs/finetune-toyworld.yaml",
+        [
+            f"model={d / 'scratch-model'}",
+            f"data.shards=[{d / 'label'}]",
+            f"output.storage={d / 'runs'}",
+            "train.micro_batch=4",
+            "train.log_every=5",
+            "checkpoint.every=10",
+            "checkpoint.grid_images=1",
+            "checkpoint.grid_steps=4",
+            "data.shuffle_buffer=8",
+            f"output.export={d / 'export'}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +89,14 @@ def test_two_deepspeed_workers_train_and_the_loss_falls(trained):
     assert m["probe_loss"] < 0.8 * m["probe_loss_initial"]
     files = {p.name for p in Path(trained["checkpoint"]).rglob("*")}
     # Ray Train merged both ranks' ZeRO-2 partitions into one checkpoint, beside the EMA and a sample grid
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "mp_rank_00_model_states.pt", "ema_unet.safetensors", "state.json", "samples.png"} <= files
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "ema_unet.safetensors",
+        "state.json",
+        "samples.png",
+    } <= files
 
 
 def test_exported_pipeline_loads_and_generates(trained, work, fast_config):
@@ -78,7 +104,9 @@ def test_exported_pipeline_loads_and_generates(trained, work, fast_config):
     assert (Path(export) / "model_index.json").exists() and (Path(export) / "finetune.json").exists()
     pipe = load_pipeline(export)  # what `factory generate --set model=DIR` does
     base = load_pipeline(str(work / "scratch-model"))
-    changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)
+    ]
     assert any(changed), "the exported UNet carries the fine-tuned EMA weights"
     for a, b in [(pipe.vae, base.vae), (pipe.text_encoder, base.text_encoder)]:
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)), "frozen"
@@ -87,21 +115,32 @@ def test_exported_pipeline_loads_and_generates(trained, work, fast_config):
 
 
 def test_running_the_same_config_again_resumes_the_stopped_run(trained, work):
-    summary = run_finetune(ft_config(work, "train.max_steps=40", "train.lr=1e-3", "output.name=run",
-                                     "checkpoint.grid_images=0"))
+    summary = run_finetune(
+        ft_config(work, "train.max_steps=40", "train.lr=1e-3", "output.name=run", "checkpoint.grid_images=0")
+    )
     assert summary["state"]["resumed_from"] == 30 and summary["state"]["step"] == 40
 
 
 def _train_workers() -> list[psutil.Process]:
-    """This test's Ray Train worker processes (descendants of this process's local Ray, whatever else runs)."""
+    """This test's Ray Train worker processes (descendants of this process's local Ray, whatever else
+    runs)."""
     me = os.getpid()
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-            and any(a.pid == me for a in p.parents())]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and any(a.pid == me for a in p.parents())
+    ]
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
-    cfg = ft_config(work, "train.max_steps=40", "output.name=killed", "checkpoint.grid_images=0",
-                    "scaling.max_failures=1", "output.export=null")
+    cfg = ft_config(
+        work,
+        "train.max_steps=40",
+        "output.name=killed",
+        "checkpoint.grid_images=0",
+        "scaling.max_failures=1",
+        "output.export=null",
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_finetune(cfg)), daemon=True)
     thread.start()

@@ -1,4 +1,5 @@
-"""Fine-tuning data and loss (paper Step 3) without Ray: geometry, joint augmentation, tasks, loss, configs."""
+"""Fine-tuning data and loss (paper Step 3) without Ray: geometry, joint augmentation, tasks, loss,
+configs."""
 
 import json
 
@@ -65,8 +66,12 @@ def test_to_examples_reads_label_rows_and_filters_concepts():
     prelim[2:8, 5:10] = 255
     _, canvas = to_canvas(img, 64)
     meta = {"concept": "square", "prompt": "a photo of a square", "canvas": canvas.as_dict()}
-    batch = {"png": [img, img], "prelim.png": [prelim, prelim], "json": [meta, {**meta, "concept": "star"}],
-             "__key__": ["a", "b"]}
+    batch = {
+        "png": [img, img],
+        "prelim.png": [prelim, prelim],
+        "json": [meta, {**meta, "concept": "star"}],
+        "__key__": ["a", "b"],
+    }
     out = to_examples(batch, 64, 4, "a photo of a background", 0.5, concepts=["square"])
     assert out["pixel_values"].shape == (1, 3, 64, 64) and out["loss_mask"].shape == (1, 16, 16)
     assert to_examples(batch, 64, 4, "bg", 0.5, concepts=["dog"])["pixel_values"].shape == (0, 3, 64, 64)
@@ -97,7 +102,10 @@ def test_deepspeed_config_from_the_shipped_json():
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # fp32 on CPUs
     ds3 = deepspeed_config(_cfg(deepspeed__stage=3, deepspeed__offload_optimizer=True))
-    assert ds3["zero_optimization"]["stage"] == 3 and ds3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (
+        ds3["zero_optimization"]["stage"] == 3
+        and ds3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
     gpu = deepspeed_config(_cfg(scaling__use_gpu=True))
     assert gpu["bf16"]["enabled"]
     assert _cfg(scaling__use_gpu=True).checkpointing() and not _cfg().checkpointing()

@@ -18,7 +18,11 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     for node in ast.walk(ast.parse(path.read_text(), str(path))):  # importlib.import_module("...") strings
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[a-z_.]+", node.value):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.fullmatch(r"[a-z_.]+", node.value)
+        ):
             names.add(node.value)
     return names
 
@@ -29,17 +33,25 @@ def _modules(folder: str) -> list[Path]:
 
 def test_factory_never_imports_trainers():
     bad = {
-        str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if n == "trainers" or n.startswith("trainers."))
+        str(p.relative_to(ROOT)): sorted(
+            n for n in _imports(p) if n == "trainers" or n.startswith("trainers.")
+        )
         for p in _modules("factory")
     }
     assert not {k: v for k, v in bad.items() if v}
 
 
 def test_the_method_does_not_import_ray_and_the_dataset_factory_does_not_import_diffusers():
-    method = {str(p.relative_to(ROOT)) for p in _modules("factory/method") if any(
-        n == "ray" or n.startswith("ray.") for n in _imports(p))}
-    dataset = {str(p.relative_to(ROOT)) for p in _modules("factory/dataset") if any(
-        n.split(".")[0] in ("diffusers", "transformers") for n in _imports(p))}
+    method = {
+        str(p.relative_to(ROOT))
+        for p in _modules("factory/method")
+        if any(n == "ray" or n.startswith("ray.") for n in _imports(p))
+    }
+    dataset = {
+        str(p.relative_to(ROOT))
+        for p in _modules("factory/dataset")
+        if any(n.split(".")[0] in ("diffusers", "transformers") for n in _imports(p))
+    }
     assert not method, f"model-facing modules that import Ray: {method}"
     assert not dataset, f"orchestration modules that import diffusers: {dataset}"
 
@@ -58,7 +70,16 @@ def test_the_public_api_imports_from_the_top_level():
 def test_readme_fits_on_a_screen_and_links_into_docs():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    for page in ("architecture", "method", "factory", "finetune", "students", "toyworld", "results", "development"):
+    for page in (
+        "architecture",
+        "method",
+        "factory",
+        "finetune",
+        "students",
+        "toyworld",
+        "results",
+        "development",
+    ):
         assert f"docs/{page}.md" in readme
 
 
@@ -81,7 +102,12 @@ def _anchors(md: Path) -> set[str]:
 
 
 def test_every_link_in_the_readme_and_docs_resolves():
-    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        ROOT / "CHANGELOG.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]
     broken = []
     for md in pages:
         for target in _links(md):

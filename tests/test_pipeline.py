@@ -11,14 +11,27 @@ from factory.dataset.pipeline import run_job
 from factory.dataset.shards import ShardStore
 from factory.dataset.sources import list_images
 
-FAST = ["sampler.steps=6", "sampler.probe_t0=4", "inpaint.steps=6", "output.samples_per_shard=2",
-        "resources.actors=2", "resources.num_cpus_per_actor=0.75", "output.report_samples=4"]
+FAST = [
+    "sampler.steps=6",
+    "sampler.probe_t0=4",
+    "inpaint.steps=6",
+    "output.samples_per_shard=2",
+    "resources.actors=2",
+    "resources.num_cpus_per_actor=0.75",
+    "output.report_samples=4",
+]
 
 
 def job(tmp_path, *extra, name="out"):
-    return load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / name}",
-                                                 "concepts=[{name: star, samples: 3}, {name: ring, samples: 2}]",
-                                                 *FAST, *extra])
+    return load_config(
+        "configs/toyworld.yaml",
+        [
+            f"output.uri={tmp_path / name}",
+            "concepts=[{name: star, samples: 3}, {name: ring, samples: 2}]",
+            *FAST,
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +52,9 @@ def test_generate_writes_shards_manifest_report_and_resumes(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     t = manifest["totals"]
     assert t["written"] + sum(t["rejected"].values()) == 5 and manifest["complete"]
-    assert (out / "report.png").stat().st_size > 1000 and "shard-000000.tar" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 1000 and "shard-000000.tar" in (
+        out / "report.md"
+    ).read_text()
     samples = ShardStore(str(out)).read_shard("shard-000000.tar")
     assert {"png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png", "json"} <= set(samples[0])
     meta = json.loads(samples[0]["json"])
@@ -79,13 +94,22 @@ def test_wait_for_actors_fails_clearly_when_the_pool_cannot_start_and_does_not_l
 def test_a_different_job_cannot_resume_into_the_same_output(tmp_path):
     run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]"), "generate", progress=False)
     with pytest.raises(RuntimeError, match="different job"):
-        run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]", "masks.rule=otsu"), "generate", progress=False)
+        run_job(
+            job(tmp_path, "concepts=[{name: star, samples: 1}]", "masks.rule=otsu"),
+            "generate",
+            progress=False,
+        )
 
 
 @pytest.mark.integration
 def test_quality_filters_reject_by_reason_and_keep_rejects_aside(tmp_path):
-    cfg = job(tmp_path, "concepts=[{name: heart, samples: 2}]", "filters.min_area=0.95",
-              "filters.max_area=1.0", "filters.keep_rejected=true")
+    cfg = job(
+        tmp_path,
+        "concepts=[{name: heart, samples: 2}]",
+        "filters.min_area=0.95",
+        "filters.max_area=1.0",
+        "filters.keep_rejected=true",
+    )
     summary = run_job(cfg, "generate", progress=False)
     assert summary["written_this_run"] == 0 and sum(summary["rejected_this_run"].values()) == 2
     assert set(summary["rejected_this_run"]) <= {"area_below_min", "empty_mask"}
@@ -102,7 +126,9 @@ def test_label_mode_on_a_folder_of_images(tmp_path):
     src = tmp_path / "images"
     src.mkdir()
     for i in range(3):
-        Image.fromarray(render(100 + i, concept="circle", background_only=False).image).save(src / f"img{i}.png")
+        Image.fromarray(render(100 + i, concept="circle", background_only=False).image).save(
+            src / f"img{i}.png"
+        )
     (src / "broken.png").write_bytes(b"not an image")
     (src / "notes.txt").write_text("ignored")
     sources = list_images(str(src))
@@ -113,7 +139,9 @@ def test_label_mode_on_a_folder_of_images(tmp_path):
     stats = json.loads((tmp_path / "out" / "shard-000000.stats.json").read_text())
     assert stats["rejected"].get("unreadable") == 1 and "circle-broken" in stats["errors"]
     samples = ShardStore(str(tmp_path / "out")).read_shard("shard-000000.tar")
-    assert sorted(s["__key__"] for s in samples) == [f"circle-img{i}" for i in range(3) if f"circle-img{i}" in stats["keys"]]
+    assert sorted(s["__key__"] for s in samples) == [
+        f"circle-img{i}" for i in range(3) if f"circle-img{i}" in stats["keys"]
+    ]
     meta = json.loads(samples[0]["json"])
     assert meta["mode"] == "label" and meta["source"].endswith(".png")
     with pytest.raises(FileNotFoundError, match="no images"):

@@ -14,9 +14,16 @@ def _triplet(key, rng):
     mask = np.zeros((16, 16), bool)
     mask[4:10, 5:12] = True
     img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-    return {"key": key, "image": img, "mask": mask, "prelim": mask[::4, ::4], "attention": rng.random((4, 4)),
-            "foreground": np.concatenate([img, mask[..., None].astype(np.uint8) * 255], -1),
-            "background": img[::-1].copy(), "meta": {"key": key, "mask_area": float(mask.mean())}}
+    return {
+        "key": key,
+        "image": img,
+        "mask": mask,
+        "prelim": mask[::4, ::4],
+        "attention": rng.random((4, 4)),
+        "foreground": np.concatenate([img, mask[..., None].astype(np.uint8) * 255], -1),
+        "background": img[::-1].copy(),
+        "meta": {"key": key, "mask_area": float(mask.mean())},
+    }
 
 
 @pytest.fixture()
@@ -32,7 +39,12 @@ def written(tmp_path):
 
 def test_commit_is_atomic_and_listed(written, tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["shard-000000.stats.json", "shard-000000.tar", "shard-000001.stats.json", "shard-000001.tar"]
+    assert files == [
+        "shard-000000.stats.json",
+        "shard-000000.tar",
+        "shard-000001.stats.json",
+        "shard-000001.tar",
+    ]
     assert written.committed() == {"shard-000000", "shard-000001"}
     # a tar without its stats (a crash between the two commits) does not count as committed
     (tmp_path / "out" / "shard-000001.stats.json").unlink()
@@ -50,7 +62,10 @@ def test_round_trip_with_webdataset(written):
     s = samples[0]
     assert set(s) >= {"__key__", "png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png", "json"}
     raw = next(iter(wds.WebDataset(urls, shardshuffle=False)))
-    assert Image.open(io.BytesIO(raw["fg.png"])).mode == "RGBA" and Image.open(io.BytesIO(raw["mask.png"])).mode == "L"
+    assert (
+        Image.open(io.BytesIO(raw["fg.png"])).mode == "RGBA"
+        and Image.open(io.BytesIO(raw["mask.png"])).mode == "L"
+    )
     assert s["png"].shape == (16, 16, 3)
     assert s["attn.npy"].dtype == np.float16 and s["json"]["key"] == s["__key__"]
 
@@ -75,8 +90,11 @@ def test_round_trip_with_ray_data(written):
 def test_round_trip_with_hf_datasets(written):
     from datasets import load_dataset
 
-    ds = load_dataset("webdataset", data_files={"train": [written.path(f"shard-{s:06d}.tar") for s in range(2)]},
-                      split="train")
+    ds = load_dataset(
+        "webdataset",
+        data_files={"train": [written.path(f"shard-{s:06d}.tar") for s in range(2)]},
+        split="train",
+    )
     assert len(ds) == 6
     ex = ds[0]
     assert ex["png"].size == (16, 16) and ex["json"]["key"] == ex["__key__"]
@@ -94,7 +112,10 @@ def test_object_store_path_uses_a_single_put(tmp_path):
     """fsspec's in-memory filesystem stands in for an object store (no s3/gs server is reachable here)."""
     store = ShardStore("memory://bucket/job")
     store.ensure()
-    store.write_shard("shard-000000", [encode_triplet(_triplet("m-0", np.random.default_rng(1)), "jpg")],
-                      {"written": 1, "rejected": {}})
+    store.write_shard(
+        "shard-000000",
+        [encode_triplet(_triplet("m-0", np.random.default_rng(1)), "jpg")],
+        {"written": 1, "rejected": {}},
+    )
     assert store.committed() == {"shard-000000"}
     assert [s["__key__"] for s in store.read_shard("shard-000000.tar")] == ["m-0"]

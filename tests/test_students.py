@@ -45,8 +45,14 @@ def _row(h=48, w=64):
     buf = io.BytesIO()
     np.save(buf, attn)
     meta = {"concept": "square", "canvas": canvas.as_dict()}
-    return {"__key__": "k", "png": _png(img), "mask.png": _png(mask), "prelim.png": _png(prelim),
-            "attn.npy": buf.getvalue(), "json": json.dumps(meta).encode()}
+    return {
+        "__key__": "k",
+        "png": _png(img),
+        "mask.png": _png(mask),
+        "prelim.png": _png(prelim),
+        "attn.npy": buf.getvalue(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def test_targets_align_with_the_image():
@@ -101,7 +107,9 @@ def test_student_losses():
     logits, target = torch.zeros(2, 1, 8, 8), torch.ones(2, 8, 8)
     assert student_loss(logits, target).item() == pytest.approx(np.log(2), rel=1e-5)
     assert student_loss(logits, target, "bce+dice").item() > student_loss(logits, target).item()
-    assert student_loss(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8), multiclass=True).item() == pytest.approx(np.log(3), rel=1e-5)
+    assert student_loss(
+        torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8), multiclass=True
+    ).item() == pytest.approx(np.log(3), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +124,17 @@ def test_evaluate_mask_sources_pooled_and_boxes(split, tmp_path):
     rows = labelled_set(split / "star")
     assert len(rows) == 24 and all(r["concept"] == "star" for r in rows)
     # a folder holding the ground truth itself scores perfectly
-    res = evaluate(rows, folder_predictor(split / "star" / "masks", rows, 64), 64, bbox=True, out=tmp_path / "e")
-    assert res["acc"] == pytest.approx(1.0) and res["iou"] == pytest.approx(1.0) and res["box_iou"] == pytest.approx(1.0)
-    assert (tmp_path / "e" / "cases.png").exists() and json.loads((tmp_path / "e" / "metrics.json").read_text())
+    res = evaluate(
+        rows, folder_predictor(split / "star" / "masks", rows, 64), 64, bbox=True, out=tmp_path / "e"
+    )
+    assert (
+        res["acc"] == pytest.approx(1.0)
+        and res["iou"] == pytest.approx(1.0)
+        and res["box_iou"] == pytest.approx(1.0)
+    )
+    assert (tmp_path / "e" / "cases.png").exists() and json.loads(
+        (tmp_path / "e" / "metrics.json").read_text()
+    )
     gc = evaluate(rows, grabcut_predictor(64), 64)
     assert 0.2 < gc["acc"] < 1.0 and 0.0 < gc["iou"] < 0.9
     assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
@@ -147,10 +163,21 @@ def students(split, tmp_path_factory):
 
 
 def _cfg(d, *extra):
-    return load_students_config("configs/students-toyworld.yaml", [
-        f"data.shards=[{d / 'gt-star'}, {d / 'gt-heart'}]", "data.concepts=[star, heart]", "train.steps=12", "train.batch=8",
-        "checkpoint.every=6", f"output.storage={d / 'runs'}", f"output.export={d / 'export'}",
-        "model.decoder_kwargs={decoder_channels: [32, 16, 16, 8, 8]}", "data.val_every=4", *extra])
+    return load_students_config(
+        "configs/students-toyworld.yaml",
+        [
+            f"data.shards=[{d / 'gt-star'}, {d / 'gt-heart'}]",
+            "data.concepts=[star, heart]",
+            "train.steps=12",
+            "train.batch=8",
+            "checkpoint.every=6",
+            f"output.storage={d / 'runs'}",
+            f"output.export={d / 'export'}",
+            "model.decoder_kwargs={decoder_channels: [32, 16, 16, 8, 8]}",
+            "data.val_every=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.training
@@ -163,7 +190,9 @@ def test_students_for_all_concepts_train_concurrently_and_export(students, split
     runs = {r["student"]: r for r in summary["students"]}
     assert set(runs) == {"star", "heart"}
     a, b = runs["star"], runs["heart"]
-    assert a["started"] < b["finished"] and b["started"] < a["finished"], "the concepts' runs overlapped in time"
+    assert a["started"] < b["finished"] and b["started"] < a["finished"], (
+        "the concepts' runs overlapped in time"
+    )
     for name, r in runs.items():
         assert r["metrics"]["step"] == 12 and np.isfinite(r["metrics"]["loss"]) and r["val_images"] > 0
         model, info = load_student(r["export"])
@@ -184,5 +213,9 @@ def test_one_multiclass_student(students):
     summary = run_students(_cfg(students, "multiclass=true", "output.name=mc"))
     [r] = summary["students"]
     model, info = load_student(r["export"])
-    assert r["student"] == "multiclass" and info["classes"] == 3 and info["class_names"] == ["background", "star", "heart"]
+    assert (
+        r["student"] == "multiclass"
+        and info["classes"] == 3
+        and info["class_names"] == ["background", "star", "heart"]
+    )
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -7,7 +7,9 @@ from factory.toyworld.world import vocabulary
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path_factory.mktemp("tok"), vocabulary(), 16))
+    return CLIPTokenizer.from_pretrained(
+        write_clip_tokenizer(tmp_path_factory.mktemp("tok"), vocabulary(), 16)
+    )
 
 
 def test_vocabulary_is_complete(tokenizer):
@@ -26,7 +28,14 @@ def test_concept_is_token_five_as_in_sd(tokenizer):
     ids = tokenizer("a photo of a star", padding="max_length", max_length=16).input_ids
     assert len(ids) == 16
     assert tokenizer.convert_ids_to_tokens(ids[:7]) == [
-        "<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "star</w>", "<|endoftext|>"]
+        "<|startoftext|>",
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "a</w>",
+        "star</w>",
+        "<|endoftext|>",
+    ]
 
 
 def test_unknown_words_still_tokenize(tokenizer):

@@ -1,4 +1,5 @@
-"""The toyworld shape classifier (the yardstick for "recognizable samples") and the shipped model's samples."""
+"""The toyworld shape classifier (the yardstick for "recognizable samples") and the shipped model's
+samples."""
 
 import numpy as np
 import pytest
@@ -43,8 +44,8 @@ def test_shipped_classifier_reads_held_out_renders():
     assert DEFAULT_PATH.exists(), "the shape classifier ships beside the toyworld model"
     model, info = load_or_train(DEFAULT_PATH)
     images, labels = renders(280, TEST_SEED_BASE + 10_000)
-    # measured 0.975 on these 280 and 0.954 on the 700 of its card (chance 1/7; every class >= 0.92); the first
-    # classifier (32x32 input) scored 0.786 / 0.787, hearts 0.50
+    # measured 0.975 on these 280 and 0.954 on the 700 of its card (chance 1/7; every class >= 0.92); the
+    # first classifier (32x32 input) scored 0.786 / 0.787, hearts 0.50
     assert (predict(model, images) == labels).mean() >= 0.92
     assert info["test_accuracy"] >= 0.92 and min(info["test_per_class"].values()) >= 0.9
 
@@ -53,9 +54,9 @@ def test_shipped_model_samples_show_their_concept(toyworld_pipe):
     """Text-to-image samples of the shipped model show every prompted shape, well above chance (1/6; "no
     object" counts as a miss). Measured with exactly these settings and the shipped (second) classifier: the
     64-wide model v2 0.81 (circle and square 1.0, ring 0.875, heart 0.75, triangle and star 0.625); the
-    CPU-trained v1 it replaced 0.73 (triangle 0.125), and v1 after its run 3 0.58 (square and star 0.25), both
-    of which this bar fails. With the first, weaker classifier v1 after run 3 scored 0.65, after run 2 0.44 and
-    after run 1 0.17."""
+    CPU-trained v1 it replaced 0.73 (triangle 0.125), and v1 after its run 3 0.58 (square and star 0.25),
+    both of which this bar fails. With the first, weaker classifier v1 after run 3 scored 0.65, after run 2
+    0.44 and after run 1 0.17."""
     model, _ = load_or_train(DEFAULT_PATH)
     res = concept_accuracy(toyworld_pipe, model, per_concept=8, guidance=3.0, steps=25, seed=7)
     assert res["mean"] >= 0.75, res
@@ -66,9 +67,9 @@ def test_shipped_model_samples_show_their_concept(toyworld_pipe):
 def test_shape_retention_of_the_shipped_model(toyworld_pipe):
     """Held-out renders noised to t ~ 300 and denoised with their own prompt mostly keep their shape. Measured
     with exactly these settings: the shipped v2 0.896 (triangles 0.5, every other shape >= 0.875); v1 0.875
-    (triangles 0.5), v1 after its run 3 0.833 (its squares 0.75). 48 images cannot tell those apart, so this is
-    a regression bar, not the comparison (the model card's figures are on 20 per concept at 50 steps). A strength
-    outside (0, 1] is refused."""
+    (triangles 0.5), v1 after its run 3 0.833 (its squares 0.75). 48 images cannot tell those apart, so this
+    is a regression bar, not the comparison (the model card's figures are on 20 per concept at 50 steps). A
+    strength outside (0, 1] is refused."""
     model, _ = load_or_train(DEFAULT_PATH)
     res = shape_retention(toyworld_pipe, model, 0.3, per_concept=8, steps=20)
     assert res["mean"] >= 0.75, res
@@ -97,26 +98,37 @@ def _write_shard(path, samples):
         for i, (image, concept) in enumerate(samples):
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="PNG")
-            w.write({"__key__": f"{concept}-{i:08d}", "png": buf.getvalue(),
-                     "json": json.dumps({"concept": concept}).encode()})
+            w.write(
+                {
+                    "__key__": f"{concept}-{i:08d}",
+                    "png": buf.getvalue(),
+                    "json": json.dumps({"concept": concept}).encode(),
+                }
+            )
 
 
 def test_shard_recognizability_reads_a_written_dataset(tmp_path):
-    """`trainers toyworld-classifier --shards`: concept accuracy of a dataset already written as WebDataset shards
-    (how the README measures D'_s), here on real renders."""
+    """`trainers toyworld-classifier --shards`: concept accuracy of a dataset already written as WebDataset
+    shards (how docs/results.md measures D'_s), here on real renders."""
     import pytest
 
     from factory.toyworld.world import render
     from trainers.toyworld.classifier import main, shard_recognizability
 
-    renders_ = [(render(TEST_SEED_BASE + 20_000 + i, concept=c).image, c) for c in ("ring", "square") for i in range(6)]
+    renders_ = [
+        (render(TEST_SEED_BASE + 20_000 + i, concept=c).image, c)
+        for c in ("ring", "square")
+        for i in range(6)
+    ]
     _write_shard(tmp_path / "shard-000000.tar", renders_[:7])
     _write_shard(tmp_path / "shard-000001.tar", renders_[7:])
     model, _ = load_or_train(DEFAULT_PATH)
     res = shard_recognizability(model, str(tmp_path))
     assert res["samples"] == {"ring": 6, "square": 6}
     assert sum(res["confusion"]["ring"]) == 6 and res["classes"] == list(CLASSES)
-    assert res["per_concept"]["ring"] >= 5 / 6 and res["per_concept"]["square"] >= 5 / 6  # crisp renders: easy
+    assert (
+        res["per_concept"]["ring"] >= 5 / 6 and res["per_concept"]["square"] >= 5 / 6
+    )  # crisp renders: easy
     main(["--shards", str(tmp_path)])  # the CLI path prints the same JSON
 
     bad = tmp_path / "bad"

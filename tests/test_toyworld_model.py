@@ -17,7 +17,9 @@ def test_loads_by_path_with_plain_diffusers():
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
     assert pipe.vae.config.scaling_factor != 1.0
     assert len(pipe.tokenizer) > 500 and pipe.tokenizer.model_max_length == 16
-    cross = {n.split(".transformer_blocks")[0] for n in pipe.unet.attn_processors if n.endswith("attn2.processor")}
+    cross = {
+        n.split(".transformer_blocks")[0] for n in pipe.unet.attn_processors if n.endswith("attn2.processor")
+    }
     assert len(cross) >= 3  # cross-attention at 16x16, 8x8 and in the 4x4 middle block
 
 
@@ -25,8 +27,13 @@ def test_loads_by_short_name_and_generates():
     pipe = load_pipeline("toyworld")
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
-    out = pipe("a photo of a star", num_inference_steps=4, guidance_scale=1.0,
-               generator=torch.Generator().manual_seed(0), output_type="np").images
+    out = pipe(
+        "a photo of a star",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
 

@@ -27,7 +27,10 @@ def test_pixel_auc_by_group_scores_each_group_alone():
     gt[1:3, 1:3] = True
     good, inverted = gt.astype(float), (~gt).astype(float)
     by = pixel_auc_by_group([good, inverted, good], [gt, gt, gt], ["star", "circle", "star"])
-    assert by == {"circle": 0.0, "star": 1.0}  # sorted by group; a collapsed group shows however the pool looks
+    assert by == {
+        "circle": 0.0,
+        "star": 1.0,
+    }  # sorted by group; a collapsed group shows however the pool looks
     assert 0.0 < pixel_auc([good, inverted, good], [gt, gt, gt]) < 1.0
     with pytest.raises(ValueError, match="differ in length"):
         pixel_auc_by_group([good], [gt], ["star", "circle"])
@@ -47,7 +50,9 @@ def test_refined_masks_beat_preliminary_masks(tmp_path, toyworld_pipe):
     from trainers.evaluate.method_masks import evaluate_distiller
 
     split = write_split(tmp_path / "split", range(3_000_000_000, 3_000_000_048))
-    res = evaluate_distiller(Distiller("toyworld", pipeline=toyworld_pipe), split, batch=16, out=tmp_path / "eval")
+    res = evaluate_distiller(
+        Distiller("toyworld", pipeline=toyworld_pipe), split, batch=16, out=tmp_path / "eval"
+    )
     assert res["refined"]["iou"] > res["prelim"]["iou"] > 0.35
     assert res["attention_auc"] > 0.9 and (tmp_path / "eval" / "contact_sheet.png").exists()
     assert np.isfinite(res["refined"]["miou"])

@@ -37,12 +37,16 @@ def test_small_tables_pipeline_end_to_end(tmp_path):
     # Low bars that still catch breakage. At this size (12 images, 60 student steps from scratch) students do
     # not beat GrabCut (the full run, `make tables`, is where they are compared); they must have learned a
     # non-empty foreground. The method's own masks must beat both M_pre and GrabCut.
-    assert rows["refined M"]["iou"] > rows["M_pre"]["iou"] and rows["refined M"]["iou"] > rows["GrabCut"]["iou"]
+    assert (
+        rows["refined M"]["iou"] > rows["M_pre"]["iou"] and rows["refined M"]["iou"] > rows["GrabCut"]["iou"]
+    )
     assert table["attention_auc"] > 0.8
     for name in ("supervised student (GT masks)", "student on D_s", "student on D_s u D'_s"):
         assert rows[name]["iou"] > 0.05, name
         # two student seeds: two trained sets of students, and the row is their mean
-        assert len(rows[name]["seed_ious"]) == 2 and rows[name]["iou"] == pytest.approx(sum(rows[name]["seed_ious"]) / 2)
+        assert len(rows[name]["seed_ious"]) == 2 and rows[name]["iou"] == pytest.approx(
+            sum(rows[name]["seed_ious"]) / 2
+        )
     assert (tmp_path / "tables" / "students-ds-seed1" / "students.json").exists()
     out = tmp_path / "tables"
     assert (out / "figure.png").exists() and "student on D_s u D'_s" in (out / "table.md").read_text()
@@ -52,14 +56,20 @@ def test_student_rows_over_seeds():
     a, b = {"acc": 0.9, "iou": 0.4, "miou": 0.6}, {"acc": 0.8, "iou": 0.5, "miou": 0.7}
     assert mean_over_seeds([a]) is a  # one seed: the row as it was, no spread claimed
     m = mean_over_seeds([a, b])
-    assert m["acc"] == pytest.approx(0.85) and m["iou"] == pytest.approx(0.45) and m["seed_ious"] == [0.4, 0.5]
+    assert (
+        m["acc"] == pytest.approx(0.85) and m["iou"] == pytest.approx(0.45) and m["seed_ious"] == [0.4, 0.5]
+    )
     assert m["iou_sd"] == pytest.approx(0.0707, abs=1e-4)  # sample standard deviation
     assert student_folder("ds", 0) == "students-ds" and student_folder("ds-syn", 2) == "students-ds-syn-seed2"
     from dataclasses import asdict
 
-    table = {"config": asdict(TablesConfig(student_seeds=[0, 1])), "rows": {"student on D_s": m, "GrabCut": a},
-             "n_test": 2, "attention_auc": 0.9, "object_kept": {"m": 0.5, "mprime": 0.1, "m_changed": 0.4,
-                                                                 "mprime_changed": 0.8}}
+    table = {
+        "config": asdict(TablesConfig(student_seeds=[0, 1])),
+        "rows": {"student on D_s": m, "GrabCut": a},
+        "n_test": 2,
+        "attention_auc": 0.9,
+        "object_kept": {"m": 0.5, "mprime": 0.1, "m_changed": 0.4, "mprime_changed": 0.8},
+    }
     md = markdown(table)
     assert "| student on D_s | 85.0 | 45.0 ± 7.1 | 65.0 |" in md and "| GrabCut | 90.0 | 40.0 | 60.0 |" in md
     assert "mean over student seeds 0, 1" in md

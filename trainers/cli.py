@@ -1,13 +1,16 @@
 """`trainers`: the training entry points of Concept Factory.
 
-    trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
-    trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
-    trainers toyworld-classifier [...] concept accuracy of the toyworld model's samples (shape classifier)
-    trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a labelled split
-    trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed inside Ray Train
-    trainers students CONFIG [...]     timm-backbone students (paper Step 6), every concept at once on Ray
-    trainers evaluate [...]            score a student, a mask folder or GrabCut on a labelled set (ACC/IoU/mIoU)
-    trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
+trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
+trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
+trainers toyworld-classifier [...] concept accuracy of the toyworld model's samples (shape classifier)
+trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a split
+trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed inside Ray Train
+trainers students CONFIG [...]     timm-backbone students (paper Step 6), every concept at once on Ray
+trainers evaluate [...]            score a student, a mask folder or GrabCut on a labelled set (ACC/IoU/mIoU)
+trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
+
+Model-loading bars and library log lines are off; --verbose (finetune, students) or CF_VERBOSE=1 brings
+them back.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
+    from factory.dataset.console import verbose_from_env
+    from factory.method.loading import quiet_model_libraries
+
+    # diffusers' and transformers' loading bars off for every command, unless --verbose or CF_VERBOSE=1
+    quiet_model_libraries("--verbose" in argv or verbose_from_env())
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 

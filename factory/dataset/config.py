@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 class ConceptConfig(_Strict):
     name: str = Field(min_length=1)
     template: str = "a photo of a {concept}"
-    words: list[str] = Field(default_factory=list, description="words whose attention is summed; default [name]")
+    words: list[str] = Field(
+        default_factory=list, description="words whose attention is summed; default [name]"
+    )
     samples: int = Field(100, ge=0, description="synthetic samples to generate (generate mode)")
 
     @field_validator("template")
@@ -81,14 +83,18 @@ class ResourcesConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="samples per model call inside an actor")
     writer_num_cpus: float = Field(0.25, gt=0.0, description="CPU share of each encode+write task")
     wait_for_actors_s: int | None = Field(
-        None, gt=0, description="start work only once every actor of the pool has loaded its model, and fail "
+        None,
+        gt=0,
+        description="start work only once every actor of the pool has loaded its model, and fail "
         "with Ray Data's 'Timed out while starting actors' after this many seconds (the cluster lacks the "
         "resources for the pool). None: start as soon as one actor is up, let the others join when they can "
-        "(what an autoscaling cluster wants)")
+        "(what an autoscaling cluster wants)",
+    )
 
 
 class JobConfig(_Strict):
-    """A `factory generate` / `factory label` job: one YAML in `configs/`, every field checked before any work.
+    """A `factory generate` / `factory label` job: one YAML in `configs/`, every field checked before any
+    work.
 
     Sections: `model`, `device`, `dtype`, `seed`, `concepts` (name, template, words, samples), `sampler`
     (steps, guidance, attention source), `masks` (the rule of Steps 2 and 4b), `inpaint` (Step 4), `filters`
@@ -119,7 +125,9 @@ class JobConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {names}")
         if self.sampler.probe_t0 > self.sampler.steps:
-            raise ValueError(f"sampler.probe_t0 ({self.sampler.probe_t0}) exceeds sampler.steps ({self.sampler.steps})")
+            raise ValueError(
+                f"sampler.probe_t0 ({self.sampler.probe_t0}) exceeds sampler.steps ({self.sampler.steps})"
+            )
         if self.filters.min_area > self.filters.max_area:
             raise ValueError("filters.min_area exceeds filters.max_area")
         if self.device == "cuda" and self.resources.num_gpus_per_actor == 0:
@@ -128,10 +136,19 @@ class JobConfig(_Strict):
 
     def distill_config(self) -> DistillConfig:
         s, m, i = self.sampler, self.masks, self.inpaint
-        return DistillConfig(num_inference_steps=s.steps, probe_t0=s.probe_t0, probe_repeats=s.probe_repeats,
-                             mask_rule=m.rule, close_and_fill=m.close_and_fill, inpaint_steps=i.steps,
-                             object_guidance=i.object_guidance, background_prompt=i.background_prompt,
-                             guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, attention=s.attention)
+        return DistillConfig(
+            num_inference_steps=s.steps,
+            probe_t0=s.probe_t0,
+            probe_repeats=s.probe_repeats,
+            mask_rule=m.rule,
+            close_and_fill=m.close_and_fill,
+            inpaint_steps=i.steps,
+            object_guidance=i.object_guidance,
+            background_prompt=i.background_prompt,
+            guidance_scale=s.guidance_scale,
+            negative_prompt=s.negative_prompt,
+            attention=s.attention,
+        )
 
     def actor_device(self) -> str:
         if self.device != "auto":

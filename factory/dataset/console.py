@@ -32,8 +32,36 @@ def init_ray(verbose: bool | None = None) -> None:
         ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`: notices, not problems."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Notices that every quiet run would print and that point at no problem. Ray's warning that token
+# authentication is *off* comes from the same logger and still shows.
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": _DropMessages(
+        "Token authentication is enabled"
+    ),
+    "ray.data._internal.progress": _DropMessages("Progress bars disabled"),  # we turn them off on purpose
+}
+
+
 def quiet_ray_data(verbose: bool) -> None:
-    """Ray Data's per-dataset execution lines ('Starting execution of Dataset ...') off, unless verbose."""
+    """Ray Data's per-dataset execution lines ('Starting execution of Dataset ...') and the notices above off,
+    unless verbose."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger, which is then turned down)
 
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    for name, notice in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if verbose:
+            logger.removeFilter(notice)
+        elif notice not in logger.filters:
+            logger.addFilter(notice)

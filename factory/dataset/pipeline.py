@@ -56,8 +56,13 @@ class GenerateShard:
         self.mode = mode
         quiet_model_libraries(verbose)
         torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus_per_actor)))
-        self.distiller = Distiller(self.cfg.model, self.cfg.actor_device(), self.cfg.dtype, self.cfg.distill_config(),
-                                   inpaint_model=self.cfg.inpaint.model)
+        self.distiller = Distiller(
+            self.cfg.model,
+            self.cfg.actor_device(),
+            self.cfg.dtype,
+            self.cfg.distill_config(),
+            inpaint_model=self.cfg.inpaint.model,
+        )
         self.node = ray.get_runtime_context().get_node_id()
         self.concepts = [c.to_concept() for c in self.cfg.concepts]
 
@@ -77,7 +82,8 @@ class GenerateShard:
                 from factory.method.distiller import SampleSpec
 
                 triplets = self.distiller.synthesize(
-                    [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk])
+                    [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk]
+                )
             else:
                 images, ok = [], []
                 for s in chunk:
@@ -88,8 +94,12 @@ class GenerateShard:
                         errors[s["key"]] = f"unreadable: {type(err).__name__}: {err}"
                 if not ok:
                     continue
-                triplets = self.distiller.label(images, [self.concepts[s["concept"]] for s in ok],
-                                                [s["seed"] for s in ok], [s["key"] for s in ok])
+                triplets = self.distiller.label(
+                    images,
+                    [self.concepts[s["concept"]] for s in ok],
+                    [s["seed"] for s in ok],
+                    [s["key"] for s in ok],
+                )
                 for t, s in zip(triplets, ok, strict=True):
                     t.meta["source"] = s["source"]
             out.extend(triplets)
@@ -100,17 +110,31 @@ class GenerateShard:
         for index, name, samples in zip(batch["index"], batch["name"], batch["samples"], strict=True):
             t0 = time.perf_counter()
             triplets, errors = self._run(json.loads(samples))
-            records = [{"key": t.key, "image": t.image, "mask": t.mask, "prelim": t.prelim,
-                        "attention": t.attention, "foreground": t.foreground, "background": t.background,
-                        "meta": {**t.meta, "shard": str(name), "node": self.node}} for t in triplets]
+            records = [
+                {
+                    "key": t.key,
+                    "image": t.image,
+                    "mask": t.mask,
+                    "prelim": t.prelim,
+                    "attention": t.attention,
+                    "foreground": t.foreground,
+                    "background": t.background,
+                    "meta": {**t.meta, "shard": str(name), "node": self.node},
+                }
+                for t in triplets
+            ]
             rows["index"].append(int(index))
             rows["name"].append(str(name))
             rows["payload"].append(pickle.dumps({"records": records, "errors": errors}))
             rows["node"].append(self.node)
             rows["generate_s"].append(time.perf_counter() - t0)
-        return {"index": np.array(rows["index"]), "name": np.array(rows["name"], dtype=object),
-                "payload": np.array(rows["payload"], dtype=object), "node": np.array(rows["node"], dtype=object),
-                "generate_s": np.array(rows["generate_s"])}
+        return {
+            "index": np.array(rows["index"]),
+            "name": np.array(rows["name"], dtype=object),
+            "payload": np.array(rows["payload"], dtype=object),
+            "node": np.array(rows["node"], dtype=object),
+            "generate_s": np.array(rows["generate_s"]),
+        }
 
 
 def write_shards(batch: dict, job: dict) -> dict:
@@ -118,8 +142,9 @@ def write_shards(batch: dict, job: dict) -> dict:
     cfg = JobConfig.model_validate(job)
     store = ShardStore(cfg.output.uri)
     out = {"name": [], "stats": []}
-    for name, payload, node, gen_s in zip(batch["name"], batch["payload"], batch["node"], batch["generate_s"],
-                                          strict=True):
+    for name, payload, node, gen_s in zip(
+        batch["name"], batch["payload"], batch["node"], batch["generate_s"], strict=True
+    ):
         t0 = time.perf_counter()
         data = pickle.loads(payload)
         good, rejected, rejected_samples = [], {}, []
@@ -137,10 +162,19 @@ def write_shards(batch: dict, job: dict) -> dict:
         if cfg.filters.keep_rejected and rejected_samples:
             store.write_shard(str(name), rejected_samples, {}, subdir="rejected")
         encode_s = time.perf_counter() - t0
-        stats = {"name": str(name), "written": len(good), "rejected": rejected, "node": str(node),
-                 "keys": [s["__key__"] for s in good], "errors": data["errors"],
-                 "timings": {"generate_s": float(gen_s), "encode_write_s": encode_s,
-                             "total_s": float(gen_s) + encode_s}}
+        stats = {
+            "name": str(name),
+            "written": len(good),
+            "rejected": rejected,
+            "node": str(node),
+            "keys": [s["__key__"] for s in good],
+            "errors": data["errors"],
+            "timings": {
+                "generate_s": float(gen_s),
+                "encode_write_s": encode_s,
+                "total_s": float(gen_s) + encode_s,
+            },
+        }
         store.write_shard(str(name), good, stats)
         out["name"].append(str(name))
         out["stats"].append(json.dumps(stats))
@@ -162,13 +196,20 @@ def check_output(store: ShardStore, cfg: JobConfig, mode: str) -> None:
         old = store.read_json("job.json")
         if (old.get("fingerprint"), old.get("mode")) != (fingerprint["fingerprint"], mode):
             raise RuntimeError(
-                f"{store.uri} already holds shards of a different job (its job.json differs in model, prompts, "
-                "sampler, masks, filters or format). Use a new output.uri, or delete the old shards to start over.")
+                f"{store.uri} already holds shards of a different job (its job.json differs in model, "
+                "prompts, sampler, masks, filters or format). Use a new output.uri, or delete the old shards "
+                "to start over."
+            )
     store.write_json("job.json", {**fingerprint, "config": cfg.model_dump()})
 
 
-def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = None,
-            progress: bool = True, verbose: bool | None = None) -> dict:
+def run_job(
+    cfg: JobConfig,
+    mode: str = "generate",
+    sources: list[str] | None = None,
+    progress: bool = True,
+    verbose: bool | None = None,
+) -> dict:
     """Run a generate or label job on Ray to completion, resuming whatever is already committed.
 
     Joins the Ray cluster when one is set (`ray job submit`, RAY_ADDRESS) and starts a local Ray otherwise.
@@ -204,8 +245,11 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
     tasks = plan(cfg, mode, sources)
     done = store.committed()
     todo = [t for t in tasks if t.name not in done]
-    print(f"[factory] {mode}: {len(tasks)} shards planned, {len(tasks) - len(todo)} already committed, "
-          f"{len(todo)} to produce -> {store.uri}" + (f" ({cleaned} stale temporaries removed)" if cleaned else ""))
+    print(
+        f"[factory] {mode}: {len(tasks)} shards planned, {len(tasks) - len(todo)} already committed, "
+        f"{len(todo)} to produce -> {store.uri}"
+        + (f" ({cleaned} stale temporaries removed)" if cleaned else "")
+    )
     stats = []
     if todo:
         verbose = verbose_from_env() if verbose is None else verbose
@@ -218,10 +262,14 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
         # it does not inherit an earlier job's
         ctx.wait_for_min_actors_s = r.wait_for_actors_s or DEFAULT_WAIT_FOR_MIN_ACTORS_S
         ds = ray.data.from_items([t.as_row() for t in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(GenerateShard, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(r.actors, len(todo))),
-                            num_gpus=r.num_gpus_per_actor or None, num_cpus=r.num_cpus_per_actor,
-                            fn_constructor_kwargs={"job": job, "mode": mode, "verbose": verbose})
+        ds = ds.map_batches(
+            GenerateShard,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(r.actors, len(todo))),
+            num_gpus=r.num_gpus_per_actor or None,
+            num_cpus=r.num_cpus_per_actor,
+            fn_constructor_kwargs={"job": job, "mode": mode, "verbose": verbose},
+        )
         ds = ds.map_batches(write_shards, batch_size=1, num_cpus=r.writer_num_cpus, fn_kwargs={"job": job})
         n_samples = sum(len(t.samples) for t in todo)
         bar = tqdm(total=n_samples, desc=f"{mode} (samples)", unit="sample", disable=not progress)
@@ -231,11 +279,11 @@ def run_job(cfg: JobConfig, mode: str = "generate", sources: list[str] | None = 
             bar.update(st["written"] + sum(st["rejected"].values()))
             bar.set_postfix(shards=f"{len(stats)}/{len(todo)}", written=sum(s["written"] for s in stats))
         bar.close()
-    manifest = store.write_manifest([t.name for t in tasks], {"mode": mode, "fingerprint": job_fingerprint(cfg)})
+    manifest = store.write_manifest(
+        [t.name for t in tasks], {"mode": mode, "fingerprint": job_fingerprint(cfg)}
+    )
     wall = time.time() - t0
     summary = summarize(stats, manifest, wall, store)
     write_report(store, cfg, manifest, summary)
     print_summary(summary)
     return summary
-
-

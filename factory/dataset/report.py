@@ -45,8 +45,9 @@ def as_rgb(tile: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return t
 
 
-def contact_sheet(rows: list[list[np.ndarray]], columns: list[str], tile: int = 128,
-                  row_labels: list[str] | None = None) -> Image.Image:
+def contact_sheet(
+    rows: list[list[np.ndarray]], columns: list[str], tile: int = 128, row_labels: list[str] | None = None
+) -> Image.Image:
     """A grid image: one row per sample, one labelled column per stage."""
     pad, head = 4, 18
     left = 0 if row_labels is None else 150
@@ -77,23 +78,36 @@ def summarize(stats: list[dict], manifest: dict, wall: float, store: ShardStore)
     gen = sum(s["timings"]["generate_s"] for s in stats)
     enc = sum(s["timings"]["encode_write_s"] for s in stats)
     nodes = sorted({s["node"] for s in stats})
-    return {"output": store.uri, "shards_this_run": len(stats), "written_this_run": written,
-            "rejected_this_run": rejected, "wall_s": wall,
-            "samples_per_s": (written + sum(rejected.values())) / wall if wall else 0.0,
-            "generate_s": gen, "encode_write_s": enc,
-            "outside_model_share": enc / (gen + enc) if gen + enc else 0.0, "nodes": nodes,
-            "total_written": manifest["totals"]["written"], "complete": manifest["complete"],
-            "missing_shards": manifest["missing_shards"]}
+    return {
+        "output": store.uri,
+        "shards_this_run": len(stats),
+        "written_this_run": written,
+        "rejected_this_run": rejected,
+        "wall_s": wall,
+        "samples_per_s": (written + sum(rejected.values())) / wall if wall else 0.0,
+        "generate_s": gen,
+        "encode_write_s": enc,
+        "outside_model_share": enc / (gen + enc) if gen + enc else 0.0,
+        "nodes": nodes,
+        "total_written": manifest["totals"]["written"],
+        "complete": manifest["complete"],
+        "missing_shards": manifest["missing_shards"],
+    }
 
 
 def print_summary(s: dict) -> None:
     rej = ", ".join(f"{k}: {v}" for k, v in s["rejected_this_run"].items()) or "none"
-    print(f"[factory] this run: {s['written_this_run']} samples written in {s['shards_this_run']} shards, "
-          f"rejected {rej}; {s['samples_per_s']:.2f} samples/s over {s['wall_s']:.0f}s on {len(s['nodes'])} node(s); "
-          f"encode+write took {100 * s['outside_model_share']:.1f}% of worker time")
+    print(
+        f"[factory] this run: {s['written_this_run']} samples written in {s['shards_this_run']} shards, "
+        f"rejected {rej}; {s['samples_per_s']:.2f} samples/s over {s['wall_s']:.0f}s "
+        f"on {len(s['nodes'])} node(s); "
+        f"encode+write took {100 * s['outside_model_share']:.1f}% of worker time"
+    )
     state = "complete" if s["complete"] else f"INCOMPLETE, missing {s['missing_shards']}"
-    print(f"[factory] output {s['output']}: {s['total_written']} samples in total, {state}; "
-          f"manifest.json, report.png and report.md beside the shards")
+    print(
+        f"[factory] output {s['output']}: {s['total_written']} samples in total, {state}; "
+        f"manifest.json, report.png and report.md beside the shards"
+    )
 
 
 def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dict) -> None:
@@ -108,26 +122,44 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
             if len(rows) >= cfg.output.report_samples:
                 break
 
-            img = {k: np.asarray(Image.open(io.BytesIO(sample[k]))) for k in (fmt, "prelim.png", "mask.png", "fg.png", f"bg.{fmt}")}
+            img = {
+                k: np.asarray(Image.open(io.BytesIO(sample[k])))
+                for k in (fmt, "prelim.png", "mask.png", "fg.png", f"bg.{fmt}")
+            }
             attn = np.load(io.BytesIO(sample["attn.npy"])).astype(np.float32)
-            rows.append([img[fmt], attn, img["prelim.png"] > 127, img["mask.png"] > 127, img["fg.png"], img[f"bg.{fmt}"]])
+            rows.append(
+                [
+                    img[fmt],
+                    attn,
+                    img["prelim.png"] > 127,
+                    img["mask.png"] > 127,
+                    img["fg.png"],
+                    img[f"bg.{fmt}"],
+                ]
+            )
             labels.append(sample["__key__"])
     if rows:
-        sheet = contact_sheet(rows, ["image", "attention", "M_pre", "refined M", "foreground", "background"],
-                              row_labels=labels)
+        sheet = contact_sheet(
+            rows, ["image", "attention", "M_pre", "refined M", "foreground", "background"], row_labels=labels
+        )
         with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as f:
             sheet.save(f, format="PNG")
         store._commit_bytes_file(f.name, "report.png")
         Path(f.name).unlink()
     t = manifest["totals"]
-    md = [f"# Concept Factory report: {store.uri}", "",
-          f"- shards: {len(manifest['shards'])} of {manifest['expected_shards']} "
-          f"({'complete' if manifest['complete'] else 'incomplete'})",
-          f"- samples written: {t['written']}; rejected: {json.dumps(t['rejected'])}",
-          f"- this run: {summary['samples_per_s']:.2f} samples/s, encode+write share "
-          f"{100 * summary['outside_model_share']:.1f}%, nodes {len(summary['nodes'])}",
-          f"- model `{cfg.model}`, concepts {', '.join(c.name for c in cfg.concepts)}", "",
-          "| shard | written | rejected |", "|---|---|---|"]
+    md = [
+        f"# Concept Factory report: {store.uri}",
+        "",
+        f"- shards: {len(manifest['shards'])} of {manifest['expected_shards']} "
+        f"({'complete' if manifest['complete'] else 'incomplete'})",
+        f"- samples written: {t['written']}; rejected: {json.dumps(t['rejected'])}",
+        f"- this run: {summary['samples_per_s']:.2f} samples/s, encode+write share "
+        f"{100 * summary['outside_model_share']:.1f}%, nodes {len(summary['nodes'])}",
+        f"- model `{cfg.model}`, concepts {', '.join(c.name for c in cfg.concepts)}",
+        "",
+        "| shard | written | rejected |",
+        "|---|---|---|",
+    ]
     md += [f"| {s['name']} | {s['written']} | {json.dumps(s['rejected'])} |" for s in manifest["shards"]]
     md += ["", "![triplets](report.png)", ""]
     with tempfile.NamedTemporaryFile("w", suffix=".md", delete=False) as f:

@@ -80,7 +80,9 @@ class ShardStore:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -96,8 +98,11 @@ class ShardStore:
         if not self.fs.exists(self.root):
             return set()
         files = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
-        return {f[: -len(".stats.json")] for f in files if f.endswith(".stats.json") and
-                f[: -len(".stats.json")] + ".tar" in files}
+        return {
+            f[: -len(".stats.json")]
+            for f in files
+            if f.endswith(".stats.json") and f[: -len(".stats.json")] + ".tar" in files
+        }
 
     def _commit_bytes_file(self, local_tmp: str, name: str) -> None:
         if self.local:
@@ -163,7 +168,13 @@ class ShardStore:
             for reason, n in st["rejected"].items():
                 totals["rejected"][reason] = totals["rejected"].get(reason, 0) + n
         done = {s["name"][:-4] for s in shards}
-        manifest = {"job": job, "shards": shards, "totals": totals, "expected_shards": len(expected),
-                    "missing_shards": sorted(set(expected) - done), "complete": set(expected) <= done}
+        manifest = {
+            "job": job,
+            "shards": shards,
+            "totals": totals,
+            "expected_shards": len(expected),
+            "missing_shards": sorted(set(expected) - done),
+            "complete": set(expected) <= done,
+        }
         self.write_json(MANIFEST, manifest)
         return manifest

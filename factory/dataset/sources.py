@@ -1,9 +1,9 @@
 """Input listing: image files or WebDataset shards from a folder, a glob or a list file, on any fsspec URL.
 
-    list_images("s3://bucket/birds/")          every image under the folder (recursive)
-    list_images("data/*.png")                  a glob
-    list_images("urls.txt")                    one URL per line ('#' comments)
-    list_shards("out/birds-label")             the committed shards of a job's output folder (top level)
+list_images("s3://bucket/birds/")          every image under the folder (recursive)
+list_images("data/*.png")                  a glob
+list_images("urls.txt")                    one URL per line ('#' comments)
+list_shards("out/birds-label")             the committed shards of a job's output folder (top level)
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def list_files(source: str, extensions: tuple[str, ...], what: str, recursive: b
     elif fs.isfile(path):
         found = [path]
     else:
-        raise FileNotFoundError(f"no {what} at {source!r}: give a folder, a glob or a .txt list of {what} URLs")
+        raise FileNotFoundError(
+            f"no {what} at {source!r}: give a folder, a glob or a .txt list of {what} URLs"
+        )
     files = sorted(url(p) for p in found if p.lower().endswith(extensions))
     if not files:
         raise FileNotFoundError(f"{source!r} holds no {what} ({', '.join(extensions)})")

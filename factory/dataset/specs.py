@@ -30,7 +30,11 @@ class ShardTask:
     def as_row(self) -> dict:
         import json
 
-        return {"index": self.index, "name": self.name, "samples": json.dumps([dict(s) for s in self.samples])}
+        return {
+            "index": self.index,
+            "name": self.name,
+            "samples": json.dumps([dict(s) for s in self.samples]),
+        }
 
 
 def shard_name(cfg: JobConfig, index: int) -> str:
@@ -39,12 +43,18 @@ def shard_name(cfg: JobConfig, index: int) -> str:
 
 def _cut(cfg: JobConfig, samples: list[dict]) -> list[ShardTask]:
     n = cfg.output.samples_per_shard
-    return [ShardTask(i // n, shard_name(cfg, i // n), tuple(samples[i : i + n])) for i in range(0, len(samples), n)]
+    return [
+        ShardTask(i // n, shard_name(cfg, i // n), tuple(samples[i : i + n]))
+        for i in range(0, len(samples), n)
+    ]
 
 
 def generation_shards(cfg: JobConfig) -> list[ShardTask]:
-    samples = [{"key": f"{c.name}-{i:08d}", "seed": derive_seed(cfg.seed, c.name, i), "concept": ci, "source": None}
-               for ci, c in enumerate(cfg.concepts) for i in range(c.samples)]
+    samples = [
+        {"key": f"{c.name}-{i:08d}", "seed": derive_seed(cfg.seed, c.name, i), "concept": ci, "source": None}
+        for ci, c in enumerate(cfg.concepts)
+        for i in range(c.samples)
+    ]
     return _cut(cfg, samples)
 
 
@@ -62,7 +72,9 @@ def label_shards(cfg: JobConfig, sources: list[str]) -> list[ShardTask]:
             if key in seen:
                 key = f"{key}-{derive_seed(path) % 10**6:06d}"
             seen.add(key)
-            samples.append({"key": key, "seed": derive_seed(cfg.seed, c.name, path), "concept": ci, "source": path})
+            samples.append(
+                {"key": key, "seed": derive_seed(cfg.seed, c.name, path), "concept": ci, "source": path}
+            )
     return _cut(cfg, samples)
 
 

@@ -1,13 +1,13 @@
 """The method: model-facing code, one module per step of concept distillation (torch, diffusers; no Ray).
 
-    loading      a diffusers pipeline by short name, local directory or hub id
-    prompts      prompt embeddings and the concept words' token positions
-    geometry     one image geometry: resize the long side, pad, record the valid region
-    attention    the cross-attention capture on every attn2 layer (paper Step 1)
-    probe        the paper's attention probe of real images (Step 1)
-    synthesis    text-to-image denoising with in-loop attention capture (Step 5)
-    masks        GMM / Otsu thresholding and the 3x3 majority filter (Step 2)
-    inpaint      blend-then-step background inpainting (Step 4)
-    refine       the refined mask: rule(|x - background|) AND M_pre (Step 4b)
-    distiller    `Distiller`: the steps above, in order, for one batch of samples
+loading      a diffusers pipeline by short name, local directory or hub id
+prompts      prompt embeddings and the concept words' token positions
+geometry     one image geometry: resize the long side, pad, record the valid region
+attention    the cross-attention capture on every attn2 layer (paper Step 1)
+probe        the paper's attention probe of real images (Step 1)
+synthesis    text-to-image denoising with in-loop attention capture (Step 5)
+masks        GMM / Otsu thresholding and the 3x3 majority filter (Step 2)
+inpaint      blend-then-step background inpainting (Step 4)
+refine       the refined mask: rule(|x - background|) AND M_pre (Step 4b)
+distiller    `Distiller`: the steps above, in order, for one batch of samples
 """

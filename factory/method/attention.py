@@ -66,7 +66,9 @@ class ConceptAttnProcessor:
     def __init__(self, accumulator: AttentionAccumulator):
         self.acc = accumulator
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
         if encoder_hidden_states is None:
             raise RuntimeError("ConceptAttnProcessor must only be installed on cross-attention (attn2)")
         residual = hidden_states
@@ -107,14 +109,17 @@ def cross_attention_names(unet) -> list[str]:
     """Processor names of the UNet's cross-attention layers (``...attn2.processor``)."""
     names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
     if not names:
-        raise ValueError("this UNet has no cross-attention (attn2) layers; concept attention needs a "
-                         "text-conditioned UNet such as Stable Diffusion's")
+        raise ValueError(
+            "this UNet has no cross-attention (attn2) layers; concept attention needs a "
+            "text-conditioned UNet such as Stable Diffusion's"
+        )
     return names
 
 
 @contextlib.contextmanager
-def capture_concept_attention(unet, token_weights: torch.Tensor, size: int,
-                              record_rows: slice | None = None) -> Iterator[AttentionAccumulator]:
+def capture_concept_attention(
+    unet, token_weights: torch.Tensor, size: int, record_rows: slice | None = None
+) -> Iterator[AttentionAccumulator]:
     """Record the selected tokens' cross-attention of every attn2 layer while the block runs.
 
     token_weights: (unet_batch, n_text_tokens) weights, 1 at the concept's token positions.

@@ -49,7 +49,8 @@ class Concept:
     Example:
         >>> Concept("bird").prompt
         'a photo of a bird'
-        >>> Concept("human", "a photo of a {concept} with arms and legs", ("human", "arms", "legs")).token_words
+        >>> human = Concept("human", "a photo of a {concept} with arms and legs", ("human", "arms", "legs"))
+        >>> human.token_words
         ['human', 'arms', 'legs']
     """
 
@@ -165,14 +166,22 @@ class Distiller:
     Not thread-safe: make one per worker or actor.
 
     Example:
-        >>> d = Distiller("toyworld", config=DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8))
+        >>> fast = DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
+        >>> d = Distiller("toyworld", config=fast)
         >>> [t] = d.synthesize([SampleSpec(Concept("star"), seed=0)])
         >>> t.image.shape, t.mask.dtype
         ((64, 64, 3), dtype('bool'))
     """
 
-    def __init__(self, model: str = "toyworld", device: str = "cpu", dtype: str | None = None,
-                 config: DistillConfig | None = None, pipeline=None, inpaint_model: str | None = None):
+    def __init__(
+        self,
+        model: str = "toyworld",
+        device: str = "cpu",
+        dtype: str | None = None,
+        config: DistillConfig | None = None,
+        pipeline=None,
+        inpaint_model: str | None = None,
+    ):
         self.config = config or DistillConfig()
         self.model = model
         self.pipe = pipeline if pipeline is not None else load_pipeline(model, device, dtype)
@@ -185,16 +194,23 @@ class Distiller:
             from factory.method.loading import ModelLoadError, resolve_model
 
             try:
-                self.inpaint_unet = UNet2DConditionModel.from_pretrained(resolve_model(inpaint_model), subfolder="unet",
-                                                                         torch_dtype=p.unet.dtype).to(p.unet.device)
+                self.inpaint_unet = UNet2DConditionModel.from_pretrained(
+                    resolve_model(inpaint_model), subfolder="unet", torch_dtype=p.unet.dtype
+                ).to(p.unet.device)
             except (OSError, ValueError) as err:
-                raise ModelLoadError(f"could not load the inpainting model {inpaint_model!r}'s UNet: {err}") from err
+                raise ModelLoadError(
+                    f"could not load the inpainting model {inpaint_model!r}'s UNet: {err}"
+                ) from err
             if self.inpaint_unet.config.cross_attention_dim != p.unet.config.cross_attention_dim:
-                raise ModelLoadError(f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder")
+                raise ModelLoadError(
+                    f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder"
+                )
         self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
         self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
         if self.resolution % self.vae_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}"
+            )
         self.latent_size = self.resolution // self.vae_factor
 
     # ------------------------------------------------------------------ shared pieces
@@ -214,7 +230,9 @@ class Distiller:
         # batch-invariant, and a sample must not depend on the batch it lands in.
         vae = self.pipe.vae
         with torch.no_grad():
-            return np.concatenate([_to_uint8(vae.decode(zi[None] / vae.config.scaling_factor).sample) for zi in z])
+            return np.concatenate(
+                [_to_uint8(vae.decode(zi[None] / vae.config.scaling_factor).sample) for zi in z]
+            )
 
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
         masks, stats = [], []
@@ -267,7 +285,9 @@ class Distiller:
                 mask_area=float(mask_o.mean()),
                 prelim_area=float(prelims[i][:vh, :vw].mean()),
             )
-            out.append(Triplet(spec.key, image, mask_o, prelims[i], att_np[i].astype(np.float16), fg, bg, meta))
+            out.append(
+                Triplet(spec.key, image, mask_o, prelims[i], att_np[i].astype(np.float16), fg, bg, meta)
+            )
         timings["refine_s"] = time.perf_counter() - t
         for tr in out:
             tr.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
@@ -323,8 +343,13 @@ class Distiller:
             return self.config.micro_batch
         return 1 if self.device.type == "cpu" else n
 
-    def label(self, images: list[np.ndarray], concept: Concept | list[Concept], seeds: list[int],
-              keys: list[str] | None = None) -> list[Triplet]:
+    def label(
+        self,
+        images: list[np.ndarray],
+        concept: Concept | list[Concept],
+        seeds: list[int],
+        keys: list[str] | None = None,
+    ) -> list[Triplet]:
         """Label existing (unlabelled) images: paper Steps 1, 2, 4 and 4b.
 
         Args:
@@ -348,7 +373,11 @@ class Distiller:
         # validate every prompt before any model work
         token_weight_matrix(p.tokenizer, [c.prompt for c in concepts], [c.token_words for c in concepts])
         mb = self._micro_batch(len(specs))
-        return [t for i in range(0, len(specs), mb) for t in self._label_batch(images[i : i + mb], specs[i : i + mb])]
+        return [
+            t
+            for i in range(0, len(specs), mb)
+            for t in self._label_batch(images[i : i + mb], specs[i : i + mb])
+        ]
 
     def _label_batch(self, images: list[np.ndarray], specs: list[SampleSpec]) -> list[Triplet]:
         cfg, p = self.config, self.pipe
@@ -366,19 +395,31 @@ class Distiller:
         z0 = encode_images(p.vae, x.to(self.device, self.dtype), gens)
         timings["encode_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        attention = mean_attention_map(p.unet, p.scheduler, z0, self._embed(prompts), weights,
-                                       probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
-                                       gens, cfg.probe_repeats)
+        attention = mean_attention_map(
+            p.unet,
+            p.scheduler,
+            z0,
+            self._embed(prompts),
+            weights,
+            probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+            gens,
+            cfg.probe_repeats,
+        )
         timings["attention_s"] = time.perf_counter() - t
-        originals = [np.asarray(im)[..., :3] if np.asarray(im).ndim == 3 else np.repeat(np.asarray(im)[..., None], 3, 2)
-                     for im in images]
+        originals = [
+            np.asarray(im)[..., :3]
+            if np.asarray(im).ndim == 3
+            else np.repeat(np.asarray(im)[..., None], 3, 2)
+            for im in images
+        ]
         return self._finish(specs, gens, z0, attention, canvases, imgs, originals, timings, "label")
 
     def synthesize(self, specs: list[SampleSpec]) -> list[Triplet]:
         """Generate images of each spec's concept and label them: paper Step 5.
 
         Args:
-            specs: what to generate; each spec's seed fixes its noise, so a sample does not depend on its batch.
+            specs: what to generate; each spec's seed fixes its noise, so a sample does not depend on its
+                batch.
 
         Returns:
             One `Triplet` per spec, in order, at the model's resolution (or `config.resolution`).
@@ -388,9 +429,15 @@ class Distiller:
         """
         p = self.pipe
         if p.unet.config.in_channels == 9:
-            raise ValueError("synthesis needs a text-to-image UNet; a 9-channel inpainting UNet can only label images")
-        specs = [s if s.key else SampleSpec(s.concept, s.seed, f"{s.concept.name}-{s.seed:010d}") for s in specs]
-        token_weight_matrix(p.tokenizer, [s.concept.prompt for s in specs], [s.concept.token_words for s in specs])
+            raise ValueError(
+                "synthesis needs a text-to-image UNet; a 9-channel inpainting UNet can only label images"
+            )
+        specs = [
+            s if s.key else SampleSpec(s.concept, s.seed, f"{s.concept.name}-{s.seed:010d}") for s in specs
+        ]
+        token_weight_matrix(
+            p.tokenizer, [s.concept.prompt for s in specs], [s.concept.token_words for s in specs]
+        )
         mb = self._micro_batch(len(specs))
         return [t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb])]
 
@@ -404,18 +451,37 @@ class Distiller:
         neg = self._embed([cfg.negative_prompt] * len(specs)) if cfg.guidance_scale != 1.0 else None
         shape = (p.unet.config.in_channels, self.latent_size, self.latent_size)
         cond = self._embed(prompts)
-        z0, attention = synthesize_latents(p.unet, p.scheduler, shape, cond, weights, gens,
-                                           cfg.num_inference_steps, cfg.guidance_scale, neg, cfg.probe_t0,
-                                           capture=cfg.attention == "loop")
+        z0, attention = synthesize_latents(
+            p.unet,
+            p.scheduler,
+            shape,
+            cond,
+            weights,
+            gens,
+            cfg.num_inference_steps,
+            cfg.guidance_scale,
+            neg,
+            cfg.probe_t0,
+            capture=cfg.attention == "loop",
+        )
         timings["generate_s"] = time.perf_counter() - t
         if cfg.attention == "probe":
             t = time.perf_counter()
-            attention = mean_attention_map(p.unet, p.scheduler, z0, cond, weights,
-                                           probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
-                                           gens, cfg.probe_repeats)
+            attention = mean_attention_map(
+                p.unet,
+                p.scheduler,
+                z0,
+                cond,
+                weights,
+                probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+                gens,
+                cfg.probe_repeats,
+            )
             timings["attention_s"] = time.perf_counter() - t
         images = self._decode(z0)
-        canvases = [Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)] * len(specs)
+        canvases = [
+            Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)
+        ] * len(specs)
         return self._finish(specs, gens, z0, attention, canvases, list(images), None, timings, "synthesis")
 
     def config_dict(self) -> dict:

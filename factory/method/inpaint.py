@@ -25,10 +25,18 @@ from factory.method.probe import _randn
 
 
 @torch.no_grad()
-def inpaint_background(unet, scheduler, z0: torch.Tensor, region: torch.Tensor, bg_emb: torch.Tensor,
-                       generators: list[torch.Generator], num_inference_steps: int = 50,
-                       fg_emb: torch.Tensor | None = None, object_guidance: float = 0.0,
-                       masked_image_latents: torch.Tensor | None = None) -> torch.Tensor:
+def inpaint_background(
+    unet,
+    scheduler,
+    z0: torch.Tensor,
+    region: torch.Tensor,
+    bg_emb: torch.Tensor,
+    generators: list[torch.Generator],
+    num_inference_steps: int = 50,
+    fg_emb: torch.Tensor | None = None,
+    object_guidance: float = 0.0,
+    masked_image_latents: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Inpaint `region` (B, 1, h, w; 1 = repaint) of the latents z0 with the background prompt.
 
     Returns the final latents (B, 4, h, w); decode them with the VAE.
@@ -48,13 +56,16 @@ def inpaint_background(unet, scheduler, z0: torch.Tensor, region: torch.Tensor, 
         if nine_channel:
             model_in = torch.cat([z, region, masked_image_latents], 1)
         else:
-            noised = scheduler.add_noise(z0, _randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1))
+            noised = scheduler.add_noise(
+                z0, _randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1)
+            )
             z = keep * noised + region * z
             model_in = z
         model_in = scheduler.scale_model_input(model_in, t)
         if object_guidance != 0.0:
-            eps_b, eps_f = unet(torch.cat([model_in, model_in]), t,
-                                encoder_hidden_states=torch.cat([bg_emb, fg_emb])).sample.chunk(2)
+            eps_b, eps_f = unet(
+                torch.cat([model_in, model_in]), t, encoder_hidden_states=torch.cat([bg_emb, fg_emb])
+            ).sample.chunk(2)
             eps = eps_b + object_guidance * (eps_f - eps_b)
         else:
             eps = unet(model_in, t, encoder_hidden_states=bg_emb).sample

@@ -30,8 +30,10 @@ def resolve_model(name_or_path: str) -> str:
         path = SHORT_NAMES[name_or_path]
         if not (path / "model_index.json").exists():
             raise ModelLoadError(
-                f"the {name_or_path!r} model's weights are missing from {path}. They ship with the repository; "
-                f"restore them with `git checkout -- {path}` or retrain with `trainers pretrain-toyworld`.")
+                f"the {name_or_path!r} model's weights are missing from {path}. They ship with the "
+                f"repository; restore them with `git checkout -- {path}` or retrain with "
+                "`trainers pretrain-toyworld`."
+            )
         return str(path)
     path = Path(os.path.expanduser(name_or_path))
     if path.exists():
@@ -39,7 +41,8 @@ def resolve_model(name_or_path: str) -> str:
             raise ModelLoadError(
                 f"{path} exists but is not a diffusers pipeline directory (no model_index.json). Convert a "
                 "single-file checkpoint with diffusers' `StableDiffusionPipeline.from_single_file(...)"
-                ".save_pretrained(dir)` and pass that directory.")
+                ".save_pretrained(dir)` and pass that directory."
+            )
         return str(path)
     return name_or_path
 
@@ -49,8 +52,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if str(device).startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 or auto")
     return table[dtype]
@@ -95,28 +104,38 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
 
     device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was requested but CUDA is not available on this machine; "
-                             "use device='cpu' (slow, fp32) or run on a GPU node")
+        raise ModelLoadError(
+            f"device {device!r} was requested but CUDA is not available on this machine; "
+            "use device='cpu' (slow, fp32) or run on a GPU node"
+        )
     torch_dtype = resolve_dtype(dtype, device)
     if device == "cpu" and torch_dtype == torch.float16:
-        raise ModelLoadError("fp16 on the CPU is not supported by most kernels; use fp32 (or bf16) on the CPU")
+        raise ModelLoadError(
+            "fp16 on the CPU is not supported by most kernels; use fp32 (or bf16) on the CPU"
+        )
     source = resolve_model(model)
     kwargs = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = ("HF_HUB_OFFLINE is set, so the hub was not contacted" if offline
-                else "the hub could not be reached or has no such repository")
+        hint = (
+            "HF_HUB_OFFLINE is set, so the hub was not contacted"
+            if offline
+            else "the hub could not be reached or has no such repository"
+        )
         raise ModelLoadError(
             f"could not load model {model!r}: not a short name ({', '.join(SHORT_NAMES)}), not a local "
             f"directory, and {hint}. Download it where the hub is reachable "
             f"(`huggingface-cli download {model} --local-dir DIR`) and pass DIR, or point HF_HOME at a cache "
-            f"that holds it. Underlying error: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+            f"that holds it. Underlying error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        ) from err
     missing = [c for c in REQUIRED_COMPONENTS if getattr(pipe, c, None) is None]
     if missing:
-        raise ModelLoadError(f"{model!r} is a {type(pipe).__name__} without {', '.join(missing)}; concept "
-                             "distillation needs a text-conditioned latent diffusion model (SD v1/v2 family)")
+        raise ModelLoadError(
+            f"{model!r} is a {type(pipe).__name__} without {', '.join(missing)}; concept "
+            "distillation needs a text-conditioned latent diffusion model (SD v1/v2 family)"
+        )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -137,7 +156,9 @@ def model_geometry(model: str) -> tuple[int, int]:
         unet = UNet2DConditionModel.load_config(source, subfolder="unet")
         vae = AutoencoderKL.load_config(source, subfolder="vae")
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not read the configs of model {model!r}: {err}. Pass a diffusers pipeline "
-                             "directory, a short name or a reachable hub id.") from err
+        raise ModelLoadError(
+            f"could not read the configs of model {model!r}: {err}. Pass a diffusers pipeline "
+            "directory, a short name or a reachable hub id."
+        ) from err
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return int(unet["sample_size"]) * factor, factor

@@ -26,8 +26,13 @@ class MaskStats:
     bimodality: float  # Ashman's D between the top two modes; > 2 means cleanly separated modes
 
     def as_dict(self) -> dict:
-        return {"rule": self.rule, "threshold": self.threshold, "means": list(self.means),
-                "weights": list(self.weights), "bimodality": self.bimodality}
+        return {
+            "rule": self.rule,
+            "threshold": self.threshold,
+            "means": list(self.means),
+            "weights": list(self.weights),
+            "bimodality": self.bimodality,
+        }
 
 
 def _fit_gmm(values: np.ndarray, k: int) -> GaussianMixture:
@@ -54,8 +59,13 @@ def gmm_midpoint(values: np.ndarray, k: int = 2) -> tuple[np.ndarray, MaskStats]
     variances = gmm.covariances_.reshape(-1)[order]
     means, weights = means[order], gmm.weights_[order]
     thr = float(means.mean()) if k == 2 else float((means[-1] + means[-2]) / 2)
-    stats = MaskStats(f"gmm{k}" if k != 2 else "gmm", thr, tuple(map(float, means)), tuple(map(float, weights)),
-                      _ashman_d(means[-1], means[-2], variances[-1], variances[-2]))
+    stats = MaskStats(
+        f"gmm{k}" if k != 2 else "gmm",
+        thr,
+        tuple(map(float, means)),
+        tuple(map(float, weights)),
+        _ashman_d(means[-1], means[-2], variances[-1], variances[-2]),
+    )
     return np.asarray(values) > thr, stats
 
 
@@ -75,8 +85,13 @@ def otsu(values: np.ndarray, bins: int = 256) -> tuple[np.ndarray, MaskStats]:
     i = int(np.argmax(between[:-1]))
     thr = float(edges[i + 1])
     fg, bg = flat[flat > thr], flat[flat <= thr]
-    stats = MaskStats("otsu", thr, (float(bg.mean()), float(fg.mean())),
-                      (bg.size / flat.size, fg.size / flat.size), _ashman_d(bg.mean(), fg.mean(), bg.var(), fg.var()))
+    stats = MaskStats(
+        "otsu",
+        thr,
+        (float(bg.mean()), float(fg.mean())),
+        (bg.size / flat.size, fg.size / flat.size),
+        _ashman_d(bg.mean(), fg.mean(), bg.var(), fg.var()),
+    )
     return np.asarray(values) > thr, stats
 
 
@@ -86,7 +101,9 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
     if m.ndim != 2 or min(m.shape) < 3:
         return m.copy()
     f = m.astype(np.float32)
-    box = sum(f[dy : dy + f.shape[0] - 2, dx : dx + f.shape[1] - 2] for dy in range(3) for dx in range(3)) / 9.0
+    box = (
+        sum(f[dy : dy + f.shape[0] - 2, dx : dx + f.shape[1] - 2] for dy in range(3) for dx in range(3)) / 9.0
+    )
     out = m.copy()
     out[1:-1, 1:-1] = box >= 0.5
     return out
@@ -95,7 +112,9 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
 RULES = {"gmm": lambda v: gmm_midpoint(v, 2), "gmm3": lambda v: gmm_midpoint(v, 3), "otsu": otsu}
 
 
-def binarize(values: np.ndarray, rule: str = "gmm", filter_orphans: bool = True) -> tuple[np.ndarray, MaskStats]:
+def binarize(
+    values: np.ndarray, rule: str = "gmm", filter_orphans: bool = True
+) -> tuple[np.ndarray, MaskStats]:
     """Threshold a map with a named rule (gmm | gmm3 | otsu), then apply the 3x3 majority filter."""
     if rule not in RULES:
         raise ValueError(f"unknown mask rule {rule!r}; choose one of {sorted(RULES)}")

@@ -26,7 +26,9 @@ def probe_timesteps(scheduler, num_inference_steps: int = 50, t0: int = 40) -> t
 
 
 def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device, dtype)
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(
+        device, dtype
+    )
 
 
 @torch.no_grad()
@@ -41,9 +43,16 @@ def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) 
 
 
 @torch.no_grad()
-def mean_attention_map(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
-                       token_weights: torch.Tensor, timesteps: torch.Tensor,
-                       generators: list[torch.Generator], repeats: int = 1) -> torch.Tensor:
+def mean_attention_map(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    token_weights: torch.Tensor,
+    timesteps: torch.Tensor,
+    generators: list[torch.Generator],
+    repeats: int = 1,
+) -> torch.Tensor:
     """(B, h, w) mean attention of the weighted tokens over all attn2 layers, timesteps and repeats."""
     if len(generators) != latents.shape[0]:
         raise ValueError("one generator per sample is required")

@@ -42,12 +42,14 @@ def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> lis
         if not starts:
             raise ConceptTokenError(
                 f"concept word {word!r} occurs in {prompt!r} but not as its own tokens {piece} in "
-                f"{ids}; choose the word as the tokenizer splits it (e.g. without punctuation attached)")
+                f"{ids}; choose the word as the tokenizer splits it (e.g. without punctuation attached)"
+            )
         pos = list(range(starts[0], starts[0] + len(piece)))
         if pos[-1] >= max_len:
             raise ConceptTokenError(
                 f"concept word {word!r} is at token {pos[-1]}, beyond the tokenizer's {max_len} positions; "
-                "shorten the prompt")
+                "shorten the prompt"
+            )
         found.extend(pos)
     return sorted(set(found))
 
@@ -62,7 +64,12 @@ def token_weight_matrix(tokenizer, prompts: list[str], words: list[list[str]]) -
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Text embeddings exactly as StableDiffusionPipeline computes them (last hidden state, padded)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         return text_encoder(ids.to(text_encoder.device))[0]

@@ -17,8 +17,14 @@ from factory.method.geometry import Canvas, crop_valid, resize_mask
 from factory.method.masks import MaskStats, binarize
 
 
-def refine_mask(image: np.ndarray, background: np.ndarray, prelim: np.ndarray, canvas: Canvas,
-                rule: str = "gmm", close_and_fill: bool = False) -> tuple[np.ndarray, np.ndarray, MaskStats]:
+def refine_mask(
+    image: np.ndarray,
+    background: np.ndarray,
+    prelim: np.ndarray,
+    canvas: Canvas,
+    rule: str = "gmm",
+    close_and_fill: bool = False,
+) -> tuple[np.ndarray, np.ndarray, MaskStats]:
     """image, background: (S, S, 3) uint8 canvases; prelim: (h, w) bool at latent resolution.
 
     Returns the refined mask (S, S) bool, the difference map (S, S) float32 and the rule's stats."""

@@ -16,11 +16,19 @@ from factory.method.probe import _randn
 
 
 @torch.no_grad()
-def synthesize_latents(unet, scheduler, shape: tuple[int, int, int], cond_emb: torch.Tensor,
-                       token_weights: torch.Tensor, generators: list[torch.Generator],
-                       num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                       negative_emb: torch.Tensor | None = None, capture_t0: int = 40,
-                       capture: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def synthesize_latents(
+    unet,
+    scheduler,
+    shape: tuple[int, int, int],
+    cond_emb: torch.Tensor,
+    token_weights: torch.Tensor,
+    generators: list[torch.Generator],
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    negative_emb: torch.Tensor | None = None,
+    capture_t0: int = 40,
+    capture: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (latents (B, C, h, w), mean attention (B, h, w) or None)."""
     b = cond_emb.shape[0]
     guided = guidance_scale != 1.0

@@ -68,13 +68,18 @@ UNET_CHANNELS = (32, 64, 64)  # the shipped model's UNet (1.5M parameters)
 
 def check_unet_channels(block_out_channels: tuple[int, ...]) -> None:
     if len(block_out_channels) != 3 or any(c <= 0 or c % 8 for c in block_out_channels):
-        raise ValueError("the toyworld UNet takes 3 block widths, each a positive multiple of 8 (its GroupNorm "
-                         f"groups), e.g. 64,128,128; got {','.join(map(str, block_out_channels))}")
+        raise ValueError(
+            "the toyworld UNet takes 3 block widths, each a positive multiple of 8 (its GroupNorm "
+            f"groups), e.g. 64,128,128; got {','.join(map(str, block_out_channels))}"
+        )
 
 
-def build_unet(block_out_channels: tuple[int, ...] = UNET_CHANNELS, layers_per_block: int = 1) -> UNet2DConditionModel:
-    """The toyworld UNet; wider or deeper ones (`trainers pretrain-toyworld --unet-channels/--unet-layers`) keep
-    the block layout: cross-attention in all but the lowest-resolution block, 3 resolutions (16, 8, 4)."""
+def build_unet(
+    block_out_channels: tuple[int, ...] = UNET_CHANNELS, layers_per_block: int = 1
+) -> UNet2DConditionModel:
+    """The toyworld UNet; wider or deeper ones (`trainers pretrain-toyworld --unet-channels/--unet-layers`)
+    keep the block layout: cross-attention in all but the lowest-resolution block, 3 resolutions (16, 8,
+    4)."""
     check_unet_channels(block_out_channels)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,

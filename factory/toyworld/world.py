@@ -110,12 +110,16 @@ def _coverage(concept: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return cov / 255.0
 
 
-def _texture(kind: str, size: int, rng: np.random.Generator, base: np.ndarray, other: np.ndarray) -> np.ndarray:
+def _texture(
+    kind: str, size: int, rng: np.random.Generator, base: np.ndarray, other: np.ndarray
+) -> np.ndarray:
     """A (size, size, 3) float texture of the named kind mixing two colours."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == "noisy":
         noise = rng.random((size // 4 + 1, size // 4 + 1)).astype(np.float32)
-        noise = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+        noise = np.asarray(
+            Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        )
         w = noise[..., None] / 255.0
     elif kind == "striped":
         theta = rng.uniform(0, math.pi)
@@ -143,7 +147,9 @@ def _texture(kind: str, size: int, rng: np.random.Generator, base: np.ndarray, o
     return tex + rng.normal(0, 6.0, (size, size, 3)).astype(np.float32)
 
 
-def render(seed: int, size: int = 64, concept: str | None = None, background_only: bool | None = None) -> Sample:
+def render(
+    seed: int, size: int = 64, concept: str | None = None, background_only: bool | None = None
+) -> Sample:
     """Render the toyworld image of `seed`. `concept`/`background_only` force those choices (for
     class-balanced sets); everything else is drawn from the seed alone."""
     rng = np.random.default_rng(seed)
@@ -154,8 +160,13 @@ def render(seed: int, size: int = 64, concept: str | None = None, background_onl
     color_names = list(COLORS)
     bg_kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     bg_a, bg_b = rng.choice(len(color_names), 2, replace=False)
-    bg = _texture(bg_kind, size, rng, _jitter(rng, COLORS[color_names[bg_a]], 18),
-                  _jitter(rng, COLORS[color_names[bg_b]], 18))
+    bg = _texture(
+        bg_kind,
+        size,
+        rng,
+        _jitter(rng, COLORS[color_names[bg_a]], 18),
+        _jitter(rng, COLORS[color_names[bg_b]], 18),
+    )
     picked = CONCEPTS[int(rng.integers(len(CONCEPTS)))]
     concept = picked if concept is None else concept
     if concept not in CONCEPTS:
@@ -208,7 +219,9 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_split(out_dir: str | Path, seeds: range | list[int], size: int = 64, concept: str | None = None) -> Path:
+def write_split(
+    out_dir: str | Path, seeds: range | list[int], size: int = 64, concept: str | None = None
+) -> Path:
     """Write a labelled split: images/{seed}.png, masks/{seed}.png (0/255), captions.jsonl. With `concept`,
     only images of that concept."""
     if concept is not None and concept not in CONCEPTS:

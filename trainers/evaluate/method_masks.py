@@ -39,8 +39,10 @@ def read_split(split: str | Path, n: int | None = None) -> list[dict]:
     split = Path(split)
     index = split / "captions.jsonl"
     if not index.exists():
-        raise FileNotFoundError(f"{index} not found: a labelled split needs images/, masks/ and captions.jsonl "
-                                "(write one with `factory toyworld-split`)")
+        raise FileNotFoundError(
+            f"{index} not found: a labelled split needs images/, masks/ and captions.jsonl "
+            "(write one with `factory toyworld-split`)"
+        )
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("concept")]
     return rows[:n] if n else rows
@@ -52,8 +54,14 @@ def load_pair(split: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
     return img, gt
 
 
-def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = None, batch: int = 16,
-                       out: str | Path | None = None, sheet_rows: int = 12) -> dict:
+def evaluate_distiller(
+    distiller: Distiller,
+    split: str | Path,
+    n: int | None = None,
+    batch: int = 16,
+    out: str | Path | None = None,
+    sheet_rows: int = 12,
+) -> dict:
     split = Path(split)
     rows = read_split(split, n)
     prelim_m, refined_m = PooledSegmentationMetrics(), PooledSegmentationMetrics()
@@ -62,8 +70,11 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
     for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
         chunk = rows[i : i + batch]
         pairs = [load_pair(split, r) for r in chunk]
-        triplets = distiller.label([p[0] for p in pairs], [Concept(r["concept"]) for r in chunk],
-                                   seeds=[int(r.get("seed", i + j)) for j, r in enumerate(chunk)])
+        triplets = distiller.label(
+            [p[0] for p in pairs],
+            [Concept(r["concept"]) for r in chunk],
+            seeds=[int(r.get("seed", i + j)) for j, r in enumerate(chunk)],
+        )
         for (img, gt), tr in zip(pairs, triplets, strict=True):
             c = tr.meta["canvas"]
             f = distiller.vae_factor
@@ -80,17 +91,24 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
                 changed.append(float((change[gt] > OBJECT_CHANGE_THRESHOLD).mean()))
             if len(sheet) < sheet_rows:
                 sheet.append([img, att_up, prelim, tr.background, tr.mask, gt])
-    res = {"n_images": len(rows), "attention_auc": pixel_auc(maps, gts), "prelim": prelim_m.compute(),
-           "inpaint_model": distiller.inpaint_model,
-           "refined": refined_m.compute(), "seconds": time.time() - t0, "model": distiller.model,
-           "object_changed_mean": float(np.mean(changed)) if changed else float("nan"),
-           "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
-           "config": distiller.config_dict()}
+    res = {
+        "n_images": len(rows),
+        "attention_auc": pixel_auc(maps, gts),
+        "prelim": prelim_m.compute(),
+        "inpaint_model": distiller.inpaint_model,
+        "refined": refined_m.compute(),
+        "seconds": time.time() - t0,
+        "model": distiller.model,
+        "object_changed_mean": float(np.mean(changed)) if changed else float("nan"),
+        "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
+        "config": distiller.config_dict(),
+    }
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         contact_sheet(sheet, ["image", "attention", "M_pre", "background", "refined M", "GT"]).save(
-            out / "contact_sheet.png")
+            out / "contact_sheet.png"
+        )
         (out / "metrics.json").write_text(json.dumps(res, indent=2))
         (out / "metrics.md").write_text(markdown_table(res))
     return res
@@ -98,12 +116,18 @@ def evaluate_distiller(distiller: Distiller, split: str | Path, n: int | None = 
 
 def markdown_table(res: dict) -> str:
     inp = f", inpainting with `{res['inpaint_model']}`" if res.get("inpaint_model") else ""
-    lines = [f"Mask quality on {res['n_images']} held-out images (model `{res['model']}`{inp}); pixel-pooled.", "",
-             f"Mean attention map AUC-ROC: {res['attention_auc']:.3f}", "",
-             f"Background inpainting: {100 * res['object_changed_mean']:.1f}% of GT object pixels removed on "
-             f"average; the object survives (under half removed) in {100 * res['object_kept_fraction']:.1f}% of images.",
-             "",
-             "| stage | ACC | IoU | mIoU |", "|---|---|---|---|"]
+    lines = [
+        f"Mask quality on {res['n_images']} held-out images (model `{res['model']}`{inp}); pixel-pooled.",
+        "",
+        f"Mean attention map AUC-ROC: {res['attention_auc']:.3f}",
+        "",
+        f"Background inpainting: {100 * res['object_changed_mean']:.1f}% of GT object pixels removed on "
+        f"average; the object survives (under half removed) in {100 * res['object_kept_fraction']:.1f}% "
+        "of images.",
+        "",
+        "| stage | ACC | IoU | mIoU |",
+        "|---|---|---|---|",
+    ]
     for name, key in [("preliminary masks M_pre", "prelim"), ("refined masks M", "refined")]:
         m = res[key]
         lines.append(f"| {name} | {100 * m['acc']:.1f} | {100 * m['iou']:.1f} | {100 * m['miou']:.1f} |")
@@ -111,21 +135,34 @@ def markdown_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="trainers evaluate-masks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trainers evaluate-masks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--split", required=True)
-    p.add_argument("--model", default="toyworld", help="m: attention (Steps 1-2), and inpainting unless --inpaint-model")
-    p.add_argument("--inpaint-model", default=None, help="m' for the background inpainting (trainers finetune's export)")
+    p.add_argument(
+        "--model", default="toyworld", help="m: attention (Steps 1-2), and inpainting unless --inpaint-model"
+    )
+    p.add_argument(
+        "--inpaint-model", default=None, help="m' for the background inpainting (trainers finetune's export)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a DistillConfig field, e.g. --set mask_rule=otsu")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a DistillConfig field, e.g. --set mask_rule=otsu",
+    )
     a = p.parse_args(argv)
     cfg = DistillConfig(**parse_overrides(a.set, DistillConfig))
-    res = evaluate_distiller(Distiller(a.model, a.device, config=cfg, inpaint_model=a.inpaint_model), a.split, a.n,
-                             a.batch, a.out)
+    res = evaluate_distiller(
+        Distiller(a.model, a.device, config=cfg, inpaint_model=a.inpaint_model), a.split, a.n, a.batch, a.out
+    )
     print(markdown_table(res))
 
 

@@ -72,8 +72,9 @@ def pixel_auc(maps: list[np.ndarray], gts: list[np.ndarray], normalize: bool = T
     return float(roc_auc_score(y, np.concatenate(scores)))
 
 
-def pixel_auc_by_group(maps: list[np.ndarray], gts: list[np.ndarray], groups: list[str],
-                       normalize: bool = True) -> dict[str, float]:
+def pixel_auc_by_group(
+    maps: list[np.ndarray], gts: list[np.ndarray], groups: list[str], normalize: bool = True
+) -> dict[str, float]:
     """`pixel_auc` within each group (e.g. each concept), pooled over that group's images, in sorted order.
     One concept whose attention fails can hide in a pooled figure that still looks fine."""
     if not len(maps) == len(gts) == len(groups):

@@ -3,7 +3,7 @@
     trainers evaluate --split out/tw-test --student out/students/star --out out/eval-star
     trainers evaluate --split CUB_200_2011 --masks preds/ --per-image
     trainers evaluate --split out/tw-test --grabcut --concept star
-    trainers evaluate --split dogs/ --student out/students/dog --bbox      (box-only sets: Dogs, Cars, Human3.6M)
+    trainers evaluate --split dogs/ --student out/students/dog --bbox   (box-only sets: Dogs, Cars, Human3.6M)
 
 Labelled sets: a folder with images/ and masks/ (or CUB's segmentations/), matched by relative path without
 extension (`factory toyworld-split` writes images/, masks/ and captions.jsonl; with captions, `--concept`
@@ -50,12 +50,15 @@ def grabcut_mask(image: np.ndarray, margin: float = 0.1, iters: int = 5) -> np.n
 
 
 def labelled_set(split: str | Path, concept: str | None = None) -> list[dict]:
-    """Rows {"image": path, "mask": path or None, "box": [..] or None, "concept": ...} of a labelled folder."""
+    """Rows {"image": path, "mask": path or None, "box": [..] or None, "concept": ...} of a labelled
+    folder."""
     root = Path(split)
     images = root / "images"
     masks = next((root / d for d in ("masks", "segmentations") if (root / d).is_dir()), None)
     if not images.is_dir():
-        raise FileNotFoundError(f"{root} has no images/ folder (expected images/ with masks/ or segmentations/)")
+        raise FileNotFoundError(
+            f"{root} has no images/ folder (expected images/ with masks/ or segmentations/)"
+        )
     concepts = {}
     if (root / "captions.jsonl").exists():
         for line in (root / "captions.jsonl").read_text().splitlines():
@@ -70,8 +73,11 @@ def labelled_set(split: str | Path, concept: str | None = None) -> list[dict]:
                 boxes[Path(r["file"]).with_suffix("").as_posix()] = r["box"]
     mask_files = {}
     if masks is not None:
-        mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in masks.rglob("*")
-                      if p.suffix.lower() in IMAGE_EXTENSIONS}
+        mask_files = {
+            p.relative_to(masks).with_suffix("").as_posix(): p
+            for p in masks.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        }
     rows = []
     for p in sorted(q for q in images.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS):
         rel = p.relative_to(images).with_suffix("").as_posix()
@@ -84,7 +90,9 @@ def labelled_set(split: str | Path, concept: str | None = None) -> list[dict]:
             continue
         rows.append({"id": rel, "image": p, "mask": mask_files.get(rel), "box": boxes.get(rel), "concept": c})
     if not rows:
-        raise FileNotFoundError(f"no labelled images in {root}" + (f" for concept {concept!r}" if concept else ""))
+        raise FileNotFoundError(
+            f"no labelled images in {root}" + (f" for concept {concept!r}" if concept else "")
+        )
     return rows
 
 
@@ -115,8 +123,15 @@ def box_iou(a, b) -> float:
     return inter / union if union else 0.0
 
 
-def evaluate(rows: list[dict], predict, size: int, bbox: bool = False, out: str | Path | None = None,
-             sheet: int = 6, name: str = "masks") -> dict:
+def evaluate(
+    rows: list[dict],
+    predict,
+    size: int,
+    bbox: bool = False,
+    out: str | Path | None = None,
+    sheet: int = 6,
+    name: str = "masks",
+) -> dict:
     """Score `predict(row, image uint8, prepared image tensor) -> (size, size) bool` on `rows`."""
     metrics = PooledSegmentationMetrics()
     box_ious, cases = [], []
@@ -137,13 +152,19 @@ def evaluate(rows: list[dict], predict, size: int, bbox: bool = False, out: str 
             if r["box"] is not None:  # boxes are in original pixels: map them through resize + crop
                 s = size / min(h, w)
                 dy, dx = (round(h * s) - size) // 2, (round(w * s) - size) // 2
-                gbox = [r["box"][0] * s - dx, r["box"][1] * s - dy, r["box"][2] * s - dx, r["box"][3] * s - dy]
+                gbox = [
+                    r["box"][0] * s - dx,
+                    r["box"][1] * s - dy,
+                    r["box"][2] * s - dx,
+                    r["box"][3] * s - dy,
+                ]
             else:
                 gbox = box_of(gt)
             score = box_iou(box_of(pred), gbox)
             box_ious.append(score)
-        cases.append((score, r["id"], ((x.numpy().transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8),
-                      pred, gt))
+        cases.append(
+            (score, r["id"], ((x.numpy().transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8), pred, gt)
+        )
     res = {"source": name, "n_images": len(rows), "resolution": size}
     if metrics.per_image_iou:
         res.update(metrics.compute())
@@ -157,9 +178,13 @@ def evaluate(rows: list[dict], predict, size: int, bbox: bool = False, out: str 
         ordered = sorted(cases, key=lambda c: c[0])
         picks = ordered[:sheet] + ordered[-sheet:] if len(ordered) > 2 * sheet else ordered
         tiles = [[img, pred, gt if gt is not None else np.zeros_like(pred)] for _, _, img, pred, gt in picks]
-        labels = [f"{'worst' if i < min(sheet, len(picks) // 2) else 'best'} {s:.2f} {rid}"
-                  for i, (s, rid, *_rest) in enumerate(picks)]
-        contact_sheet(tiles, ["image", "prediction", "ground truth"], row_labels=labels).save(out / "cases.png")
+        labels = [
+            f"{'worst' if i < min(sheet, len(picks) // 2) else 'best'} {s:.2f} {rid}"
+            for i, (s, rid, *_rest) in enumerate(picks)
+        ]
+        contact_sheet(tiles, ["image", "prediction", "ground truth"], row_labels=labels).save(
+            out / "cases.png"
+        )
         (out / "metrics.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -179,11 +204,16 @@ def student_predictor(path: str | Path, which: str = "best"):
 def folder_predictor(folder: str | Path, rows: list[dict], size: int):
     """Predicted masks read from a folder with the images' relative names (foreground > 127)."""
     folder = Path(folder)
-    index = {q.relative_to(folder).with_suffix("").as_posix(): q for q in folder.rglob("*")
-             if q.suffix.lower() in IMAGE_EXTENSIONS}
+    index = {
+        q.relative_to(folder).with_suffix("").as_posix(): q
+        for q in folder.rglob("*")
+        if q.suffix.lower() in IMAGE_EXTENSIONS
+    }
     missing = [r["id"] for r in rows if r["id"] not in index]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images have no predicted mask in {folder}, e.g. {missing[0]!r}")
+        raise FileNotFoundError(
+            f"{len(missing)} images have no predicted mask in {folder}, e.g. {missing[0]!r}"
+        )
 
     def predict(row, image, x):
         return prepare(np.asarray(Image.open(index[row["id"]]).convert("L")) > 127, size)
@@ -199,16 +229,21 @@ def grabcut_predictor(size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trainers evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", required=True, help="labelled folder: images/ + masks/ (or segmentations/, boxes.jsonl)")
+    p = argparse.ArgumentParser(
+        prog="trainers evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--split", required=True, help="labelled folder: images/ + masks/ (or segmentations/, boxes.jsonl)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--student", help="an exported student folder (trainers students)")
     src.add_argument("--masks", help="a folder of predicted masks with the images' relative names")
     src.add_argument("--grabcut", action="store_true", help="OpenCV GrabCut with a centred box")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--concept", default=None, help="only this concept's images (sets with captions.jsonl)")
-    p.add_argument("--resolution", type=int, default=None, help="evaluation size (default: the student's, else 128)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="evaluation size (default: the student's, else 128)"
+    )
     p.add_argument("--bbox", action="store_true", help="bounding-box IoU (box-only sets)")
     p.add_argument("--per-image", action="store_true", help="also print per-image mean IoU")
     p.add_argument("--out", default=None, help="write metrics.json and cases.png (worst and best) here")
@@ -230,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate(rows, predict, size, a.bbox, a.out, name=name)
     print(f"{name} on {res['n_images']} images at {size}x{size}:")
     if "acc" in res:
-        print(f"  ACC {100 * res['acc']:.1f}  IoU {100 * res['iou']:.1f}  mIoU {100 * res['miou']:.1f}  (pixel-pooled)")
+        print(
+            f"  ACC {100 * res['acc']:.1f}  IoU {100 * res['iou']:.1f}  mIoU {100 * res['miou']:.1f}"
+            "  (pixel-pooled)"
+        )
         if a.per_image:
             print(f"  per-image mean IoU {100 * res['per_image_iou']:.1f}")
     if a.bbox:

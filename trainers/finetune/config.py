@@ -17,12 +17,16 @@ class _Strict(BaseModel):
 
 
 class DataSection(_Strict):
-    shards: list[str] = Field(min_length=1, description="`factory label` outputs: folders, globs or list files")
+    shards: list[str] = Field(
+        min_length=1, description="`factory label` outputs: folders, globs or list files"
+    )
     concepts: list[str] = Field(default_factory=list, description="train only these concepts (default: all)")
     p_full: float = Field(0.5, ge=0.0, le=1.0, description="probability of the full-image task")
     background_prompt: str = BACKGROUND_PROMPT
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer")
-    map_num_cpus: float = Field(0.5, gt=0.0, description="CPU share of each Ray Data read / augmentation task")
+    map_num_cpus: float = Field(
+        0.5, gt=0.0, description="CPU share of each Ray Data read / augmentation task"
+    )
 
 
 class TrainSection(_Strict):
@@ -62,7 +66,9 @@ class ScalingSection(_Strict):
 
 
 class OutputSection(_Strict):
-    storage: str = Field("runs", description="Ray Train storage_path: a local folder (shared across nodes) or s3://, gs://")
+    storage: str = Field(
+        "runs", description="Ray Train storage_path: a local folder (shared across nodes) or s3://, gs://"
+    )
     name: str = Field("finetune", pattern=r"^[A-Za-z0-9_.-]+$")
     export: str | None = Field(None, description="diffusers pipeline directory of the EMA weights")
 

@@ -38,13 +38,17 @@ def aligned_pair(image: np.ndarray, prelim: np.ndarray, canvas: dict) -> tuple[n
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, 2)
     placed, _ = to_canvas(img[..., :3].astype(np.uint8), c.size)
-    mask = resize_mask(np.asarray(prelim) > 127 if np.asarray(prelim).dtype == np.uint8 else np.asarray(prelim, bool),
-                       c.size, c.size)
+    mask = resize_mask(
+        np.asarray(prelim) > 127 if np.asarray(prelim).dtype == np.uint8 else np.asarray(prelim, bool),
+        c.size,
+        c.size,
+    )
     return crop_valid(placed, c), crop_valid(mask, c)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, resolution: int, vae_factor: int,
-            rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+def augment(
+    image: np.ndarray, mask: np.ndarray, resolution: int, vae_factor: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
     """The paper's joint augmentation. Returns the image (3, S, S) in [-1, 1] and the mask on the latent
     grid (S/f, S/f) bool."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
@@ -65,22 +69,44 @@ def augment(image: np.ndarray, mask: np.ndarray, resolution: int, vae_factor: in
     return image_t, mask_lat
 
 
-def make_example(image: np.ndarray, mask: np.ndarray, concept_prompt: str, background_prompt: str,
-                 resolution: int, vae_factor: int, rng: np.random.Generator, p_full: float = 0.5,
-                 rules: RectangleRules | None = None) -> dict:
+def make_example(
+    image: np.ndarray,
+    mask: np.ndarray,
+    concept_prompt: str,
+    background_prompt: str,
+    resolution: int,
+    vae_factor: int,
+    rng: np.random.Generator,
+    p_full: float = 0.5,
+    rules: RectangleRules | None = None,
+) -> dict:
     """One training example: {"pixel_values": (3, S, S), "loss_mask": (S/f, S/f) float32, "prompt": str,
     "task": "full" | "background"}."""
     pixels, fg = augment(image, mask, resolution, vae_factor, rng)
     if rng.random() < p_full:
-        return {"pixel_values": pixels.numpy(), "loss_mask": np.ones(fg.shape, np.float32),
-                "prompt": concept_prompt, "task": "full"}
+        return {
+            "pixel_values": pixels.numpy(),
+            "loss_mask": np.ones(fg.shape, np.float32),
+            "prompt": concept_prompt,
+            "task": "full",
+        }
     rect = background_rectangle(fg, rng, rules or RectangleRules.for_grid(fg.shape[0]))
-    return {"pixel_values": pixels.numpy(), "loss_mask": rect.astype(np.float32), "prompt": background_prompt,
-            "task": "background"}
+    return {
+        "pixel_values": pixels.numpy(),
+        "loss_mask": rect.astype(np.float32),
+        "prompt": background_prompt,
+        "task": "background",
+    }
 
 
-def to_examples(batch: dict, resolution: int, vae_factor: int, background_prompt: str, p_full: float,
-                concepts: list[str] | None = None) -> dict:
+def to_examples(
+    batch: dict,
+    resolution: int,
+    vae_factor: int,
+    background_prompt: str,
+    p_full: float,
+    concepts: list[str] | None = None,
+) -> dict:
     """Ray Data map_batches function: decoded label-shard rows -> training examples.
 
     Its randomness is fresh on every call, so every epoch draws new crops, flips, tasks and rectangles."""
@@ -94,13 +120,20 @@ def to_examples(batch: dict, resolution: int, vae_factor: int, background_prompt
         if keep and meta["concept"] not in keep:
             continue
         if row.get("prelim.png") is None:
-            raise KeyError(f"shard sample {row.get('__key__')!r} has no prelim.png: fine-tuning reads the "
-                           "shards of a `factory label` job")
+            raise KeyError(
+                f"shard sample {row.get('__key__')!r} has no prelim.png: fine-tuning reads the "
+                "shards of a `factory label` job"
+            )
         image, mask = aligned_pair(row_image(row), row["prelim.png"], meta["canvas"])
         ex = make_example(image, mask, meta["prompt"], background_prompt, resolution, vae_factor, rng, p_full)
         for k in out:
             out[k].append(ex[k])
     n = len(out["prompt"])
-    return {"pixel_values": np.stack(out["pixel_values"]) if n else np.zeros((0, 3, resolution, resolution), np.float32),
-            "loss_mask": np.stack(out["loss_mask"]) if n else np.zeros((0, lat, lat), np.float32),
-            "prompt": np.array(out["prompt"], dtype=object), "task": np.array(out["task"], dtype=object)}
+    return {
+        "pixel_values": np.stack(out["pixel_values"])
+        if n
+        else np.zeros((0, 3, resolution, resolution), np.float32),
+        "loss_mask": np.stack(out["loss_mask"]) if n else np.zeros((0, lat, lat), np.float32),
+        "prompt": np.array(out["prompt"], dtype=object),
+        "task": np.array(out["task"], dtype=object),
+    }

@@ -43,11 +43,14 @@ class RectangleRules:
     def for_grid(cls, side: int, tries: int = 100) -> RectangleRules:
         s = side / PAPER_GRID
         p = cls()
-        return cls(p.min_side * s, p.min_area * s * s, p.max_side * s, p.max_area * s * s, p.min_background, tries)
+        return cls(
+            p.min_side * s, p.min_area * s * s, p.max_side * s, p.max_area * s * s, p.min_background, tries
+        )
 
 
-def background_rectangle(foreground: np.ndarray, rng: np.random.Generator,
-                         rules: RectangleRules | None = None) -> np.ndarray:
+def background_rectangle(
+    foreground: np.ndarray, rng: np.random.Generator, rules: RectangleRules | None = None
+) -> np.ndarray:
     """The loss mask (bool, same shape) of one random background rectangle of a (h, w) foreground mask."""
     fg = np.asarray(foreground, bool)
     if fg.ndim != 2:

@@ -50,9 +50,12 @@ STATE_FILE = "state.json"
 DS_TAG = "deepspeed"
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """The paper's loss: mean over all elements of (mask * (pred - target))^2, the (B, h, w) mask repeated over
-    channels. normalize=True divides each sample's sum by its mask area instead (an option, not the paper)."""
+def masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
+    """The paper's loss: mean over all elements of (mask * (pred - target))^2, the (B, h, w) mask repeated
+    over channels. normalize=True divides each sample's sum by its mask area instead (an option, not the
+    paper)."""
     m = mask[:, None].to(pred.dtype).expand_as(pred)
     se = (pred - target).pow(2) * m
     if not normalize:
@@ -98,27 +101,58 @@ def sample_grid(pipe, unet, model: str, validation, background_prompt: str, step
     from factory.dataset.report import contact_sheet
     from factory.method.distiller import Concept, DistillConfig, Distiller
 
-    ema_pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ema_pipe = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     ema_pipe.set_progress_bar_config(disable=True)
-    d = Distiller(model, pipeline=ema_pipe,
-                  config=DistillConfig(num_inference_steps=steps, probe_t0=max(1, steps * 4 // 5),
-                                       inpaint_steps=steps, background_prompt=background_prompt))
+    d = Distiller(
+        model,
+        pipeline=ema_pipe,
+        config=DistillConfig(
+            num_inference_steps=steps,
+            probe_t0=max(1, steps * 4 // 5),
+            inpaint_steps=steps,
+            background_prompt=background_prompt,
+        ),
+    )
     rows, labels = [], []
     for i, (image, concept, meta) in enumerate(validation):
-        c = Concept(concept, meta.get("template") or "a photo of a {concept}",
-                    tuple(meta.get("concept_words") or ()))
+        c = Concept(
+            concept, meta.get("template") or "a photo of a {concept}", tuple(meta.get("concept_words") or ())
+        )
         [t] = d.label([image], c, seeds=[i])
         gens = [torch.Generator().manual_seed(1000 + i) for _ in range(2)]
         with torch.no_grad():
-            samples = ema_pipe([meta["prompt"], background_prompt], num_inference_steps=steps, guidance_scale=1.0,
-                               generator=gens, output_type="np").images
-        rows.append([t.image, t.prelim, t.background, t.mask, (samples[0] * 255).round().astype(np.uint8),
-                     (samples[1] * 255).round().astype(np.uint8)])
+            samples = ema_pipe(
+                [meta["prompt"], background_prompt],
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=gens,
+                output_type="np",
+            ).images
+        rows.append(
+            [
+                t.image,
+                t.prelim,
+                t.background,
+                t.mask,
+                (samples[0] * 255).round().astype(np.uint8),
+                (samples[1] * 255).round().astype(np.uint8),
+            ]
+        )
         labels.append(f"{concept} #{i}")
-    return contact_sheet(rows, ["image", "M_pre (m')", "background (m')", "refined M", "sample: object",
-                                "sample: background"], row_labels=labels)
+    return contact_sheet(
+        rows,
+        ["image", "M_pre (m')", "background (m')", "refined M", "sample: object", "sample: background"],
+        row_labels=labels,
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -175,7 +209,9 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(
+            params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True
+        )
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config)
@@ -213,18 +249,38 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(d, tag=DS_TAG)
             torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
             if rank == 0:
-                save_file({n: s.contiguous() for n, s in zip(names, ema.shadow, strict=True)}, str(Path(d) / EMA_FILE))
-                (Path(d) / STATE_FILE).write_text(json.dumps(
-                    {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates, "world_size": world,
-                     "metrics": metrics, "model": cfg.model, "resumed_from": resumed_from}, indent=1))
+                save_file(
+                    {n: s.contiguous() for n, s in zip(names, ema.shadow, strict=True)},
+                    str(Path(d) / EMA_FILE),
+                )
+                (Path(d) / STATE_FILE).write_text(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "samples_seen": samples_seen,
+                            "ema_updates": ema.updates,
+                            "world_size": world,
+                            "metrics": metrics,
+                            "model": cfg.model,
+                            "resumed_from": resumed_from,
+                        },
+                        indent=1,
+                    )
+                )
                 if validation:
                     if eval_unet is None:
                         from diffusers import UNet2DConditionModel
 
                         eval_unet = UNet2DConditionModel.from_config(unet.config).to(device).eval()
                     ema.copy_to([p for p in eval_unet.parameters() if p.requires_grad])
-                    sample_grid(pipe, eval_unet, cfg.model, validation, cfg.data.background_prompt,
-                                cfg.checkpoint.grid_steps).save(Path(d) / "samples.png")
+                    sample_grid(
+                        pipe,
+                        eval_unet,
+                        cfg.model,
+                        validation,
+                        cfg.data.background_prompt,
+                        cfg.checkpoint.grid_steps,
+                    ).save(Path(d) / "samples.png")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def fixed_probe(z0, emb, mask, repeats: int = 4):
@@ -238,7 +294,9 @@ def train_loop_per_worker(config: dict) -> None:
     @torch.no_grad()
     def probe_loss(p) -> float:
         z_t, t, emb, mask, noise = p
-        pred = engine.module(z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)).sample.float()
+        pred = engine.module(
+            z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
+        ).sample.float()
         return float(masked_mse(pred, noise, mask, cfg.train.normalize_loss))
 
     # 5. Train.
@@ -250,8 +308,12 @@ def train_loop_per_worker(config: dict) -> None:
     micro = 0
     while step < cfg.train.max_steps:
         seen_batch = False
-        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None):
+        for batch in shard.iter_batches(
+            batch_size=cfg.train.micro_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        ):
             seen_batch = True
             x = torch.from_numpy(batch["pixel_values"]).to(device)
             mask = torch.from_numpy(batch["loss_mask"]).to(device)
@@ -264,15 +326,25 @@ def train_loop_per_worker(config: dict) -> None:
             noise = torch.randn_like(z0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
             z_t = noise_scheduler.add_noise(z0, noise, t)
-            pred = engine(z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)).sample.float()
+            pred = engine(
+                z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
+            ).sample.float()
             loss = masked_mse(pred, noise, mask, cfg.train.normalize_loss)
             engine.backward(loss)
             engine.step()
             with torch.no_grad():
                 per = (pred - noise).pow(2).mul(mask[:, None]).flatten(1).mean(1).cpu().double()
                 full = torch.from_numpy(np.asarray(batch["task"]) == "full")
-                sums += torch.stack([per.sum(), torch.tensor(len(per)), per[full].sum(), full.sum(),
-                                     per[~full].sum(), (~full).sum()]).double()
+                sums += torch.stack(
+                    [
+                        per.sum(),
+                        torch.tensor(len(per)),
+                        per[full].sum(),
+                        full.sum(),
+                        per[~full].sum(),
+                        (~full).sum(),
+                    ]
+                ).double()
             samples_seen += x.shape[0] * world
             micro += 1
             if micro % cfg.train.grad_accum:
@@ -289,22 +361,33 @@ def train_loop_per_worker(config: dict) -> None:
                 if torch.distributed.is_initialized():
                     torch.distributed.all_reduce(totals)
                 dt = time.time() - t_window
-                metrics = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
-                           "loss_full": float(totals[2] / max(totals[3], 1)) if totals[3] else math.nan,
-                           "loss_background": float(totals[4] / max(totals[5], 1)) if totals[5] else math.nan,
-                           "steps_per_s": steps_window / dt, "samples_per_s": float(totals[1]) / dt,
-                           "samples_seen": samples_seen, "elapsed_s": time.time() - t_start}
+                metrics = {
+                    "step": step,
+                    "loss": float(totals[0] / max(totals[1], 1)),
+                    "loss_full": float(totals[2] / max(totals[3], 1)) if totals[3] else math.nan,
+                    "loss_background": float(totals[4] / max(totals[5], 1)) if totals[5] else math.nan,
+                    "steps_per_s": steps_window / dt,
+                    "samples_per_s": float(totals[1]) / dt,
+                    "samples_seen": samples_seen,
+                    "elapsed_s": time.time() - t_start,
+                }
                 sums.zero_()
                 pl = torch.tensor([probe_loss(probe), probe_initial], dtype=torch.float64)
                 if torch.distributed.is_initialized():
                     torch.distributed.all_reduce(pl)
-                metrics["probe_loss"], metrics["probe_loss_initial"] = float(pl[0] / world), float(pl[1] / world)
+                metrics["probe_loss"], metrics["probe_loss_initial"] = (
+                    float(pl[0] / world),
+                    float(pl[1] / world),
+                )
                 t_window, steps_window = time.time(), 0
                 if rank == 0:
-                    print(f"[finetune] step {step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
-                          f"(object {metrics['loss_full']:.4f}, background {metrics['loss_background']:.4f}; "
-                          f"fixed batch {metrics['probe_loss_initial']:.4f} -> {metrics['probe_loss']:.4f}) "
-                          f"{metrics['steps_per_s']:.2f} steps/s {metrics['samples_per_s']:.1f} samples/s", flush=True)
+                    print(
+                        f"[finetune] step {step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
+                        f"(object {metrics['loss_full']:.4f}, background {metrics['loss_background']:.4f}; "
+                        f"fixed batch {metrics['probe_loss_initial']:.4f} -> {metrics['probe_loss']:.4f}) "
+                        f"{metrics['steps_per_s']:.2f} steps/s {metrics['samples_per_s']:.1f} samples/s",
+                        flush=True,
+                    )
                 if step % cfg.checkpoint.every == 0 or last:
                     save_checkpoint(metrics)
                 else:
@@ -312,8 +395,10 @@ def train_loop_per_worker(config: dict) -> None:
             if last:
                 break
         if not seen_batch:
-            raise RuntimeError("this worker's data shard is empty: there are fewer training samples than "
-                               f"workers x micro_batch ({world} x {cfg.train.micro_batch})")
+            raise RuntimeError(
+                "this worker's data shard is empty: there are fewer training samples than "
+                f"workers x micro_batch ({world} x {cfg.train.micro_batch})"
+            )
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -357,8 +442,10 @@ def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
     missing, unexpected = pipe.unet.load_state_dict(shadow, strict=False)
     trainable = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
-        raise RuntimeError(f"the EMA weights do not fit {model!r}'s UNet (missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]}): was the run trained from another model?")
+        raise RuntimeError(
+            f"the EMA weights do not fit {model!r}'s UNet (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}): was the run trained from another model?"
+        )
     state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
     fs, root = fsspec.core.url_to_fs(out)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
@@ -388,35 +475,55 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
     resume = latest_checkpoint(cfg)
     if export_only:
         if resume is None:
-            raise FileNotFoundError(f"no checkpoint of run {cfg.output.name!r} under {storage_path(cfg.output.storage)}")
+            raise FileNotFoundError(
+                f"no checkpoint of run {cfg.output.name!r} under {storage_path(cfg.output.storage)}"
+            )
         result_checkpoint = resume
     else:
         ds_config = deepspeed_config(cfg)
         resolution, vae_factor = model_geometry(cfg.model)
-        print(f"[finetune] {cfg.model}: {len(urls)} shards, {cfg.scaling.workers} workers "
-              f"({'GPU' if cfg.scaling.use_gpu else 'CPU'}), ZeRO stage "
-              f"{ds_config['zero_optimization'].get('stage', 0)}, {cfg.train.max_steps} steps of "
-              f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {cfg.scaling.workers} samples"
-              + (f"; resuming from {resume.path}" if resume else ""), flush=True)
+        print(
+            f"[finetune] {cfg.model}: {len(urls)} shards, {cfg.scaling.workers} workers "
+            f"({'GPU' if cfg.scaling.use_gpu else 'CPU'}), ZeRO stage "
+            f"{ds_config['zero_optimization'].get('stage', 0)}, {cfg.train.max_steps} steps of "
+            f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {cfg.scaling.workers} samples"
+            + (f"; resuming from {resume.path}" if resume else ""),
+            flush=True,
+        )
         init_ray(verbose)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = ray.data.read_webdataset(urls, shuffle="files", num_cpus=cfg.data.map_num_cpus).map_batches(
-            to_examples, batch_size=16, num_cpus=cfg.data.map_num_cpus,
-            fn_kwargs={"resolution": resolution, "vae_factor": vae_factor,
-                       "background_prompt": cfg.data.background_prompt, "p_full": cfg.data.p_full,
-                       "concepts": cfg.data.concepts})
+            to_examples,
+            batch_size=16,
+            num_cpus=cfg.data.map_num_cpus,
+            fn_kwargs={
+                "resolution": resolution,
+                "vae_factor": vae_factor,
+                "background_prompt": cfg.data.background_prompt,
+                "p_full": cfg.data.p_full,
+                "concepts": cfg.data.concepts,
+            },
+        )
         resources = {"CPU": cfg.scaling.cpus_per_worker}
         if cfg.scaling.use_gpu:
             resources["GPU"] = cfg.scaling.gpus_per_worker
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"job": cfg.model_dump(), "deepspeed": ds_config, "shard_urls": urls[:4],
-                               "verbose": verbose},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=cfg.output.name, storage_path=storage_path(cfg.output.storage),
-                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+            train_loop_config={
+                "job": cfg.model_dump(),
+                "deepspeed": ds_config,
+                "shard_urls": urls[:4],
+                "verbose": verbose,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=cfg.output.name,
+                storage_path=storage_path(cfg.output.storage),
+                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            ),
             datasets={"train": ds},
         )  # same name + storage_path: Ray Train v2 restores the run's latest checkpoint by itself
         result = trainer.fit()
@@ -430,10 +537,17 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
             if cfg.output.export:
                 summary["export"] = export_pipeline(cfg.model, d, cfg.output.export)
     st = summary.get("state", {})
-    print(f"[finetune] done: step {st.get('step')}, last loss {st.get('metrics', {}).get('loss', math.nan):.4f}; "
-          f"checkpoint {summary['checkpoint']}" + (f"; EMA pipeline exported to {summary['export']} "
-                                                    f"(use it with --set model={summary['export']})"
-                                                    if summary["export"] else ""), flush=True)
+    print(
+        f"[finetune] done: step {st.get('step')}, "
+        f"last loss {st.get('metrics', {}).get('loss', math.nan):.4f}; "
+        f"checkpoint {summary['checkpoint']}"
+        + (
+            f"; EMA pipeline exported to {summary['export']} (use it with --set model={summary['export']})"
+            if summary["export"]
+            else ""
+        ),
+        flush=True,
+    )
     return summary
 
 
@@ -443,12 +557,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from factory.dataset.config import ConfigError
 
-    p = argparse.ArgumentParser(prog="trainers finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trainers finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="fine-tuning YAML (see configs/finetune-*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA pipeline")
-    p.add_argument("--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars")
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars"
+    )
     a = p.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     try:

@@ -98,7 +98,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def augment_pair(image: np.ndarray, target: np.ndarray, size: int, rng: np.random.Generator):
     """Resize(size) of the shorter side, RandomCrop(size), RandomHorizontalFlip: image and target jointly."""
-    stack = resize_shorter(torch.cat([to_tensor(image), torch.from_numpy(np.asarray(target, np.float32))[None]]), size)
+    stack = resize_shorter(
+        torch.cat([to_tensor(image), torch.from_numpy(np.asarray(target, np.float32))[None]]), size
+    )
     h, w = stack.shape[-2:]
     top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
     stack = stack[:, top : top + size, left : left + size]
@@ -114,8 +116,14 @@ def center_pair(image: np.ndarray, target: np.ndarray, size: int):
     return x.numpy(), y.clamp(0, 1).numpy()
 
 
-def to_student_examples(batch: dict, size: int, target: str = "refined", concepts: list[str] | None = None,
-                        classes: list[str] | None = None, augment: bool = True) -> dict:
+def to_student_examples(
+    batch: dict,
+    size: int,
+    target: str = "refined",
+    concepts: list[str] | None = None,
+    classes: list[str] | None = None,
+    augment: bool = True,
+) -> dict:
     """Ray Data map_batches function: shard rows -> {"image": (B, 3, S, S), "target": (B, S, S)}.
 
     augment=True draws fresh random crops and flips on each call (each epoch anew); False centre-crops (for
@@ -136,7 +144,10 @@ def to_student_examples(batch: dict, size: int, target: str = "refined", concept
         images.append(x)
         targets.append(y)
     if not images:
-        return {"image": np.zeros((0, 3, size, size), np.float32), "target": np.zeros((0, size, size), np.float32)}
+        return {
+            "image": np.zeros((0, 3, size, size), np.float32),
+            "target": np.zeros((0, size, size), np.float32),
+        }
     return {"image": np.stack(images).astype(np.float32), "target": np.stack(targets).astype(np.float32)}
 
 
@@ -148,7 +159,9 @@ def split_to_shards(split: str, uri: str, concept: str | None = None, samples_pe
     from factory.dataset.shards import ShardStore, _png
 
     split_p = Path(split)
-    rows = [json.loads(line) for line in (split_p / "captions.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (split_p / "captions.jsonl").read_text().splitlines() if line.strip()
+    ]
     rows = [r for r in rows if r.get("concept") and (concept is None or r["concept"] == concept)]
     store = ShardStore(uri)
     store.ensure()
@@ -159,7 +172,15 @@ def split_to_shards(split: str, uri: str, concept: str | None = None, samples_pe
             gt = np.asarray(Image.open(split_p / "masks" / r["file"]).convert("L")) > 127
             key = f"{r['concept']}-{Path(r['file']).stem}"
             meta = {"key": key, "concept": r["concept"], "source": "ground truth", "file": r["file"]}
-            samples.append({"__key__": key, "png": _png(img), "mask.png": _png(gt.astype(np.uint8) * 255),
-                            "json": json.dumps(meta).encode()})
-        store.write_shard(f"gt-{s // samples_per_shard:06d}", samples, {"written": len(samples), "rejected": {}})
+            samples.append(
+                {
+                    "__key__": key,
+                    "png": _png(img),
+                    "mask.png": _png(gt.astype(np.uint8) * 255),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+        store.write_shard(
+            f"gt-{s // samples_per_shard:06d}", samples, {"written": len(samples), "rejected": {}}
+        )
     return uri

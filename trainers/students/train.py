@@ -43,16 +43,22 @@ class _Strict(BaseModel):
 
 class StudentModel(_Strict):
     backbone: str = Field("resnet18", description="any timm model name (used as smp's tu-<name> encoder)")
-    decoder: str = Field("Unet", description="a segmentation_models_pytorch architecture: Unet, FPN, DeepLabV3Plus, ...")
+    decoder: str = Field(
+        "Unet", description="a segmentation_models_pytorch architecture: Unet, FPN, DeepLabV3Plus, ..."
+    )
     pretrained: str | None = Field(None, description="a local timm checkpoint of the backbone; no hub access")
     resolution: int = Field(128, ge=32, description="training and evaluation crop (the paper: 128)")
-    decoder_kwargs: dict = Field(default_factory=dict, description="passed to the smp architecture, e.g. decoder_channels")
+    decoder_kwargs: dict = Field(
+        default_factory=dict, description="passed to the smp architecture, e.g. decoder_channels"
+    )
 
 
 class StudentData(_Strict):
     shards: list[str] = Field(min_length=1, description="D_s and/or D'_s: shard folders, globs or list files")
     target: str = Field("refined", pattern="^(refined|prelim|attention)$")
-    concepts: list[str] = Field(default_factory=list, description="default: every concept named in the shards' jobs")
+    concepts: list[str] = Field(
+        default_factory=list, description="default: every concept named in the shards' jobs"
+    )
     val_every: int = Field(20, ge=2, description="hold out 1 in N rows (by key hash) for validation")
     map_num_cpus: float = Field(0.25, gt=0.0)
 
@@ -83,7 +89,9 @@ class StudentScaling(_Strict):
 class StudentOutput(_Strict):
     storage: str = "runs"
     name: str = Field("students", pattern=r"^[A-Za-z0-9_.-]+$")
-    export: str = Field("out/students", description="one folder per student: best.pt, last.pt, *.ts, student.json")
+    export: str = Field(
+        "out/students", description="one folder per student: best.pt, last.pt, *.ts, student.json"
+    )
 
 
 class StudentsConfig(_Strict):
@@ -115,8 +123,13 @@ class PretrainedWeightsError(RuntimeError):
     """Backbone weights were asked for but are not available offline."""
 
 
-def build_student(backbone: str, classes: int = 1, decoder: str = "Unet", pretrained: str | None = None,
-                  decoder_kwargs: dict | None = None):
+def build_student(
+    backbone: str,
+    classes: int = 1,
+    decoder: str = "Unet",
+    pretrained: str | None = None,
+    decoder_kwargs: dict | None = None,
+):
     """A segmentation_models_pytorch `decoder` on the timm `backbone` (smp's `tu-<name>` universal encoder).
 
     `pretrained` is a local file (a timm checkpoint of the backbone: .safetensors, .pth, .bin); weights are
@@ -126,18 +139,26 @@ def build_student(backbone: str, classes: int = 1, decoder: str = "Unet", pretra
 
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm backbone {backbone!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+        raise ValueError(
+            f"unknown timm backbone {backbone!r}" + (f"; similar names: {', '.join(close)}" if close else "")
+        )
     arch = getattr(smp, decoder, None)
     if arch is None or not isinstance(arch, type):
-        raise ValueError(f"unknown segmentation_models_pytorch architecture {decoder!r} (e.g. Unet, FPN, DeepLabV3Plus)")
-    model = arch(encoder_name=f"tu-{backbone}", encoder_weights=None, classes=classes, **(decoder_kwargs or {}))
+        raise ValueError(
+            f"unknown segmentation_models_pytorch architecture {decoder!r} (e.g. Unet, FPN, DeepLabV3Plus)"
+        )
+    model = arch(
+        encoder_name=f"tu-{backbone}", encoder_weights=None, classes=classes, **(decoder_kwargs or {})
+    )
     if pretrained:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise PretrainedWeightsError(
-                f"pretrained backbone weights {str(path)!r} not found. Weights are never downloaded here: download "
-                f"the timm checkpoint of {backbone!r} where the hub is reachable and give its local path, or set "
-                "model.pretrained: null to train from scratch.")
+                f"pretrained backbone weights {str(path)!r} not found. Weights are never downloaded here: "
+                f"download the timm checkpoint of {backbone!r} where the hub is reachable and give its local "
+                "path, or set "
+                "model.pretrained: null to train from scratch."
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -149,8 +170,10 @@ def build_student(backbone: str, classes: int = 1, decoder: str = "Unet", pretra
         own = encoder.state_dict()
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if len(matched) < 0.5 * len(own):
-            raise PretrainedWeightsError(f"{path} matches only {len(matched)} of {len(own)} tensors of the "
-                                         f"{backbone!r} encoder: is it a checkpoint of that backbone?")
+            raise PretrainedWeightsError(
+                f"{path} matches only {len(matched)} of {len(own)} tensors of the "
+                f"{backbone!r} encoder: is it a checkpoint of that backbone?"
+            )
         encoder.load_state_dict(matched, strict=False)
     return model
 
@@ -194,8 +217,13 @@ def student_train_loop(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
-    model = build_student(cfg.model.backbone, len(classes) + 1 if multiclass else 1, cfg.model.decoder,
-                          cfg.model.pretrained, cfg.model.decoder_kwargs)
+    model = build_student(
+        cfg.model.backbone,
+        len(classes) + 1 if multiclass else 1,
+        cfg.model.decoder,
+        cfg.model.pretrained,
+        cfg.model.decoder_kwargs,
+    )
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step, best, history = 0, None, []
@@ -226,12 +254,22 @@ def student_train_loop(config: dict) -> None:
             window.append(loss.item())
             last = step >= cfg.train.steps
             if step % cfg.checkpoint.every == 0 or last:
-                metrics = {"step": step, "loss": float(np.mean(window)), "concept": concept or "multiclass",
-                           "steps_per_s": len(window) / (time.time() - t0), "started_at": start_time,
-                           "reported_at": time.time()}
+                metrics = {
+                    "step": step,
+                    "loss": float(np.mean(window)),
+                    "concept": concept or "multiclass",
+                    "steps_per_s": len(window) / (time.time() - t0),
+                    "started_at": start_time,
+                    "reported_at": time.time(),
+                }
                 if val_x is not None:
                     model.eval()
-                    pred = torch.cat([predict_masks(model, val_x[i : i + 64], multiclass) for i in range(0, len(val_x), 64)])
+                    pred = torch.cat(
+                        [
+                            predict_masks(model, val_x[i : i + 64], multiclass)
+                            for i in range(0, len(val_x), 64)
+                        ]
+                    )
                     gt = val_y >= 0.5 if not multiclass else val_y > 0
                     inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
                     metrics["val_iou"] = inter / union if union else 1.0
@@ -242,22 +280,37 @@ def student_train_loop(config: dict) -> None:
                 best = score if is_best else best
                 with tempfile.TemporaryDirectory() as d:
                     if rank == 0:
-                        torch.save({"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "step": step,
-                                    "best": best, "history": history}, Path(d) / "state.pt")
+                        torch.save(
+                            {
+                                "model": unwrap(model).state_dict(),
+                                "opt": opt.state_dict(),
+                                "step": step,
+                                "best": best,
+                                "history": history,
+                            },
+                            Path(d) / "state.pt",
+                        )
                         torch.save(unwrap(model).state_dict(), Path(d) / "last.pt")
                         if is_best:
                             torch.save(unwrap(model).state_dict(), Path(d) / "best.pt")
-                        print(f"[students] {concept or 'multiclass'} step {step}/{cfg.train.steps} loss "
-                              f"{metrics['loss']:.4f} val IoU {metrics.get('val_iou', float('nan')):.3f} "
-                              f"{metrics['steps_per_s']:.2f} steps/s", flush=True)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                        print(
+                            f"[students] {concept or 'multiclass'} step {step}/{cfg.train.steps} loss "
+                            f"{metrics['loss']:.4f} val IoU {metrics.get('val_iou', float('nan')):.3f} "
+                            f"{metrics['steps_per_s']:.2f} steps/s",
+                            flush=True,
+                        )
+                    ray.train.report(
+                        metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                    )
                 window, t0 = [], time.time()
             if last:
                 break
         if not seen:
-            raise RuntimeError(f"no training rows for {concept or 'the multi-class student'}: the shards hold fewer "
-                               f"than {cfg.train.batch} x {cfg.scaling.workers} rows of it (check data.shards and "
-                               "data.concepts)")
+            raise RuntimeError(
+                f"no training rows for {concept or 'the multi-class student'}: the shards hold fewer "
+                f"than {cfg.train.batch} x {cfg.scaling.workers} rows of it (check data.shards and "
+                "data.concepts)"
+            )
 
 
 def unwrap(model):
@@ -274,10 +327,13 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
     ds = ray.data.read_webdataset(urls, shuffle="files", num_cpus=cfg.data.map_num_cpus)
     train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
     val = ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
-    train = train.map_batches(to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs=kw)
+    train = train.map_batches(
+        to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs=kw
+    )
     # validation: centre crops, fixed once (a small set)
-    val_rows = val.map_batches(to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus,
-                               fn_kwargs={**kw, "augment": False}).take_all()
+    val_rows = val.map_batches(
+        to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs={**kw, "augment": False}
+    ).take_all()
     vx = np.stack([r["image"] for r in val_rows]) if val_rows else np.zeros((0, 3, 1, 1), np.float32)
     vy = np.stack([r["target"] for r in val_rows]) if val_rows else np.zeros((0, 1, 1), np.float32)
     return train, {"image": vx, "target": vy}
@@ -300,11 +356,15 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
     trainer = TorchTrainer(
         student_train_loop,
         train_loop_config={"job": job, "concept": concept, "classes": classes, "val": val},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.output.name}-{name}", storage_path=storage_path(cfg.output.storage),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{cfg.output.name}-{name}",
+            storage_path=storage_path(cfg.output.storage),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
         datasets={"train": train},
     )
     result = trainer.fit()
@@ -312,12 +372,19 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
         raise result.error
     out = Path(cfg.output.export) / name
     export_student(cfg, result, out, concept, classes)
-    return {"student": name, "export": str(out), "started": started, "finished": time.time(),
-            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
-            "val_images": int(len(val["image"]))}
+    return {
+        "student": name,
+        "export": str(out),
+        "started": started,
+        "finished": time.time(),
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
+        "val_images": int(len(val["image"])),
+    }
 
 
-def export_student(cfg: StudentsConfig, result, out: Path, concept: str | None, classes: list[str] | None) -> None:
+def export_student(
+    cfg: StudentsConfig, result, out: Path, concept: str | None, classes: list[str] | None
+) -> None:
     """best.pt / last.pt state dicts, best.ts / last.ts TorchScript, student.json (how to rebuild it)."""
     import warnings
 
@@ -336,15 +403,24 @@ def export_student(cfg: StudentsConfig, result, out: Path, concept: str | None, 
         with best_dir.as_directory() as d:
             best = torch.load(Path(d) / "best.pt", map_location="cpu", weights_only=True)
     n_classes = len(classes) + 1 if classes else 1
-    info = {"backbone": cfg.model.backbone, "decoder": cfg.model.decoder, "decoder_kwargs": cfg.model.decoder_kwargs,
-            "resolution": cfg.model.resolution,
-            "classes": n_classes, "concept": concept, "class_names": ["background", *classes] if classes else None,
-            "target": cfg.data.target, "steps": cfg.train.steps, "history": history}
+    info = {
+        "backbone": cfg.model.backbone,
+        "decoder": cfg.model.decoder,
+        "decoder_kwargs": cfg.model.decoder_kwargs,
+        "resolution": cfg.model.resolution,
+        "classes": n_classes,
+        "concept": concept,
+        "class_names": ["background", *classes] if classes else None,
+        "target": cfg.data.target,
+        "steps": cfg.train.steps,
+        "history": history,
+    }
     x = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution)
     for tag, state in (("best", best), ("last", last)):
         torch.save(state, out / f"{tag}.pt")
-        model = build_student(cfg.model.backbone, n_classes, cfg.model.decoder,
-                              decoder_kwargs=cfg.model.decoder_kwargs).eval()
+        model = build_student(
+            cfg.model.backbone, n_classes, cfg.model.decoder, decoder_kwargs=cfg.model.decoder_kwargs
+        ).eval()
         model.load_state_dict(state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -357,11 +433,14 @@ def load_student(path: str | Path, which: str = "best"):
     d = Path(path)
     info_file = d / "student.json"
     if not info_file.exists():
-        raise FileNotFoundError(f"{d} is not an exported student (no student.json); point at one of "
-                                "`trainers students`' output folders")
+        raise FileNotFoundError(
+            f"{d} is not an exported student (no student.json); point at one of "
+            "`trainers students`' output folders"
+        )
     info = json.loads(info_file.read_text())
-    model = build_student(info["backbone"], info["classes"], info["decoder"],
-                          decoder_kwargs=info.get("decoder_kwargs")).eval()
+    model = build_student(
+        info["backbone"], info["classes"], info["decoder"], decoder_kwargs=info.get("decoder_kwargs")
+    ).eval()
     model.load_state_dict(torch.load(d / f"{which}.pt", map_location="cpu", weights_only=True))
     return model, info
 
@@ -405,11 +484,17 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     job = cfg.model_dump()
     t0 = time.time()
     if cfg.multiclass:
-        print(f"[students] one multi-class student (background + {', '.join(concepts)}) on {len(urls)} shards", flush=True)
+        print(
+            f"[students] one multi-class student (background + {', '.join(concepts)}) on {len(urls)} shards",
+            flush=True,
+        )
         results = [train_one(job, None, concepts, urls)]
     else:
-        print(f"[students] {len(concepts)} students at once ({', '.join(concepts)}), backbone "
-              f"{cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards", flush=True)
+        print(
+            f"[students] {len(concepts)} students at once ({', '.join(concepts)}), backbone "
+            f"{cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards",
+            flush=True,
+        )
 
         def trial(config: dict) -> None:
             tune.report({"summary": json.dumps(train_one(job, config["concept"], None, urls))})
@@ -418,8 +503,9 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
             tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
             param_space={"concept": tune.grid_search(concepts)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.scaling.max_concurrent or len(concepts)),
-            run_config=tune.RunConfig(name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage),
-                                      verbose=0),
+            run_config=tune.RunConfig(
+                name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
+            ),
         )
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error]
@@ -431,9 +517,13 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     (Path(cfg.output.export) / "students.json").write_text(json.dumps(summary, indent=1))
     for r in sorted(results, key=lambda r: r["started"]):
         m = r["metrics"]
-        print(f"[students] {r['student']}: {r['started'] - t0:6.1f}s -> {r['finished'] - t0:6.1f}s, step "
-              f"{m.get('step')}, loss {m.get('loss', float('nan')):.4f}, val IoU {m.get('val_iou', float('nan')):.3f}"
-              f" -> {r['export']}", flush=True)
+        print(
+            f"[students] {r['student']}: {r['started'] - t0:6.1f}s -> {r['finished'] - t0:6.1f}s, step "
+            f"{m.get('step')}, loss {m.get('loss', float('nan')):.4f}, "
+            f"val IoU {m.get('val_iou', float('nan')):.3f}"
+            f" -> {r['export']}",
+            flush=True,
+        )
     return summary
 
 
@@ -443,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from factory.dataset.config import ConfigError
 
-    p = argparse.ArgumentParser(prog="trainers students", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trainers students", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="students YAML (see configs/students-*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--verbose", action="store_true", help="show Ray's log lines")
@@ -452,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     try:
         cfg = load_students_config(a.config, a.set)
-        build_student(cfg.model.backbone, 1, cfg.model.decoder, cfg.model.pretrained,
-                      cfg.model.decoder_kwargs)  # fail before Ray starts
+        build_student(
+            cfg.model.backbone, 1, cfg.model.decoder, cfg.model.pretrained, cfg.model.decoder_kwargs
+        )  # fail before Ray starts
     except (ConfigError, ValueError, PretrainedWeightsError) as err:
         print(f"trainers students: {err}", file=sys.stderr)
         return 2

@@ -35,13 +35,20 @@ def compare(model: str, n: int, guidance: float, seed0: int = 0) -> dict:
         maps.append(ta.attention.astype(np.float32))
         refs.append(tb.prelim)
         iou.update(ta.prelim, tb.prelim)
-    return {"n": len(maps), "guidance_scale": guidance, "auc_loop_vs_probe_mask": pixel_auc(maps, refs),
-            "prelim_agreement": iou.compute()}
+    return {
+        "n": len(maps),
+        "guidance_scale": guidance,
+        "auc_loop_vs_probe_mask": pixel_auc(maps, refs),
+        "prelim_agreement": iou.compute(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainers.toyworld.compare_attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainers.toyworld.compare_attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="toyworld")
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--guidance", type=float, default=3.0)

@@ -18,69 +18,19 @@ can be trained further without the original run's work dir. `--vae-from toyworld
 keeps only that model's VAE and trains a new text encoder and UNet on its latents, e.g. a wider UNet
 (`--unet-channels`) for the same latent space.
 
-`--loss-weighting` chooses how the epsilon MSE of each timestep counts:
-- `eps` (default): plain epsilon MSE, as Stable Diffusion was trained;
-- `v`: the epsilon MSE weighted as a v-prediction loss (Salimans & Ho 2022): 1 + 1/SNR(t), capped at
-  `max_weight` and divided by its mean over t. Under the plain loss the caption is worth almost nothing: at
-  high noise the epsilon error barely depends on x0, and at low noise the image itself shows the shape. A
-  measured consequence (toyworld model after 8725 plain steps): the epsilon MSE with the wrong shape word
-  was within 1% of the right one at every noise level, and samples ignored the shape word. The v weight
-  makes the high-noise steps, where the sampler decides what shape to draw, count as much as the x0 error
-  they cause. Its price, also measured: the steps t < 300 get 4.7% of the loss weight (30% under `eps`), and
-  after 21000 v-weighted steps (runs 2-3) the model turned 40% of lightly noised squares (t ~ 300) back
-  into blobs (`trainers toyworld-classifier --retention 0.3`). So the shipped model's run 4 went back to
-  `eps` with `--lr-schedule cosine`, which restored part of it (squares kept 0.60 -> 0.75) without losing
-  what v had taught the high-noise steps (see the model card);
-- `p2`: 1 / (1 + SNR(t)) (P2 weighting, Choi et al., CVPR 2022), which only takes weight off low noise.
+Options that change the recipe, each described with what it was for and what it measured in
+docs/toyworld.md ("The pretraining recipe's options"):
 
-`--lr-schedule` is `constant` (runs 1-3 of the shipped model) or `cosine`: from `--lr` down to 5% of it at
-`--unet-steps` (so set `--unet-steps` to the steps the run will really make, not a cap), to anneal a
-continuation run.
-
-`--device cuda` trains on a GPU (the render pool stays on the CPU, its latents move to the device; a resumed
-GPU run is not bit-identical to an uninterrupted one, because only the CPU RNG state is checkpointed;
-float32 matrix products run in TF32 there, as cuDNN's convolutions do by default). The
-CPU recipe is the reference; the GPU path has no test here, since the project's CI machines have no GPU. It
-ran on lent H200s (README, "tries"): a 64,128,128 UNet made about 15 steps/s at batch 128 and 12.6 at
-batch 512 (`python -m trainers.toyworld.pretrain_bench --device cuda`), so on a GPU use `--batch 512` (3.2
-times the images per second). One continuation ran at `--batch 512 --lr 6e-4` (not tuned): its samples became
-recognizable, but the star token's attention collapsed (watch the lowest concept's AUC in the eval log): the
-jointly trained text encoder's output for "star" became nearly the padding tokens' (cosine 0.94, the
-CPU-trained v1 model -0.14); the padding takes about 40% of every pixel's attention, so "star" shared in it
-everywhere (cutting the padding from the probe's keys, an experiment only, gave the stars back 0.955).
-
-`--freeze-text-encoder` (with `--init-from`) trains the UNet alone and keeps the text encoder as it was, as
-Stable Diffusion trains its UNet under a frozen CLIP text encoder: a continuation then cannot move a concept
-token onto the padding. `--text-encoder-from DIR` (with `--init-from`) takes the text encoder from another
-model instead, e.g. an earlier one whose concept tokens were still apart from the padding, so that the UNet
-relearns to read it (with `--freeze-text-encoder`, it stays exactly that model's): how the shipped model (v2) was
-repaired, below.
-
-Every `sample_every` steps a grid of "a photo of a {concept}" samples from the EMA weights is written to the
-work dir (samples-{step}.png), to watch generation improve.
+    --loss-weighting eps|v|p2        how each timestep's epsilon MSE counts (eps: as Stable Diffusion)
+    --lr-schedule constant|cosine    cosine anneals from --lr to 5% of it at --unet-steps
+    --device cuda                    train on a GPU (use --batch 512 there)
+    --freeze-text-encoder            with --init-from: train the UNet alone under the exported text encoder
+    --text-encoder-from DIR          with --init-from: take the text encoder from another model
+    --sample-every N                 write a grid of samples to the work dir every N steps
 
     trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain
-    trainers pretrain-toyworld --init-from toyworld --loss-weighting v --target-auc none --sample-every 1000 \
-        --out runs/tw-v2/model --work-dir runs/tw-v2/work --max-minutes 27    (the shipped model's run 2; run 3
-        is the same for 55 minutes, see the model card)
-    trainers pretrain-toyworld --init-from toyworld --loss-weighting eps --lr-schedule cosine --unet-steps 8000 \
-        --target-auc none --max-minutes 36 --out runs/tw-v6/model --work-dir runs/tw-v6/work   (run 4)
-    trainers pretrain-toyworld --vae-from toyworld --unet-channels 64,128,128 --loss-weighting v --device cuda \
-        --batch 512 --target-auc none --max-minutes 60 --out runs/tw-wide/p1 --work-dir runs/tw-wide/w1
-    trainers pretrain-toyworld --init-from runs/tw-wide/p1 --loss-weighting eps --lr-schedule cosine --device cuda \
-        --batch 512 --unet-steps N --target-auc none --out runs/tw-wide/p2 --work-dir runs/tw-wide/w2
-        (a wider UNet on the shipped VAE, by the shipped model's two phases; 8 minutes of it at batch 128 on an
-        H200 and 82 CPU-minutes are in the README's tries, neither enough; 8 more at batch 512, --lr 6e-4, made
-        its samples recognizable and broke its star attention)
-    trainers pretrain-toyworld --init-from runs/tw-wide/p3 --text-encoder-from runs/tw-wide/p2 \
-        --freeze-text-encoder --loss-weighting eps --lr 1e-4 --target-auc none --max-minutes 12 \
-        --out runs/tw-wide/p4 --work-dir runs/tw-wide/w4
-    trainers pretrain-toyworld --init-from runs/tw-wide/p4 --freeze-text-encoder --loss-weighting eps --lr 1e-4 \
-        --lr-schedule cosine --unet-steps 3600 --target-auc none --max-minutes 27 --out runs/tw-wide/p5 \
-        --work-dir runs/tw-wide/w5
-        (the shipped model v2's last two runs, on 2 CPU cores: the continued UNet (p3) under the earlier text
-        encoder (p2's, in which "star" was still apart from the padding), frozen, until it draws from it again;
-        its card has the figures)
+    trainers pretrain-toyworld --init-from toyworld --freeze-text-encoder --loss-weighting eps \
+        --lr-schedule cosine --unet-steps 3600 --target-auc none --out runs/x/model --work-dir runs/x/work
 """
 
 from __future__ import annotations
@@ -147,20 +97,30 @@ class PretrainConfig:
         if self.unet_channels is not None:
             tw_model.check_unet_channels(parse_channels(self.unet_channels))
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            raise ValueError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.unet_layers < 1:
             raise ValueError(f"--unet-layers must be >= 1, got {self.unet_layers}")
         if self.init_from is not None and (self.unet_channels is not None or self.unet_layers != 1):
-            raise ValueError("--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
-                             f"is {self.init_from}'s, whatever its size: drop them")
+            raise ValueError(
+                "--unet-channels / --unet-layers set the size of a new UNet; with --init-from the UNet "
+                f"is {self.init_from}'s, whatever its size: drop them"
+            )
         if self.init_from is not None and self.vae_from is not None:
-            raise ValueError("--init-from already keeps that model's VAE; --vae-from is for a new UNet: drop one")
+            raise ValueError(
+                "--init-from already keeps that model's VAE; --vae-from is for a new UNet: drop one"
+            )
         if self.freeze_text_encoder and self.init_from is None:
-            raise ValueError("--freeze-text-encoder keeps a trained text encoder fixed: it needs --init-from "
-                             "(a new text encoder would stay random)")
+            raise ValueError(
+                "--freeze-text-encoder keeps a trained text encoder fixed: it needs --init-from "
+                "(a new text encoder would stay random)"
+            )
         if self.text_encoder_from is not None and self.init_from is None:
-            raise ValueError("--text-encoder-from puts another model's text encoder under --init-from's UNet: it "
-                             "needs --init-from")
+            raise ValueError(
+                "--text-encoder-from puts another model's text encoder under --init-from's UNet: it "
+                "needs --init-from"
+            )
 
 
 def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int | None = None) -> list:
@@ -175,7 +135,9 @@ def render_pool(n: int, seed_base: int = 0, desc: str = "render", workers: int |
         return [render(s) for s in tqdm(seeds, desc=desc, leave=False, mininterval=2)]
     # spawn, not fork: this process may already run torch's thread pools
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return list(tqdm(ex.map(render, seeds, chunksize=256), total=n, desc=desc, leave=False, mininterval=2))
+        return list(
+            tqdm(ex.map(render, seeds, chunksize=256), total=n, desc=desc, leave=False, mininterval=2)
+        )
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -190,6 +152,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- stage 1: the VAE
+
 
 def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
     from diffusers import AutoencoderKL
@@ -218,16 +181,24 @@ def train_vae(cfg: PretrainConfig, pool_images: np.ndarray, work: Path):
         opt.step()
         sched.step()
         if step % 20 == 0:
-            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", it_s=f"{(step + 1) / (time.time() - t0):.2f}")
+            bar.set_postfix(
+                mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", it_s=f"{(step + 1) / (time.time() - t0):.2f}"
+            )
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(to_tensor(pool_images[i : i + 256]).to(cfg.device)).latent_dist.sample()
-                         for i in range(0, min(len(pool_images), 2048), 256)])
+        lat = torch.cat(
+            [
+                vae.encode(to_tensor(pool_images[i : i + 256]).to(cfg.device)).latent_dist.sample()
+                for i in range(0, min(len(pool_images), 2048), 256)
+            ]
+        )
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(vae_dir)
-    print(f"[vae] {cfg.vae_steps} steps in {time.time() - t0:.0f}s, final mse {mse.item():.4f}, "
-          f"scaling_factor {scaling:.4f}")
+    print(
+        f"[vae] {cfg.vae_steps} steps in {time.time() - t0:.0f}s, final mse {mse.item():.4f}, "
+        f"scaling_factor {scaling:.4f}"
+    )
     return vae
 
 
@@ -243,9 +214,11 @@ def encode_pool(vae, pool_images: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------- stage 2: text + UNet
 
+
 @torch.no_grad()
-def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int,
-                  seed: int = 0) -> tuple[float, dict[str, float]]:
+def attention_auc(
+    unet, text_encoder, tokenizer, vae, scheduler, n_images: int, seed: int = 0
+) -> tuple[float, dict[str, float]]:
     """The paper's probe (40 of 50 DDIM steps, prompt "a photo of a {concept}") on held-out renders: the pixel
     AUC-ROC over all of them, and per concept (a few images each: a rough figure, but one concept's attention
     can collapse while the pooled AUC barely moves, as a 64-wide UNet's "star" did)."""
@@ -260,7 +233,9 @@ def attention_auc(unet, text_encoder, tokenizer, vae, scheduler, n_images: int,
     x = to_tensor(np.stack([s.image for s in samples]))
     lat = encode_images(vae, x, gens)
     emb = encode_prompts(tokenizer, text_encoder, prompts)
-    maps = mean_attention_map(unet, scheduler, lat, emb, weights.to(lat.device), probe_timesteps(scheduler, 50, 40), gens)
+    maps = mean_attention_map(
+        unet, scheduler, lat, emb, weights.to(lat.device), probe_timesteps(scheduler, 50, 40), gens
+    )
     up = F.interpolate(maps[:, None].float().cpu(), size=x.shape[-1], mode="nearest")[:, 0].numpy()
     gts = [s.mask for s in samples]
     return pixel_auc(list(up), gts), pixel_auc_by_group(list(up), gts, [s.concept for s in samples])
@@ -271,8 +246,8 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(cfg: PretrainConfig, step: int) -> float:
-    """The UNet + text encoder learning rate at `step` of this run: `constant`, or `cosine` from cfg.lr down to
-    5% of it at cfg.unet_steps (a function of the step alone, so a resumed run follows the same curve)."""
+    """The UNet + text encoder learning rate at `step` of this run: `constant`, or `cosine` from cfg.lr down
+    to 5% of it at cfg.unet_steps (a function of the step alone, so a resumed run follows the same curve)."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     progress = min(step / max(cfg.unet_steps, 1), 1.0)
@@ -298,7 +273,9 @@ def parse_channels(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise ValueError(f"--unet-channels takes three comma-separated integers like 64,128,128, got {text!r}") from None
+        raise ValueError(
+            f"--unet-channels takes three comma-separated integers like 64,128,128, got {text!r}"
+        ) from None
 
 
 def _initial_weights(cfg: PretrainConfig, tokenizer):
@@ -313,20 +290,34 @@ def _initial_weights(cfg: PretrainConfig, tokenizer):
     from factory.method.loading import resolve_model
 
     unet = UNet2DConditionModel.from_pretrained(Path(resolve_model(cfg.init_from)) / "unet")
-    flag, te_source = (("--text-encoder-from", cfg.text_encoder_from) if cfg.text_encoder_from
-                       else ("--init-from", cfg.init_from))
+    flag, te_source = (
+        ("--text-encoder-from", cfg.text_encoder_from)
+        if cfg.text_encoder_from
+        else ("--init-from", cfg.init_from)
+    )
     text_encoder = CLIPTextModel.from_pretrained(Path(resolve_model(te_source)) / "text_encoder")
     if text_encoder.config.vocab_size != len(tokenizer):
-        raise ValueError(f"{flag} {te_source}: its text encoder has {text_encoder.config.vocab_size} "
-                         f"tokens, the toyworld tokenizer {len(tokenizer)}; it is not a toyworld model")
+        raise ValueError(
+            f"{flag} {te_source}: its text encoder has {text_encoder.config.vocab_size} "
+            f"tokens, the toyworld tokenizer {len(tokenizer)}; it is not a toyworld model"
+        )
     if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(f"{flag} {te_source}: its text encoder is {text_encoder.config.hidden_size} wide, "
-                         f"{cfg.init_from}'s UNet reads {unet.config.cross_attention_dim}-wide text embeddings")
+        raise ValueError(
+            f"{flag} {te_source}: its text encoder is {text_encoder.config.hidden_size} wide, "
+            f"{cfg.init_from}'s UNet reads {unet.config.cross_attention_dim}-wide text embeddings"
+        )
     return unet, text_encoder
 
 
-def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, deadline: float | None,
-               command: str | None = None):
+def train_unet(
+    cfg: PretrainConfig,
+    vae,
+    tokenizer,
+    pool: list,
+    work: Path,
+    deadline: float | None,
+    command: str | None = None,
+):
     """Stage 2: train the UNet (and, unless frozen, the text encoder) on the pool's VAE latents.
 
     1. encode the render pool once with the trained VAE (mean and std of each latent);
@@ -351,7 +342,9 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
 
     def trained_params(unet_, text_encoder_) -> list:
         """What the optimizer and the EMA hold, in one order for the training models and their EMA copies."""
-        return list(unet_.parameters()) + ([] if cfg.freeze_text_encoder else list(text_encoder_.parameters()))
+        return list(unet_.parameters()) + (
+            [] if cfg.freeze_text_encoder else list(text_encoder_.parameters())
+        )
 
     params = trained_params(unet, text_encoder)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -368,8 +361,10 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
         was_frozen = state.get("config", {}).get("freeze_text_encoder", False)
         if was_frozen != cfg.freeze_text_encoder:
-            raise ValueError(f"{ckpt_path} was trained {'with' if was_frozen else 'without'} "
-                             f"--freeze-text-encoder: resume it the same way, or use a new --work-dir")
+            raise ValueError(
+                f"{ckpt_path} was trained {'with' if was_frozen else 'without'} "
+                f"--freeze-text-encoder: resume it the same way, or use a new --work-dir"
+            )
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -387,20 +382,40 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
     eval_params = trained_params(eval_unet, eval_text)
 
     def save(done: bool = False):
-        _atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                      "opt": opt.state_dict(), "ema": ema.shadow, "ema_updates": ema.updates, "step": step,
-                      "history": history, "elapsed": elapsed_before + time.time() - t_start,
-                      "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "done": done,
-                      "config": asdict(cfg), "commands": commands}, ckpt_path)
+        _atomic_save(
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.shadow,
+                "ema_updates": ema.updates,
+                "step": step,
+                "history": history,
+                "elapsed": elapsed_before + time.time() - t_start,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "done": done,
+                "config": asdict(cfg),
+                "commands": commands,
+            },
+            ckpt_path,
+        )
 
     t_start = time.time()
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet" if cfg.freeze_text_encoder else "unet+text",
-               mininterval=5)
+    bar = tqdm(
+        total=cfg.unet_steps,
+        initial=step,
+        desc="unet" if cfg.freeze_text_encoder else "unet+text",
+        mininterval=5,
+    )
     losses: list[float] = []
     reached = False
     if cfg.init_from is not None and not ckpt_path.exists():
-        te = f"the text encoder of {cfg.text_encoder_from} and the UNet" if cfg.text_encoder_from else \
-            "the text encoder and UNet"
+        te = (
+            f"the text encoder of {cfg.text_encoder_from} and the UNet"
+            if cfg.text_encoder_from
+            else "the text encoder and UNet"
+        )
         print(f"[unet] starting from {te} of {cfg.init_from}")
     # 4. Train.
     while step < cfg.unet_steps:
@@ -409,8 +424,13 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
         idx = rng.integers(len(pool), size=cfg.batch)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * sf
         captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(cfg.device)
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(cfg.device)
         noise = torch.randn_like(z0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(cfg.device)
         with torch.set_grad_enabled(not cfg.freeze_text_encoder):
@@ -436,17 +456,28 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
             ema.copy_to(eval_params)
             auc, by_concept = attention_auc(eval_unet, eval_text, tokenizer, vae, ddim, cfg.eval_images)
             worst = min(by_concept, key=by_concept.get)
-            history.append({"step": step, "loss": float(np.mean(losses[-cfg.eval_every:])), "auc": auc,
-                            "auc_per_concept": by_concept,
-                            "minutes": (elapsed_before + time.time() - t_start) / 60})
-            tqdm.write(f"[unet] step {step}: loss {history[-1]['loss']:.4f}, attention AUC {auc:.3f} "
-                       f"(lowest concept: {worst} {by_concept[worst]:.3f}), {history[-1]['minutes']:.1f} min")
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(losses[-cfg.eval_every :])),
+                    "auc": auc,
+                    "auc_per_concept": by_concept,
+                    "minutes": (elapsed_before + time.time() - t_start) / 60,
+                }
+            )
+            tqdm.write(
+                f"[unet] step {step}: loss {history[-1]['loss']:.4f}, attention AUC {auc:.3f} "
+                f"(lowest concept: {worst} {by_concept[worst]:.3f}), {history[-1]['minutes']:.1f} min"
+            )
             if cfg.target_auc is not None and auc >= cfg.target_auc:
                 reached = True
         if cfg.sample_every and step % cfg.sample_every == 0:
             ema.copy_to(eval_params)
-            sample_grid(build_pipeline(vae, eval_text, tokenizer, eval_unet), work / f"samples-{step:06d}.png",
-                        per_concept=6)
+            sample_grid(
+                build_pipeline(vae, eval_text, tokenizer, eval_unet),
+                work / f"samples-{step:06d}.png",
+                per_concept=6,
+            )
         if step % cfg.ckpt_every == 0 or reached:
             save()
         if reached:
@@ -461,16 +492,32 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer, pool: list, work: Path, dead
 
     # 6. The EMA models and the history.
     ema.copy_to(eval_params)
-    return eval_unet, eval_text, {"steps": step, "history": history, "loss_curve": losses, "commands": commands,
-                                  "train_minutes": (elapsed_before + time.time() - t_start) / 60}
+    return (
+        eval_unet,
+        eval_text,
+        {
+            "steps": step,
+            "history": history,
+            "loss_curve": losses,
+            "commands": commands,
+            "train_minutes": (elapsed_before + time.time() - t_start) / 60,
+        },
+    )
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=tw_model.build_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tw_model.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -487,7 +534,11 @@ def prepare_device(device: str) -> None:
 
 
 def hardware_name(device: str) -> str:
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    return (
+        torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else f"{torch.get_num_threads()} CPU threads"
+    )
 
 
 def toyworld_tokenizer(directory: Path):
@@ -518,7 +569,9 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
         from factory.method.loading import resolve_model
 
         src = Path(resolve_model(vae_source))
-        print(f"[vae] taken from {src} ({'--init-from' if cfg.init_from else '--vae-from'}), skipping stage 1")
+        print(
+            f"[vae] taken from {src} ({'--init-from' if cfg.init_from else '--vae-from'}), skipping stage 1"
+        )
         vae = AutoencoderKL.from_pretrained(src / "vae")
         if cfg.init_from is not None and (src / "training.json").exists():
             previous = json.loads((src / "training.json").read_text())
@@ -528,28 +581,54 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     unet, text_encoder, info = train_unet(cfg, vae, tokenizer, pool, work, deadline, command)
     export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)  # save_pretrained copies to the CPU
     if cfg.sample_every:
-        sample_grid(build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6)
+        sample_grid(
+            build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6
+        )
     info.pop("loss_curve")
     hardware = hardware_name(cfg.device)  # runs before this field: 2 CPU cores
-    info.update({"config": asdict(cfg), "wall_minutes_this_run": (time.time() - t0) / 60, "hardware": hardware,
-                 "concepts": list(CONCEPTS)})
+    info.update(
+        {
+            "config": asdict(cfg),
+            "wall_minutes_this_run": (time.time() - t0) / 60,
+            "hardware": hardware,
+            "concepts": list(CONCEPTS),
+        }
+    )
     if not info["commands"]:
         info.pop("commands")
     if previous is not None:  # the model this run continued from, so the card can state the whole recipe
-        info["continued_from"] = {k: previous[k] for k in ("steps", "train_minutes", "history", "config", "commands",
-                                                            "hardware", "note", "continued_from") if k in previous}
+        info["continued_from"] = {
+            k: previous[k]
+            for k in (
+                "steps",
+                "train_minutes",
+                "history",
+                "config",
+                "commands",
+                "hardware",
+                "note",
+                "continued_from",
+            )
+            if k in previous
+        }
     (Path(cfg.out) / "training.json").write_text(json.dumps(info, indent=2))
-    print(f"[done] exported to {cfg.out}; {info['steps']} UNet steps, "
-          f"{info['train_minutes']:.1f} min of UNet training, last AUC "
-          f"{info['history'][-1]['auc'] if info['history'] else float('nan'):.3f}")
+    print(
+        f"[done] exported to {cfg.out}; {info['steps']} UNet steps, "
+        f"{info['train_minutes']:.1f} min of UNet training, last AUC "
+        f"{info['history'][-1]['auc'] if info['history'] else float('nan'):.3f}"
+    )
     return info
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="trainers pretrain-toyworld", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trainers pretrain-toyworld",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
     def optional(typ):
         return lambda text: None if text.lower() in ("none", "off", "") else typ(text)
 
@@ -567,11 +646,18 @@ def main(argv: list[str] | None = None) -> None:
         if name == "sample_every":
             typ = optional(int)
         extra = {"choices": choices[name]} if name in choices else {}
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
-                       help="'none' disables" if name in ("target_auc", "max_minutes") else None, **extra)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=typ,
+            default=default,
+            help="'none' disables" if name in ("target_auc", "max_minutes") else None,
+            **extra,
+        )
     args = p.parse_args(argv)
-    pretrain(PretrainConfig(**vars(args)),
-             command=shlex.join(["trainers", "pretrain-toyworld", *(sys.argv[1:] if argv is None else argv)]))
+    pretrain(
+        PretrainConfig(**vars(args)),
+        command=shlex.join(["trainers", "pretrain-toyworld", *(sys.argv[1:] if argv is None else argv)]),
+    )
 
 
 if __name__ == "__main__":

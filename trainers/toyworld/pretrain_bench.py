@@ -39,25 +39,42 @@ def bench(device: str, steps: int, batches: list[int], channels: str, pool_size:
         tok = toyworld_tokenizer(Path(d) / "tok")
         vae = tw.build_vae().to(device).eval()
         for batch in batches:
-            cfg = PretrainConfig(work_dir=d, unet_steps=steps, batch=batch, eval_every=10**6, eval_images=2,
-                                 target_auc=None, ckpt_every=10**6, device=device, unet_channels=channels)
+            cfg = PretrainConfig(
+                work_dir=d,
+                unet_steps=steps,
+                batch=batch,
+                eval_every=10**6,
+                eval_images=2,
+                target_auc=None,
+                ckpt_every=10**6,
+                device=device,
+                unet_channels=channels,
+            )
             (Path(d) / "unet_ckpt.pt").unlink(missing_ok=True)  # each batch size starts fresh, not resumed
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             t = time.time()
             _, _, info = train_unet(cfg, vae, tok, pool, Path(d), None)
             seconds = info["train_minutes"] * 60
-            row = {"batch": batch, "steps": steps, "steps_s": steps / seconds, "samples_s": batch * steps / seconds,
-                   "wall_s": time.time() - t,
-                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+            row = {
+                "batch": batch,
+                "steps": steps,
+                "steps_s": steps / seconds,
+                "samples_s": batch * steps / seconds,
+                "wall_s": time.time() - t,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+            }
             print(json.dumps(row), flush=True)
             results.append(row)
     return {"device": hardware_name(device), "unet_channels": channels, "results": results}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainers.toyworld.pretrain_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainers.toyworld.pretrain_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batches", default="16,128", help="comma-separated batch sizes")

@@ -78,14 +78,19 @@ def caption_usage(pipe, samples, timesteps=(100, 300, 500, 700, 900), seed: int 
     z = pipe.vae.encode(x.to(pipe.device)).latent_dist.mean * pipe.vae.config.scaling_factor
     wrong_of = {c: CONCEPTS[(i + len(CONCEPTS) // 2) % len(CONCEPTS)] for i, c in enumerate(CONCEPTS)}
     right = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"a photo of a {s.concept}" for s in samples])
-    wrong = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"a photo of a {wrong_of[s.concept]}" for s in samples])
+    wrong = encode_prompts(
+        pipe.tokenizer, pipe.text_encoder, [f"a photo of a {wrong_of[s.concept]}" for s in samples]
+    )
     ab = pipe.scheduler.alphas_cumprod.to(z.device)
     out = {}
     for t in timesteps:
         noise = torch.randn(z.shape, generator=g).to(z.device)
         zt = ab[t].sqrt() * z + (1 - ab[t]).sqrt() * noise
         tt = torch.full((len(samples),), t, device=z.device)
-        mse = [F.mse_loss(pipe.unet(zt, tt, encoder_hidden_states=e).sample, noise).item() for e in (right, wrong)]
+        mse = [
+            F.mse_loss(pipe.unet(zt, tt, encoder_hidden_states=e).sample, noise).item()
+            for e in (right, wrong)
+        ]
         out[t] = mse[1] / mse[0] - 1.0
     return out
 
@@ -95,7 +100,9 @@ def upsample(maps: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size, size), mode="nearest")[:, 0].numpy()
 
 
-def sample_grid(pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, steps: int = 50, seed: int = 0) -> None:
+def sample_grid(
+    pipe, path: Path, per_concept: int = 8, guidance: float = 3.0, steps: int = 50, seed: int = 0
+) -> None:
     """A grid of "a photo of a {concept}" samples, one row per concept (the model card's figure)."""
     from trainers.toyworld.classifier import generate
 
@@ -118,7 +125,7 @@ def attention_figure(samples, maps_up, masks, path: Path, n: int = 8) -> None:
     tiles = []
     for s, a, m in list(zip(samples, maps_up, masks, strict=True))[:n]:
         a = (a - a.min()) / (np.ptp(a) + 1e-12)
-        heat = (cv2.applyColorMap((a * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1])
+        heat = cv2.applyColorMap((a * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1]
         gray = lambda b: np.repeat((b[..., None] * 255).astype(np.uint8), 3, 2)  # noqa: E731
         tiles.append(np.concatenate([s.image, heat, gray(m), gray(s.mask)], 1))
     grid = np.concatenate(tiles, 0)
@@ -133,8 +140,12 @@ def evaluate(model: str, n: int, out_dir: Path, grid: bool = True, concept_sampl
     size = samples[0].image.shape[0]
     maps_up = upsample(maps, size)
     gts = [s.mask for s in samples]
-    res = {"n_images": n, "auc": pixel_auc(list(maps_up), gts), "auc_unnormalized": pixel_auc(list(maps_up), gts, False),
-           "auc_per_concept": pixel_auc_by_group(list(maps_up), gts, [s.concept for s in samples])}
+    res = {
+        "n_images": n,
+        "auc": pixel_auc(list(maps_up), gts),
+        "auc_unnormalized": pixel_auc(list(maps_up), gts, False),
+        "auc_per_concept": pixel_auc_by_group(list(maps_up), gts, [s.concept for s in samples]),
+    }
     gmm_masks = []
     for name, fn in [("gmm", None), ("otsu_gray", otsu_mask), ("grabcut", grabcut_mask)]:
         met = PooledSegmentationMetrics()
@@ -192,8 +203,8 @@ tokenizer is a CLIP-format BPE vocabulary of {vocab} tokens built from the capti
 - VAE: {vae_line}; scaling factor {sf:.4f};
 - {trained}: {steps} steps in all, {batch}, {dropout:.0%} caption dropout, EMA {ema}; captions
   randomly drop the colour and the background phrase;
-- UNet training time {train_min:.1f} min in all (each run's device above); the attention AUC is checked on 32 held-out renders
-  (seeds 1,000,000,000+).
+- UNet training time {train_min:.1f} min in all (each run's device above); the attention AUC is checked
+  on 32 held-out renders (seeds 1,000,000,000+).
 
 Attention AUC during training (early-stopping set; loss = plain epsilon MSE of the last interval):
 
@@ -242,9 +253,11 @@ def training_runs(info: dict) -> list[dict]:
 
 def _run_line(i: int, run: dict, first_step: int) -> str:
     cfg = run.get("config") or {}
-    weighting = {"eps": "plain epsilon MSE", "p2": "P2-weighted epsilon MSE",
-                 "v": f"epsilon MSE with v-prediction weights capped at {cfg.get('max_weight')}"}[
-                     cfg.get("loss_weighting", "eps")]
+    weighting = {
+        "eps": "plain epsilon MSE",
+        "p2": "P2-weighted epsilon MSE",
+        "v": f"epsilon MSE with v-prediction weights capped at {cfg.get('max_weight')}",
+    }[cfg.get("loss_weighting", "eps")]
     if cfg.get("init_from"):
         start = f"from the previous model (`--init-from {cfg['init_from']}`, fresh optimizer)"
         if cfg.get("text_encoder_from"):
@@ -256,11 +269,18 @@ def _run_line(i: int, run: dict, first_step: int) -> str:
     else:
         start = "from scratch"
     cmds = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "(command not recorded)"
-    lr = f"{cfg.get('lr')} cosine to 5% of it" if cfg.get("lr_schedule") == "cosine" else f"{cfg.get('lr')} constant"
-    return (f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, batch {cfg.get('batch')}, "
-            f"AdamW {lr}, "
-            f"{weighting}, {run['train_minutes']:.1f} min on {run.get('hardware', '2 CPU cores')}, "
-            f"attention AUC checked every {cfg.get('eval_every')} steps.")
+    lr = (
+        f"{cfg.get('lr')} cosine to 5% of it"
+        if cfg.get("lr_schedule") == "cosine"
+        else f"{cfg.get('lr')} constant"
+    )
+    return (
+        f"{i}. {cmds}: UNet steps {first_step}-{run['steps'] + first_step}, {start}, "
+        f"batch {cfg.get('batch')}, "
+        f"AdamW {lr}, "
+        f"{weighting}, {run['train_minutes']:.1f} min on {run.get('hardware', '2 CPU cores')}, "
+        f"attention AUC checked every {cfg.get('eval_every')} steps."
+    )
 
 
 def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> None:
@@ -280,64 +300,123 @@ def write_card(model_dir: Path, res: dict, n: int, samples_note: str = "") -> No
     lines, hist, offset, minutes = [], [], 0, 0.0
     for i, run in enumerate(runs, 1):
         lines.append(_run_line(i, run, offset))
-        hist += [f"| {h['step'] + offset} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes'] + minutes:.1f} |"
-                 for h in run["history"]]
+        hist += [
+            f"| {h['step'] + offset} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes'] + minutes:.1f} |"
+            for h in run["history"]
+        ]
         offset += run["steps"]
         minutes += run["train_minutes"]
     # absent from quality.json files written before it was measured
-    auc_concept_row = ("| attention pixel AUC-ROC per concept | " +
-                       ", ".join(f"{c} {v:.3f}" for c, v in res["auc_per_concept"].items()) + " |\n"
-                       if "auc_per_concept" in res else "")
+    auc_concept_row = (
+        "| attention pixel AUC-ROC per concept | "
+        + ", ".join(f"{c} {v:.3f}" for c, v in res["auc_per_concept"].items())
+        + " |\n"
+        if "auc_per_concept" in res
+        else ""
+    )
     concept_rows = "".join(
-        f"| concept accuracy of samples, guidance {v['guidance']:g} (shape classifier; chance 0.167) | {v['mean']:.3f} |\n"
-        for k, v in sorted(res.items()) if k.startswith("concept_accuracy"))
+        f"| concept accuracy of samples, guidance {v['guidance']:g} (shape classifier; chance 0.167) "
+        f"| {v['mean']:.3f} |\n"
+        for k, v in sorted(res.items())
+        if k.startswith("concept_accuracy")
+    )
     if "caption_usage" in res:
-        concept_rows += ("| epsilon MSE increase with a wrong shape word, t = " +
-                         " / ".join(str(t) for t in res["caption_usage"]) + " | " +
-                         " / ".join(f"{100 * v:.1f}%" for v in res["caption_usage"].values()) + " |\n")
+        concept_rows += (
+            "| epsilon MSE increase with a wrong shape word, t = "
+            + " / ".join(str(t) for t in res["caption_usage"])
+            + " | "
+            + " / ".join(f"{100 * v:.1f}%" for v in res["caption_usage"].values())
+            + " |\n"
+        )
     if "classifier" in res:
         c = res["classifier"]
-        concept_rows += (f"| shape classifier on held-out renders / their VAE reconstructions | "
-                         f"{c['test_accuracy']:.3f} / {c['vae_reconstruction_accuracy']:.3f} |\n")
-    vae_line = (f"taken unchanged from `{cfg['vae_from']}` (`--vae-from`), whose card gives its recipe"
-                if cfg.get("vae_from") else f"{cfg['vae_steps']} steps, batch {cfg['vae_batch']}, AdamW "
-                f"{cfg['vae_lr']} (cosine), MSE + 0.5 L1 + {cfg['kl_weight']} KL")
+        concept_rows += (
+            f"| shape classifier on held-out renders / their VAE reconstructions | "
+            f"{c['test_accuracy']:.3f} / {c['vae_reconstruction_accuracy']:.3f} |\n"
+        )
+    vae_line = (
+        f"taken unchanged from `{cfg['vae_from']}` (`--vae-from`), whose card gives its recipe"
+        if cfg.get("vae_from")
+        else f"{cfg['vae_steps']} steps, batch {cfg['vae_batch']}, AdamW "
+        f"{cfg['vae_lr']} (cosine), MSE + 0.5 L1 + {cfg['kl_weight']} KL"
+    )
     frozen = sum(1 for r in runs if (r.get("config") or {}).get("freeze_text_encoder"))
-    trained = ("text encoder + UNet jointly" if not frozen else
-               "UNet alone (text encoder frozen)" if frozen == len(runs) else
-               f"text encoder + UNet jointly, the UNet alone in the {frozen} run(s) with the text encoder frozen")
+    trained = (
+        "text encoder + UNet jointly"
+        if not frozen
+        else "UNet alone (text encoder frozen)"
+        if frozen == len(runs)
+        else f"text encoder + UNet jointly, the UNet alone in the {frozen} run(s) with the text encoder "
+        "frozen"
+    )
     batches = sorted({r["config"].get("batch") for r in runs if r.get("config")})
     batch = f"batch {batches[0]}" if len(batches) == 1 else "batch per run (above)"
     text = CARD.format(
-        concepts=", ".join(CONCEPTS), path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir,
-        components="\n".join(comps), vocab=vocab, max_tokens=16, runs="\n".join(lines),
-        seed=cfg["seed"], pool=cfg["pool_size"], pool_last=cfg["pool_size"] - 1, vae_line=vae_line,
-        sf=vae_conf["scaling_factor"], trained=trained, steps=offset, batch=batch, dropout=cfg["caption_dropout"],
+        concepts=", ".join(CONCEPTS),
+        path="factory/models/toyworld" if model_dir.name == "toyworld" else model_dir,
+        components="\n".join(comps),
+        vocab=vocab,
+        max_tokens=16,
+        runs="\n".join(lines),
+        seed=cfg["seed"],
+        pool=cfg["pool_size"],
+        pool_last=cfg["pool_size"] - 1,
+        vae_line=vae_line,
+        sf=vae_conf["scaling_factor"],
+        trained=trained,
+        steps=offset,
+        batch=batch,
+        dropout=cfg["caption_dropout"],
         ema=cfg["ema_decay"],
-        train_min=minutes, history="\n".join(hist),
-        n=n, qseed=QUALITY_SEED_BASE, auc=res["auc"], auc_raw=res["auc_unnormalized"],
-        gmm_iou=res["gmm"]["iou"], gmm_img=res["gmm"]["per_image_iou"], otsu_iou=res["otsu_gray"]["iou"],
-        otsu_img=res["otsu_gray"]["per_image_iou"], gc_iou=res["grabcut"]["iou"], gc_img=res["grabcut"]["per_image_iou"],
-        auc_concept_row=auc_concept_row, concept_rows=concept_rows, samples_note=samples_note)
+        train_min=minutes,
+        history="\n".join(hist),
+        n=n,
+        qseed=QUALITY_SEED_BASE,
+        auc=res["auc"],
+        auc_raw=res["auc_unnormalized"],
+        gmm_iou=res["gmm"]["iou"],
+        gmm_img=res["gmm"]["per_image_iou"],
+        otsu_iou=res["otsu_gray"]["iou"],
+        otsu_img=res["otsu_gray"]["per_image_iou"],
+        gc_iou=res["grabcut"]["iou"],
+        gc_img=res["grabcut"]["per_image_iou"],
+        auc_concept_row=auc_concept_row,
+        concept_rows=concept_rows,
+        samples_note=samples_note,
+    )
     (model_dir / "README.md").write_text(text)
     (model_dir / "quality.json").write_text(json.dumps(res, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainers.toyworld.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainers.toyworld.quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="toyworld")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=None, help="where figures go (default: the model directory)")
     p.add_argument("--no-grid", action="store_true")
-    p.add_argument("--concept-samples", type=int, default=50,
-                   help="samples per concept for the shape-classifier concept accuracy (0 skips it)")
-    p.add_argument("--card", action="store_true", help="write README.md + quality.json into the model directory")
+    p.add_argument(
+        "--concept-samples",
+        type=int,
+        default=50,
+        help="samples per concept for the shape-classifier concept accuracy (0 skips it)",
+    )
+    p.add_argument(
+        "--card", action="store_true", help="write README.md + quality.json into the model directory"
+    )
     p.add_argument("--note", default="", help="a paragraph for the card's Samples section")
     a = p.parse_args(argv)
     model_dir = Path(resolve_model(a.model))
-    res = evaluate(a.model, a.n, Path(a.out) if a.out else model_dir, grid=not a.no_grid,
-                   concept_samples=a.concept_samples)
+    res = evaluate(
+        a.model,
+        a.n,
+        Path(a.out) if a.out else model_dir,
+        grid=not a.no_grid,
+        concept_samples=a.concept_samples,
+    )
     print(json.dumps({k: v for k, v in res.items()}, indent=2))
     if a.card:
         write_card(model_dir, res, a.n, a.note)

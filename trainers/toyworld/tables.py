@@ -1,15 +1,16 @@
-"""The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are skipped).
+"""The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are
+skipped).
 
     trainers toyworld-tables --out out/tables            (about 40 minutes on 2 cores)
-    trainers toyworld-tables --out out/tables --student-seeds 0,1,2   (students again with seeds 1 and 2: ~57 min)
+    trainers toyworld-tables --out out/tables --student-seeds 0,1,2   (students with seeds 1 and 2: ~57 min)
     trainers toyworld-tables --out out/tables-small --small
 
 Stages (folders under --out):
   1. train-{c}/, test-{c}/   labelled one-concept splits of unseen seeds (the paper: a data set per concept)
-  2. label-{c}/              `factory label` with the pretrained m: M_pre of the training images, no ground truth
+  2. label-{c}/              `factory label` with the pretrained m: M_pre of the training images, no GT
   3. toyworld-ft/            `trainers finetune`: m' for all concepts (DeepSpeed on Ray Train)
-  4. ds-{c}/                 D_s: `factory label` again, attention from m, background inpainting with m' (refined M)
-  5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled by the same pipeline)
+  4. ds-{c}/                 D_s: `factory label` again, attention from m, background inpainting with m'
+  5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled the same way)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept, concurrently
                              (and students-{set}-seed{s}/ for each further `--student-seeds` seed)
@@ -42,8 +43,14 @@ PAPER_CUB = {  # method.md section 7, Tables 1 and 2 (ACC, IoU, mIoU)
     "student on D_s": (95.2, 75.1, 84.8),
     "student on D_s u D'_s": (95.6, 77.2, 86.0),
 }
-TRAIN_SEEDS = {"star": 2_000_000_000, "heart": 2_000_100_000, "circle": 2_000_200_000, "square": 2_000_300_000,
-               "triangle": 2_000_400_000, "ring": 2_000_500_000}
+TRAIN_SEEDS = {
+    "star": 2_000_000_000,
+    "heart": 2_000_100_000,
+    "circle": 2_000_200_000,
+    "square": 2_000_300_000,
+    "triangle": 2_000_400_000,
+    "ring": 2_000_500_000,
+}
 TEST_OFFSET = 50_000
 
 
@@ -66,8 +73,17 @@ class TablesConfig:
     @classmethod
     def small(cls, out: str) -> TablesConfig:
         """The same pipeline at test size (minutes): few images, short schedules, few steps."""
-        return cls(out=out, n_train=12, n_test=8, n_synthetic=8, sampler_steps=6, probe_t0=4, finetune_steps=12,
-                   student_steps=60, student_batch=4)
+        return cls(
+            out=out,
+            n_train=12,
+            n_test=8,
+            n_synthetic=8,
+            sampler_steps=6,
+            probe_t0=4,
+            finetune_steps=12,
+            student_steps=60,
+            student_batch=4,
+        )
 
 
 def _log(msg: str) -> None:
@@ -77,11 +93,16 @@ def _log(msg: str) -> None:
 def _job(cfg: TablesConfig, uri: str, concepts: list[dict], **over):
     from factory.dataset.config import JobConfig
 
-    d = {"model": "toyworld", "seed": cfg.seed, "concepts": concepts,
-         "sampler": {"steps": cfg.sampler_steps, "probe_t0": cfg.probe_t0, "guidance_scale": 1.0},
-         "inpaint": {"steps": cfg.sampler_steps}, "filters": {"min_area": 0.0, "max_area": 1.0},
-         "output": {"uri": uri, "samples_per_shard": 50, "image_format": "png", "report_samples": 6},
-         "resources": {"actors": 2, "num_cpus_per_actor": 0.75, "batch_size": 8, "writer_num_cpus": 0.25}}
+    d = {
+        "model": "toyworld",
+        "seed": cfg.seed,
+        "concepts": concepts,
+        "sampler": {"steps": cfg.sampler_steps, "probe_t0": cfg.probe_t0, "guidance_scale": 1.0},
+        "inpaint": {"steps": cfg.sampler_steps},
+        "filters": {"min_area": 0.0, "max_area": 1.0},
+        "output": {"uri": uri, "samples_per_shard": 50, "image_format": "png", "report_samples": 6},
+        "resources": {"actors": 2, "num_cpus_per_actor": 0.75, "batch_size": 8, "writer_num_cpus": 0.25},
+    }
     for k, v in over.items():
         if isinstance(v, dict):
             d.setdefault(k, {}).update(v)
@@ -135,14 +156,20 @@ def run_tables(cfg: TablesConfig) -> dict:
             if not (out / f"train-{c}" / "captions.jsonl").exists():
                 write_split(out / f"train-{c}", range(base, base + cfg.n_train), concept=c)
             if not (out / f"test-{c}" / "captions.jsonl").exists():
-                write_split(out / f"test-{c}", range(base + TEST_OFFSET, base + TEST_OFFSET + cfg.n_test), concept=c)
+                write_split(
+                    out / f"test-{c}", range(base + TEST_OFFSET, base + TEST_OFFSET + cfg.n_test), concept=c
+                )
 
     def label(model_out: str, inpaint_model: str | None):
         for c in cfg.concepts:
             uri = out / f"{model_out}-{c}"
             if not _done(uri):
-                run_job(_job(cfg, str(uri), [{"name": c}], inpaint={"model": inpaint_model}), "label",
-                        list_images(str(out / f"train-{c}" / "images")), progress=False)
+                run_job(
+                    _job(cfg, str(uri), [{"name": c}], inpaint={"model": inpaint_model}),
+                    "label",
+                    list_images(str(out / f"train-{c}" / "images")),
+                    progress=False,
+                )
 
     ft_dir = out / "toyworld-ft"
 
@@ -150,22 +177,42 @@ def run_tables(cfg: TablesConfig) -> dict:
         if (ft_dir / "model_index.json").exists():
             return
         shards = ", ".join(str(out / f"label-{c}") for c in cfg.concepts)
-        run_finetune(load_finetune_config("configs/finetune-toyworld.yaml", [
-            f"data.shards=[{shards}]", f"train.max_steps={cfg.finetune_steps}", f"output.storage={out / 'runs'}",
-            f"output.export={ft_dir}", f"checkpoint.every={max(1, min(250, cfg.finetune_steps))}"]))
+        run_finetune(
+            load_finetune_config(
+                "configs/finetune-toyworld.yaml",
+                [
+                    f"data.shards=[{shards}]",
+                    f"train.max_steps={cfg.finetune_steps}",
+                    f"output.storage={out / 'runs'}",
+                    f"output.export={ft_dir}",
+                    f"checkpoint.every={max(1, min(250, cfg.finetune_steps))}",
+                ],
+            )
+        )
 
     def synthetic():
         if not _done(out / "synthetic"):
-            run_job(_job(cfg, str(out / "synthetic"), [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts],
-                         model=str(ft_dir)), "generate", progress=False)
+            run_job(
+                _job(
+                    cfg,
+                    str(out / "synthetic"),
+                    [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts],
+                    model=str(ft_dir),
+                ),
+                "generate",
+                progress=False,
+            )
 
     def gt():
         for c in cfg.concepts:
             if not (out / f"gt-{c}" / "gt-000000.tar").exists():
                 split_to_shards(str(out / f"train-{c}"), str(out / f"gt-{c}"), c)
 
-    sets = {"gt": [f"gt-{c}" for c in cfg.concepts], "ds": [f"ds-{c}" for c in cfg.concepts],
-            "ds-syn": [f"ds-{c}" for c in cfg.concepts] + ["synthetic"]}
+    sets = {
+        "gt": [f"gt-{c}" for c in cfg.concepts],
+        "ds": [f"ds-{c}" for c in cfg.concepts],
+        "ds-syn": [f"ds-{c}" for c in cfg.concepts] + ["synthetic"],
+    }
 
     def students():
         for name, folders in sets.items():
@@ -174,12 +221,23 @@ def run_tables(cfg: TablesConfig) -> dict:
                 export = out / student_folder(name, seed)
                 if (export / "students.json").exists():
                     continue
-                run_students(load_students_config("configs/students-toyworld.yaml", [
-                    f"data.shards=[{shards}]", f"data.concepts=[{', '.join(cfg.concepts)}]",
-                    f"train.steps={cfg.student_steps}", f"train.batch={cfg.student_batch}", f"train.seed={seed}",
-                    f"checkpoint.every={max(1, cfg.student_steps // 4)}",
-                    f"model.backbone={cfg.student_backbone}", f"output.storage={out / 'runs'}",
-                    f"output.name={export.name}", f"output.export={export}"]))
+                run_students(
+                    load_students_config(
+                        "configs/students-toyworld.yaml",
+                        [
+                            f"data.shards=[{shards}]",
+                            f"data.concepts=[{', '.join(cfg.concepts)}]",
+                            f"train.steps={cfg.student_steps}",
+                            f"train.batch={cfg.student_batch}",
+                            f"train.seed={seed}",
+                            f"checkpoint.every={max(1, cfg.student_steps // 4)}",
+                            f"model.backbone={cfg.student_backbone}",
+                            f"output.storage={out / 'runs'}",
+                            f"output.name={export.name}",
+                            f"output.export={export}",
+                        ],
+                    )
+                )
 
     stage("1 splits", splits)
     stage("2 label with m (M_pre)", lambda: label("label", None))
@@ -221,8 +279,11 @@ def score(cfg: TablesConfig, out: Path) -> dict:
                 figure.setdefault(f"{c} {r['id']}", {})[name] = predict_or_masks(c, r)
 
     # students and GrabCut through `trainers evaluate`'s protocol
-    for label, name in [("supervised student (GT masks)", "gt"), ("student on D_s", "ds"),
-                        ("student on D_s u D'_s", "ds-syn")]:
+    for label, name in [
+        ("supervised student (GT masks)", "gt"),
+        ("student on D_s", "ds"),
+        ("student on D_s u D'_s", "ds-syn"),
+    ]:
         per_seed = []
         for seed in cfg.student_seeds:
             per, preds = {}, {}
@@ -237,13 +298,19 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     results["GrabCut"] = pooled(per)
     keep_examples("GrabCut", lambda c, r: _predict_row(grabcut_predictor(size), r, size))
     # M_pre and refined M: the method itself on the test images (attention from m; inpainting with m')
-    dcfg = DistillConfig(num_inference_steps=cfg.sampler_steps, probe_t0=cfg.probe_t0, inpaint_steps=cfg.sampler_steps)
+    dcfg = DistillConfig(
+        num_inference_steps=cfg.sampler_steps, probe_t0=cfg.probe_t0, inpaint_steps=cfg.sampler_steps
+    )
+
     def method_eval(distiller, c: str, name: str) -> dict:
         """evaluate_distiller on test-{c}, reusing a finished evaluation with the same settings."""
         done = out / f"eval-{name}-{c}" / "metrics.json"
         if done.exists():
             old = json.loads(done.read_text())
-            if old["config"] == distiller.config_dict() and old.get("inpaint_model") == distiller.inpaint_model:
+            if (
+                old["config"] == distiller.config_dict()
+                and old.get("inpaint_model") == distiller.inpaint_model
+            ):
                 return old
         return evaluate_distiller(distiller, out / f"test-{c}", out=out / f"eval-{name}-{c}")
 
@@ -253,17 +320,32 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     method = {c: method_eval(distiller, c, "mprime") for c in cfg.concepts}
     results["M_pre"] = PooledSegmentationMetrics.pooled([m["prelim"] for m in method.values()])
     results["refined M"] = PooledSegmentationMetrics.pooled([m["refined"] for m in method.values()])
-    results["refined M with m (no fine-tuning)"] = PooledSegmentationMetrics.pooled([m["refined"] for m in plain.values()])
-    object_kept = {"m": float(np.mean([m["object_kept_fraction"] for m in plain.values()])),
-                   "mprime": float(np.mean([m["object_kept_fraction"] for m in method.values()])),
-                   "m_changed": float(np.mean([m["object_changed_mean"] for m in plain.values()])),
-                   "mprime_changed": float(np.mean([m["object_changed_mean"] for m in method.values()]))}
+    results["refined M with m (no fine-tuning)"] = PooledSegmentationMetrics.pooled(
+        [m["refined"] for m in plain.values()]
+    )
+    object_kept = {
+        "m": float(np.mean([m["object_kept_fraction"] for m in plain.values()])),
+        "mprime": float(np.mean([m["object_kept_fraction"] for m in method.values()])),
+        "m_changed": float(np.mean([m["object_changed_mean"] for m in plain.values()])),
+        "mprime_changed": float(np.mean([m["object_changed_mean"] for m in method.values()])),
+    }
     write_figure(cfg, out, rows, figure, distiller, size)
-    order = ["supervised student (GT masks)", "GrabCut", "M_pre", "refined M with m (no fine-tuning)", "refined M",
-             "student on D_s", "student on D_s u D'_s"]
-    return {"rows": {k: results[k] for k in order}, "object_kept": object_kept,
-            "attention_auc": float(np.mean([m["attention_auc"] for m in method.values()])),
-            "n_test": sum(len(r) for r in rows.values()), "config": asdict(cfg)}
+    order = [
+        "supervised student (GT masks)",
+        "GrabCut",
+        "M_pre",
+        "refined M with m (no fine-tuning)",
+        "refined M",
+        "student on D_s",
+        "student on D_s u D'_s",
+    ]
+    return {
+        "rows": {k: results[k] for k in order},
+        "object_kept": object_kept,
+        "attention_auc": float(np.mean([m["attention_auc"] for m in method.values()])),
+        "n_test": sum(len(r) for r in rows.values()),
+        "config": asdict(cfg),
+    }
 
 
 def _predict_row(predict, row, size):
@@ -291,55 +373,105 @@ def write_figure(cfg, out: Path, rows, figure, distiller, size) -> None:
             [t] = distiller.label([image], Concept(c), seeds=[0])
             prelim = resize_mask(t.prelim, *image.shape[:2])  # toyworld images fill the canvas
             preds = figure[key]
-            tiles.append([image, gt, preds["GrabCut"], t.attention.astype(np.float32), prelim, t.background, t.mask,
-                          preds["supervised student (GT masks)"], preds["student on D_s"], preds["student on D_s u D'_s"]])
+            tiles.append(
+                [
+                    image,
+                    gt,
+                    preds["GrabCut"],
+                    t.attention.astype(np.float32),
+                    prelim,
+                    t.background,
+                    t.mask,
+                    preds["supervised student (GT masks)"],
+                    preds["student on D_s"],
+                    preds["student on D_s u D'_s"],
+                ]
+            )
             labels.append(key)
-    contact_sheet(tiles, ["image", "GT", "GrabCut", "attention", "M_pre", "bg (m')", "refined M", "stud. GT",
-                          "stud. D_s", "stud. +D'_s"], tile=96, row_labels=labels).save(out / "figure.png")
+    contact_sheet(
+        tiles,
+        [
+            "image",
+            "GT",
+            "GrabCut",
+            "attention",
+            "M_pre",
+            "bg (m')",
+            "refined M",
+            "stud. GT",
+            "stud. D_s",
+            "stud. +D'_s",
+        ],
+        tile=96,
+        row_labels=labels,
+    ).save(out / "figure.png")
 
 
 def markdown(table: dict) -> str:
     c = table["config"]
-    lines = [f"toyworld, concepts {', '.join(c['concepts'])}: {table['n_test']} held-out test images, 64x64, "
-             f"pixel-pooled; {c['n_train']} training images and {c['n_synthetic']} synthetic per concept; "
-             f"m' fine-tuned {c['finetune_steps']} steps; students {c['student_backbone']}, {c['student_steps']} steps. "
-             f"Mean attention AUC-ROC {table['attention_auc']:.3f} (paper, CUB: 0.971).", "",
-             "| row | ACC | IoU | mIoU | paper, CUB: ACC / IoU / mIoU |", "|---|---|---|---|---|"]
+    lines = [
+        f"toyworld, concepts {', '.join(c['concepts'])}: {table['n_test']} held-out test images, 64x64, "
+        f"pixel-pooled; {c['n_train']} training images and {c['n_synthetic']} synthetic per concept; "
+        f"m' fine-tuned {c['finetune_steps']} steps; "
+        f"students {c['student_backbone']}, {c['student_steps']} steps. "
+        f"Mean attention AUC-ROC {table['attention_auc']:.3f} (paper, CUB: 0.971).",
+        "",
+        "| row | ACC | IoU | mIoU | paper, CUB: ACC / IoU / mIoU |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in table["rows"].items():
         p = " / ".join(map(str, PAPER_CUB[name])) if name in PAPER_CUB else "-"
         iou = f"{100 * m['iou']:.1f}" + (f" ± {100 * m['iou_sd']:.1f}" if "iou_sd" in m else "")
         lines.append(f"| {name} | {100 * m['acc']:.1f} | {iou} | {100 * m['miou']:.1f} | {p} |")
     seeds = c.get("student_seeds", [0])
     if len(seeds) > 1:
-        lines += ["", f"Student rows: mean over student seeds {', '.join(map(str, seeds))} (the same shards, only "
-                  "`train.seed` differs), IoU ± its standard deviation over those seeds."]
+        lines += [
+            "",
+            f"Student rows: mean over student seeds {', '.join(map(str, seeds))} (the same shards, only "
+            "`train.seed` differs), IoU ± its standard deviation over those seeds.",
+        ]
     k = table["object_kept"]
-    lines += ["", f"Background inpainting of the test images' M_pre region: the object survives (under half of its "
-              f"pixels changed by > 10 %) in {100 * k['m']:.1f}% of images with m and {100 * k['mprime']:.1f}% with "
-              f"m'; {100 * k['m_changed']:.1f}% vs {100 * k['mprime_changed']:.1f}% of object pixels removed on average."]
+    lines += [
+        "",
+        f"Background inpainting of the test images' M_pre region: the object survives (under half of its "
+        f"pixels changed by > 10 %) in {100 * k['m']:.1f}% of images with m and "
+        f"{100 * k['mprime']:.1f}% with m'; {100 * k['m_changed']:.1f}% vs "
+        f"{100 * k['mprime_changed']:.1f}% of object pixels removed on average.",
+    ]
     if "total_s" in table:
-        lines += ["", f"Total {table['total_s'] / 60:.1f} min: " +
-                  ", ".join(f"{k} {v / 60:.1f} min" for k, v in table["timings_s"].items())]
+        lines += [
+            "",
+            f"Total {table['total_s'] / 60:.1f} min: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in table["timings_s"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="trainers toyworld-tables", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="trainers toyworld-tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="out/tables")
     p.add_argument("--small", action="store_true", help="the test-size pipeline (minutes)")
     p.add_argument("--concepts", default=None, help="comma-separated toyworld concepts (default: star,heart)")
     for name in ("n_train", "n_test", "n_synthetic", "finetune_steps", "student_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    p.add_argument("--student-seeds", default=None,
-                   help="comma-separated student seeds (default 0): each student row becomes their mean ± sd")
+    p.add_argument(
+        "--student-seeds",
+        default=None,
+        help="comma-separated student seeds (default 0): each student row becomes their mean ± sd",
+    )
     a = p.parse_args(argv)
     cfg = TablesConfig.small(a.out) if a.small else TablesConfig(out=a.out)
     if a.concepts:
         cfg.concepts = [c.strip() for c in a.concepts.split(",") if c.strip()]
         unknown = [c for c in cfg.concepts if c not in TRAIN_SEEDS]
         if unknown:
-            raise SystemExit(f"trainers toyworld-tables: unknown concepts {unknown}; choose from {', '.join(TRAIN_SEEDS)}")
+            raise SystemExit(
+                f"trainers toyworld-tables: unknown concepts {unknown}; choose from {', '.join(TRAIN_SEEDS)}"
+            )
     for name in ("n_train", "n_test", "n_synthetic", "finetune_steps", "student_steps"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
@@ -347,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg.student_seeds = sorted({int(s) for s in a.student_seeds.split(",") if s.strip()})
         except ValueError:
-            raise SystemExit(f"trainers toyworld-tables: --student-seeds takes integers, e.g. 0,1,2; got "
-                             f"{a.student_seeds!r}") from None
+            raise SystemExit(
+                f"trainers toyworld-tables: --student-seeds takes integers, e.g. 0,1,2; got "
+                f"{a.student_seeds!r}"
+            ) from None
     run_tables(cfg)
     return 0
