@@ -4,7 +4,9 @@
     factory label CONFIG --input SRC [--set KEY=VALUE ...]   label your own images into shards (Ray)
     factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
 
-Each job command takes --verbose (Ray's and diffusers' log lines and loading bars; quiet by default).
+Each job command takes --dry-run (check and print the plan, start nothing), --verbose (Ray's and diffusers'
+log lines and loading bars; quiet by default) and --debug (a traceback with an error). A mistake of the
+user's is one line, `factory: error: ...`, and exit status 2.
 
 Concept fine-tuning, students and evaluation are `trainers` commands (`trainers --help`).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from factory.errors import run_command
 
 
 def _seeds(text: str) -> range:
@@ -34,37 +38,25 @@ def cmd_toyworld_split(a) -> int:
     return 0
 
 
-def _load_job(a):
-    from factory.dataset.config import ConfigError, load_config
-
-    try:
-        return load_config(a.config, a.set)
-    except ConfigError as err:
-        print(f"factory: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def cmd_generate(a) -> int:
+    from factory.dataset.config import load_config
     from factory.dataset.pipeline import run_job
 
-    cfg = _load_job(a)
-    summary = run_job(cfg, "generate", verbose=a.verbose or None)
-    return 0 if summary["complete"] else 1
+    cfg = load_config(a.config, a.set)
+    summary = run_job(cfg, "generate", verbose=a.verbose or None, dry_run=a.dry_run)
+    return 0 if a.dry_run or summary["complete"] else 1
 
 
 def cmd_label(a) -> int:
+    from factory.dataset.config import load_config
     from factory.dataset.pipeline import run_job
     from factory.dataset.sources import list_images
 
-    cfg = _load_job(a)
-    try:
-        sources = list_images(a.input)
-    except FileNotFoundError as err:
-        print(f"factory: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config, a.set)
+    sources = list_images(a.input)
     print(f"[factory] label: {len(sources)} images from {a.input}")
-    summary = run_job(cfg, "label", sources, verbose=a.verbose or None)
-    return 0 if summary["complete"] else 1
+    summary = run_job(cfg, "label", sources, verbose=a.verbose or None, dry_run=a.dry_run)
+    return 0 if a.dry_run or summary["complete"] else 1
 
 
 def _add_job_args(s) -> None:
@@ -72,6 +64,12 @@ def _add_job_args(s) -> None:
     s.add_argument(
         "--verbose", action="store_true", help="show Ray's and diffusers' log lines and loading bars"
     )
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the preflight checks, print the plan (shards, samples, what is skipped) and exit",
+    )
+    s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     s.add_argument(
         "--set",
         action="append",
@@ -101,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seeds", type=_seeds, default=range(0, 200))
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--concept", default=None, help="only images of this concept (a one-concept data set)")
+    s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     s.set_defaults(fn=cmd_toyworld_split)
     a = p.parse_args(argv)
-    return a.fn(a)
+    return run_command("factory", lambda: a.fn(a), debug=a.debug)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import ray
 
 from factory.dataset.config import load_config
 from factory.dataset.pipeline import run_job
+from factory.dataset.preflight import OutputError
 from factory.dataset.shards import ShardStore
 from factory.dataset.sources import list_images
 
@@ -93,7 +94,7 @@ def test_wait_for_actors_fails_clearly_when_the_pool_cannot_start_and_does_not_l
 @pytest.mark.integration
 def test_a_different_job_cannot_resume_into_the_same_output(tmp_path):
     run_job(job(tmp_path, "concepts=[{name: star, samples: 1}]"), "generate", progress=False)
-    with pytest.raises(RuntimeError, match="different job"):
+    with pytest.raises(OutputError, match="different job"):  # in the preflight, before Ray does any work
         run_job(
             job(tmp_path, "concepts=[{name: star, samples: 1}]", "masks.rule=otsu"),
             "generate",
@@ -155,3 +156,29 @@ def test_list_images_from_glob_and_list_file(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"{tmp_path / 'a.jpg'}\n# comment\n\ns3://bucket/x.png\n")
     assert list_images(str(lst)) == [str(tmp_path / "a.jpg"), "s3://bucket/x.png"]
+
+
+@pytest.mark.integration
+def test_a_user_error_inside_an_actor_comes_back_as_itself(tmp_path, capsys):
+    """A model whose configs read (so the preflight passes) but whose UNet weights are missing: the actors
+    fail to load it, and the driver raises that ModelLoadError itself, which the CLI prints as one line."""
+    from factory.errors import run_command
+    from factory.method.loading import MODELS_DIR, ModelLoadError
+
+    broken = tmp_path / "broken-model"
+    for src in (MODELS_DIR / "toyworld").rglob("*"):
+        dst = broken / src.relative_to(MODELS_DIR / "toyworld")
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif not (src.parent.name == "unet" and src.suffix == ".safetensors"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+    cfg = job(tmp_path, f"model={broken}", "concepts=[{name: star, samples: 2}]")
+    with pytest.raises(ModelLoadError, match="could not load the pipeline in"):
+        run_job(cfg, "generate", progress=False)
+    assert run_command("factory", lambda: run_job(cfg, "generate", progress=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "factory: error: could not load the pipeline in"
+    ) and "Traceback" not in "".join(err)
+    assert not list((tmp_path / "out").glob("*.tar"))

@@ -10,7 +10,8 @@ trainers evaluate [...]            score a student, a mask folder or GrabCut on 
 trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
 
 Model-loading bars and library log lines are off; --verbose (finetune, students) or CF_VERBOSE=1 brings
-them back.
+them back. A mistake of the user's is one line, `trainers CMD: error: ...` (exit 2); --debug shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     from factory.dataset.console import verbose_from_env
+    from factory.errors import run_command
     from factory.method.loading import quiet_model_libraries
 
     # diffusers' and transformers' loading bars off for every command, unless --verbose or CF_VERBOSE=1
     quiet_model_libraries("--verbose" in argv or verbose_from_env())
+    debug = "--debug" in argv
+    rest = [x for x in argv[1:] if x != "--debug"]
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    return run_command(f"trainers {argv[0]}", lambda: module.main(rest), debug=debug)
 
 
 if __name__ == "__main__":

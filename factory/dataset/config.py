@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factory.errors import UserError
 from factory.method.distiller import Concept, DistillConfig
 
 
@@ -67,8 +69,24 @@ class FilterConfig(_Strict):
     keep_rejected: bool = False
 
 
+class InputConfig(_Strict):
+    """Label mode's images (factory/dataset/images.py)."""
+
+    max_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description="larger images are downscaled to this many pixels (aspect kept) before the model and "
+        "written at that size; beyond 16 times it they are not decoded (`too_large`)",
+    )
+
+
 class OutputConfig(_Strict):
     uri: str = Field(min_length=1, description="any fsspec URL: a local path, s3://bucket/prefix, gs://...")
+    storage_options: dict = Field(
+        default_factory=dict,
+        description="keyword arguments of the fsspec filesystem (e.g. endpoint_url for an S3-compatible "
+        "store). Prefer credentials from the environment; values given here are never written out",
+    )
     samples_per_shard: int = Field(100, ge=1)
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=50, le=100)
@@ -98,8 +116,9 @@ class JobConfig(_Strict):
 
     Sections: `model`, `device`, `dtype`, `seed`, `concepts` (name, template, words, samples), `sampler`
     (steps, guidance, attention source), `masks` (the rule of Steps 2 and 4b), `inpaint` (Step 4), `filters`
-    (which samples are rejected), `output` (URI, shard size, image format) and `resources` (actors, GPUs
-    and CPUs per actor, batch size). Unknown fields are errors. docs/factory.md describes each one.
+    (which samples are rejected), `input` (label mode's image limits), `output` (URI, shard size, image
+    format, fsspec storage options) and `resources` (actors, GPUs and CPUs per actor, batch size). Unknown
+    fields are errors. docs/factory.md describes each one.
 
     Example:
         >>> cfg = JobConfig.model_validate({"concepts": [{"name": "star"}], "output": {"uri": "out/x"}})
@@ -116,6 +135,7 @@ class JobConfig(_Strict):
     masks: MaskConfig = Field(default_factory=MaskConfig)
     inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -150,13 +170,30 @@ class JobConfig(_Strict):
             attention=s.attention,
         )
 
+    def public_dump(self) -> dict:
+        """The config as it may be written out (job.json, logs): storage options and any credentials in a
+        URI (`s3://KEY:SECRET@bucket`) replaced by `<redacted>`."""
+        d = self.model_dump()
+        d["output"]["storage_options"] = {k: "<redacted>" for k in d["output"]["storage_options"]}
+        d["output"]["uri"] = redact_uri(d["output"]["uri"])
+        for key in ("model",):
+            d[key] = redact_uri(d[key])
+        if d["inpaint"]["model"]:
+            d["inpaint"]["model"] = redact_uri(d["inpaint"]["model"])
+        return d
+
     def actor_device(self) -> str:
         if self.device != "auto":
             return self.device
         return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
 
 
-class ConfigError(ValueError):
+def redact_uri(uri: str) -> str:
+    """`scheme://user:secret@host/...` -> `scheme://<redacted>@host/...`; other strings unchanged."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1<redacted>@", uri)
+
+
+class ConfigError(UserError, ValueError):
     """The job configuration is invalid; the message lists every problem."""
 
 

@@ -14,7 +14,6 @@ Model-facing code lives in `factory.method.distiller`; nothing here touches diff
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import time
@@ -23,24 +22,17 @@ import numpy as np
 
 from factory.dataset.config import JobConfig
 from factory.dataset.console import init_ray, verbose_from_env
+from factory.dataset.faults import crash_point
 from factory.dataset.filters import reject_reason
-from factory.dataset.report import print_summary, summarize, write_report
+from factory.dataset.images import ImageRejected, read_image
+from factory.dataset.preflight import preflight
+from factory.dataset.report import print_plan, print_summary, summarize, write_report
 from factory.dataset.shards import ShardStore, encode_triplet
-from factory.dataset.specs import ShardTask, generation_shards, label_shards
+from factory.dataset.specs import ShardTask, generation_shards, job_fingerprint, label_shards
+from factory.errors import UserError, user_error_from_state, user_error_state
 from factory.method.loading import quiet_model_libraries
 
-
-def job_fingerprint(cfg: JobConfig) -> str:
-    """Hash of everything that determines the shards' contents (not resources or report settings)."""
-    d = cfg.model_dump()
-    d.pop("resources")
-    d["output"].pop("report_samples", None)
-    d["output"].pop("uri", None)
-    for c in d["concepts"]:
-        c.pop("samples")  # more samples per concept changes which shards exist, not their contents
-    if d["inpaint"]["model"] is None:
-        d["inpaint"].pop("model")  # added later: outputs written before it existed keep their fingerprint
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+MIN_LATENT_CELLS = 4  # label mode: an image whose shorter side spans fewer latent cells is `too_small`
 
 
 class GenerateShard:
@@ -56,22 +48,23 @@ class GenerateShard:
         self.mode = mode
         quiet_model_libraries(verbose)
         torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus_per_actor)))
-        self.distiller = Distiller(
-            self.cfg.model,
-            self.cfg.actor_device(),
-            self.cfg.dtype,
-            self.cfg.distill_config(),
-            inpaint_model=self.cfg.inpaint.model,
-        )
+        # A user error here (weights that do not load, say) is handed back with the first shard, as the
+        # user's error, instead of failing the constructor: Ray would restart the actor forever, and hand
+        # the driver a traceback in a string.
+        self.user_error = None
+        try:
+            self.distiller = Distiller(
+                self.cfg.model,
+                self.cfg.actor_device(),
+                self.cfg.dtype,
+                self.cfg.distill_config(),
+                inpaint_model=self.cfg.inpaint.model,
+            )
+        except UserError as err:
+            self.user_error = err
         self.node = ray.get_runtime_context().get_node_id()
         self.concepts = [c.to_concept() for c in self.cfg.concepts]
-
-    def _load(self, url: str) -> np.ndarray:
-        import fsspec
-        from PIL import Image
-
-        with fsspec.open(url, "rb") as f:
-            return np.asarray(Image.open(f).convert("RGB"))
+        self.min_side = MIN_LATENT_CELLS * self.distiller.vae_factor if self.user_error is None else 0
 
     def _run(self, samples: list[dict]) -> tuple[list, dict]:
         out, errors = [], {}
@@ -88,10 +81,10 @@ class GenerateShard:
                 images, ok = [], []
                 for s in chunk:
                     try:
-                        images.append(self._load(s["source"]))
+                        images.append(read_image(s["source"], self.cfg.input.max_pixels, self.min_side))
                         ok.append(s)
-                    except Exception as err:  # an unreadable image is a reject, not a crashed job
-                        errors[s["key"]] = f"unreadable: {type(err).__name__}: {err}"
+                    except ImageRejected as err:  # a bad image is a reject, not a crashed job
+                        errors[s["key"]] = str(err)
                 if not ok:
                     continue
                 triplets = self.distiller.label(
@@ -108,8 +101,19 @@ class GenerateShard:
     def __call__(self, batch: dict) -> dict:
         rows = {"index": [], "name": [], "payload": [], "node": [], "generate_s": []}
         for index, name, samples in zip(batch["index"], batch["name"], batch["samples"], strict=True):
+            crash_point("GENERATE")
             t0 = time.perf_counter()
-            triplets, errors = self._run(json.loads(samples))
+            try:
+                if self.user_error is not None:
+                    raise self.user_error
+                triplets, errors = self._run(json.loads(samples))
+            except UserError as err:  # in-band: Ray would keep only its traceback text
+                rows["index"].append(int(index))
+                rows["name"].append(str(name))
+                rows["payload"].append(pickle.dumps({"user_error": user_error_state(err)}))
+                rows["node"].append(self.node)
+                rows["generate_s"].append(0.0)
+                continue
             records = [
                 {
                     "key": t.key,
@@ -140,16 +144,21 @@ class GenerateShard:
 def write_shards(batch: dict, job: dict) -> dict:
     """Ray task: filter, encode and commit the shards in `batch`; return their stats."""
     cfg = JobConfig.model_validate(job)
-    store = ShardStore(cfg.output.uri)
+    store = ShardStore(cfg.output.uri, cfg.output.storage_options)
     out = {"name": [], "stats": []}
     for name, payload, node, gen_s in zip(
         batch["name"], batch["payload"], batch["node"], batch["generate_s"], strict=True
     ):
         t0 = time.perf_counter()
-        data = pickle.loads(payload)
+        data = pickle.loads(payload)  # our own actor's payload, never a shard's or an input's bytes
+        if "user_error" in data:  # nothing is written for this shard; the driver reports the error
+            out["name"].append(str(name))
+            out["stats"].append(json.dumps({"name": str(name), "user_error": data["user_error"]}))
+            continue
         good, rejected, rejected_samples = [], {}, []
-        if data["errors"]:
-            rejected["unreadable"] = len(data["errors"])
+        for message in data["errors"].values():  # inputs not processed: "REASON: what was wrong"
+            reason = message.split(":", 1)[0]
+            rejected[reason] = rejected.get(reason, 0) + 1
         for rec in data["records"]:
             why = reject_reason(rec["meta"], cfg)
             rec["meta"]["rejected"] = why
@@ -189,18 +198,11 @@ def plan(cfg: JobConfig, mode: str, sources: list[str] | None) -> list[ShardTask
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def check_output(store: ShardStore, cfg: JobConfig, mode: str) -> None:
-    """Refuse to resume into an output folder that holds a different job."""
-    fingerprint = {"fingerprint": job_fingerprint(cfg), "mode": mode}
-    if store.fs.exists(store.path("job.json")):
-        old = store.read_json("job.json")
-        if (old.get("fingerprint"), old.get("mode")) != (fingerprint["fingerprint"], mode):
-            raise RuntimeError(
-                f"{store.uri} already holds shards of a different job (its job.json differs in model, "
-                "prompts, sampler, masks, filters or format). Use a new output.uri, or delete the old shards "
-                "to start over."
-            )
-    store.write_json("job.json", {**fingerprint, "config": cfg.model_dump()})
+def claim_output(store: ShardStore, cfg: JobConfig, mode: str) -> None:
+    """Record the job in the output folder's job.json (what the preflight checks a later job against)."""
+    store.write_json(
+        "job.json", {"fingerprint": job_fingerprint(cfg), "mode": mode, "config": cfg.public_dump()}
+    )
 
 
 def run_job(
@@ -209,6 +211,7 @@ def run_job(
     sources: list[str] | None = None,
     progress: bool = True,
     verbose: bool | None = None,
+    dry_run: bool = False,
 ) -> dict:
     """Run a generate or label job on Ray to completion, resuming whatever is already committed.
 
@@ -220,13 +223,16 @@ def run_job(
         sources: label mode's image URLs (`factory.dataset.sources.list_images`).
         progress: show the job's progress bar.
         verbose: let Ray's and diffusers' per-actor log lines and loading bars through (default: quiet).
+        dry_run: run the read-only preflight checks, print the plan and return it; start nothing, write
+            nothing.
 
     Returns:
         The summary: samples written and rejected this run, samples/s, nodes, the output's totals, and
-        `complete` (every planned shard committed).
+        `complete` (every planned shard committed). With `dry_run`, the plan (`print_plan`).
 
     Raises:
-        RuntimeError: the output URI holds shards of a different job.
+        UserError: a preflight check failed (the output, the model, a prompt), or a user error came back
+            from an actor; the message says what to fix.
 
     Example:
         >>> summary = run_job(load_config("configs/toyworld.yaml", ["output.uri=out/x"]), "generate")
@@ -238,18 +244,26 @@ def run_job(
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    store = ShardStore(cfg.output.uri)
-    store.ensure()
-    check_output(store, cfg, mode)
-    cleaned = store.clean_temporaries()
+    # 1. Preflight on the driver, before Ray starts: output, model, prompts (factory/dataset/preflight.py).
+    preflight(cfg, mode, write_probe=not dry_run)
+    store = ShardStore(cfg.output.uri, cfg.output.storage_options)
+
+    # 2. Plan: one task per shard, minus the shards already committed.
     tasks = plan(cfg, mode, sources)
     done = store.committed()
     todo = [t for t in tasks if t.name not in done]
+    if dry_run:
+        return print_plan(cfg, mode, tasks, todo, store)
+    store.ensure()
+    claim_output(store, cfg, mode)
+    cleaned = store.clean_temporaries()
     print(
         f"[factory] {mode}: {len(tasks)} shards planned, {len(tasks) - len(todo)} already committed, "
-        f"{len(todo)} to produce -> {store.uri}"
+        f"{len(todo)} to produce -> {store.public_uri}"
         + (f" ({cleaned} stale temporaries removed)" if cleaned else "")
     )
+
+    # 3. Run the plan on Ray: generation actors -> encode + write tasks -> stats rows to the driver.
     stats = []
     if todo:
         verbose = verbose_from_env() if verbose is None else verbose
@@ -275,6 +289,9 @@ def run_job(
         bar = tqdm(total=n_samples, desc=f"{mode} (samples)", unit="sample", disable=not progress)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
+            if "user_error" in st:
+                bar.close()
+                raise user_error_from_state(st["user_error"])
             stats.append(st)
             bar.update(st["written"] + sum(st["rejected"].values()))
             bar.set_postfix(shards=f"{len(stats)}/{len(todo)}", written=sum(s["written"] for s in stats))

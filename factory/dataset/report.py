@@ -79,7 +79,7 @@ def summarize(stats: list[dict], manifest: dict, wall: float, store: ShardStore)
     enc = sum(s["timings"]["encode_write_s"] for s in stats)
     nodes = sorted({s["node"] for s in stats})
     return {
-        "output": store.uri,
+        "output": store.public_uri,
         "shards_this_run": len(stats),
         "written_this_run": written,
         "rejected_this_run": rejected,
@@ -93,6 +93,35 @@ def summarize(stats: list[dict], manifest: dict, wall: float, store: ShardStore)
         "complete": manifest["complete"],
         "missing_shards": manifest["missing_shards"],
     }
+
+
+def print_plan(cfg: JobConfig, mode: str, tasks: list, todo: list, store: ShardStore) -> dict:
+    """`--dry-run`: what a run would do, printed and returned; nothing is started or written."""
+    todo_names = {t.name for t in todo}
+    plan = {
+        "mode": mode,
+        "output": store.public_uri,
+        "shards_planned": len(tasks),
+        "shards_committed": len(tasks) - len(todo),
+        "shards_to_produce": len(todo),
+        "samples_planned": sum(len(t.samples) for t in tasks),
+        "samples_to_produce": sum(len(t.samples) for t in todo),
+        "concepts": {
+            c.name: sum(1 for t in todo for s in t.samples if s["concept"] == i)
+            for i, c in enumerate(cfg.concepts)
+        },
+        "first_shards_to_produce": [t.name for t in tasks if t.name in todo_names][:5],
+    }
+    print(
+        f"[factory] dry run, {mode}: {plan['shards_planned']} shards "
+        f"({plan['samples_planned']} samples) planned "
+        f"-> {plan['output']}; {plan['shards_committed']} already committed would be skipped; "
+        f"{plan['shards_to_produce']} shards ({plan['samples_to_produce']} samples) would be produced"
+    )
+    for name, n in plan["concepts"].items():
+        print(f"[factory]   {name}: {n} samples to produce")
+    print(f"[factory] preflight passed: model {cfg.model!r}, prompts and output checked; nothing was started")
+    return plan
 
 
 def print_summary(s: dict) -> None:
@@ -148,7 +177,7 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
         Path(f.name).unlink()
     t = manifest["totals"]
     md = [
-        f"# Concept Factory report: {store.uri}",
+        f"# Concept Factory report: {store.public_uri}",
         "",
         f"- shards: {len(manifest['shards'])} of {manifest['expected_shards']} "
         f"({'complete' if manifest['complete'] else 'incomplete'})",

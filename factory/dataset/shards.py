@@ -24,6 +24,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from factory.dataset.faults import crash_point
+
 MANIFEST = "manifest.json"
 
 
@@ -57,13 +59,38 @@ def encode_triplet(t: dict, image_format: str = "jpg", jpeg_quality: int = 95) -
     }
 
 
-def read_tar(url: str, limit: int | None = None) -> list[dict]:
-    """The samples of a WebDataset tar at any fsspec URL as {"__key__": ..., ext: bytes} dicts, in order;
-    at most `limit` samples."""
+SAFE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def decode_sample(sample: dict) -> dict:
+    """The decoder our readers give `ray.data.read_webdataset(decoder=...)`: images to arrays, `.json` to
+    objects, `.npy` to arrays (`allow_pickle=False`); every other member stays bytes. Nothing from a shard is
+    ever unpickled: webdataset's default decoders would unpickle `.pyd` and `torch.load` `.pth` members."""
+    out = {}
+    for key, value in sample.items():
+        ext = key.rsplit(".", 1)[-1].lower()
+        if key.startswith("__") or not isinstance(value, (bytes, bytearray)):
+            out[key] = value
+        elif ext in SAFE_IMAGE_EXTENSIONS:
+            out[key] = np.asarray(Image.open(io.BytesIO(value)))
+        elif ext == "json":
+            out[key] = json.loads(value)
+        elif ext == "npy":
+            out[key] = np.load(io.BytesIO(value), allow_pickle=False)
+        else:
+            out[key] = bytes(value)
+    return out
+
+
+def read_tar(url: str, limit: int | None = None, fs=None) -> list[dict]:
+    """The samples of a WebDataset tar at any fsspec URL (or a path on the filesystem `fs`) as
+    {"__key__": ..., ext: bytes} dicts, in order; at most `limit` samples. Members are bytes: nothing is
+    decoded, so nothing is unpickled, and no member is extracted to disk."""
     import tarfile
 
     samples: dict[str, dict] = {}
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    opened = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb")
+    with opened as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -77,12 +104,19 @@ def read_tar(url: str, limit: int | None = None) -> list[dict]:
 class ShardStore:
     """The output folder of a job: shards, their stats, the manifest. `uri` is any fsspec URL."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.local = "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         )
+
+    @property
+    def public_uri(self) -> str:
+        """The URI as it may be printed or written: credentials in it redacted."""
+        from factory.dataset.config import redact_uri
+
+        return redact_uri(self.uri)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -95,6 +129,7 @@ class ShardStore:
 
     def committed(self) -> set[str]:
         """Names of shards whose tar and stats both exist."""
+        self.fs.invalidate_cache(self.root)  # object stores cache listings (s3fs): list what is there now
         if not self.fs.exists(self.root):
             return set()
         files = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
@@ -140,13 +175,14 @@ class ShardStore:
             self._commit_bytes_file(f.name, f"{prefix}{name}.tar")
         finally:
             os.unlink(f.name)
+        crash_point("AFTER_TAR_COMMIT")  # tests only: the tar is committed, its stats are not yet
         if not subdir:
             self.write_json(f"{name}.stats.json", stats)
         return self.url(f"{prefix}{name}.tar")
 
     def read_shard(self, name: str) -> list[dict]:
         """All samples of a committed shard as {"__key__": ..., ext: bytes} dicts (WebDataset grouping)."""
-        return read_tar(self.url(name))
+        return read_tar(self.path(name), fs=self.fs)  # with the store's own storage options
 
     def clean_temporaries(self) -> int:
         """Remove temporary files left by a crashed run (never committed shards)."""

@@ -8,12 +8,18 @@ list_shards("out/birds-label")             the committed shards of a job's outpu
 
 from __future__ import annotations
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from factory.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SHARD_EXTENSIONS = (".tar",)
 
 
+class InputNotFound(UserError, FileNotFoundError):
+    """A folder, glob or list that names no input files."""
+
+
 def list_files(source: str, extensions: tuple[str, ...], what: str, recursive: bool = True) -> list[str]:
-    """URLs of the files with `extensions` that `source` names, sorted. Raises FileNotFoundError if none."""
+    """URLs of the files with `extensions` that `source` names, sorted. Raises InputNotFound if none."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(source)
@@ -32,12 +38,10 @@ def list_files(source: str, extensions: tuple[str, ...], what: str, recursive: b
     elif fs.isfile(path):
         found = [path]
     else:
-        raise FileNotFoundError(
-            f"no {what} at {source!r}: give a folder, a glob or a .txt list of {what} URLs"
-        )
+        raise InputNotFound(f"no {what} at {source!r}: give a folder, a glob or a .txt list of {what} URLs")
     files = sorted(url(p) for p in found if p.lower().endswith(extensions))
     if not files:
-        raise FileNotFoundError(f"{source!r} holds no {what} ({', '.join(extensions)})")
+        raise InputNotFound(f"{source!r} holds no {what} ({', '.join(extensions)})")
     return files
 
 

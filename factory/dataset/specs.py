@@ -8,10 +8,27 @@ therefore always yields the same shards with the same contents, which is what ma
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass
 
-from factory.dataset.config import JobConfig
+from factory.dataset.config import InputConfig, JobConfig
+
+
+def job_fingerprint(cfg: JobConfig) -> str:
+    """Hash of everything that determines the shards' contents (not resources or report settings)."""
+    d = cfg.model_dump()
+    d.pop("resources")
+    d["output"].pop("report_samples", None)
+    d["output"].pop("uri", None)
+    for c in d["concepts"]:
+        c.pop("samples")  # more samples per concept changes which shards exist, not their contents
+    if d["inpaint"]["model"] is None:
+        d["inpaint"].pop("model")  # added later: outputs written before it existed keep their fingerprint
+    d["output"].pop("storage_options", None)  # how to reach the store, not what is in it
+    if d["input"] == InputConfig().model_dump():
+        d.pop("input")  # added later, like inpaint.model; it only matters for label mode's large images
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def derive_seed(*parts) -> int:
@@ -51,16 +68,26 @@ def _cut(cfg: JobConfig, samples: list[dict]) -> list[ShardTask]:
 
 def generation_shards(cfg: JobConfig) -> list[ShardTask]:
     samples = [
-        {"key": f"{c.name}-{i:08d}", "seed": derive_seed(cfg.seed, c.name, i), "concept": ci, "source": None}
+        {
+            "key": f"{safe_key(c.name)}-{i:08d}",
+            "seed": derive_seed(cfg.seed, c.name, i),
+            "concept": ci,
+            "source": None,
+        }
         for ci, c in enumerate(cfg.concepts)
         for i in range(c.samples)
     ]
     return _cut(cfg, samples)
 
 
+def safe_key(text: str) -> str:
+    """A sample key part that is a plain file-name stem: letters, digits, '_' and '-' only. WebDataset
+    splits a member name at its first '.', and a '/' or '..' in a tar member would point outside it."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
+
+
 def _key_from_path(path: str) -> str:
-    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return safe_key(path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0])
 
 
 def label_shards(cfg: JobConfig, sources: list[str]) -> list[ShardTask]:
@@ -68,7 +95,7 @@ def label_shards(cfg: JobConfig, sources: list[str]) -> list[ShardTask]:
     samples, seen = [], set()
     for ci, c in enumerate(cfg.concepts):
         for path in sorted(sources):
-            key = f"{c.name}-{_key_from_path(path)}"
+            key = f"{safe_key(c.name)}-{_key_from_path(path)}"
             if key in seen:
                 key = f"{key}-{derive_seed(path) % 10**6:06d}"
             seen.add(key)

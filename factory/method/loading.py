@@ -11,17 +11,37 @@ and the safety checker is not loaded (it would mask images, and the method needs
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
+
+from factory.errors import UserError
 
 MODELS_DIR = Path(__file__).parent.parent / "models"  # factory/models: the shipped weights
 SHORT_NAMES: dict[str, Path] = {"toyworld": MODELS_DIR / "toyworld"}
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
+
+
+def _not_found(model: str, err: Exception) -> ModelLoadError:
+    """The error for a model that is no short name, no local directory, and not on (or cached from) the
+    hub."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (
+        "HF_HUB_OFFLINE is set, so the hub was not contacted"
+        if offline
+        else "the hub could not be reached or has no such repository"
+    )
+    return ModelLoadError(
+        f"could not load model {model!r}: not a short name ({', '.join(SHORT_NAMES)}), not a local "
+        f"directory, and {hint}. Download it where the hub is reachable "
+        f"(`huggingface-cli download {model} --local-dir DIR`) and pass DIR, or point HF_HOME at a cache "
+        f"that holds it. Underlying error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    )
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -36,6 +56,12 @@ def resolve_model(name_or_path: str) -> str:
             )
         return str(path)
     path = Path(os.path.expanduser(name_or_path))
+    looks_like_a_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_like_a_path and not path.exists():
+        raise ModelLoadError(
+            f"model directory {name_or_path!r} does not exist (a hub id looks like 'org/name'). Give the "
+            "folder of a diffusers pipeline, as `save_pretrained` writes it, that every node can read."
+        )
     if path.exists():
         if not (path / "model_index.json").exists():
             raise ModelLoadError(
@@ -118,18 +144,13 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (
-            "HF_HUB_OFFLINE is set, so the hub was not contacted"
-            if offline
-            else "the hub could not be reached or has no such repository"
-        )
-        raise ModelLoadError(
-            f"could not load model {model!r}: not a short name ({', '.join(SHORT_NAMES)}), not a local "
-            f"directory, and {hint}. Download it where the hub is reachable "
-            f"(`huggingface-cli download {model} --local-dir DIR`) and pass DIR, or point HF_HOME at a cache "
-            f"that holds it. Underlying error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-        ) from err
+        if Path(source).is_dir():
+            raise ModelLoadError(
+                f"could not load the pipeline in {source}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300]}. Is the folder complete (every component's config and "
+                "weights, as `save_pretrained` writes them) and readable on this node?"
+            ) from err
+        raise _not_found(model, err) from err
     missing = [c for c in REQUIRED_COMPONENTS if getattr(pipe, c, None) is None]
     if missing:
         raise ModelLoadError(
@@ -147,18 +168,60 @@ def model_id(model: str) -> str:
     return model if model in SHORT_NAMES or not Path(model).exists() else Path(model).resolve().name
 
 
-def model_geometry(model: str) -> tuple[int, int]:
-    """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def read_model_configs(model: str, components: tuple[str, ...] = ("unet", "vae")) -> dict:
+    """The model's `model_index.json` and its components' configs, read without loading any weights.
+
+    Raises:
+        ModelLoadError: the model cannot be found, or is not a text-conditioned latent diffusion pipeline of
+            the kind the factory serves (`REQUIRED_COMPONENTS`, a `UNet2DConditionModel`).
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     source = resolve_model(model)
     try:
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
-        vae = AutoencoderKL.load_config(source, subfolder="vae")
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as err:
+        raise _not_found(model, err) from err
+    missing = [
+        c for c in REQUIRED_COMPONENTS if not isinstance(index.get(c), (list, tuple)) or None in index[c]
+    ]
+    if "unet" in components and missing:
+        raise ModelLoadError(
+            f"{model!r} is a {index.get('_class_name', 'pipeline')} without {', '.join(missing)}; concept "
+            "distillation needs a text-conditioned latent diffusion model with a UNet (the SD v1/v2 family)"
+        )
+    if "unet" in components and index["unet"][1] != "UNet2DConditionModel":
+        raise ModelLoadError(
+            f"{model!r}'s denoiser is a {index['unet'][1]}; the factory serves pipelines whose UNet is a "
+            "UNet2DConditionModel (Stable Diffusion v1/v2 and the embedded toyworld model)"
+        )
+    out = {"model_index": index}
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    try:
+        for c in components:
+            out[c] = classes[c].load_config(source, subfolder=c)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"could not read the configs of model {model!r}: {err}. Pass a diffusers pipeline "
+            f"could not read the {c} config of model {model!r}: {err}. Pass a diffusers pipeline "
             "directory, a short name or a reachable hub id."
         ) from err
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return int(unet["sample_size"]) * factor, factor
+    return out
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer alone (no weights): what the preflight checks the prompts with."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model), subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the tokenizer of model {model!r}: {err}") from err
+
+
+def model_geometry(model: str) -> tuple[int, int]:
+    """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
+    configs = read_model_configs(model)
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return int(configs["unet"]["sample_size"]) * factor, factor

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from factory.dataset.console import init_ray, verbose_from_env
+from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 from factory.method.loading import quiet_model_libraries
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
@@ -236,7 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ema.load_state_dict({"shadow": [shadow[n] for n in names], "updates": state["ema_updates"]})
             rng = Path(d) / f"rng_rank{rank}.pt"
             if rng.exists():
-                torch.set_rng_state(torch.load(rng))
+                torch.set_rng_state(torch.load(rng, weights_only=True))
         if rank == 0:
             print(f"[finetune] resumed from the checkpoint at step {step}", flush=True)
 
@@ -492,7 +493,9 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
         )
         init_ray(verbose)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = ray.data.read_webdataset(urls, shuffle="files", num_cpus=cfg.data.map_num_cpus).map_batches(
+        ds = ray.data.read_webdataset(
+            urls, shuffle="files", decoder=decode_sample, num_cpus=cfg.data.map_num_cpus
+        ).map_batches(
             to_examples,
             batch_size=16,
             num_cpus=cfg.data.map_num_cpus,
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.export_only:
             deepspeed_config(cfg)  # fail before Ray starts
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"trainers finetune: {err}", file=sys.stderr)
+        print(f"trainers finetune: error: {err}", file=sys.stderr)
         return 2
     run_finetune(cfg, export_only=a.export_only, verbose=a.verbose or None)
     return 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from factory.dataset.console import init_ray
+from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 
 
@@ -230,7 +231,7 @@ def student_train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             step, best, history = state["step"], state["best"], state["history"]
@@ -324,7 +325,9 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
 
     kw = {"size": cfg.model.resolution, "target": cfg.data.target, "concepts": concepts, "classes": classes}
     every = cfg.data.val_every
-    ds = ray.data.read_webdataset(urls, shuffle="files", num_cpus=cfg.data.map_num_cpus)
+    ds = ray.data.read_webdataset(
+        urls, shuffle="files", decoder=decode_sample, num_cpus=cfg.data.map_num_cpus
+    )
     train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
     val = ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
     train = train.map_batches(
@@ -397,7 +400,7 @@ def export_student(
                 best_dir = ckpt
     with result.checkpoint.as_directory() as d:
         last = torch.load(Path(d) / "last.pt", map_location="cpu", weights_only=True)
-        history = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)["history"]
+        history = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)["history"]
     best = last
     if best_dir is not None:
         with best_dir.as_directory() as d:
@@ -547,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.model.backbone, 1, cfg.model.decoder, cfg.model.pretrained, cfg.model.decoder_kwargs
         )  # fail before Ray starts
     except (ConfigError, ValueError, PretrainedWeightsError) as err:
-        print(f"trainers students: {err}", file=sys.stderr)
+        print(f"trainers students: error: {err}", file=sys.stderr)
         return 2
     run_students(cfg, verbose=a.verbose or None)
     return 0

@@ -358,7 +358,7 @@ def train_unet(
     # 3. Resume.
     ckpt_path = work / "unet_ckpt.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location=cfg.device)
+        state = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
         was_frozen = state.get("config", {}).get("freeze_text_encoder", False)
         if was_frozen != cfg.freeze_text_encoder:
             raise ValueError(

@@ -1,0 +1,27 @@
+"""Fault-injection points, for the test suite's crash tests (tests/test_faults.py); inert unless asked for.
+
+`crash_point(name)` ends the process at once (`os._exit(1)`, no cleanup, as a crash or a kill would) the
+first time it is reached with the environment variable `CF_FAULT_<NAME>` naming a marker path that does not
+exist yet; it creates the marker first, so the retry that Ray makes runs through. Ray hands the driver's
+environment to a local cluster's workers, so a test sets the variable on the command it runs.
+
+Points: `GENERATE` (a generation actor, at the start of a call), `AFTER_TAR_COMMIT` (a writer task, between
+committing a shard's tar and its stats file).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def crash_point(name: str) -> None:
+    marker = os.environ.get(f"CF_FAULT_{name}")
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one process wins the crash
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(1)

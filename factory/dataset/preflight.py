@@ -1,0 +1,126 @@
+"""The preflight: everything a job needs that can be checked on the driver before Ray starts.
+
+On a cluster a mistake found inside a generation actor is found after the GPU nodes have been scaled up;
+these checks find it first, in seconds, without loading any weights:
+
+1. the output URI: its fsspec protocol is installed (the message names the extra to install), it holds no
+   other job's shards, and a probe object can be written and removed there;
+2. the model and the inpainting model: they resolve (short name, local directory, or a hub id that can be
+   reached or is cached), their configs read, and they are text-conditioned latent diffusion pipelines of a
+   family the factory serves; the inpainting model fits the model's text encoder;
+3. every concept's prompt: the tokenizer finds each concept word's tokens in it, and the background prompt
+   tokenizes.
+
+Each failure raises a `UserError` subclass whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from factory.dataset.config import JobConfig
+from factory.errors import UserError
+
+# fsspec protocol -> the extra of this package that installs it
+PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class OutputError(UserError):
+    """The output URI cannot be used: a missing fsspec implementation, no write access, another job."""
+
+
+def output_filesystem(uri: str, storage_options: dict | None = None):
+    """`fsspec.core.url_to_fs(uri)`, with an actionable error when the protocol's package is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except ImportError as err:
+        proto = uri.split("://", 1)[0]
+        extra = PROTOCOL_EXTRAS.get(proto)
+        hint = f"pip install 'concept-factory[{extra}]'" if extra else f"install fsspec's {proto!r} package"
+        raise OutputError(
+            f"output.uri {uri!r} needs the {proto}:// filesystem, which is not installed: {hint}"
+        ) from err
+    except ValueError as err:
+        raise OutputError(f"output.uri {uri!r} is not a URL fsspec knows: {err}") from err
+
+
+def check_writable(uri: str, storage_options: dict | None = None) -> None:
+    """Write a probe object into the output folder and remove it again."""
+    fs, root = output_filesystem(uri, storage_options)
+    probe = f"{root.rstrip('/')}/.factory-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"concept-factory write probe\n")
+        fs.rm(probe)
+    except (OSError, PermissionError) as err:
+        raise OutputError(
+            f"cannot write to output.uri {uri!r}: {type(err).__name__}: {err}. Choose a folder or bucket "
+            "this machine (and every node of the cluster) can write, or fix its permissions or credentials."
+        ) from err
+
+
+def check_model(cfg: JobConfig) -> None:
+    """The model's and the inpainting model's configs read, and they are a family the factory serves."""
+    from factory.method.loading import ModelLoadError, read_model_configs
+
+    configs = read_model_configs(cfg.model)
+    if cfg.inpaint.model is not None:
+        inpaint = read_model_configs(cfg.inpaint.model, components=("unet",))
+        if inpaint["unet"]["cross_attention_dim"] != configs["unet"]["cross_attention_dim"]:
+            raise ModelLoadError(
+                f"inpaint.model {cfg.inpaint.model!r} does not fit model {cfg.model!r}: its UNet's "
+                f"cross_attention_dim is {inpaint['unet']['cross_attention_dim']}, the model's text encoder "
+                f"gives {configs['unet']['cross_attention_dim']}. Fine-tune m' from this model (`trainers "
+                "finetune`), or name the model it was fine-tuned from."
+            )
+
+
+def check_prompts(cfg: JobConfig) -> None:
+    """Every concept's prompt holds its concept words' tokens, with the model's own tokenizer."""
+    from factory.method.loading import load_tokenizer
+    from factory.method.prompts import ConceptTokenError, concept_token_indices
+
+    tokenizer = load_tokenizer(cfg.model)
+    for c in cfg.concepts:
+        concept = c.to_concept()
+        try:
+            concept_token_indices(tokenizer, concept.prompt, concept.token_words)
+        except ConceptTokenError as err:
+            raise PromptError(f"concept {c.name!r}: {err}") from err
+
+
+class PromptError(UserError):
+    """A concept's prompt does not hold its concept words' tokens."""
+
+
+def check_not_another_job(cfg: JobConfig, mode: str) -> None:
+    """Refuse an output folder whose job.json records a different job (model, prompts, sampler, ...)."""
+    import json
+
+    from factory.dataset.specs import job_fingerprint
+
+    fs, root = output_filesystem(cfg.output.uri, cfg.output.storage_options)
+    path = f"{root.rstrip('/')}/job.json"
+    if not fs.exists(path):
+        return
+    with fs.open(path, "r") as f:
+        old = json.load(f)
+    if (old.get("fingerprint"), old.get("mode")) != (job_fingerprint(cfg), mode):
+        raise OutputError(
+            f"{cfg.output.uri} already holds shards of a different job (its job.json differs in model, "
+            "prompts, sampler, masks, filters or format). Use a new output.uri, or delete the old shards "
+            "to start over."
+        )
+
+
+def preflight(cfg: JobConfig, mode: str, write_probe: bool = True) -> None:
+    """All the checks above, in order; raises the first failure. `write_probe=False` writes nothing (a dry
+    run)."""
+    check_not_another_job(cfg, mode)
+    if write_probe:
+        check_writable(cfg.output.uri, cfg.output.storage_options)
+    check_model(cfg)
+    check_prompts(cfg)
