@@ -102,24 +102,23 @@ def _cli(*args, env=None):
 
 @pytest.mark.integration
 def test_command_lines_print_one_line_errors_without_tracebacks(tmp_path):
+    out = f"output.uri={tmp_path / 'out'}"
+    missing_model = [
+        "factory",
+        "generate",
+        "configs/toyworld.yaml",
+        "--set",
+        "model=/nonexistent/sd",
+        "--set",
+        out,
+    ]
     calls = [
         (["factory", "generate", "configs/toyworld.yaml", "--set", "sampler.stepz=3"], "sampler.stepz"),
         (
             ["factory", "generate", "configs/nonexistent.yaml"],
             "config file configs/nonexistent.yaml not found",
         ),
-        (
-            [
-                "factory",
-                "generate",
-                "configs/toyworld.yaml",
-                "--set",
-                "model=/nonexistent/sd",
-                "--set",
-                f"output.uri={tmp_path / 'out'}",
-            ],
-            "does not exist",
-        ),
+        (missing_model, "does not exist"),
         (
             ["factory", "label", "configs/toyworld-label.yaml", "--input", str(tmp_path / "none")],
             "no images at",
@@ -138,16 +137,7 @@ def test_command_lines_print_one_line_errors_without_tracebacks(tmp_path):
         )
         assert ok, (argv, r.returncode, r.stderr[-2000:])
         handled.append(argv)
-    debug = _cli(
-        "factory",
-        "generate",
-        "configs/toyworld.yaml",
-        "--set",
-        "model=/nonexistent/sd",
-        "--set",
-        f"output.uri={tmp_path / 'out'}",
-        "--debug",
-    )
+    debug = _cli(*missing_model, "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ModelLoadError" in debug.stderr
     _report("command lines", len(calls) + 1, [*handled, "--debug"])
 

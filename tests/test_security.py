@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from factory.dataset.config import load_config, redact_uri
@@ -49,13 +50,19 @@ def _hostile_shard(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_nothing_from_a_shard_is_unpickled(tmp_path):
-    import ray
-
     tar_path, marker = _hostile_shard(tmp_path)
     [sample] = read_tar(str(tar_path))
     decoded = decode_sample(sample)
     assert decoded["json"] == {"concept": "star"} and decoded["png"].shape == (8, 8, 3)
     assert all(isinstance(decoded[k], bytes) for k in ("pyd", "pth", "pickle"))
+    assert not marker.exists(), "a shard member was unpickled"
+
+
+@pytest.mark.integration
+def test_the_trainers_ray_reader_does_not_unpickle_either(tmp_path):
+    import ray
+
+    tar_path, marker = _hostile_shard(tmp_path)
     ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
     try:  # the reader the trainers use, with the decoder they give it
         [row] = ray.data.read_webdataset([str(tar_path)], decoder=decode_sample).take_all()

@@ -74,6 +74,16 @@ class OutputSection(_Strict):
 
 
 class FinetuneConfig(_Strict):
+    """A `trainers finetune` job (`configs/finetune-*.yaml`): the base model, the label shards (`data`), the
+    optimisation (`train`), ZeRO (`deepspeed`), checkpoints, workers (`scaling`) and the export (`output`).
+    Unknown fields are errors; docs/finetune.md describes the recipe.
+
+    Example:
+        >>> cfg = FinetuneConfig.model_validate({"data": {"shards": ["out/label-star"]}})
+        >>> cfg.train.lr, cfg.scaling.workers
+        (0.0001, 2)
+    """
+
     model: str = "toyworld"
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
@@ -99,6 +109,11 @@ class FinetuneConfig(_Strict):
 
 
 def load_finetune_config(path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """The fine-tuning YAML at `path` with `--set` overrides, validated (raises ConfigError, a UserError).
+
+    Example:
+        >>> cfg = load_finetune_config("configs/finetune-toyworld.yaml", ["data.shards=[out/label-star]"])
+    """
     from factory.dataset.config import load_yaml_model
 
     return load_yaml_model(path, overrides, FinetuneConfig)

@@ -96,6 +96,14 @@ class StudentOutput(_Strict):
 
 
 class StudentsConfig(_Strict):
+    """A `trainers students` job (`configs/students-*.yaml`): the timm backbone and decoder (`model`), the
+    shards and targets (`data`), the recipe (`train`), checkpoints, workers and the export. docs/students.md
+    describes it.
+
+    Example:
+        >>> cfg = StudentsConfig.model_validate({"data": {"shards": ["out/toyworld"]}})
+    """
+
     model: StudentModel = Field(default_factory=StudentModel)
     data: StudentData
     train: StudentTrain = Field(default_factory=StudentTrain)
@@ -112,6 +120,7 @@ class StudentsConfig(_Strict):
 
 
 def load_students_config(path, overrides: list[str] | None = None) -> StudentsConfig:
+    """The students YAML at `path` with `--set` overrides, validated (raises ConfigError, a UserError)."""
     from factory.dataset.config import load_yaml_model
 
     return load_yaml_model(path, overrides, StudentsConfig)
