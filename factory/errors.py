@@ -2,8 +2,9 @@
 
 A `UserError` says what is wrong and how to fix it. The `factory` and `trainers` commands print it as one
 line, `PROG: error: <message>`, and exit with status 2, with no traceback (`--debug` shows it). That holds
-wherever it was raised: on the driver before any work (the preflight), or inside a Ray actor or worker,
-where Ray wraps it (`RayTaskError`, Ray Data's `UserCodeException`); `find_user_error` unwraps those.
+wherever it was raised: on the driver before any work (the preflight), inside a Ray task whose exception
+Ray wraps with its cause (`RayTaskError`; `find_user_error` unwraps it), or inside a generation actor, which
+hands it back in-band (`user_error_state`), since Ray Data keeps only a traceback string of the cause.
 Anything else is a bug or a fault, and keeps its traceback.
 """
 

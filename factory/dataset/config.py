@@ -176,8 +176,7 @@ class JobConfig(_Strict):
         d = self.model_dump()
         d["output"]["storage_options"] = {k: "<redacted>" for k in d["output"]["storage_options"]}
         d["output"]["uri"] = redact_uri(d["output"]["uri"])
-        for key in ("model",):
-            d[key] = redact_uri(d[key])
+        d["model"] = redact_uri(d["model"])
         if d["inpaint"]["model"]:
             d["inpaint"]["model"] = redact_uri(d["inpaint"]["model"])
         return d

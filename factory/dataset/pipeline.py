@@ -107,29 +107,25 @@ class GenerateShard:
                 if self.user_error is not None:
                     raise self.user_error
                 triplets, errors = self._run(json.loads(samples))
+                records = [
+                    {
+                        "key": t.key,
+                        "image": t.image,
+                        "mask": t.mask,
+                        "prelim": t.prelim,
+                        "attention": t.attention,
+                        "foreground": t.foreground,
+                        "background": t.background,
+                        "meta": {**t.meta, "shard": str(name), "node": self.node},
+                    }
+                    for t in triplets
+                ]
+                payload = {"records": records, "errors": errors}
             except UserError as err:  # in-band: Ray would keep only its traceback text
-                rows["index"].append(int(index))
-                rows["name"].append(str(name))
-                rows["payload"].append(pickle.dumps({"user_error": user_error_state(err)}))
-                rows["node"].append(self.node)
-                rows["generate_s"].append(0.0)
-                continue
-            records = [
-                {
-                    "key": t.key,
-                    "image": t.image,
-                    "mask": t.mask,
-                    "prelim": t.prelim,
-                    "attention": t.attention,
-                    "foreground": t.foreground,
-                    "background": t.background,
-                    "meta": {**t.meta, "shard": str(name), "node": self.node},
-                }
-                for t in triplets
-            ]
+                payload = {"user_error": user_error_state(err)}
             rows["index"].append(int(index))
             rows["name"].append(str(name))
-            rows["payload"].append(pickle.dumps({"records": records, "errors": errors}))
+            rows["payload"].append(pickle.dumps(payload))
             rows["node"].append(self.node)
             rows["generate_s"].append(time.perf_counter() - t0)
         return {

@@ -187,12 +187,12 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("unet", "vae")
     missing = [
         c for c in REQUIRED_COMPONENTS if not isinstance(index.get(c), (list, tuple)) or None in index[c]
     ]
-    if "unet" in components and missing:
+    if missing:
         raise ModelLoadError(
             f"{model!r} is a {index.get('_class_name', 'pipeline')} without {', '.join(missing)}; concept "
             "distillation needs a text-conditioned latent diffusion model with a UNet (the SD v1/v2 family)"
         )
-    if "unet" in components and index["unet"][1] != "UNet2DConditionModel":
+    if index["unet"][1] != "UNet2DConditionModel":
         raise ModelLoadError(
             f"{model!r}'s denoiser is a {index['unet'][1]}; the factory serves pipelines whose UNet is a "
             "UNet2DConditionModel (Stable Diffusion v1/v2 and the embedded toyworld model)"
