@@ -3,6 +3,7 @@
     factory generate CONFIG [--set KEY=VALUE ...]            synthesize + label into WebDataset shards (Ray)
     factory label CONFIG --input SRC [--set KEY=VALUE ...]   label your own images into shards (Ray)
     factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
+    factory bench [--model sd15-arch --steps 50 --batch 8 ...]        triplet vs plain diffusers, one run
 
 Each job command takes --dry-run (check and print the plan, start nothing), --verbose (Ray's and diffusers'
 log lines and loading bars; quiet by default) and --debug (a traceback with an error). A mistake of the
@@ -59,6 +60,12 @@ def cmd_label(a) -> int:
     return 0 if a.dry_run or summary["complete"] else 1
 
 
+def cmd_bench(a) -> int:
+    from factory.bench import main as bench_main
+
+    return bench_main(a)
+
+
 def _add_job_args(s) -> None:
     s.add_argument("config", help="job YAML (see configs/)")
     s.add_argument(
@@ -101,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--concept", default=None, help="only images of this concept (a one-concept data set)")
     s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     s.set_defaults(fn=cmd_toyworld_split)
+    s = sub.add_parser("bench", help="time a triplet against plain diffusers generation, side by side")
+    from factory.bench import add_arguments
+
+    add_arguments(s)
+    s.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    s.set_defaults(fn=cmd_bench)
     a = p.parse_args(argv)
     return run_command("factory", lambda: a.fn(a), debug=a.debug)
 

@@ -8,6 +8,7 @@ trainers finetune CONFIG [...]     concept fine-tuning (paper Step 3): DeepSpeed
 trainers students CONFIG [...]     timm-backbone students (paper Step 6), every concept at once on Ray
 trainers evaluate [...]            score a student, a mask folder or GrabCut on a labelled set (ACC/IoU/mIoU)
 trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
+trainers scheduler-sweep [...]     refined-mask IoU per Step-4 sampler and step count on a split
 
 Model-loading bars and library log lines are off; --verbose (finetune, students) or CF_VERBOSE=1 brings
 them back. A mistake of the user's is one line, `trainers CMD: error: ...` (exit 2); --debug shows the
@@ -27,6 +28,7 @@ COMMANDS = {
     "students": ("trainers.students.train", "train segmentation students on shards"),
     "evaluate": ("trainers.evaluate.score", "score a student or mask source on a labelled set"),
     "toyworld-tables": ("trainers.toyworld.tables", "the paper's tables in toyworld"),
+    "scheduler-sweep": ("trainers.toyworld.scheduler_sweep", "mask IoU per Step-4 sampler and step count"),
 }
 
 

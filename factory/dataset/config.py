@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from factory.errors import UserError
 from factory.method.distiller import Concept, DistillConfig
+from factory.method.schedulers import SchedulerName
 
 
 class _Strict(BaseModel):
@@ -48,6 +49,9 @@ class SamplerConfig(_Strict):
     probe_t0: int = Field(40, ge=1)
     probe_repeats: int = Field(1, ge=1)
     attention: Literal["loop", "probe"] = "loop"
+    scheduler: SchedulerName = Field(
+        "ddim", description="synthesis's sampler (factory/method/schedulers.py); the probe keeps DDIM"
+    )
 
 
 class MaskConfig(_Strict):
@@ -58,6 +62,7 @@ class MaskConfig(_Strict):
 class InpaintConfig(_Strict):
     model: str | None = Field(None, description="the fine-tuned m' for Step 4 (default: the job's model)")
     steps: int = Field(50, ge=1, le=1000)
+    scheduler: SchedulerName = "ddim"
     object_guidance: float = 0.0
     background_prompt: str = "a photo of a background"
 
@@ -99,7 +104,20 @@ class ResourcesConfig(_Strict):
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
     batch_size: int = Field(8, ge=1, description="samples per model call inside an actor")
+    samples_per_call: int | None = Field(
+        None,
+        ge=1,
+        description="samples an actor produces and hands to a writer task at a time, each committed as one "
+        "part of its shard: what a failed call can lose, and what bounds an actor's memory and the objects "
+        "it hands on, whatever output.samples_per_shard is. Default: batch_size",
+    )
     writer_num_cpus: float = Field(0.25, gt=0.0, description="CPU share of each encode+write task")
+    compile: bool = Field(
+        False,
+        description="torch.compile each actor's UNet (speed only; the first batch pays the compile time, "
+        "minutes, once per actor)",
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels_last memory format (speed only)")
     wait_for_actors_s: int | None = Field(
         None,
         gt=0,
@@ -168,6 +186,10 @@ class JobConfig(_Strict):
             guidance_scale=s.guidance_scale,
             negative_prompt=s.negative_prompt,
             attention=s.attention,
+            scheduler=s.scheduler,
+            inpaint_scheduler=i.scheduler,
+            compile=self.resources.compile,
+            channels_last=self.resources.channels_last,
         )
 
     def public_dump(self) -> dict:
@@ -180,6 +202,9 @@ class JobConfig(_Strict):
         if d["inpaint"]["model"]:
             d["inpaint"]["model"] = redact_uri(d["inpaint"]["model"])
         return d
+
+    def samples_per_call(self) -> int:
+        return self.resources.samples_per_call or self.resources.batch_size
 
     def actor_device(self) -> str:
         if self.device != "auto":

@@ -23,6 +23,10 @@ class AttentionAccumulator:
     """Running per-sample sum of the selected-token attention at one resolution."""
 
     def __init__(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
+        self.reset(token_weights, size, record_rows)
+
+    def reset(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None) -> None:
+        """Start a new running mean (the same object is reused under torch.compile: no recompilation)."""
         if token_weights.ndim != 2:
             raise ValueError("token_weights must be (batch, tokens)")
         self.token_weights = token_weights
@@ -43,7 +47,9 @@ class AttentionAccumulator:
             raise ValueError(f"cross-attention over a non-square latent ({hw} queries) is not supported")
         w = self.token_weights[self.record_rows].to(probs.dtype)
         p = probs.view(b, heads, hw, n_tok)[self.record_rows]
-        sel = torch.einsum("bhqt,bt->bq", p.float(), w.float()) / heads  # mean over heads
+        # reduced on the device in the model's dtype (only the (b, hw) result is upcast): no host sync, and
+        # no float32 copy of the whole probability tensor
+        sel = torch.einsum("bhqt,bt->bq", p, w).float() / heads  # mean over heads
         sel = sel.view(-1, 1, side, side)
         if side != self.size:
             sel = F.interpolate(sel, size=(self.size, self.size), mode="nearest")
@@ -59,18 +65,24 @@ class AttentionAccumulator:
 class ConceptAttnProcessor:
     """An attention processor for cross-attention that records concept-token probabilities.
 
-    It follows diffusers' `AttnProcessor` (the explicit, non-fused path) so that the probabilities exist;
-    the output is the same attention result that SDPA would give.
+    On recorded steps it follows diffusers' `AttnProcessor` (the explicit, non-fused path) so that the
+    probabilities exist; the output is the same attention result that SDPA would give. On the other steps
+    it is diffusers' `AttnProcessor2_0` (fused SDPA).
     """
 
     def __init__(self, accumulator: AttentionAccumulator):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.acc = accumulator
+        self.fast = AttnProcessor2_0()  # steps that are not recorded run fused SDPA, as without capture
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
     ):
         if encoder_hidden_states is None:
             raise RuntimeError("ConceptAttnProcessor must only be installed on cross-attention (attn2)")
+        if not self.acc.enabled:
+            return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -126,11 +138,31 @@ def capture_concept_attention(
     size: output resolution (the latent side); every layer is upsampled nearest to it.
     """
     original = dict(unet.attn_processors)
-    acc = AttentionAccumulator(token_weights, size, record_rows)
     cross = set(cross_attention_names(unet))
+    installed = {p for n, p in original.items() if n in cross and isinstance(p, ConceptAttnProcessor)}
+    if len(installed) == 1:  # `install_capture` put one for good (torch.compile): reuse its accumulator
+        acc = installed.pop().acc
+        acc.reset(token_weights, size, record_rows)
+        try:
+            yield acc
+        finally:
+            acc.enabled = False
+        return
+    acc = AttentionAccumulator(token_weights, size, record_rows)
     capture = ConceptAttnProcessor(acc)
     unet.set_attn_processor({n: (capture if n in cross else p) for n, p in original.items()})
     try:
         yield acc
     finally:
         unet.set_attn_processor(original)
+
+
+def install_capture(unet) -> None:
+    """Install one capture processor on every attn2 for good, disabled until `capture_concept_attention`
+    enables it. For a UNet that is then `torch.compile`d: swapping processors per batch would recompile it
+    each time, while one processor object whose accumulator is reset keeps the compiled graphs."""
+    weights = torch.zeros(1, 1, device=unet.device)
+    capture = ConceptAttnProcessor(AttentionAccumulator(weights, 1))
+    capture.acc.enabled = False
+    cross = set(cross_attention_names(unet))
+    unet.set_attn_processor({n: (capture if n in cross else p) for n, p in unet.attn_processors.items()})

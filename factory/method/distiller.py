@@ -7,7 +7,8 @@
 
 One sample's path (both modes), top to bottom:
   1. image -> one canvas geometry (`factory.method.geometry`) -> VAE latents           [label mode]
-     or DDIM text-to-image with in-loop attention capture (`factory.method.synthesis`) [synthesis mode]
+     or text-to-image (DDIM or `factory.method.schedulers`) with in-loop attention capture
+     (`factory.method.synthesis`)                                                      [synthesis mode]
   2. mean cross-attention map of the concept tokens (`factory.method.probe`, paper Step 1)
   3. preliminary mask: GMM midpoint + 3x3 majority on the valid region (`factory.method.masks`, Step 2)
   4. background inpainting of the preliminary region (`factory.method.inpaint`, Step 4)
@@ -33,6 +34,7 @@ from factory.method.masks import binarize
 from factory.method.probe import encode_images, mean_attention_map, probe_timesteps
 from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE, encode_prompts, token_weight_matrix
 from factory.method.refine import refine_mask
+from factory.method.schedulers import make_scheduler
 from factory.method.synthesis import synthesize_latents
 
 
@@ -109,11 +111,17 @@ class DistillConfig:
     guidance_scale: float = 1.0  # synthesis; the paper samples with 1
     negative_prompt: str = ""  # synthesis's unguided branch ("" or the background prompt, as the paper)
     attention: str = "loop"  # synthesis: "loop" (in the denoising loop) or "probe" (paper Step 1 afterwards)
+    scheduler: str = "ddim"  # synthesis's sampler (factory.method.schedulers); the probe keeps DDIM's grid
+    inpaint_scheduler: str = "ddim"  # Step 4's sampler
     resolution: int | None = None  # canvas side; default: the model's native resolution
     # Samples per model call. None = 1 on the CPU (CPU convolutions are not bitwise batch-invariant, so
     # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and the whole
     # batch on a GPU (where results may differ in the last bits between batch sizes).
     micro_batch: int | None = None
+    # Speed only: torch.compile the UNet(s) once (the first batch pays the compile time). The capture
+    # processors are then installed for good, so that a batch does not recompile.
+    compile: bool = False
+    channels_last: bool = False  # speed only: UNet(s) and VAE in channels_last memory format (GPUs)
 
     def __post_init__(self):
         from factory.method.masks import RULES
@@ -124,6 +132,11 @@ class DistillConfig:
             raise ValueError(f"attention must be 'loop' or 'probe', got {self.attention!r}")
         if not 0 < self.probe_t0 <= self.num_inference_steps:
             raise ValueError("probe_t0 must be in 1..num_inference_steps")
+        from factory.method.schedulers import SCHEDULERS
+
+        for name in (self.scheduler, self.inpaint_scheduler):
+            if name not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -140,6 +153,12 @@ class Triplet:
     foreground: np.ndarray  # (H, W, 4) uint8 RGBA cut-out
     background: np.ndarray  # (H, W, 3) uint8 inpainted background
     meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Its arrays' bytes: what it costs in memory, and in Ray's object store when handed on."""
+        arrays = (self.image, self.mask, self.prelim, self.attention, self.foreground, self.background)
+        return sum(a.nbytes for a in arrays)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -205,6 +224,23 @@ class Distiller:
                 raise ModelLoadError(
                     f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder"
                 )
+        # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
+        # and Step 4's, each its own object since multistep schedulers keep state between steps.
+        self.probe_scheduler = make_scheduler("ddim", p.scheduler.config)
+        self.sampler = make_scheduler(self.config.scheduler, p.scheduler.config)
+        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, p.scheduler.config)
+        if self.config.channels_last:
+            for module in {id(m): m for m in (p.unet, self.inpaint_unet, p.vae)}.values():
+                module.to(memory_format=torch.channels_last)
+        if self.config.compile:
+            from factory.method.attention import install_capture
+
+            install_capture(p.unet)
+            shared = self.inpaint_unet is p.unet
+            p.unet = torch.compile(
+                p.unet
+            )  # the pipeline's own UNet: plain generation with it is compiled too
+            self.inpaint_unet = p.unet if shared else torch.compile(self.inpaint_unet)
         self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
         self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
         if self.resolution % self.vae_factor:
@@ -225,13 +261,22 @@ class Distiller:
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts).to(self.dtype)
 
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work: stage timings that are true on a GPU too (one sync
+        per stage, never inside a denoising loop)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _decode(self, z: torch.Tensor) -> np.ndarray:
-        # One sample at a time (diffusers' "VAE slicing"): the CPU convolution kernels are not bitwise
-        # batch-invariant, and a sample must not depend on the batch it lands in.
+        # On the CPU one sample at a time (diffusers' "VAE slicing"): the CPU convolution kernels are not
+        # bitwise batch-invariant, and a sample must not depend on the batch it lands in. On a GPU the whole
+        # micro-batch at once (results may differ in the last bits between batch sizes, as for the UNet).
         vae = self.pipe.vae
+        pieces = [zi[None] for zi in z] if self.device.type == "cpu" else [z]
         with torch.no_grad():
             return np.concatenate(
-                [_to_uint8(vae.decode(zi[None] / vae.config.scaling_factor).sample) for zi in z]
+                [_to_uint8(vae.decode(zi / vae.config.scaling_factor).sample) for zi in pieces]
             )
 
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
@@ -248,16 +293,19 @@ class Distiller:
     def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode):
         """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2)."""
         # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
-        t = time.perf_counter()
+        t = self._clock()
         prelims, prelim_stats = self._prelim(attention, canvases)
-        timings["prelim_s"] = time.perf_counter() - t
+        timings["prelim_s"] = self._clock() - t
 
         # 4. Background: inpaint the M_pre region with the background prompt (Step 4), decode to pixels.
-        t = time.perf_counter()
-        backgrounds = self._inpaint(specs, gens, z0, prelims)
-        timings["inpaint_s"] = time.perf_counter() - t
+        t = self._clock()
+        z_bg = self._inpaint(specs, gens, z0, prelims)
+        timings["inpaint_s"] = self._clock() - t
+        t = self._clock()
+        backgrounds = self._decode(z_bg)
+        timings["decode_s"] = timings.get("decode_s", 0.0) + self._clock() - t
 
-        t = time.perf_counter()
+        t = self._clock()
         out = []
         att_np = attention.float().cpu().numpy()
         for i, spec in enumerate(specs):
@@ -288,13 +336,13 @@ class Distiller:
             out.append(
                 Triplet(spec.key, image, mask_o, prelims[i], att_np[i].astype(np.float16), fg, bg, meta)
             )
-        timings["refine_s"] = time.perf_counter() - t
+        timings["refine_s"] = self._clock() - t
         for tr in out:
             tr.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
         return out
 
-    def _inpaint(self, specs, gens, z0, prelims) -> np.ndarray:
-        """The inpainted backgrounds of the M_pre regions, decoded: (B, H, W, 3) uint8 on the canvas."""
+    def _inpaint(self, specs, gens, z0, prelims) -> torch.Tensor:
+        """The latents of the inpainted backgrounds of the M_pre regions (B, C, h, w), on the canvas."""
         cfg = self.config
         region = torch.from_numpy(np.stack(prelims)).to(self.device, self.dtype)[:, None]
         bg_emb = self._embed([cfg.background_prompt] * len(specs))
@@ -302,7 +350,7 @@ class Distiller:
         masked_latents = z0 * (1 - region) if self.inpaint_unet.config.in_channels == 9 else None
         z_bg = inpaint_background(
             self.inpaint_unet,
-            self.pipe.scheduler,
+            self.inpaint_sampler,
             z0,
             region,
             bg_emb,
@@ -312,7 +360,7 @@ class Distiller:
             cfg.object_guidance,
             masked_latents,
         )
-        return self._decode(z_bg)
+        return z_bg
 
     def _metadata(self, spec: SampleSpec, mode: str, canvas: Canvas, timings: dict) -> dict:
         """What a sample's `.json` records of how it was made."""
@@ -330,6 +378,9 @@ class Distiller:
             "steps": cfg.num_inference_steps,
             "probe_t0": cfg.probe_t0,
             "inpaint_steps": cfg.inpaint_steps,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "scheduler": cfg.scheduler if synthesis else None,
+            "inpaint_scheduler": cfg.inpaint_scheduler,
             "guidance_scale": cfg.guidance_scale if synthesis else None,
             "object_guidance": cfg.object_guidance,
             "attention_source": cfg.attention if synthesis else "probe",
@@ -380,39 +431,43 @@ class Distiller:
         ]
 
     def _label_batch(self, images: list[np.ndarray], specs: list[SampleSpec]) -> list[Triplet]:
+        return self._finish(*self._probe(images, specs), "label")
+
+    def _probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> tuple:
+        """Steps 1-2 of label mode: canvases, latents and the mean attention maps; what `_finish` takes."""
         cfg, p = self.config, self.pipe
         concepts = [s.concept for s in specs]
         seeds = [s.seed for s in specs]
         prompts = [c.prompt for c in concepts]
         weights = token_weight_matrix(p.tokenizer, prompts, [c.token_words for c in concepts])
         timings: dict[str, float] = {}
-        t = time.perf_counter()
+        t = self._clock()
         canv = [to_canvas(np.asarray(im), self.resolution) for im in images]
         canvases = [c for _, c in canv]
         imgs = [im for im, _ in canv]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         z0 = encode_images(p.vae, x.to(self.device, self.dtype), gens)
-        timings["encode_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        timings["encode_s"] = self._clock() - t
+        t = self._clock()
         attention = mean_attention_map(
             p.unet,
-            p.scheduler,
+            self.probe_scheduler,
             z0,
             self._embed(prompts),
             weights,
-            probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+            probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
             gens,
             cfg.probe_repeats,
         )
-        timings["attention_s"] = time.perf_counter() - t
+        timings["attention_s"] = self._clock() - t
         originals = [
             np.asarray(im)[..., :3]
             if np.asarray(im).ndim == 3
             else np.repeat(np.asarray(im)[..., None], 3, 2)
             for im in images
         ]
-        return self._finish(specs, gens, z0, attention, canvases, imgs, originals, timings, "label")
+        return specs, gens, z0, attention, canvases, imgs, originals, timings
 
     def synthesize(self, specs: list[SampleSpec]) -> list[Triplet]:
         """Generate images of each spec's concept and label them: paper Step 5.
@@ -447,13 +502,13 @@ class Distiller:
         weights = token_weight_matrix(p.tokenizer, prompts, [s.concept.token_words for s in specs])
         gens = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         timings: dict[str, float] = {}
-        t = time.perf_counter()
+        t = self._clock()
         neg = self._embed([cfg.negative_prompt] * len(specs)) if cfg.guidance_scale != 1.0 else None
         shape = (p.unet.config.in_channels, self.latent_size, self.latent_size)
         cond = self._embed(prompts)
         z0, attention = synthesize_latents(
             p.unet,
-            p.scheduler,
+            self.sampler,
             shape,
             cond,
             weights,
@@ -464,21 +519,23 @@ class Distiller:
             cfg.probe_t0,
             capture=cfg.attention == "loop",
         )
-        timings["generate_s"] = time.perf_counter() - t
+        timings["generate_s"] = self._clock() - t
         if cfg.attention == "probe":
-            t = time.perf_counter()
+            t = self._clock()
             attention = mean_attention_map(
                 p.unet,
-                p.scheduler,
+                self.probe_scheduler,
                 z0,
                 cond,
                 weights,
-                probe_timesteps(p.scheduler, cfg.num_inference_steps, cfg.probe_t0),
+                probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
                 gens,
                 cfg.probe_repeats,
             )
-            timings["attention_s"] = time.perf_counter() - t
+            timings["attention_s"] = self._clock() - t
+        t = self._clock()
         images = self._decode(z0)
+        timings["decode_s"] = self._clock() - t
         canvases = [
             Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)
         ] * len(specs)

@@ -1,10 +1,10 @@
 """Paper Step 4: background inpainting of the preliminary-mask region (Eq. 6, LDM-style latent blending).
 
-With a standard 4-channel text-to-image UNet, each DDIM step first blends ("blend, then step"):
+With a standard 4-channel text-to-image UNet, each sampler step first blends ("blend, then step"):
 
     z = keep * add_noise(z0, fresh_noise, t) + (1 - keep) * z
     eps = unet(z, t, emb(background prompt))
-    z = ddim.step(eps, t, z, eta=0)
+    z = scheduler.step(eps, t, z)          # DDIM (eta 0, the paper's) or another `schedulers` entry
 
 where keep = 1 - M_pre (the region to keep). No final paste-back: the decoded image is the model's
 rendering of the whole canvas, as in the paper's code. This differs slightly from diffusers' former
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from factory.method.probe import _randn
+from factory.method.schedulers import step_kwargs
 
 
 @torch.no_grad()
@@ -51,6 +52,7 @@ def inpaint_background(
     region = region.to(z0.dtype)
     keep = 1.0 - region
     scheduler.set_timesteps(num_inference_steps)
+    kwargs = step_kwargs(scheduler)
     z = _randn(z0.shape[1:], generators, z0.device, z0.dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         if nine_channel:
@@ -69,5 +71,5 @@ def inpaint_background(
             eps = eps_b + object_guidance * (eps_f - eps_b)
         else:
             eps = unet(model_in, t, encoder_hidden_states=bg_emb).sample
-        z = scheduler.step(eps, t, z, eta=0.0).prev_sample
+        z = scheduler.step(eps, t, z, **kwargs).prev_sample
     return z

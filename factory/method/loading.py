@@ -20,6 +20,9 @@ from factory.errors import UserError
 
 MODELS_DIR = Path(__file__).parent.parent / "models"  # factory/models: the shipped weights
 SHORT_NAMES: dict[str, Path] = {"toyworld": MODELS_DIR / "toyworld"}
+# Architectures without weights (config files only): built with random weights at load time, for speed and
+# memory measurements (`factory bench`); their images and masks are noise.
+ARCHITECTURES: dict[str, Path] = {"sd15-arch": MODELS_DIR / "sd15-arch"}
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -46,6 +49,8 @@ def _not_found(model: str, err: Exception) -> ModelLoadError:
 
 def resolve_model(name_or_path: str) -> str:
     """A short name's directory, an existing local directory, or else the string itself (a hub id)."""
+    if name_or_path in ARCHITECTURES:
+        return str(ARCHITECTURES[name_or_path])
     if name_or_path in SHORT_NAMES:
         path = SHORT_NAMES[name_or_path]
         if not (path / "model_index.json").exists():
@@ -140,6 +145,10 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
             "fp16 on the CPU is not supported by most kernels; use fp32 (or bf16) on the CPU"
         )
     source = resolve_model(model)
+    if model in ARCHITECTURES:
+        pipe = build_random_pipeline(source, device, torch_dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
     kwargs = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
@@ -160,6 +169,35 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    return pipe
+
+
+def build_random_pipeline(
+    source: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+):
+    """A StableDiffusionPipeline of the architecture whose config files are in `source`, with random weights
+    (seeded): the components are built from their configs as diffusers' fast tests build theirs."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise where the weights will live (seconds on a GPU for 860M)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
+    for module in (unet, vae, text_encoder):
+        module.to(dtype).eval()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(source, subfolder="scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

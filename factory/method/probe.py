@@ -34,8 +34,14 @@ def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Ten
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code)."""
-    # One sample at a time, so that a sample's latents do not depend on its batch (see Distiller._decode).
-    dists = [vae.encode(x[None].to(vae.device, vae.dtype)).latent_dist for x in images]
+    # On the CPU one sample at a time, so that a sample's latents do not depend on its batch (see
+    # Distiller._decode); on a GPU the whole batch at once.
+    x = images.to(vae.device, vae.dtype)
+    dists = (
+        [vae.encode(xi[None]).latent_dist for xi in x]
+        if x.device.type == "cpu"
+        else [vae.encode(x).latent_dist]
+    )
     mean = torch.cat([d.mean for d in dists])
     std = torch.cat([d.std for d in dists])
     eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)

@@ -1,7 +1,8 @@
 """Paper Step 5: text-to-image generation of a concept, recording its attention in the same loop.
 
-A plain DDIM loop (eta = 0) over the model's scheduler. During the T0 least-noisy steps (the same steps the
-Step-1 probe uses) the concept tokens' cross-attention of the conditional branch is accumulated, so the
+A plain sampling loop: DDIM with eta = 0 as the paper (or another `factory.method.schedulers` entry) on the
+model's noise schedule. During the T0 least-noisy steps of its grid (for DDIM, the same steps the Step-1
+probe uses) the concept tokens' cross-attention of the conditional branch is accumulated, so the
 generated image's mean attention map comes without a second probe pass. With guidance_scale != 1 the UNet
 batch is [negative, conditional] and only the conditional rows are recorded. The paper samples with
 scale 1 and uses the background prompt as the "unconditional" branch when guiding.
@@ -13,6 +14,7 @@ import torch
 
 from factory.method.attention import capture_concept_attention
 from factory.method.probe import _randn
+from factory.method.schedulers import step_kwargs
 
 
 @torch.no_grad()
@@ -36,7 +38,8 @@ def synthesize_latents(
         raise ValueError("guidance_scale != 1 needs negative_emb (the empty or background prompt)")
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps
-    record = set(timesteps[-capture_t0:].tolist()) if capture else set()
+    first_recorded = len(timesteps) - capture_t0 if capture else len(timesteps)  # the T0 least-noisy steps
+    kwargs = step_kwargs(scheduler)
     z = _randn(shape, generators, cond_emb.device, cond_emb.dtype) * scheduler.init_noise_sigma
     emb = torch.cat([negative_emb, cond_emb]) if guided else cond_emb
     weights = token_weights.to(cond_emb.device)
@@ -44,13 +47,13 @@ def synthesize_latents(
         weights = torch.cat([torch.zeros_like(weights), weights])
     rows = slice(b, 2 * b) if guided else None
     with capture_concept_attention(unet, weights, shape[-1], rows) as acc:
-        for t in timesteps:
-            acc.enabled = int(t) in record
+        for i, t in enumerate(timesteps):
+            acc.enabled = i >= first_recorded
             model_in = scheduler.scale_model_input(torch.cat([z, z]) if guided else z, t)
             eps = unet(model_in, t, encoder_hidden_states=emb).sample
             if guided:
                 eps_neg, eps_cond = eps.chunk(2)
                 eps = eps_neg + guidance_scale * (eps_cond - eps_neg)
-            z = scheduler.step(eps, t, z, eta=0.0).prev_sample
+            z = scheduler.step(eps, t, z, **kwargs).prev_sample
         attention = acc.mean() if capture else None
     return z, attention

@@ -1,0 +1,384 @@
+"""`factory bench`: what a triplet costs next to one plain diffusers generation, side by side in one run.
+
+    factory bench                                          # toyworld, on whatever device this machine has
+    factory bench --model sd15-arch --steps 2 --repeats 2  # SD 1.5's architecture, random weights, 512 px
+    factory bench --model sd15-arch --device cuda --dtype bf16 --steps 50 --batch 8 --compile --out b.json
+
+Every figure comes from the same process, and the measurements are interleaved: each repeat runs the
+plain pipeline, the triplet and both capture loops in turn, so a machine that slows down mid-run slows all
+of them. Per-sample times are medians over the repeats; the first call of each (warm-up, and compilation
+with --compile) is timed apart and not counted.
+
+The JSON's keys (also printed as a table; docs/benchmarks.md has them with measured values):
+
+- `machine`: device name, CPU count, torch threads, library versions.
+- `settings`: model, UNet parameters, resolution, steps, probe_t0, inpainting steps, guidance, batch,
+  repeats, sampler, dtype, compile, channels_last, concept.
+- `plain_s_per_image`: diffusers' own `StableDiffusionPipeline.__call__` on the same modules and sampler at
+  the same steps, resolution, batch and guidance, decoded to pixels.
+- `plain_cfg_s_per_image`: the same at guidance 7.5 (two UNet passes a step), what users usually run.
+- `triplet_s_per_sample`: `Distiller.synthesize`: synthesis with in-loop capture, M_pre, background
+  inpainting, both decodes, the refined mask.
+- `triplet_over_plain`: the two above at equal steps and guidance; the FLOP floor is about 2.0.
+- `stages_s_per_sample`: the triplet's own stage timings (`Triplet.meta["timings"]`, synced on a GPU).
+- `capture`: the synthesis loop alone with the attention capture on and off; `overhead` = on / off - 1.
+- `encode_write_s_per_sample`, `encode_write_share`: image encoding and tar writing of the triplets (a
+  writer task's work) per sample, and its share of triplet + write.
+- `memory`: the process's peak host RSS; the bytes an actor call hands on, per sample and per call of
+  `batch`; the peak GPU memory.
+- `flops`: per triplet and per plain image, counted by `torch.utils.flop_counter.FlopCounterMode` over one
+  real call of each.
+- `throughput`: plain images/s, triplets/s, triplets per device-hour; MFU on a GPU whose dense bf16 peak
+  is in `PEAK_FLOPS`.
+- `compile_s`: with --compile, each measurement's first call minus its steady call.
+- `raw_s`: every timed call, per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor peaks (perf-anchors.md): MFU is reported only for these devices.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def _peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> tuple[float, object]:
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t, out
+
+
+def _count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bench(
+    model: str = "toyworld",
+    steps: int = 20,
+    inpaint_steps: int | None = None,
+    guidance: float = 1.0,
+    batch: int = 1,
+    repeats: int = 3,
+    resolution: int | None = None,
+    scheduler: str = "ddim",
+    compile: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    channels_last: bool = False,
+    concept: str = "star",
+    flops: bool = True,
+) -> dict:
+    """Run the benchmark and return its figures (the module docstring lists the keys)."""
+    import diffusers
+    import transformers
+
+    from factory.dataset.shards import encode_triplet
+    from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
+    from factory.method.loading import load_pipeline, quiet_model_libraries
+    from factory.method.prompts import token_weight_matrix
+    from factory.method.schedulers import make_scheduler
+    from factory.method.synthesis import synthesize_latents
+
+    quiet_model_libraries(False)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    inpaint_steps = inpaint_steps or steps
+    t_load, pipe = _timed(
+        lambda: load_pipeline(model, device, None if dtype == "auto" else dtype), torch.device("cpu")
+    )
+    dev = pipe.unet.device
+    probe_t0 = max(1, round(0.8 * steps))  # the paper's 40 of 50
+    config = DistillConfig(
+        num_inference_steps=steps,
+        probe_t0=probe_t0,
+        inpaint_steps=inpaint_steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        inpaint_scheduler=scheduler,
+        resolution=resolution,
+        micro_batch=batch,
+        compile=compile,
+        channels_last=channels_last,
+    )
+    d = Distiller(model, pipeline=pipe, config=config)  # with compile, pipe.unet is the compiled UNet
+    res = d.resolution
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    c = Concept(concept)
+    specs = [SampleSpec(c, seed=i, key=f"bench-{i}") for i in range(batch)]
+    prompt = [c.prompt] * batch
+    weights = token_weight_matrix(pipe.tokenizer, prompt, [c.token_words] * batch)
+
+    def plain(g: float):
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        return pipe(
+            prompt=prompt,
+            num_inference_steps=steps,
+            guidance_scale=g,
+            height=res,
+            width=res,
+            generator=gens,
+            output_type="np",
+        ).images
+
+    def loop(capture: bool):
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        cond = d._embed(prompt)
+        neg = d._embed([""] * batch) if guidance != 1.0 else None
+        shape = (pipe.unet.config.in_channels, d.latent_size, d.latent_size)
+        return synthesize_latents(
+            pipe.unet, d.sampler, shape, cond, weights, gens, steps, guidance, neg, probe_t0, capture
+        )
+
+    def encode_write(triplets):
+        import webdataset as wds
+
+        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "bench.tar", "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=0) as w:
+                for t in triplets:
+                    rec = {k: getattr(t, k) for k in ("key", "image", "mask", "prelim", "attention")}
+                    rec |= {"foreground": t.foreground, "background": t.background, "meta": t.meta}
+                    w.write(encode_triplet(rec, "jpg", 95))
+
+    runs = {
+        "plain": lambda: plain(guidance),
+        "plain_cfg": lambda: plain(7.5),
+        "triplet": lambda: d.synthesize(specs),
+        "loop_on": lambda: loop(True),
+        "loop_off": lambda: loop(False),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    first: dict[str, float] = {}
+    with torch.inference_mode():
+        for k, fn in runs.items():  # warm-up (and compilation): timed apart
+            first[k], out = _timed(fn, dev)
+            if k == "triplet":
+                triplets = out
+        for _ in range(repeats):
+            for k, fn in runs.items():
+                t, out = _timed(fn, dev)
+                times[k].append(t)
+                if k == "triplet":
+                    triplets = out
+        enc = []
+        for _ in range(repeats):
+            enc.append(_timed(lambda: encode_write(triplets), torch.device("cpu"))[0])
+        flop_counts = {}
+        if flops:
+            flop_counts = {
+                "triplet_per_sample": _count_flops(runs["triplet"]) / batch,
+                "plain_per_image": _count_flops(runs["plain"]) / batch,
+            }
+    med = {k: statistics.median(v) for k, v in times.items()}
+    triplet_s = med["triplet"] / batch
+    enc_s = statistics.median(enc) / batch
+    stages = {}
+    for t in triplets:
+        for k, v in t.meta["timings"].items():
+            stages[k] = stages.get(k, 0.0) + v / len(triplets)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    throughput = {
+        "images_per_s": batch / med["plain"],
+        "triplets_per_s": 1 / triplet_s,
+        "triplets_per_device_hour": 3600 / triplet_s,
+        "mfu": None,
+        "peak_flops": _peak_flops(name) if dev.type == "cuda" else None,
+    }
+    if flop_counts and throughput["peak_flops"]:
+        throughput["mfu"] = flop_counts["triplet_per_sample"] / triplet_s / throughput["peak_flops"]
+    per_sample_bytes = sum(t.nbytes for t in triplets) / batch
+    return {
+        "machine": {
+            "device": str(dev),
+            "device_name": name,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "settings": {
+            "model": model,
+            "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+            "resolution": res,
+            "steps": steps,
+            "probe_t0": probe_t0,
+            "inpaint_steps": inpaint_steps,
+            "guidance": guidance,
+            "batch": batch,
+            "repeats": repeats,
+            "scheduler": scheduler,
+            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "compile": compile,
+            "channels_last": channels_last,
+            "concept": concept,
+        },
+        "load_s": t_load,
+        "plain_s_per_image": med["plain"] / batch,
+        "plain_cfg_s_per_image": med["plain_cfg"] / batch,
+        "triplet_s_per_sample": triplet_s,
+        "triplet_over_plain": med["triplet"] / med["plain"],
+        "stages_s_per_sample": stages,
+        "capture": {
+            "loop_on_s": med["loop_on"] / batch,
+            "loop_off_s": med["loop_off"] / batch,
+            "overhead": med["loop_on"] / med["loop_off"] - 1,
+        },
+        "encode_write_s_per_sample": enc_s,
+        "encode_write_share": enc_s / (triplet_s + enc_s),
+        "memory": {
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "call_bytes_per_sample": per_sample_bytes,
+            "call_bytes_at_batch": per_sample_bytes * batch,
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        },
+        "flops": flop_counts,
+        "throughput": throughput,
+        "compile_s": {k: first[k] - med[k] for k in runs} if compile else None,
+        "raw_s": times,
+    }
+
+
+def format_table(r: dict) -> str:
+    s, m = r["settings"], r["machine"]
+    rows = [
+        (
+            "machine",
+            f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} threads",
+        ),
+        ("versions", f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}"),
+        (
+            "settings",
+            f"{s['model']} ({s['unet_params'] / 1e6:.1f}M UNet) {s['resolution']} px, {s['dtype']}, "
+            f"{s['scheduler']} {s['steps']} + {s['inpaint_steps']} steps, guidance {s['guidance']}, "
+            f"batch {s['batch']}, {s['repeats']} repeats, compile {s['compile']}, channels_last "
+            f"{s['channels_last']}",
+        ),
+        ("plain diffusers", f"{r['plain_s_per_image']:.3f} s/image"),
+        ("plain, guidance 7.5", f"{r['plain_cfg_s_per_image']:.3f} s/image"),
+        ("triplet", f"{r['triplet_s_per_sample']:.3f} s/sample"),
+        ("triplet / plain", f"{r['triplet_over_plain']:.3f}x (equal steps and guidance)"),
+        (
+            "capture overhead",
+            f"{100 * r['capture']['overhead']:+.2f}% ({r['capture']['loop_on_s']:.3f} vs "
+            f"{r['capture']['loop_off_s']:.3f} s/sample)",
+        ),
+        ("stages", ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["stages_s_per_sample"].items()) + " s/sample"),
+        (
+            "encode + write",
+            f"{r['encode_write_s_per_sample']:.4f} s/sample, {100 * r['encode_write_share']:.1f}% of "
+            "triplet + write",
+        ),
+        (
+            "memory",
+            f"peak RSS {r['memory']['peak_rss_bytes'] / 2**30:.2f} GiB; an actor call hands on "
+            f"{r['memory']['call_bytes_per_sample'] / 2**20:.2f} MiB/sample"
+            + (
+                f"; GPU peak {r['memory']['gpu_peak_bytes'] / 2**30:.2f} GiB"
+                if r["memory"]["gpu_peak_bytes"]
+                else ""
+            ),
+        ),
+    ]
+    if r["flops"]:
+        f = r["flops"]
+        rows.append(
+            (
+                "FLOPs",
+                f"{f['triplet_per_sample'] / 1e12:.3f} TFLOP/triplet, {f['plain_per_image'] / 1e12:.3f} "
+                f"TFLOP/plain image ({f['triplet_per_sample'] / f['plain_per_image']:.2f}x)",
+            )
+        )
+    t = r["throughput"]
+    rows.append(
+        (
+            "throughput",
+            f"{t['images_per_s']:.2f} plain images/s, {t['triplets_per_device_hour']:.0f} triplets per "
+            "device-hour" + (f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else ""),
+        )
+    )
+    if r["compile_s"]:
+        rows.append(("compile", ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toyworld", help="toyworld, sd15-arch (random weights) or a local dir")
+    p.add_argument("--steps", type=int, default=20, help="synthesis steps (and the plain pipeline's)")
+    p.add_argument(
+        "--inpaint-steps", type=int, default=None, help="background inpainting steps (default: --steps)"
+    )
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale (the paper samples with 1)")
+    p.add_argument("--batch", type=int, default=1, help="samples per model call")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native resolution")
+    p.add_argument(
+        "--scheduler", default="ddim", help="ddim, dpm++, unipc or euler (synthesis and inpainting)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (compile time reported apart)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on cuda, fp32 on cpu), fp32, fp16, bf16")
+    p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
+    p.add_argument("--concept", default="star")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more call of each)")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+
+
+def main(a: argparse.Namespace) -> int:
+    from factory.method.schedulers import SCHEDULERS
+
+    if a.scheduler not in SCHEDULERS:
+        from factory.errors import UserError
+
+        raise UserError(f"unknown --scheduler {a.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    r = bench(
+        a.model,
+        a.steps,
+        a.inpaint_steps,
+        a.guidance,
+        a.batch,
+        a.repeats,
+        a.resolution,
+        a.scheduler,
+        a.compile,
+        a.device,
+        a.dtype,
+        a.channels_last,
+        a.concept,
+        not a.no_flops,
+    )
+    print(format_table(r))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(r, indent=1, default=float) + "\n")
+        print(f"wrote {a.out}")
+    return 0
