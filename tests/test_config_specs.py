@@ -48,18 +48,19 @@ def test_specs_are_deterministic_and_sharded():
     a, b = generation_shards(cfg), generation_shards(cfg)
     assert a == b
     total = sum(c.samples for c in cfg.concepts)
-    assert sum(len(t.samples) for t in a) == total and len(a) == -(-total // 4)
+    assert sum(len(t) for t in a) == total and len(a) == -(-total // 4)
     assert [t.name for t in a[:2]] == ["shard-000000", "shard-000001"]
-    keys = [s["key"] for t in a for s in t.samples]
+    keys = [s["key"] for t in a for s in t.samples(cfg)]
     assert len(set(keys)) == total and keys[0] == "circle-00000000"
-    seeds = [s["seed"] for t in a for s in t.samples]
+    seeds = [s["seed"] for t in a for s in t.samples(cfg)]
     assert len(set(seeds)) == total  # distinct seeds
-    other = generation_shards(load_config(TOY, ["output.samples_per_shard=4", "seed=1"]))
-    assert [s["seed"] for s in other[0].samples] != [s["seed"] for s in a[0].samples]
+    other_cfg = load_config(TOY, ["output.samples_per_shard=4", "seed=1"])
+    other = generation_shards(other_cfg)
+    assert [s["seed"] for s in other[0].samples(other_cfg)] != [s["seed"] for s in a[0].samples(cfg)]
 
 
 def test_label_specs_key_by_file_name():
     cfg = load_config(TOY, ["output.samples_per_shard=2", "concepts=[{name: star}]"])
     shards = label_shards(cfg, ["/d/b.png", "/d/a.jpg", "/e/a.png"])
-    keys = [s["key"] for t in shards for s in t.samples]
-    assert keys[0] == "star-a" and len(set(keys)) == 3 and shards[0].samples[0]["source"] == "/d/a.jpg"
+    keys = [s["key"] for t in shards for s in t.samples(cfg)]
+    assert keys[0] == "star-a" and len(set(keys)) == 3 and shards[0].samples(cfg)[0]["source"] == "/d/a.jpg"

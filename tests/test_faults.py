@@ -59,7 +59,7 @@ def _factory(out, env=None, extra=()):
 def assert_output_whole(out: Path, sets: list[str] | None = None) -> None:
     """The four invariants of the module docstring."""
     cfg = load_config("configs/toyworld.yaml", sets or _sets(out))
-    requested = sorted(s["key"] for t in generation_shards(cfg) for s in t.samples)
+    requested = sorted(s["key"] for t in generation_shards(cfg) for s in t.samples(cfg))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and not manifest["missing_shards"]
     seen, written = [], 0
@@ -75,6 +75,7 @@ def assert_output_whole(out: Path, sets: list[str] | None = None) -> None:
     assert manifest["totals"]["written"] == written
     leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".factory-probe")]
     assert not leftovers
+    assert not (out / "_parts").exists(), "a complete output keeps no parts"
 
 
 def _digest(out: Path) -> dict[str, str]:
@@ -93,6 +94,23 @@ def test_a_generation_actor_dies_mid_job(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists(), "the actor did not crash"
     assert_output_whole(out)
+
+
+def test_a_crash_mid_shard_loses_one_call_and_keeps_the_parts_before_it(tmp_path):
+    """Bounded loss: an actor dies after handing on one part of a 4-part shard; Ray's retry on a new actor
+    skips that committed part (it keeps the dead actor's pid) and generates only the rest."""
+    out, marker = tmp_path / "out", tmp_path / "crashed"
+    extra = ["output.samples_per_shard=4", "resources.samples_per_call=1"]
+    argv, env = _factory(out, {"CF_FAULT_MID_SHARD": str(marker)}, extra)
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists(), "the actor did not crash"
+    dead = int(marker.read_text())
+    assert_output_whole(out, [*_sets(out), *extra])
+    parts = [p for st in out.glob("*.stats.json") for p in json.loads(st.read_text())["parts"]]
+    assert len(parts) == 8
+    by_dead = [p["name"] for p in parts if p["pid"] == dead]
+    assert by_dead == ["part-000000-000001"], "exactly the part handed on before the crash survived it"
 
 
 def test_a_crash_between_the_tar_commit_and_the_stats_commit(tmp_path):

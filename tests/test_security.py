@@ -101,7 +101,7 @@ def test_sample_keys_stay_plain_names_whatever_the_file_names(tmp_path):
         "./rel/with space.png",
         "http://host/q?a=1&b=../2.png",
     ]
-    keys = [s["key"] for t in label_shards(cfg, sources) for s in t.samples]
+    keys = [s["key"] for t in label_shards(cfg, sources) for s in t.samples(cfg)]
     assert len(keys) == len(set(keys)) == len(sources)
     for k in keys:
         assert (
@@ -111,7 +111,7 @@ def test_sample_keys_stay_plain_names_whatever_the_file_names(tmp_path):
     gen = load_config(
         "configs/toyworld.yaml", [f"output.uri={tmp_path}", "concepts=[{name: '../../x y', samples: 2}]"]
     )
-    assert [s["key"] for t in generation_shards(gen) for s in t.samples] == [
+    assert [s["key"] for t in generation_shards(gen) for s in t.samples(gen)] == [
         "______x_y-00000000",
         "______x_y-00000001",
     ]

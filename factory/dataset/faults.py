@@ -5,13 +5,20 @@ first time it is reached with the environment variable `CF_FAULT_<NAME>` naming 
 exist yet; it creates the marker first, so the retry that Ray makes runs through. Ray hands the driver's
 environment to a local cluster's workers, so a test sets the variable on the command it runs.
 
-Points: `GENERATE` (a generation actor, at the start of a call), `AFTER_TAR_COMMIT` (a writer task, between
-committing a shard's tar and its stats file).
+Points: `GENERATE` (a generation actor, at the start of a call), `MID_SHARD` (a generation actor, before
+it generates a part of a shard when it has already handed on another part of it in this call),
+`AFTER_TAR_COMMIT` (an assembly task, between committing a shard's tar and its stats file).
 """
 
 from __future__ import annotations
 
 import os
+
+
+def armed(name: str) -> bool:
+    """Whether `crash_point(name)` would crash now (a test asked for it and it has not crashed yet)."""
+    marker = os.environ.get(f"CF_FAULT_{name}")
+    return bool(marker) and not os.path.exists(marker)
 
 
 def crash_point(name: str) -> None:

@@ -1,11 +1,17 @@
-"""The Ray pipeline: sample specs -> generation actor pool -> encode + write tasks -> shards + manifest.
+"""The Ray pipeline: shard plan -> generation actor pool -> part writers -> shard assembly -> manifest.
 
-    specs (driver)          one row per missing shard, derived deterministically from the config
-      -> GenerateShard      Ray Data actor pool (ActorPoolStrategy): one model load per actor,
-                            `num_gpus` per actor from the config; runs the Distiller on the shard's samples
-      -> write_shards       CPU tasks that do not hold the GPU actors: quality filters, image encoding,
-                            tar writing and atomic commit (`factory.dataset.shards`)
+    plan (driver)           one row per missing shard: a range of the job's samples, O(shards)
+      -> GenerateShard      Ray Data actor pool (ActorPoolStrategy): one model load per actor, `num_gpus`
+                            per actor from the config; runs the Distiller on `samples_per_call` samples at
+                            a time and hands each call's triplets to a `write_part` task at once
+      -> write_part         CPU tasks beside the GPU actors (at most WRITES_IN_FLIGHT per actor): quality
+                            filters, image encoding, one committed part of the shard (factory.dataset.shards)
+      -> assemble_shards    CPU tasks: the parts streamed into the shard's tar, its stats, atomic commit
       -> driver             progress bar, manifest rebuilt from all shard stats, report, summary
+
+Memory and loss are bounded by `resources.samples_per_call`, not by `output.samples_per_shard`: an actor
+holds one call's arrays (plus the writes in flight), a Ray object holds one call's, and a crash loses the
+call in progress; committed parts are kept and the retry (or the next run) skips them.
 
 The same plan runs on a local Ray (one CPU machine) and on a cluster of GPU nodes; `ray.init()` joins the
 cluster when started by `ray job submit` (RAY_ADDRESS is set) and starts a local Ray otherwise.
@@ -15,14 +21,15 @@ Model-facing code lives in `factory.method.distiller`; nothing here touches diff
 from __future__ import annotations
 
 import json
-import pickle
+import os
+import resource
 import time
 
 import numpy as np
 
 from factory.dataset.config import JobConfig
 from factory.dataset.console import init_ray, verbose_from_env
-from factory.dataset.faults import crash_point
+from factory.dataset.faults import armed, crash_point
 from factory.dataset.filters import reject_reason
 from factory.dataset.images import ImageRejected, read_image
 from factory.dataset.preflight import preflight
@@ -33,10 +40,23 @@ from factory.errors import UserError, user_error_from_state, user_error_state
 from factory.method.loading import quiet_model_libraries
 
 MIN_LATENT_CELLS = 4  # label mode: an image whose shorter side spans fewer latent cells is `too_small`
+WRITES_IN_FLIGHT = 2  # part writes an actor lets run behind it before it waits for the oldest
+
+
+def part_ranges(n_samples: int, per_call: int) -> list[tuple[str, int, int]]:
+    """The parts of a shard of `n_samples`: (name, start, stop) in the shard's own sample offsets."""
+    return [
+        (f"part-{a:06d}-{min(a + per_call, n_samples):06d}", a, min(a + per_call, n_samples))
+        for a in range(0, n_samples, per_call)
+    ]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class GenerateShard:
-    """Ray Data actor: loads the model once, then produces the raw triplets of one shard per call."""
+    """Ray Data actor: loads the model once, then produces one shard per call, part by part."""
 
     def __init__(self, job: dict, mode: str, verbose: bool = False):
         import ray
@@ -45,6 +65,7 @@ class GenerateShard:
         from factory.method.distiller import Distiller
 
         self.cfg = JobConfig.model_validate(job)
+        self.job = job
         self.mode = mode
         quiet_model_libraries(verbose)
         torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus_per_actor)))
@@ -65,6 +86,8 @@ class GenerateShard:
         self.node = ray.get_runtime_context().get_node_id()
         self.concepts = [c.to_concept() for c in self.cfg.concepts]
         self.min_side = MIN_LATENT_CELLS * self.distiller.vae_factor if self.user_error is None else 0
+        self.store = ShardStore(self.cfg.output.uri, self.cfg.output.storage_options)
+        self.write_part = ray.remote(num_cpus=self.cfg.resources.writer_num_cpus)(write_part)
 
     def _run(self, samples: list[dict]) -> tuple[list, dict]:
         out, errors = [], {}
@@ -98,90 +121,139 @@ class GenerateShard:
             out.extend(triplets)
         return out, errors
 
-    def __call__(self, batch: dict) -> dict:
-        rows = {"index": [], "name": [], "payload": [], "node": [], "generate_s": []}
-        for index, name, samples in zip(batch["index"], batch["name"], batch["samples"], strict=True):
-            crash_point("GENERATE")
+    def _shard(self, task: ShardTask) -> dict:
+        """Produce the parts of one shard that are not committed yet; return what the assembly needs."""
+        import ray
+
+        done = self.store.parts_done(task.name)  # a retry, or the next run, skips what is committed
+        parts = part_ranges(len(task), self.cfg.samples_per_call())
+        pending, max_bytes, generated = [], 0, 0
+        for name, a, b in parts:
+            if name in done:
+                continue
+            if generated and armed("MID_SHARD"):  # tests only: die with this call's earlier parts committed
+                ray.get(pending)
+                crash_point("MID_SHARD")
             t0 = time.perf_counter()
+            triplets, errors = self._run(task.samples(self.cfg, a, b))
+            records = [
+                {
+                    "key": t.key,
+                    "image": t.image,
+                    "mask": t.mask,
+                    "prelim": t.prelim,
+                    "attention": t.attention,
+                    "foreground": t.foreground,
+                    "background": t.background,
+                    "meta": {**t.meta, "shard": task.name, "node": self.node},
+                }
+                for t in triplets
+            ]
+            max_bytes = max(max_bytes, sum(t.nbytes for t in triplets))  # what Ray stores for the write
+            generate_s = time.perf_counter() - t0
+            origin = {"node": self.node, "pid": os.getpid()}
+            pending.append(
+                self.write_part.remote(self.job, task.name, name, records, errors, origin, generate_s)
+            )
+            del records, triplets  # the object store holds them now
+            generated += 1
+            if len(pending) > WRITES_IN_FLIGHT:  # bounded: never more than this many calls in memory
+                ready, pending = ray.wait(pending, num_returns=len(pending) - WRITES_IN_FLIGHT)
+                ray.get(ready)
+            # wait for every write once the shard's last part is generated, or a crash right after could
+            # lose a part that this call already counted as handed on
+        ray.get(pending)
+        return {
+            "parts": [name for name, _, _ in parts],
+            "memory": {"call_bytes_max": max_bytes, "actor_peak_rss_bytes": peak_rss_bytes()},
+            "parts_generated": generated,
+        }
+
+    def __call__(self, batch: dict) -> dict:
+        rows = {"name": [], "result": []}
+        for i in range(len(batch["name"])):
+            crash_point("GENERATE")
+            task = ShardTask.from_row({k: batch[k][i] for k in batch})
             try:
                 if self.user_error is not None:
                     raise self.user_error
-                triplets, errors = self._run(json.loads(samples))
-                records = [
-                    {
-                        "key": t.key,
-                        "image": t.image,
-                        "mask": t.mask,
-                        "prelim": t.prelim,
-                        "attention": t.attention,
-                        "foreground": t.foreground,
-                        "background": t.background,
-                        "meta": {**t.meta, "shard": str(name), "node": self.node},
-                    }
-                    for t in triplets
-                ]
-                payload = {"records": records, "errors": errors}
+                result = self._shard(task)
             except UserError as err:  # in-band: Ray would keep only its traceback text
-                payload = {"user_error": user_error_state(err)}
-            rows["index"].append(int(index))
-            rows["name"].append(str(name))
-            rows["payload"].append(pickle.dumps(payload))
-            rows["node"].append(self.node)
-            rows["generate_s"].append(time.perf_counter() - t0)
-        return {
-            "index": np.array(rows["index"]),
-            "name": np.array(rows["name"], dtype=object),
-            "payload": np.array(rows["payload"], dtype=object),
-            "node": np.array(rows["node"], dtype=object),
-            "generate_s": np.array(rows["generate_s"]),
-        }
+                result = {"user_error": user_error_state(err)}
+            rows["name"].append(task.name)
+            rows["result"].append(json.dumps(result))
+        return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
-def write_shards(batch: dict, job: dict) -> dict:
-    """Ray task: filter, encode and commit the shards in `batch`; return their stats."""
+def write_part(job: dict, shard: str, part: str, records: list, errors: dict, origin: dict, gen_s: float):
+    """Ray task: filter and encode one call's triplets and commit them as one part of `shard`.
+
+    `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part."""
+    cfg = JobConfig.model_validate(job)
+    store = ShardStore(cfg.output.uri, cfg.output.storage_options)
+    t0 = time.perf_counter()
+    good, rejected, rejected_samples = [], {}, []
+    for message in errors.values():  # inputs not processed: "REASON: what was wrong"
+        reason = message.split(":", 1)[0]
+        rejected[reason] = rejected.get(reason, 0) + 1
+    for rec in records:
+        why = reject_reason(rec["meta"], cfg)
+        rec["meta"]["rejected"] = why
+        sample = encode_triplet(rec, cfg.output.image_format, cfg.output.jpeg_quality)
+        if why is None:
+            good.append(sample)
+        else:
+            rejected[why] = rejected.get(why, 0) + 1
+            rejected_samples.append(sample)
+    store.write_part_samples(shard, part, good, rejected_samples if cfg.filters.keep_rejected else [])
+    stats = {
+        "written": len(good),
+        "rejected": rejected,
+        "keys": [s["__key__"] for s in good],
+        "errors": errors,
+        **origin,
+        "timings": {"generate_s": gen_s, "encode_write_s": time.perf_counter() - t0},
+    }
+    store.commit_part(shard, part, stats)
+    return stats
+
+
+def assemble_shards(batch: dict, job: dict) -> dict:
+    """Ray task: stream each shard's committed parts into its tar, commit it with its stats; return them."""
     cfg = JobConfig.model_validate(job)
     store = ShardStore(cfg.output.uri, cfg.output.storage_options)
     out = {"name": [], "stats": []}
-    for name, payload, node, gen_s in zip(
-        batch["name"], batch["payload"], batch["node"], batch["generate_s"], strict=True
-    ):
-        t0 = time.perf_counter()
-        data = pickle.loads(payload)  # our own actor's payload, never a shard's or an input's bytes
-        if "user_error" in data:  # nothing is written for this shard; the driver reports the error
-            out["name"].append(str(name))
-            out["stats"].append(json.dumps({"name": str(name), "user_error": data["user_error"]}))
+    for name, result in zip(batch["name"], batch["result"], strict=True):
+        name, result = str(name), json.loads(result)
+        if "user_error" in result:  # nothing is written for this shard; the driver reports the error
+            out["name"].append(name)
+            out["stats"].append(json.dumps({"name": name, "user_error": result["user_error"]}))
             continue
-        good, rejected, rejected_samples = [], {}, []
-        for message in data["errors"].values():  # inputs not processed: "REASON: what was wrong"
-            reason = message.split(":", 1)[0]
-            rejected[reason] = rejected.get(reason, 0) + 1
-        for rec in data["records"]:
-            why = reject_reason(rec["meta"], cfg)
-            rec["meta"]["rejected"] = why
-            sample = encode_triplet(rec, cfg.output.image_format, cfg.output.jpeg_quality)
-            if why is None:
-                good.append(sample)
-            else:
-                rejected[why] = rejected.get(why, 0) + 1
-                rejected_samples.append(sample)
-        if cfg.filters.keep_rejected and rejected_samples:
-            store.write_shard(str(name), rejected_samples, {}, subdir="rejected")
-        encode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts = [store.read_part_stats(name, p) for p in result["parts"]]
+        rejected: dict[str, int] = {}
+        for p in parts:
+            for reason, n in p["rejected"].items():
+                rejected[reason] = rejected.get(reason, 0) + n
+        gen_s = sum(p["timings"]["generate_s"] for p in parts)
+        enc_s = sum(p["timings"]["encode_write_s"] for p in parts)
         stats = {
-            "name": str(name),
-            "written": len(good),
+            "name": name,
+            "written": sum(p["written"] for p in parts),
             "rejected": rejected,
-            "node": str(node),
-            "keys": [s["__key__"] for s in good],
-            "errors": data["errors"],
-            "timings": {
-                "generate_s": float(gen_s),
-                "encode_write_s": encode_s,
-                "total_s": float(gen_s) + encode_s,
-            },
+            "node": parts[-1]["node"],
+            "keys": [k for p in parts for k in p["keys"]],
+            "errors": {k: v for p in parts for k, v in p["errors"].items()},
+            "parts": [
+                {"name": n, "written": p["written"], "node": p["node"], "pid": p["pid"]}
+                for n, p in zip(result["parts"], parts, strict=True)
+            ],
+            "memory": result["memory"],
+            "timings": {"generate_s": gen_s, "encode_write_s": enc_s, "total_s": gen_s + enc_s},
         }
-        store.write_shard(str(name), good, stats)
-        out["name"].append(str(name))
+        store.assemble(name, result["parts"], stats, cfg.filters.keep_rejected)
+        stats["timings"]["assemble_s"] = time.perf_counter() - t0  # this run's figure, not in the file
+        out["name"].append(name)
         out["stats"].append(json.dumps(stats))
     return {"name": np.array(out["name"], dtype=object), "stats": np.array(out["stats"], dtype=object)}
 
@@ -259,7 +331,7 @@ def run_job(
         + (f" ({cleaned} stale temporaries removed)" if cleaned else "")
     )
 
-    # 3. Run the plan on Ray: generation actors -> encode + write tasks -> stats rows to the driver.
+    # 3. Run the plan on Ray: generation actors (-> part writers) -> shard assembly -> stats to the driver.
     stats = []
     if todo:
         verbose = verbose_from_env() if verbose is None else verbose
@@ -280,8 +352,8 @@ def run_job(
             num_cpus=r.num_cpus_per_actor,
             fn_constructor_kwargs={"job": job, "mode": mode, "verbose": verbose},
         )
-        ds = ds.map_batches(write_shards, batch_size=1, num_cpus=r.writer_num_cpus, fn_kwargs={"job": job})
-        n_samples = sum(len(t.samples) for t in todo)
+        ds = ds.map_batches(assemble_shards, batch_size=1, num_cpus=r.writer_num_cpus, fn_kwargs={"job": job})
+        n_samples = sum(len(t) for t in todo)
         bar = tqdm(total=n_samples, desc=f"{mode} (samples)", unit="sample", disable=not progress)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
@@ -296,6 +368,8 @@ def run_job(
         [t.name for t in tasks], {"mode": mode, "fingerprint": job_fingerprint(cfg)}
     )
     wall = time.time() - t0
+    if manifest["complete"]:
+        store.remove_parts_folder_if_empty()
     summary = summarize(stats, manifest, wall, store)
     write_report(store, cfg, manifest, summary)
     print_summary(summary)

@@ -76,8 +76,9 @@ def summarize(stats: list[dict], manifest: dict, wall: float, store: ShardStore)
         for k, v in s["rejected"].items():
             rejected[k] = rejected.get(k, 0) + v
     gen = sum(s["timings"]["generate_s"] for s in stats)
-    enc = sum(s["timings"]["encode_write_s"] for s in stats)
-    nodes = sorted({s["node"] for s in stats})
+    enc = sum(s["timings"]["encode_write_s"] + s["timings"].get("assemble_s", 0.0) for s in stats)
+    nodes = sorted({p["node"] for s in stats for p in s["parts"]})
+    memory = [s["memory"] for s in stats]
     return {
         "output": store.public_uri,
         "shards_this_run": len(stats),
@@ -89,6 +90,8 @@ def summarize(stats: list[dict], manifest: dict, wall: float, store: ShardStore)
         "encode_write_s": enc,
         "outside_model_share": enc / (gen + enc) if gen + enc else 0.0,
         "nodes": nodes,
+        "call_bytes_max": max((m["call_bytes_max"] for m in memory), default=0),
+        "actor_peak_rss_bytes": max((m["actor_peak_rss_bytes"] for m in memory), default=0),
         "total_written": manifest["totals"]["written"],
         "complete": manifest["complete"],
         "missing_shards": manifest["missing_shards"],
@@ -104,12 +107,18 @@ def print_plan(cfg: JobConfig, mode: str, tasks: list, todo: list, store: ShardS
         "shards_planned": len(tasks),
         "shards_committed": len(tasks) - len(todo),
         "shards_to_produce": len(todo),
-        "samples_planned": sum(len(t.samples) for t in tasks),
-        "samples_to_produce": sum(len(t.samples) for t in todo),
-        "concepts": {
-            c.name: sum(1 for t in todo for s in t.samples if s["concept"] == i)
-            for i, c in enumerate(cfg.concepts)
-        },
+        "samples_planned": sum(len(t) for t in tasks),
+        "samples_to_produce": sum(len(t) for t in todo),
+        "concepts": dict(
+            zip(
+                [c.name for c in cfg.concepts],
+                np.sum([t.concept_counts(cfg) for t in todo], axis=0, dtype=int).tolist()
+                if todo
+                else [0] * len(cfg.concepts),
+                strict=True,
+            )
+        ),
+        "samples_per_call": cfg.samples_per_call(),
         "first_shards_to_produce": [t.name for t in tasks if t.name in todo_names][:5],
     }
     print(
@@ -147,7 +156,7 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
     for shard in manifest["shards"]:  # a few samples from every shard, so every concept shows
         if len(rows) >= cfg.output.report_samples:
             break
-        for sample in store.read_shard(shard["name"])[:per_shard]:
+        for sample in store.read_first(shard["name"], per_shard):
             if len(rows) >= cfg.output.report_samples:
                 break
 

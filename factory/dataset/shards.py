@@ -5,11 +5,15 @@ Each sample of a shard holds
     {key}.prelim.png      preliminary mask {key}.attn.npy    float16 mean attention map
     {key}.fg.png          RGBA cut-out     {key}.bg.jpg      inpainted background
     {key}.json            metadata
-A shard is first written completely to a local temporary file. On a local filesystem it is then moved
-into place with an atomic rename in the destination folder; on an object store it is uploaded in one put,
-which makes the object visible only once complete. Its stats file ({name}.stats.json) is committed after
-the tar: a shard counts as done only when both exist, so a crash never leaves a shard that resume skips
-but readers cannot read. The manifest is rebuilt from all stats files at the end of every run.
+A shard is built from parts: each generation-actor call (`resources.samples_per_call` samples) is
+committed as `_parts/{name}/{part}.tar` + `{part}.json`, so a crash loses at most the call in progress,
+and no process ever holds a whole shard. When every part is there, the parts are streamed member by
+member into one local temporary file, the shard. On a local filesystem it is moved into place with an
+atomic rename in the destination folder; on an object store it is uploaded in one put, which makes the
+object visible only once complete. Its stats file ({name}.stats.json) is committed after the tar: a shard
+counts as done only when both exist, so a crash never leaves a shard that resume skips but readers cannot
+read. Then its parts are removed (or, after a crash, by the next run). The manifest is rebuilt from all
+stats files at the end of every run.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from PIL import Image
 from factory.dataset.faults import crash_point
 
 MANIFEST = "manifest.json"
+PARTS = "_parts"  # uncommitted shards' committed parts: _parts/{shard}/{part}.tar|.rejected.tar|.json
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -161,21 +166,11 @@ class ShardStore:
             return json.load(f)
 
     def write_shard(self, name: str, samples: list[dict], stats: dict, subdir: str = "") -> str:
-        """Write `samples` as {name}.tar, then {name}.stats.json. Returns the tar's URL."""
-        import webdataset as wds
-
+        """Write `samples` as {name}.tar in one piece, then {name}.stats.json. Returns the tar's URL."""
         prefix = f"{subdir}/" if subdir else ""
         if subdir:
             self.fs.makedirs(self.path(subdir), exist_ok=True)
-        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
-            with wds.TarWriter(f, encoder=False, mtime=0) as w:
-                for s in samples:
-                    w.write(s)
-        try:
-            self._commit_bytes_file(f.name, f"{prefix}{name}.tar")
-        finally:
-            os.unlink(f.name)
-        crash_point("AFTER_TAR_COMMIT")  # tests only: the tar is committed, its stats are not yet
+        self._commit_samples(samples, f"{prefix}{name}.tar")
         if not subdir:
             self.write_json(f"{name}.stats.json", stats)
         return self.url(f"{prefix}{name}.tar")
@@ -184,13 +179,111 @@ class ShardStore:
         """All samples of a committed shard as {"__key__": ..., ext: bytes} dicts (WebDataset grouping)."""
         return read_tar(self.path(name), fs=self.fs)  # with the store's own storage options
 
+    def read_first(self, name: str, limit: int) -> list[dict]:
+        """The first `limit` samples of a committed shard, read as far as needed."""
+        return read_tar(self.path(name), limit=limit, fs=self.fs)
+
+    # ------------------------------------------------------------------ parts of a shard in the making
+    def part_path(self, shard: str, name: str = "") -> str:
+        return self.path(f"{PARTS}/{shard}" + (f"/{name}" if name else ""))
+
+    def parts_done(self, shard: str) -> set[str]:
+        """Names of the parts of `shard` whose stats (committed after their tars) exist."""
+        folder = self.part_path(shard)
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
+            return set()
+        files = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        return {f[: -len(".json")] for f in files if f.endswith(".json")}
+
+    def write_part_samples(self, shard: str, name: str, good: list[dict], rejected: list[dict]) -> None:
+        """Commit one part's tar (and its rejects' tar); `commit_part` then marks it done."""
+        self.fs.makedirs(self.part_path(shard), exist_ok=True)
+        self._commit_samples(good, f"{PARTS}/{shard}/{name}.tar")
+        if rejected:
+            self._commit_samples(rejected, f"{PARTS}/{shard}/{name}.rejected.tar")
+
+    def commit_part(self, shard: str, name: str, stats: dict) -> None:
+        """The part's stats, committed after its tars: from now on the part counts as done."""
+        self.write_json(f"{PARTS}/{shard}/{name}.json", stats)
+
+    def read_part_stats(self, shard: str, name: str) -> dict:
+        return self.read_json(f"{PARTS}/{shard}/{name}.json")
+
+    def assemble(self, shard: str, parts: list[str], stats: dict, keep_rejected: bool) -> None:
+        """Stream the committed `parts` (in order) into {shard}.tar (and rejected/{shard}.tar), commit the
+        tar, then its stats, then remove the parts. Memory: one tar member at a time."""
+        if keep_rejected:
+            rejected = [p for p in parts if self.fs.exists(self.part_path(shard, f"{p}.rejected.tar"))]
+            if rejected:
+                self.fs.makedirs(self.path("rejected"), exist_ok=True)
+                tars = [f"{p}.rejected.tar" for p in rejected]
+                self._commit_concatenated(shard, tars, f"rejected/{shard}.tar")
+        self._commit_concatenated(shard, [f"{p}.tar" for p in parts], f"{shard}.tar")
+        crash_point("AFTER_TAR_COMMIT")  # tests only: the tar is committed, its stats are not yet
+        self.write_json(f"{shard}.stats.json", stats)
+        self.remove_parts(shard)
+
+    def remove_parts(self, shard: str) -> None:
+        if self.fs.exists(self.part_path(shard)):
+            self.fs.rm(self.part_path(shard), recursive=True)
+
+    def remove_parts_folder_if_empty(self) -> None:
+        """After a complete run: no shard is in the making, so `_parts/` goes too."""
+        folder = self.path(PARTS)
+        self.fs.invalidate_cache(folder)
+        if self.fs.exists(folder) and not self.fs.ls(folder, detail=False):
+            self.fs.rm(folder, recursive=True)
+
+    def _commit_samples(self, samples: list[dict], name: str) -> None:
+        import webdataset as wds
+
+        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
+            with wds.TarWriter(f, encoder=False, mtime=0) as w:
+                for s in samples:
+                    w.write(s)
+        try:
+            self._commit_bytes_file(f.name, name)
+        finally:
+            os.unlink(f.name)
+
+    def _commit_concatenated(self, shard: str, tars: list[str], name: str) -> None:
+        import tarfile
+
+        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
+            with tarfile.open(fileobj=f, mode="w|") as out:
+                for tar in tars:
+                    with (
+                        self.fs.open(self.part_path(shard, tar), "rb") as src,
+                        tarfile.open(fileobj=src, mode="r|") as part,
+                    ):
+                        for member in part:
+                            out.addfile(member, part.extractfile(member) if member.isfile() else None)
+        try:
+            self._commit_bytes_file(f.name, name)
+        finally:
+            os.unlink(f.name)
+
     def clean_temporaries(self) -> int:
-        """Remove temporary files left by a crashed run (never committed shards)."""
+        """Remove temporary files left by a crashed run (never committed shards), and the parts of shards
+        that were committed before their parts could be removed."""
         if not self.fs.exists(self.root):
             return 0
         stale = [p for p in self.fs.ls(self.root, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
         for p in stale:
             self.fs.rm(p)
+        if self.fs.exists(self.path(PARTS)):
+            committed = self.committed()
+            for folder in self.fs.ls(self.path(PARTS), detail=False):
+                shard = folder.rstrip("/").rsplit("/", 1)[-1]
+                if shard in committed:
+                    self.remove_parts(shard)
+                    stale.append(folder)
+                else:  # a part's temporary file, left by a crash inside its commit
+                    for p in self.fs.ls(folder, detail=False):
+                        if ".tmp-" in p.rsplit("/", 1)[-1]:
+                            self.fs.rm(p)
+                            stale.append(p)
         return len(stale)
 
     def write_manifest(self, expected: list[str], job: dict) -> dict:
