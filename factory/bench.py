@@ -56,6 +56,16 @@ def _peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -200,7 +210,7 @@ def bench(
     for t in triplets:
         for k, v in t.meta["timings"].items():
             stages[k] = stages.get(k, 0.0) + v / len(triplets)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     throughput = {
         "images_per_s": batch / med["plain"],
         "triplets_per_s": 1 / triplet_s,
@@ -329,6 +339,27 @@ def format_table(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def summary_table(folder: str | Path) -> str:
+    """A markdown table of every bench JSON in `folder` (docs/benchmarks.md's layout)."""
+    lines = [
+        "| run | model | device | dtype | sampler, steps | batch | compile | plain s/image "
+        "| triplet s/sample | triplet / plain | capture | triplets / device-hour | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in sorted(Path(folder).glob("*.json")):
+        r = json.loads(f.read_text())
+        s, t = r["settings"], r["throughput"]
+        mfu = f"{100 * t['mfu']:.1f}%" if t.get("mfu") is not None else "-"
+        lines.append(
+            f"| {f.stem} | {s['model']} | {r['machine']['device_name']} | {s['dtype']} | {s['scheduler']} "
+            f"{s['steps']} + {s['inpaint_steps']} | {s['batch']} | {s['compile']} "
+            f"| {r['plain_s_per_image']:.3f} | {r['triplet_s_per_sample']:.3f} "
+            f"| {r['triplet_over_plain']:.3f}x "
+            f"| {100 * r['capture']['overhead']:+.1f}% | {t['triplets_per_device_hour']:,.0f} | {mfu} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld", help="toyworld, sd15-arch (random weights) or a local dir")
     p.add_argument("--steps", type=int, default=20, help="synthesis steps (and the plain pipeline's)")
@@ -351,11 +382,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", default="star")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more call of each)")
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.add_argument("--summarize", default=None, metavar="DIR", help="only print a table of DIR's bench JSONs")
 
 
 def main(a: argparse.Namespace) -> int:
     from factory.method.schedulers import SCHEDULERS
 
+    if a.summarize:
+        print(summary_table(a.summarize), end="")
+        return 0
     if a.scheduler not in SCHEDULERS:
         from factory.errors import UserError
 
