@@ -178,22 +178,30 @@ def bench(
         "plain": lambda: plain(guidance),
         "plain_cfg": lambda: plain(7.5),
         "triplet": lambda: d.synthesize(specs),
-        "loop_on": lambda: loop(True),
-        "loop_off": lambda: loop(False),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    loops = {"loop_on": lambda: loop(True), "loop_off": lambda: loop(False)}
+    times: dict[str, list[float]] = {k: [] for k in [*runs, *loops]}
     first: dict[str, float] = {}
     with torch.inference_mode():
-        for k, fn in runs.items():  # warm-up (and compilation): timed apart
+        for k, fn in [*runs.items(), *loops.items()]:  # warm-up (and compilation): timed apart
             first[k], out = _timed(fn, dev)
             if k == "triplet":
                 triplets = out
-        for _ in range(repeats):
-            for k, fn in runs.items():
+        for i in range(repeats):
+            # ABBA: every other repeat runs the measurements in reverse order, so that neither a drift of
+            # the machine nor the cost of following a memory-heavy call (page faults after the triplet's
+            # decodes, on the CPU) lands on one measurement only
+            order = list(runs.items()) if i % 2 == 0 else list(runs.items())[::-1]
+            for k, fn in order:
                 t, out = _timed(fn, dev)
                 times[k].append(t)
                 if k == "triplet":
                     triplets = out
+        # the capture overhead is a few percent at most: its two loops alternate on their own, twice per
+        # repeat (on, off, off, on, ...), so that the difference is not lost in the machine's drift
+        for i in range(2 * repeats):
+            for k in ("loop_on", "loop_off") if i % 2 == 0 else ("loop_off", "loop_on"):
+                times[k].append(_timed(loops[k], dev)[0])
         enc = []
         for _ in range(repeats):
             enc.append(_timed(lambda: encode_write(triplets), torch.device("cpu"))[0])
@@ -270,7 +278,7 @@ def bench(
         },
         "flops": flop_counts,
         "throughput": throughput,
-        "compile_s": {k: first[k] - med[k] for k in runs} if compile else None,
+        "compile_s": {k: first[k] - med[k] for k in times} if compile else None,
         "raw_s": times,
     }
 

@@ -160,3 +160,44 @@ def test_a_compiled_unet_gives_the_same_triplet_and_a_new_batch_does_not_recompi
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a later batch recompiled"
     np.testing.assert_allclose(a.attention.astype(np.float32), ref.attention.astype(np.float32), atol=1e-3)
     assert (a.mask == ref.mask).mean() > 0.99 and b.meta["concept"] == "ring"
+
+
+def test_the_scheduler_sweep_scores_each_setting_from_one_probe(tmp_path):
+    """The sweep's settings differ only in Step 4: with the same sampler and steps twice, the same IoU."""
+    from factory.toyworld.world import write_split
+    from trainers.toyworld.scheduler_sweep import markdown, sweep
+
+    split = write_split(tmp_path / "split", range(3000, 3004), 64, None)
+    res = sweep(str(split), ["ddim:4", "dpm++:3", "dpm++:3"], batch=2)
+    ious = [r["refined_iou"] for r in res["settings"]]
+    assert res["n_images"] >= 3 and 0 < ious[0] <= 1 and ious[1] == ious[2]
+    assert "| dpm++ | 3 |" in markdown(res)
+
+
+def test_bench_summarize_tables_the_json_files(tmp_path, capsys):
+    from factory.bench import summary_table
+    from factory.cli import main
+
+    r = {
+        "settings": {
+            "model": "m",
+            "dtype": "bfloat16",
+            "scheduler": "ddim",
+            "steps": 50,
+            "inpaint_steps": 50,
+            "batch": 8,
+            "compile": True,
+        },
+        "machine": {"device_name": "NVIDIA H200"},
+        "plain_s_per_image": 0.1,
+        "triplet_s_per_sample": 0.2,
+        "triplet_over_plain": 2.0,
+        "capture": {"overhead": 0.01},
+        "throughput": {"triplets_per_device_hour": 18000.0, "mfu": 0.43},
+    }
+    (tmp_path / "a.json").write_text(json.dumps(r))
+    assert (
+        "| a | m | NVIDIA H200 | bfloat16 | ddim 50 + 50 | 8 | True | 0.100 | 0.200 | 2.000x | +1.0% "
+        "| 18,000 | 43.0% |" in summary_table(tmp_path)
+    )
+    assert main(["bench", "--summarize", str(tmp_path)]) == 0 and "18,000" in capsys.readouterr().out

@@ -153,12 +153,15 @@ def markdown_synthesis(res: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    ref = next(r for r in res["settings"] if (r["scheduler"], r["steps"]) == ("ddim", 50))
+    ref = next(
+        (r for r in res["settings"] if (r["scheduler"], r["steps"]) == ("ddim", 50)), res["settings"][0]
+    )
+    name = f"{ref['scheduler'].replace('ddim', 'DDIM')} {ref['steps']}"
     lines = [
         f"Refined-mask IoU on {res['n_images']} images of `{res['split']}`; probe: {res['probe']}; "
         f"M_pre IoU {100 * res['prelim_iou']:.1f}.",
         "",
-        "| Step 4 sampler | steps | refined M IoU | vs DDIM 50 | inpainting time vs DDIM 50 |",
+        f"| Step 4 sampler | steps | refined M IoU | vs {name} | inpainting time vs {name} |",
         "|---|---|---|---|---|",
     ]
     for r in res["settings"]:
