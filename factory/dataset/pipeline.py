@@ -160,9 +160,7 @@ class GenerateShard:
             if len(pending) > WRITES_IN_FLIGHT:  # bounded: never more than this many calls in memory
                 ready, pending = ray.wait(pending, num_returns=len(pending) - WRITES_IN_FLIGHT)
                 ray.get(ready)
-            # wait for every write once the shard's last part is generated, or a crash right after could
-            # lose a part that this call already counted as handed on
-        ray.get(pending)
+        ray.get(pending)  # every part committed before the shard goes on to its assembly
         return {
             "parts": [name for name, _, _ in parts],
             "memory": {"call_bytes_max": max_bytes, "actor_peak_rss_bytes": peak_rss_bytes()},
