@@ -109,6 +109,9 @@ def synthesis_agreement(grid: list[str], n: int, model: str = "toyworld", guidan
         out = Distiller(model, pipeline=pipe, config=cfg).synthesize(specs)
         return out, time.perf_counter() - t
 
+    Distiller(model, pipeline=pipe, config=DistillConfig(2, 1, inpaint_steps=2)).synthesize(
+        specs[:1]
+    )  # warm-up
     ref, ref_s = run("ddim", 50)
     rows = []
     for g in grid:
