@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -107,6 +106,7 @@ def bench(
     import diffusers
     import transformers
 
+    from factory.dataset.pipeline import peak_rss_bytes
     from factory.dataset.shards import encode_triplet
     from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
     from factory.method.loading import load_pipeline, quiet_model_libraries
@@ -170,9 +170,7 @@ def bench(
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "bench.tar", "wb") as f:
             with wds.TarWriter(f, encoder=False, mtime=0) as w:
                 for t in triplets:
-                    rec = {k: getattr(t, k) for k in ("key", "image", "mask", "prelim", "attention")}
-                    rec |= {"foreground": t.foreground, "background": t.background, "meta": t.meta}
-                    w.write(encode_triplet(rec, "jpg", 95))
+                    w.write(encode_triplet(vars(t), "jpg", 95))  # as a writer task does
 
     runs = {
         "plain": lambda: plain(guidance),
@@ -271,7 +269,7 @@ def bench(
         "encode_write_s_per_sample": enc_s,
         "encode_write_share": enc_s / (triplet_s + enc_s),
         "memory": {
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "call_bytes_per_sample": per_sample_bytes,
             "call_bytes_at_batch": per_sample_bytes * batch,
             "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,

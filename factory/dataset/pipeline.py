@@ -136,18 +136,9 @@ class GenerateShard:
                 crash_point("MID_SHARD")
             t0 = time.perf_counter()
             triplets, errors = self._run(task.samples(self.cfg, a, b))
+            # a Triplet's fields are the record `encode_triplet` takes; the meta gains where it was made
             records = [
-                {
-                    "key": t.key,
-                    "image": t.image,
-                    "mask": t.mask,
-                    "prelim": t.prelim,
-                    "attention": t.attention,
-                    "foreground": t.foreground,
-                    "background": t.background,
-                    "meta": {**t.meta, "shard": task.name, "node": self.node},
-                }
-                for t in triplets
+                {**vars(t), "meta": {**t.meta, "shard": task.name, "node": self.node}} for t in triplets
             ]
             max_bytes = max(max_bytes, sum(t.nbytes for t in triplets))  # what Ray stores for the write
             generate_s = time.perf_counter() - t0
@@ -164,7 +155,6 @@ class GenerateShard:
         return {
             "parts": [name for name, _, _ in parts],
             "memory": {"call_bytes_max": max_bytes, "actor_peak_rss_bytes": peak_rss_bytes()},
-            "parts_generated": generated,
         }
 
     def __call__(self, batch: dict) -> dict:
@@ -203,10 +193,12 @@ def write_part(job: dict, shard: str, part: str, records: list, errors: dict, or
         else:
             rejected[why] = rejected.get(why, 0) + 1
             rejected_samples.append(sample)
-    store.write_part_samples(shard, part, good, rejected_samples if cfg.filters.keep_rejected else [])
+    kept = rejected_samples if cfg.filters.keep_rejected else []
+    store.write_part_samples(shard, part, good, kept)
     stats = {
         "written": len(good),
         "rejected": rejected,
+        "rejects_kept": len(kept),  # samples in the part's rejects' tar (written only when there are any)
         "keys": [s["__key__"] for s in good],
         "errors": errors,
         **origin,
@@ -249,7 +241,8 @@ def assemble_shards(batch: dict, job: dict) -> dict:
             "memory": result["memory"],
             "timings": {"generate_s": gen_s, "encode_write_s": enc_s, "total_s": gen_s + enc_s},
         }
-        store.assemble(name, result["parts"], stats, cfg.filters.keep_rejected)
+        with_rejects = [n for n, p in zip(result["parts"], parts, strict=True) if p["rejects_kept"]]
+        store.assemble(name, result["parts"], stats, with_rejects)
         stats["timings"]["assemble_s"] = time.perf_counter() - t0  # this run's figure, not in the file
         out["name"].append(name)
         out["stats"].append(json.dumps(stats))

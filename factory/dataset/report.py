@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -180,10 +178,8 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
         sheet = contact_sheet(
             rows, ["image", "attention", "M_pre", "refined M", "foreground", "background"], row_labels=labels
         )
-        with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as f:
+        with store.committing("report.png") as f:
             sheet.save(f, format="PNG")
-        store._commit_bytes_file(f.name, "report.png")
-        Path(f.name).unlink()
     t = manifest["totals"]
     md = [
         f"# Concept Factory report: {store.public_uri}",
@@ -200,7 +196,5 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
     ]
     md += [f"| {s['name']} | {s['written']} | {json.dumps(s['rejected'])} |" for s in manifest["shards"]]
     md += ["", "![triplets](report.png)", ""]
-    with tempfile.NamedTemporaryFile("w", suffix=".md", delete=False) as f:
+    with store.committing("report.md", "w") as f:
         f.write("\n".join(md))
-    store._commit_bytes_file(f.name, "report.md")
-    Path(f.name).unlink()

@@ -18,11 +18,14 @@ stats files at the end of every run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import IO
 
 import fsspec
 import numpy as np
@@ -153,13 +156,21 @@ class ShardStore:
         else:
             self.fs.put_file(local_tmp, self.path(name))
 
-    def write_json(self, name: str, obj) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
+    @contextlib.contextmanager
+    def committing(self, name: str, mode: str = "wb") -> Iterator[IO]:
+        """A local temporary file to write `name` into: when the block ends it is committed
+        (`_commit_bytes_file`), and the temporary file is removed either way."""
+        f = tempfile.NamedTemporaryFile(mode, suffix=os.path.splitext(name)[1], delete=False)
         try:
+            with f:
+                yield f
             self._commit_bytes_file(f.name, name)
         finally:
             os.unlink(f.name)
+
+    def write_json(self, name: str, obj) -> None:
+        with self.committing(name, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
 
     def read_json(self, name: str):
         with self.fs.open(self.path(name), "r") as f:
@@ -184,12 +195,14 @@ class ShardStore:
         return read_tar(self.path(name), limit=limit, fs=self.fs)
 
     # ------------------------------------------------------------------ parts of a shard in the making
-    def part_path(self, shard: str, name: str = "") -> str:
-        return self.path(f"{PARTS}/{shard}" + (f"/{name}" if name else ""))
+    @staticmethod
+    def part_file(shard: str, name: str = "") -> str:
+        """`_parts/{shard}` or a file in it, relative to the output's root (as `path` takes it)."""
+        return f"{PARTS}/{shard}" + (f"/{name}" if name else "")
 
     def parts_done(self, shard: str) -> set[str]:
         """Names of the parts of `shard` whose stats (committed after their tars) exist."""
-        folder = self.part_path(shard)
+        folder = self.path(self.part_file(shard))
         self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return set()
@@ -198,35 +211,35 @@ class ShardStore:
 
     def write_part_samples(self, shard: str, name: str, good: list[dict], rejected: list[dict]) -> None:
         """Commit one part's tar (and its rejects' tar); `commit_part` then marks it done."""
-        self.fs.makedirs(self.part_path(shard), exist_ok=True)
-        self._commit_samples(good, f"{PARTS}/{shard}/{name}.tar")
+        self.fs.makedirs(self.path(self.part_file(shard)), exist_ok=True)
+        self._commit_samples(good, self.part_file(shard, f"{name}.tar"))
         if rejected:
-            self._commit_samples(rejected, f"{PARTS}/{shard}/{name}.rejected.tar")
+            self._commit_samples(rejected, self.part_file(shard, f"{name}.rejected.tar"))
 
     def commit_part(self, shard: str, name: str, stats: dict) -> None:
         """The part's stats, committed after its tars: from now on the part counts as done."""
-        self.write_json(f"{PARTS}/{shard}/{name}.json", stats)
+        self.write_json(self.part_file(shard, f"{name}.json"), stats)
 
     def read_part_stats(self, shard: str, name: str) -> dict:
-        return self.read_json(f"{PARTS}/{shard}/{name}.json")
+        return self.read_json(self.part_file(shard, f"{name}.json"))
 
-    def assemble(self, shard: str, parts: list[str], stats: dict, keep_rejected: bool) -> None:
-        """Stream the committed `parts` (in order) into {shard}.tar (and rejected/{shard}.tar), commit the
-        tar, then its stats, then remove the parts. Memory: one tar member at a time."""
-        if keep_rejected:
-            rejected = [p for p in parts if self.fs.exists(self.part_path(shard, f"{p}.rejected.tar"))]
-            if rejected:
-                self.fs.makedirs(self.path("rejected"), exist_ok=True)
-                tars = [f"{p}.rejected.tar" for p in rejected]
-                self._commit_concatenated(shard, tars, f"rejected/{shard}.tar")
-        self._commit_concatenated(shard, [f"{p}.tar" for p in parts], f"{shard}.tar")
+    def assemble(self, shard: str, parts: list[str], stats: dict, with_rejects: list[str]) -> None:
+        """Stream the committed `parts` (in order) into {shard}.tar, and the rejects' tars of the parts
+        `with_rejects` into rejected/{shard}.tar; commit the tar, then its stats, then remove the parts.
+        Memory: one tar member at a time."""
+        if with_rejects:
+            self.fs.makedirs(self.path("rejected"), exist_ok=True)
+            tars = [self.part_file(shard, f"{p}.rejected.tar") for p in with_rejects]
+            self._commit_concatenated(tars, f"rejected/{shard}.tar")
+        self._commit_concatenated([self.part_file(shard, f"{p}.tar") for p in parts], f"{shard}.tar")
         crash_point("AFTER_TAR_COMMIT")  # tests only: the tar is committed, its stats are not yet
         self.write_json(f"{shard}.stats.json", stats)
         self.remove_parts(shard)
 
     def remove_parts(self, shard: str) -> None:
-        if self.fs.exists(self.part_path(shard)):
-            self.fs.rm(self.part_path(shard), recursive=True)
+        folder = self.path(self.part_file(shard))
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
 
     def remove_parts_folder_if_empty(self) -> None:
         """After a complete run: no shard is in the making, so `_parts/` goes too."""
@@ -238,31 +251,18 @@ class ShardStore:
     def _commit_samples(self, samples: list[dict], name: str) -> None:
         import webdataset as wds
 
-        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
-            with wds.TarWriter(f, encoder=False, mtime=0) as w:
-                for s in samples:
-                    w.write(s)
-        try:
-            self._commit_bytes_file(f.name, name)
-        finally:
-            os.unlink(f.name)
+        with self.committing(name) as f, wds.TarWriter(f, encoder=False, mtime=0) as w:
+            for s in samples:
+                w.write(s)
 
-    def _commit_concatenated(self, shard: str, tars: list[str], name: str) -> None:
+    def _commit_concatenated(self, tars: list[str], name: str) -> None:
         import tarfile
 
-        with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as f:
-            with tarfile.open(fileobj=f, mode="w|") as out:
-                for tar in tars:
-                    with (
-                        self.fs.open(self.part_path(shard, tar), "rb") as src,
-                        tarfile.open(fileobj=src, mode="r|") as part,
-                    ):
-                        for member in part:
-                            out.addfile(member, part.extractfile(member) if member.isfile() else None)
-        try:
-            self._commit_bytes_file(f.name, name)
-        finally:
-            os.unlink(f.name)
+        with self.committing(name) as f, tarfile.open(fileobj=f, mode="w|") as out:
+            for tar in tars:
+                with self.fs.open(self.path(tar), "rb") as src, tarfile.open(fileobj=src, mode="r|") as part:
+                    for member in part:
+                        out.addfile(member, part.extractfile(member) if member.isfile() else None)
 
     def clean_temporaries(self) -> int:
         """Remove temporary files left by a crashed run (never committed shards), and the parts of shards

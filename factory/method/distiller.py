@@ -237,9 +237,8 @@ class Distiller:
 
             install_capture(p.unet)
             shared = self.inpaint_unet is p.unet
-            p.unet = torch.compile(
-                p.unet
-            )  # the pipeline's own UNet: plain generation with it is compiled too
+            # the pipeline's own UNet is replaced: plain generation with it is compiled too
+            p.unet = torch.compile(p.unet)
             self.inpaint_unet = p.unet if shared else torch.compile(self.inpaint_unet)
         self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
         self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
