@@ -110,7 +110,6 @@ def bench(
     from factory.dataset.shards import encode_triplet
     from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
     from factory.method.loading import load_pipeline, quiet_model_libraries
-    from factory.method.prompts import token_weight_matrix
     from factory.method.schedulers import make_scheduler
     from factory.method.synthesis import synthesize_latents
 
@@ -121,7 +120,7 @@ def bench(
     t_load, pipe = _timed(
         lambda: load_pipeline(model, device, None if dtype == "auto" else dtype), torch.device("cpu")
     )
-    dev = pipe.unet.device
+    dev = pipe.device
     probe_t0 = max(1, round(0.8 * steps))  # the paper's 40 of 50
     config = DistillConfig(
         num_inference_steps=steps,
@@ -135,13 +134,13 @@ def bench(
         compile=compile,
         channels_last=channels_last,
     )
-    d = Distiller(model, pipeline=pipe, config=config)  # with compile, pipe.unet is the compiled UNet
+    d = Distiller(model, pipeline=pipe, config=config)  # with compile, the pipeline's denoiser is compiled
     res = d.resolution
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     c = Concept(concept)
     specs = [SampleSpec(c, seed=i, key=f"bench-{i}") for i in range(batch)]
     prompt = [c.prompt] * batch
-    weights = token_weight_matrix(pipe.tokenizer, prompt, [c.token_words] * batch)
+    weights = d._token_weights(specs)
 
     def plain(g: float):
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
@@ -158,10 +157,10 @@ def bench(
     def loop(capture: bool):
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         cond = d._embed(prompt)
-        neg = d._embed([""] * batch) if guidance != 1.0 else None
-        shape = (pipe.unet.config.in_channels, d.latent_size, d.latent_size)
+        neg = d._embed_negative([""] * batch) if guidance != 1.0 else None
+        shape = (d.denoiser.in_channels, d.latent_size, d.latent_size)
         return synthesize_latents(
-            pipe.unet, d.sampler, shape, cond, weights, gens, steps, guidance, neg, probe_t0, capture
+            d.denoiser, d.sampler, shape, cond, weights, gens, steps, guidance, neg, probe_t0, capture
         )
 
     def encode_write(triplets):
@@ -241,7 +240,8 @@ def bench(
         },
         "settings": {
             "model": model,
-            "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+            "family": d.family.name,
+            "unet_params": sum(p.numel() for p in d.family.denoiser_module.parameters()),
             "resolution": res,
             "steps": steps,
             "probe_t0": probe_t0,
@@ -250,7 +250,7 @@ def bench(
             "batch": batch,
             "repeats": repeats,
             "scheduler": scheduler,
-            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "dtype": str(d.dtype).removeprefix("torch."),
             "compile": compile,
             "channels_last": channels_last,
             "concept": concept,

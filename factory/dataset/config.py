@@ -145,6 +145,8 @@ class JobConfig(_Strict):
     """
 
     model: str = "toyworld"
+    # a VAE in place of the model's, e.g. the fp16-fixed SDXL VAE (a diffusers AutoencoderKL folder or hub id)
+    vae: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = 0
@@ -199,6 +201,8 @@ class JobConfig(_Strict):
         d["output"]["storage_options"] = {k: "<redacted>" for k in d["output"]["storage_options"]}
         d["output"]["uri"] = redact_uri(d["output"]["uri"])
         d["model"] = redact_uri(d["model"])
+        if d["vae"]:
+            d["vae"] = redact_uri(d["vae"])
         if d["inpaint"]["model"]:
             d["inpaint"]["model"] = redact_uri(d["inpaint"]["model"])
         return d

@@ -80,6 +80,7 @@ class GenerateShard:
                 self.cfg.dtype,
                 self.cfg.distill_config(),
                 inpaint_model=self.cfg.inpaint.model,
+                vae=self.cfg.vae,
             )
         except UserError as err:
             self.user_error = err

@@ -63,12 +63,18 @@ def check_writable(uri: str, storage_options: dict | None = None) -> None:
 
 
 def check_model(cfg: JobConfig) -> None:
-    """The model's and the inpainting model's configs read, and they are a family the factory serves."""
+    """The model's and the inpainting model's configs read, and they are of a family the factory serves
+    (`factory.method.families`)."""
     from factory.method.loading import ModelLoadError, read_model_configs
 
     configs = read_model_configs(cfg.model)
     if cfg.inpaint.model is not None:
-        inpaint = read_model_configs(cfg.inpaint.model, components=("unet",))
+        if configs["family"] == "sd3":
+            raise ModelLoadError(
+                f"inpaint.model is set, but model {cfg.model!r} is an SD3 model: a fine-tuned m' is served "
+                "for the UNet families (sd, sdxl). Leave inpaint.model unset."
+            )
+        inpaint = read_model_configs(cfg.inpaint.model, components=("denoiser",))
         if inpaint["unet"]["cross_attention_dim"] != configs["unet"]["cross_attention_dim"]:
             raise ModelLoadError(
                 f"inpaint.model {cfg.inpaint.model!r} does not fit model {cfg.model!r}: its UNet's "
@@ -76,20 +82,25 @@ def check_model(cfg: JobConfig) -> None:
                 f"gives {configs['unet']['cross_attention_dim']}. Fine-tune m' from this model (`trainers "
                 "finetune`), or name the model it was fine-tuned from."
             )
+    if cfg.vae is not None:
+        from factory.method.loading import read_vae_config
+
+        read_vae_config(cfg.vae)
 
 
 def check_prompts(cfg: JobConfig) -> None:
-    """Every concept's prompt holds its concept words' tokens, with the model's own tokenizer."""
-    from factory.method.loading import load_tokenizer
+    """Every concept's prompt holds its concept words' tokens, with each of the model's tokenizers."""
+    from factory.method.loading import load_tokenizers
     from factory.method.prompts import ConceptTokenError, concept_token_indices
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizers = load_tokenizers(cfg.model)
     for c in cfg.concepts:
         concept = c.to_concept()
-        try:
-            concept_token_indices(tokenizer, concept.prompt, concept.token_words)
-        except ConceptTokenError as err:
-            raise PromptError(f"concept {c.name!r}: {err}") from err
+        for tokenizer in tokenizers:
+            try:
+                concept_token_indices(tokenizer, concept.prompt, concept.token_words)
+            except ConceptTokenError as err:
+                raise PromptError(f"concept {c.name!r}: {err}") from err
 
 
 class PromptError(UserError):

@@ -26,6 +26,8 @@ def job_fingerprint(cfg: JobConfig) -> str:
         c.pop("samples")  # more samples per concept changes which shards exist, not their contents
     if d["inpaint"]["model"] is None:
         d["inpaint"].pop("model")  # added later: outputs written before it existed keep their fingerprint
+    if d["vae"] is None:
+        d.pop("vae")  # added later, like inpaint.model
     d["output"].pop("storage_options", None)  # how to reach the store, not what is in it
     for section in ("sampler", "inpaint"):  # added later; the paper's DDIM keeps older outputs' fingerprint
         if d[section]["scheduler"] == "ddim":

@@ -8,6 +8,15 @@ SDPA processor. On each call a capture processor computes the post-softmax proba
 heads, upsamples nearest to ``size`` x ``size`` and adds the result to a running sum held on the device.
 Memory therefore does not grow with steps x layers, and each (layer, step) evaluation counts equally,
 whatever its native resolution (the paper's unweighted mean). On exit the original processors are restored.
+
+An SD3 transformer (MMDiT) has no cross-attention: each block runs one joint attention over the image and
+text tokens together. There `JointConceptAttnProcessor` goes on every block's ``attn``: its output is the
+default processor's (the same fused SDPA call), and on recorded steps it also computes the image-to-text
+block of the attention, ``softmax(Q_image K_text^T / sqrt(d))`` renormalized over the text keys only, so that
+each image token's weights over the prompt sum to one as in a cross-attention layer. That map is what the
+rest of the method reads. This is our choice among two documented ones: ConceptAttention (Helbling et al.
+2025) reads the attention *output* projected onto the concept tokens' outputs instead, and reports better
+zero-shot maps on FLUX; no toyworld model of the SD3 family exists to measure the two against each other.
 """
 
 from __future__ import annotations
@@ -117,29 +126,82 @@ class ConceptAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def cross_attention_names(unet) -> list[str]:
-    """Processor names of the UNet's cross-attention layers (``...attn2.processor``)."""
-    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+class JointConceptAttnProcessor:
+    """An attention processor for SD3's joint attention that records the image-to-text attention of the
+    concept tokens (see the module docstring), while its output stays diffusers' `JointAttnProcessor2_0`'s.
+
+    The text tokens are the last ``encoder_hidden_states.shape[1]`` of the joint sequence, as diffusers
+    concatenates them.
+    """
+
+    def __init__(self, accumulator: AttentionAccumulator):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        self.acc = accumulator
+        self.fast = JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise RuntimeError("JointConceptAttnProcessor must only be installed on joint attention")
+        if self.acc.enabled:
+            b, n_img = hidden_states.shape[:2]
+            heads = attn.heads
+            query = attn.to_q(hidden_states)
+            head_dim = query.shape[-1] // heads
+            query = query.view(b, -1, heads, head_dim).transpose(1, 2)
+            key = attn.add_k_proj(encoder_hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_added_k is not None:
+                key = attn.norm_added_k(key)
+            scores = query @ key.transpose(-1, -2) * attn.scale  # (b, heads, image tokens, text tokens)
+            probs = scores.softmax(-1)
+            self.acc.add(probs.reshape(b * heads, n_img, -1), heads)
+        return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def cross_attention_names(model) -> list[str]:
+    """Processor names of the layers where a concept map is read: a UNet's cross-attention layers
+    (``...attn2.processor``), or an SD3 transformer's joint attention (``transformer_blocks.N.attn...``)."""
+    processors = model.attn_processors
+    if _is_joint(model):  # SD3.5's blocks also have an `attn2`: image-only self-attention, not read
+        names = [
+            n for n in processors if n.startswith("transformer_blocks.") and n.endswith(".attn.processor")
+        ]
+    else:
+        names = [n for n in processors if n.endswith("attn2.processor")]
     if not names:
         raise ValueError(
-            "this UNet has no cross-attention (attn2) layers; concept attention needs a "
-            "text-conditioned UNet such as Stable Diffusion's"
+            "this model has no cross-attention (attn2) or joint attention layers; concept attention needs a "
+            "text-conditioned UNet such as Stable Diffusion's, or an SD3 transformer"
         )
     return names
+
+
+def _is_joint(model) -> bool:
+    return hasattr(model.config, "joint_attention_dim")  # an SD3 transformer (also when torch.compile'd)
+
+
+def _capture_processor(model, acc: AttentionAccumulator):
+    return JointConceptAttnProcessor(acc) if _is_joint(model) else ConceptAttnProcessor(acc)
+
+
+CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor)
 
 
 @contextlib.contextmanager
 def capture_concept_attention(
     unet, token_weights: torch.Tensor, size: int, record_rows: slice | None = None
 ) -> Iterator[AttentionAccumulator]:
-    """Record the selected tokens' cross-attention of every attn2 layer while the block runs.
+    """Record the selected tokens' cross-attention of every attn2 layer (of a UNet; the joint attention's
+    image-to-text block of an SD3 transformer) while the block runs.
 
     token_weights: (unet_batch, n_text_tokens) weights, 1 at the concept's token positions.
     size: output resolution (the latent side); every layer is upsampled nearest to it.
     """
     original = dict(unet.attn_processors)
     cross = set(cross_attention_names(unet))
-    installed = {p for n, p in original.items() if n in cross and isinstance(p, ConceptAttnProcessor)}
+    installed = {p for n, p in original.items() if n in cross and isinstance(p, CAPTURE_PROCESSORS)}
     if len(installed) == 1:  # `install_capture` put one for good (torch.compile): reuse its accumulator
         acc = installed.pop().acc
         acc.reset(token_weights, size, record_rows)
@@ -149,7 +211,7 @@ def capture_concept_attention(
             acc.enabled = False
         return
     acc = AttentionAccumulator(token_weights, size, record_rows)
-    capture = ConceptAttnProcessor(acc)
+    capture = _capture_processor(unet, acc)
     unet.set_attn_processor({n: (capture if n in cross else p) for n, p in original.items()})
     try:
         yield acc
@@ -162,7 +224,7 @@ def install_capture(unet) -> None:
     enables it. For a UNet that is then `torch.compile`d: swapping processors per batch would recompile it
     each time, while one processor object whose accumulator is reset keeps the compiled graphs."""
     weights = torch.zeros(1, 1, device=unet.device)
-    capture = ConceptAttnProcessor(AttentionAccumulator(weights, 1))
+    capture = _capture_processor(unet, AttentionAccumulator(weights, 1))
     capture.acc.enabled = False
     cross = set(cross_attention_names(unet))
     unet.set_attn_processor({n: (capture if n in cross else p) for n, p in unet.attn_processors.items()})

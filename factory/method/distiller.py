@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from factory.method.families import Conditioning, detect_family
 from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
 from factory.method.inpaint import inpaint_background
 from factory.method.loading import load_pipeline, model_id
 from factory.method.masks import binarize
-from factory.method.probe import encode_images, mean_attention_map, probe_timesteps
-from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE, encode_prompts, token_weight_matrix
+from factory.method.probe import encode_images, mean_attention_map, probe_timesteps, repaint_everything
+from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE
 from factory.method.refine import refine_mask
 from factory.method.schedulers import make_scheduler
 from factory.method.synthesis import synthesize_latents
@@ -170,14 +171,18 @@ class Distiller:
     """Concept distillation with one loaded pipeline: label images, or synthesize and label new ones.
 
     Args:
-        model: a short name (`"toyworld"`), a local diffusers pipeline directory or a hub id.
+        model: a short name (`"toyworld"`), a local diffusers pipeline directory or a hub id, of any family in
+            `factory.method.families` (SD 1.x/2.x, SDXL, SD3); the family is detected from the pipeline.
         device: `"cpu"`, `"cuda"`, `"cuda:1"`, ...
         dtype: `"fp32"`, `"fp16"`, `"bf16"` or None (fp16 on CUDA, fp32 on the CPU).
         config: the method's settings; default `DistillConfig()`, the paper's.
         pipeline: an already loaded diffusers pipeline to use instead of loading `model`.
         inpaint_model: the fine-tuned m' (`trainers finetune`) for Step 4's background inpainting, while
             `model` (the pretrained m) gives the attention of Steps 1-2, as the paper does for real images. It
-            must share m's VAE and text encoder (fine-tuning freezes both).
+            must share m's VAE and text encoder (fine-tuning freezes both). UNet families only.
+        vae: a VAE (a diffusers `AutoencoderKL` directory or hub id) to use instead of the model's, e.g. the
+            fp16-fixed SDXL VAE. A VAE that says `force_upcast` (SDXL's own) runs in fp32 when the model
+            runs in fp16, where it would overflow.
 
     Raises:
         ModelLoadError: the model or the inpainting model cannot be loaded; the message says what to do.
@@ -200,18 +205,30 @@ class Distiller:
         config: DistillConfig | None = None,
         pipeline=None,
         inpaint_model: str | None = None,
+        vae: str | None = None,
     ):
+        from factory.method.loading import ModelLoadError, load_vae, resolve_model
+
         self.config = config or DistillConfig()
         self.model = model
         self.pipe = pipeline if pipeline is not None else load_pipeline(model, device, dtype)
         p = self.pipe
+        self.family = detect_family(p)
+        self.vae_model = vae
+        if vae is not None:
+            p.vae = load_vae(vae, self.device, self.dtype)
+        if p.vae.dtype == torch.float16 and getattr(p.vae.config, "force_upcast", False):
+            p.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' pipelines upcast it too)
         self.inpaint_model = inpaint_model
-        self.inpaint_unet = p.unet
+        self.inpaint_unet = self.family.denoiser_module
         if inpaint_model is not None:
             from diffusers import UNet2DConditionModel
 
-            from factory.method.loading import ModelLoadError, resolve_model
-
+            if self.family.name == "sd3":
+                raise ModelLoadError(
+                    "inpaint.model (a fine-tuned m') is served for UNet families (sd, sdxl); an SD3 model "
+                    "inpaints with its own transformer"
+                )
             try:
                 self.inpaint_unet = UNet2DConditionModel.from_pretrained(
                     resolve_model(inpaint_model), subfolder="unet", torch_dtype=p.unet.dtype
@@ -226,22 +243,26 @@ class Distiller:
                 )
         # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
-        self.probe_scheduler = make_scheduler("ddim", p.scheduler.config)
-        self.sampler = make_scheduler(self.config.scheduler, p.scheduler.config)
-        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, p.scheduler.config)
+        # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)
+        self.probe_scheduler = make_scheduler("ddim", p.scheduler)
+        self.sampler = make_scheduler(self.config.scheduler, p.scheduler)
+        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, p.scheduler)
+        denoiser = self.family.denoiser_module
         if self.config.channels_last:
-            for module in {id(m): m for m in (p.unet, self.inpaint_unet, p.vae)}.values():
+            for module in {id(m): m for m in (denoiser, self.inpaint_unet, p.vae)}.values():
                 module.to(memory_format=torch.channels_last)
         if self.config.compile:
             from factory.method.attention import install_capture
 
-            install_capture(p.unet)
-            shared = self.inpaint_unet is p.unet
-            # the pipeline's own UNet is replaced: plain generation with it is compiled too
-            p.unet = torch.compile(p.unet)
-            self.inpaint_unet = p.unet if shared else torch.compile(self.inpaint_unet)
-        self.vae_factor = 2 ** (len(p.vae.config.block_out_channels) - 1)
-        self.resolution = self.config.resolution or p.unet.config.sample_size * self.vae_factor
+            install_capture(denoiser)
+            shared = self.inpaint_unet is denoiser
+            # the pipeline's own denoiser is replaced: plain generation with it is compiled too
+            self.family.denoiser_module = torch.compile(denoiser)
+            self.inpaint_unet = self.family.denoiser_module if shared else torch.compile(self.inpaint_unet)
+        self.denoiser = self.family.denoiser()
+        self.inpaint_denoiser = self.family.denoiser(self.inpaint_unet)
+        self.vae_factor = self.family.vae_factor
+        self.resolution = self.config.resolution or self.family.native_resolution()
         if self.resolution % self.vae_factor:
             raise ValueError(
                 f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}"
@@ -251,14 +272,23 @@ class Distiller:
     # ------------------------------------------------------------------ shared pieces
     @property
     def device(self):
-        return self.pipe.unet.device
+        return self.family.denoiser_module.device
 
     @property
     def dtype(self):
-        return self.pipe.unet.dtype
+        return self.family.denoiser_module.dtype
 
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts).to(self.dtype)
+    def _embed(self, prompts: list[str]) -> Conditioning:
+        return self.family.encode(prompts).to(self.dtype)
+
+    def _embed_negative(self, prompts: list[str]) -> Conditioning:
+        return self.family.encode_negative(prompts).to(self.dtype)
+
+    def _token_weights(self, specs: list[SampleSpec]) -> torch.Tensor:
+        """(B, text tokens) weights of each spec's concept words; raises ConceptTokenError before any work."""
+        return self.family.token_weights(
+            [s.concept.prompt for s in specs], [s.concept.token_words for s in specs]
+        )
 
     def _clock(self) -> float:
         """perf_counter after the device's queued work: stage timings that are true on a GPU too (one sync
@@ -272,10 +302,12 @@ class Distiller:
         # bitwise batch-invariant, and a sample must not depend on the batch it lands in. On a GPU the whole
         # micro-batch at once (results may differ in the last bits between batch sizes, as for the UNet).
         vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE; none for SD and SDXL
+        z = z.to(vae.dtype)
         pieces = [zi[None] for zi in z] if self.device.type == "cpu" else [z]
         with torch.no_grad():
             return np.concatenate(
-                [_to_uint8(vae.decode(zi / vae.config.scaling_factor).sample) for zi in pieces]
+                [_to_uint8(vae.decode(zi / vae.config.scaling_factor + shift).sample) for zi in pieces]
             )
 
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
@@ -346,9 +378,9 @@ class Distiller:
         region = torch.from_numpy(np.stack(prelims)).to(self.device, self.dtype)[:, None]
         bg_emb = self._embed([cfg.background_prompt] * len(specs))
         fg_emb = self._embed([s.concept.prompt for s in specs]) if cfg.object_guidance else None
-        masked_latents = z0 * (1 - region) if self.inpaint_unet.config.in_channels == 9 else None
+        masked_latents = z0 * (1 - region) if self.inpaint_denoiser.in_channels == 9 else None
         z_bg = inpaint_background(
-            self.inpaint_unet,
+            self.inpaint_denoiser,
             self.inpaint_sampler,
             z0,
             region,
@@ -373,7 +405,10 @@ class Distiller:
             "concept_words": spec.concept.token_words,
             "seed": spec.seed,
             "model": model_id(self.model),
+            "family": self.family.name,
+            "prediction_type": self.pipe.scheduler.config.get("prediction_type", "flow"),
             "inpaint_model": model_id(self.inpaint_model) if self.inpaint_model else None,
+            "vae": model_id(self.vae_model) if self.vae_model else None,
             "steps": cfg.num_inference_steps,
             "probe_t0": cfg.probe_t0,
             "inpaint_steps": cfg.inpaint_steps,
@@ -414,14 +449,12 @@ class Distiller:
         Example:
             >>> [t] = d.label([image], Concept("star"), seeds=[0])
         """
-        p = self.pipe
         concepts = concept if isinstance(concept, list) else [concept] * len(images)
         if not (len(images) == len(concepts) == len(seeds)):
             raise ValueError("images, concepts and seeds must have the same length")
         keys = keys or [f"{c.name}-{s:010d}" for c, s in zip(concepts, seeds, strict=True)]
         specs = [SampleSpec(c, s, k) for c, s, k in zip(concepts, seeds, keys, strict=True)]
-        # validate every prompt before any model work
-        token_weight_matrix(p.tokenizer, [c.prompt for c in concepts], [c.token_words for c in concepts])
+        self._token_weights(specs)  # validate every prompt before any model work
         mb = self._micro_batch(len(specs))
         return [
             t
@@ -435,10 +468,9 @@ class Distiller:
     def _probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> tuple:
         """Steps 1-2 of label mode: canvases, latents and the mean attention maps; what `_finish` takes."""
         cfg, p = self.config, self.pipe
-        concepts = [s.concept for s in specs]
         seeds = [s.seed for s in specs]
-        prompts = [c.prompt for c in concepts]
-        weights = token_weight_matrix(p.tokenizer, prompts, [c.token_words for c in concepts])
+        prompts = [s.concept.prompt for s in specs]
+        weights = self._token_weights(specs)
         timings: dict[str, float] = {}
         t = self._clock()
         canv = [to_canvas(np.asarray(im), self.resolution) for im in images]
@@ -446,11 +478,11 @@ class Distiller:
         imgs = [im for im, _ in canv]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        z0 = encode_images(p.vae, x.to(self.device, self.dtype), gens)
+        z0 = encode_images(p.vae, x.to(self.device, p.vae.dtype), gens).to(self.dtype)
         timings["encode_s"] = self._clock() - t
         t = self._clock()
         attention = mean_attention_map(
-            p.unet,
+            self.denoiser,
             self.probe_scheduler,
             z0,
             self._embed(prompts),
@@ -458,6 +490,7 @@ class Distiller:
             probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
             gens,
             cfg.probe_repeats,
+            repaint_everything(p.vae, z0) if self.denoiser.in_channels == 9 else None,
         )
         timings["attention_s"] = self._clock() - t
         originals = [
@@ -481,32 +514,30 @@ class Distiller:
         Example:
             >>> triplets = d.synthesize([SampleSpec(Concept("star"), seed=s) for s in range(4)])
         """
-        p = self.pipe
-        if p.unet.config.in_channels == 9:
+        if self.denoiser.in_channels == 9:
             raise ValueError(
                 "synthesis needs a text-to-image UNet; a 9-channel inpainting UNet can only label images"
             )
         specs = [
             s if s.key else SampleSpec(s.concept, s.seed, f"{s.concept.name}-{s.seed:010d}") for s in specs
         ]
-        token_weight_matrix(
-            p.tokenizer, [s.concept.prompt for s in specs], [s.concept.token_words for s in specs]
-        )
+        self._token_weights(specs)  # validate every prompt before any model work
         mb = self._micro_batch(len(specs))
         return [t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb])]
 
     def _synthesize_batch(self, specs: list[SampleSpec]) -> list[Triplet]:
-        cfg, p = self.config, self.pipe
+        cfg = self.config
         prompts = [s.concept.prompt for s in specs]
-        weights = token_weight_matrix(p.tokenizer, prompts, [s.concept.token_words for s in specs])
+        weights = self._token_weights(specs)
         gens = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         timings: dict[str, float] = {}
         t = self._clock()
-        neg = self._embed([cfg.negative_prompt] * len(specs)) if cfg.guidance_scale != 1.0 else None
-        shape = (p.unet.config.in_channels, self.latent_size, self.latent_size)
+        guided = cfg.guidance_scale != 1.0
+        neg = self._embed_negative([cfg.negative_prompt] * len(specs)) if guided else None
+        shape = (self.denoiser.in_channels, self.latent_size, self.latent_size)
         cond = self._embed(prompts)
         z0, attention = synthesize_latents(
-            p.unet,
+            self.denoiser,
             self.sampler,
             shape,
             cond,
@@ -522,7 +553,7 @@ class Distiller:
         if cfg.attention == "probe":
             t = self._clock()
             attention = mean_attention_map(
-                p.unet,
+                self.denoiser,
                 self.probe_scheduler,
                 z0,
                 cond,

@@ -21,55 +21,57 @@ from __future__ import annotations
 
 import torch
 
+from factory.method.families import Conditioning, as_conditioning, as_denoiser
 from factory.method.probe import _randn
-from factory.method.schedulers import step_kwargs
+from factory.method.schedulers import add_noise, init_noise_sigma, scale_model_input, step_kwargs
 
 
 @torch.no_grad()
 def inpaint_background(
-    unet,
+    denoiser,
     scheduler,
     z0: torch.Tensor,
     region: torch.Tensor,
-    bg_emb: torch.Tensor,
+    bg_emb: Conditioning | torch.Tensor,
     generators: list[torch.Generator],
     num_inference_steps: int = 50,
-    fg_emb: torch.Tensor | None = None,
+    fg_emb: Conditioning | torch.Tensor | None = None,
     object_guidance: float = 0.0,
     masked_image_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inpaint `region` (B, 1, h, w; 1 = repaint) of the latents z0 with the background prompt.
 
-    Returns the final latents (B, 4, h, w); decode them with the VAE.
+    denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings).
+    Returns the final latents (B, C, h, w); decode them with the VAE.
     """
     if region.shape[0] != z0.shape[0] or region.shape[-2:] != z0.shape[-2:]:
         raise ValueError(f"region {tuple(region.shape)} does not match latents {tuple(z0.shape)}")
     if object_guidance != 0.0 and fg_emb is None:
         raise ValueError("object_guidance needs the object prompt's embeddings (fg_emb)")
-    nine_channel = unet.config.in_channels == 9
+    denoiser, bg_emb = as_denoiser(denoiser), as_conditioning(bg_emb)
+    nine_channel = denoiser.in_channels == 9
     if nine_channel and masked_image_latents is None:
         raise ValueError("a 9-channel inpainting UNet needs masked_image_latents")
     region = region.to(z0.dtype)
     keep = 1.0 - region
     scheduler.set_timesteps(num_inference_steps)
     kwargs = step_kwargs(scheduler)
-    z = _randn(z0.shape[1:], generators, z0.device, z0.dtype) * scheduler.init_noise_sigma
+    z = _randn(z0.shape[1:], generators, z0.device, z0.dtype) * init_noise_sigma(scheduler)
     for t in scheduler.timesteps:
         if nine_channel:
             model_in = torch.cat([z, region, masked_image_latents], 1)
         else:
-            noised = scheduler.add_noise(
-                z0, _randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1)
+            noised = add_noise(
+                scheduler, z0, _randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1)
             )
             z = keep * noised + region * z
             model_in = z
-        model_in = scheduler.scale_model_input(model_in, t)
+        model_in = scale_model_input(scheduler, model_in, t)
         if object_guidance != 0.0:
-            eps_b, eps_f = unet(
-                torch.cat([model_in, model_in]), t, encoder_hidden_states=torch.cat([bg_emb, fg_emb])
-            ).sample.chunk(2)
+            both = Conditioning.cat([bg_emb, as_conditioning(fg_emb)])
+            eps_b, eps_f = denoiser(torch.cat([model_in, model_in]), t, both).chunk(2)
             eps = eps_b + object_guidance * (eps_f - eps_b)
         else:
-            eps = unet(model_in, t, encoder_hidden_states=bg_emb).sample
+            eps = denoiser(model_in, t, bg_emb)
         z = scheduler.step(eps, t, z, **kwargs).prev_sample
     return z

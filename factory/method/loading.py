@@ -4,8 +4,11 @@
     pipe = load_pipeline("/models/sd-v1-4", device="cuda") # a local diffusers directory
     pipe = load_pipeline("CompVis/stable-diffusion-v1-4", device="cuda", dtype="fp16")
 
-The scheduler is always a DDIMScheduler built from the model's own scheduler config (the paper's sampler),
-and the safety checker is not loaded (it would mask images, and the method needs raw pixels).
+The families served are in `factory.method.families` (SD 1.x/2.x, SDXL, SD3), detected from the model's
+`model_index.json`; any other pipeline is refused with an error that names them. The scheduler is a
+DDIMScheduler built from the model's own scheduler config (the paper's sampler), except for rectified-flow
+models (SD3), which keep their flow-matching scheduler. The safety checker is not loaded (it would mask
+images, and the method needs raw pixels).
 """
 
 from __future__ import annotations
@@ -22,8 +25,18 @@ MODELS_DIR = Path(__file__).parent.parent / "models"  # factory/models: the ship
 SHORT_NAMES: dict[str, Path] = {"toyworld": MODELS_DIR / "toyworld"}
 # Architectures without weights (config files only): built with random weights at load time, for speed and
 # memory measurements (`factory bench`); their images and masks are noise.
-ARCHITECTURES: dict[str, Path] = {"sd15-arch": MODELS_DIR / "sd15-arch"}
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ARCHITECTURES: dict[str, Path] = {
+    "sd15-arch": MODELS_DIR / "sd15-arch",
+    "sdxl-arch": MODELS_DIR / "sdxl-arch",
+    "sd3-arch": MODELS_DIR / "sd3-arch",
+}
+# What each family's pipeline must hold (factory.method.families)
+REQUIRED_COMPONENTS = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+}
+DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -111,7 +124,7 @@ def quiet_model_libraries(verbose: bool) -> None:
 
 
 def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
-    """Load a text-to-image latent diffusion pipeline with a DDIM scheduler, ready for `Distiller`.
+    """Load a text-to-image latent diffusion pipeline of a served family, ready for `Distiller`.
 
     Args:
         model: a short name (`"toyworld"`, shipped in `factory/models/`), a local diffusers pipeline directory
@@ -125,6 +138,8 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
     Raises:
         ModelLoadError: the model cannot be found or is not a text-conditioned latent diffusion pipeline; the
             message says what to do.
+        UnsupportedFamilyError: the pipeline is of a family the factory does not serve (the message names
+            the ones it does).
 
     Example:
         >>> pipe = load_pipeline("toyworld")
@@ -132,6 +147,9 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
         'DDIMScheduler'
     """
     from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from factory.method.families import detect_family
+    from factory.method.schedulers import is_flow
 
     device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -146,8 +164,14 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
         )
     source = resolve_model(model)
     if model in ARCHITECTURES:
-        return build_random_pipeline(source, device, torch_dtype)  # DDIM on the shipped noise schedule
-    kwargs = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+        return build_random_pipeline(source, device, torch_dtype)  # on the shipped noise schedule
+    index = read_model_configs(model, components=())["model_index"]  # a served family, before any weights
+    kwargs = {"dtype": torch_dtype}
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    for name in ("text_encoder_3", "tokenizer_3"):  # SD3 without T5, as `save_pretrained` wrote it
+        if "transformer" in index and None in index.get(name, [None]):
+            kwargs[name] = None
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -158,13 +182,15 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
                 "weights, as `save_pretrained` writes them) and readable on this node?"
             ) from err
         raise _not_found(model, err) from err
-    missing = [c for c in REQUIRED_COMPONENTS if getattr(pipe, c, None) is None]
+    family = detect_family(pipe).name
+    missing = [c for c in REQUIRED_COMPONENTS[family] if getattr(pipe, c, None) is None]
     if missing:
         raise ModelLoadError(
             f"{model!r} is a {type(pipe).__name__} without {', '.join(missing)}; concept "
-            "distillation needs a text-conditioned latent diffusion model (SD v1/v2 family)"
+            f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
         )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow(pipe.scheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe
@@ -173,30 +199,80 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
 def build_random_pipeline(
     source: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ):
-    """A StableDiffusionPipeline of the architecture whose config files are in `source`, with random weights
-    (seeded): the components are built from their configs as diffusers' fast tests build theirs."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    """The pipeline of the architecture whose config files are in `source` (`model_index.json` and one
+    folder per component), with random weights (seeded): each component is built from its config as
+    diffusers' fast tests build theirs, and the pipeline class is the one `model_index.json` names."""
+    import json
 
+    import diffusers
+    import transformers
+
+    index = json.loads((Path(source) / "model_index.json").read_text())
     torch.manual_seed(seed)
-    with torch.device(device):  # initialise where the weights will live (seconds on a GPU for 860M)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source, subfolder="vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.to(dtype).eval()
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(source, subfolder="scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue
+        library, cls_name = entry
+        if cls_name is None:
+            components[name] = None
+            continue
+        cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+        if name.startswith("tokenizer"):
+            components[name] = transformers.AutoTokenizer.from_pretrained(source, subfolder=name)
+        elif name == "scheduler":
+            components[name] = cls.from_config(cls.load_config(source, subfolder=name))
+        elif library == "diffusers":
+            with torch.device(device):  # initialise where the weights will live (seconds on a GPU)
+                components[name] = cls.from_config(cls.load_config(source, subfolder=name))
+        else:
+            config = transformers.AutoConfig.from_pretrained(source, subfolder=name)
+            with torch.device(device):
+                components[name] = cls(config)
+        if isinstance(components[name], torch.nn.Module):
+            if dtype != torch.float32:
+                components[name].to(dtype)
+            components[name].eval()
+    pipeline_cls = getattr(diffusers, index["_class_name"])
+    if "safety_checker" in index:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_cls(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _vae_source(vae: str) -> tuple[str, str | None]:
+    source = os.path.expanduser(vae)
+    return source, "vae" if (Path(source) / "vae" / "config.json").exists() else None
+
+
+def _vae_error(vae: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load the VAE {vae!r}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+        "Give a diffusers AutoencoderKL folder (config.json and weights) or a reachable hub id."
+    )
+
+
+def read_vae_config(vae: str) -> dict:
+    """The config of a VAE given in place of the model's, read without its weights (the preflight)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.load_config(*_vae_source(vae))
+    except (OSError, ValueError) as err:
+        raise _vae_error(vae, err) from err
+
+
+def load_vae(vae: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A VAE to use instead of the model's (an `AutoencoderKL` directory, a pipeline directory with a vae/
+    folder, or a hub id), e.g. `madebyollin/sdxl-vae-fp16-fix`."""
+    from diffusers import AutoencoderKL
+
+    source, subfolder = _vae_source(vae)
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype).to(device)
+    except (OSError, ValueError) as err:
+        raise _vae_error(vae, err) from err
 
 
 def model_id(model: str) -> str:
@@ -204,14 +280,23 @@ def model_id(model: str) -> str:
     return model if model in SHORT_NAMES or not Path(model).exists() else Path(model).resolve().name
 
 
-def read_model_configs(model: str, components: tuple[str, ...] = ("unet", "vae")) -> dict:
-    """The model's `model_index.json` and its components' configs, read without loading any weights.
+def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "vae")) -> dict:
+    """The model's `model_index.json`, its family and its components' configs, read without any weights.
+
+    Args:
+        components: which configs to read: "denoiser" (the UNet's or SD3 transformer's, also under its own
+            name), "vae".
+
+    Returns:
+        {"model_index": ..., "family": "sd" | "sdxl" | "sd3", "denoiser": ..., "vae": ...}
 
     Raises:
-        ModelLoadError: the model cannot be found, or is not a text-conditioned latent diffusion pipeline of
-            the kind the factory serves (`REQUIRED_COMPONENTS`, a `UNet2DConditionModel`).
+        ModelLoadError: the model cannot be found, or lacks a component its family needs.
+        UnsupportedFamilyError: a pipeline of a family the factory does not serve; the message names them.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+
+    from factory.method.families import family_name_of_index
 
     source = resolve_model(model)
     try:
@@ -220,24 +305,29 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("unet", "vae")
             index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as err:
         raise _not_found(model, err) from err
+    family = family_name_of_index(index, repr(model))
     missing = [
-        c for c in REQUIRED_COMPONENTS if not isinstance(index.get(c), (list, tuple)) or None in index[c]
+        c
+        for c in REQUIRED_COMPONENTS[family]
+        if not isinstance(index.get(c), (list, tuple)) or None in index[c]
     ]
     if missing:
         raise ModelLoadError(
             f"{model!r} is a {index.get('_class_name', 'pipeline')} without {', '.join(missing)}; concept "
-            "distillation needs a text-conditioned latent diffusion model with a UNet (the SD v1/v2 family)"
+            f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
         )
-    if index["unet"][1] != "UNet2DConditionModel":
-        raise ModelLoadError(
-            f"{model!r}'s denoiser is a {index['unet'][1]}; the factory serves pipelines whose UNet is a "
-            "UNet2DConditionModel (Stable Diffusion v1/v2 and the embedded toyworld model)"
-        )
-    out = {"model_index": index}
-    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    out = {"model_index": index, "family": family}
+    denoiser = DENOISER[family]
+    classes = {
+        "unet": UNet2DConditionModel,
+        "transformer": SD3Transformer2DModel,
+        "vae": AutoencoderKL,
+    }
     try:
         for c in components:
-            out[c] = classes[c].load_config(source, subfolder=c)
+            name = denoiser if c == "denoiser" else c
+            out[c] = classes[name].load_config(source, subfolder=name)
+            out[name] = out[c]
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not read the {c} config of model {model!r}: {err}. Pass a diffusers pipeline "
@@ -246,18 +336,22 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("unet", "vae")
     return out
 
 
-def load_tokenizer(model: str):
-    """The model's tokenizer alone (no weights): what the preflight checks the prompts with."""
+def load_tokenizers(model: str) -> list:
+    """The model's tokenizers alone (no weights), as many as its family has: what the preflight checks the
+    prompts with."""
     from transformers import AutoTokenizer
 
+    configs = read_model_configs(model, components=())
+    index = configs["model_index"]
+    names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if n in index and None not in index[n]]
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(model), subfolder="tokenizer")
+        return [AutoTokenizer.from_pretrained(resolve_model(model), subfolder=n) for n in names]
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not read the tokenizer of model {model!r}: {err}") from err
+        raise ModelLoadError(f"could not read the tokenizers of model {model!r}: {err}") from err
 
 
 def model_geometry(model: str) -> tuple[int, int]:
     """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
     configs = read_model_configs(model)
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    return int(configs["unet"]["sample_size"]) * factor, factor
+    return int(configs["denoiser"]["sample_size"]) * factor, factor

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from factory.method.attention import capture_concept_attention
+from factory.method.families import Conditioning, as_conditioning, as_denoiser
+from factory.method.schedulers import add_noise
 
 
 def probe_timesteps(scheduler, num_inference_steps: int = 50, t0: int = 40) -> torch.Tensor:
@@ -33,7 +34,10 @@ def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Ten
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code)."""
+    """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code).
+
+    The latents are (z - shift_factor) * scaling_factor, as diffusers' pipelines scale them (SD3's VAE has a
+    shift; SD's and SDXL's have none)."""
     # On the CPU one sample at a time, so that a sample's latents do not depend on its batch (see
     # Distiller._decode); on a GPU the whole batch at once.
     x = images.to(vae.device, vae.dtype)
@@ -45,29 +49,53 @@ def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) 
     mean = torch.cat([d.mean for d in dists])
     std = torch.cat([d.std for d in dists])
     eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)
-    return (mean + std * eps) * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (mean + std * eps - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def mean_attention_map(
-    unet,
+    denoiser,
     scheduler,
     latents: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    text_embeddings: Conditioning | torch.Tensor,
     token_weights: torch.Tensor,
     timesteps: torch.Tensor,
     generators: list[torch.Generator],
     repeats: int = 1,
+    inpainting_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, h, w) mean attention of the weighted tokens over all attn2 layers, timesteps and repeats."""
+    """(B, h, w) mean attention of the weighted tokens over all attn2 layers, timesteps and repeats.
+
+    denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings).
+    inpainting_inputs: for a 9-channel inpainting UNet, the 5 channels it takes beside the noised latents
+        ([region, masked-image latents], `repaint_everything`), concatenated to each of them."""
     if len(generators) != latents.shape[0]:
         raise ValueError("one generator per sample is required")
+    denoiser, cond = as_denoiser(denoiser), as_conditioning(text_embeddings)
     size = latents.shape[-1]
-    with capture_concept_attention(unet, token_weights.to(latents.device), size) as acc:
+    with denoiser.capture(token_weights.to(latents.device), size) as acc:
         for t in timesteps:
             for _ in range(repeats):
                 noise = _randn(latents.shape[1:], generators, latents.device, latents.dtype)
-                t_batch = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
-                z_t = scheduler.add_noise(latents, noise, t_batch)
-                unet(z_t, t_batch, encoder_hidden_states=text_embeddings)
+                t_batch = t.reshape(1).expand(latents.shape[0]).to(latents.device)
+                z_t = add_noise(scheduler, latents, noise, t_batch)
+                if inpainting_inputs is not None:
+                    z_t = torch.cat([z_t, inpainting_inputs], 1)
+                denoiser(z_t, t_batch, cond)
         return acc.mean()
+
+
+@torch.no_grad()
+def repaint_everything(vae, latents: torch.Tensor) -> torch.Tensor:
+    """What a 9-channel inpainting UNet takes beside the latents to paint the whole canvas from the prompt,
+    as diffusers' inpainting pipelines build it for a mask of ones: [region = 1, latents of the masked
+    image, which is all zeros (grey)]. With it the probe reads an inpainting model's attention as it would
+    a text-to-image model's."""
+    b, _, h, w = latents.shape
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    grey = torch.zeros(1, 3, h * factor, w * factor, device=vae.device, dtype=vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    blank = (vae.encode(grey).latent_dist.mode() - shift) * vae.config.scaling_factor
+    region = torch.ones(b, 1, h, w, device=latents.device, dtype=latents.dtype)
+    return torch.cat([region, blank.to(latents.device, latents.dtype).expand(b, -1, -1, -1)], 1)

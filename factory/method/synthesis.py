@@ -12,27 +12,30 @@ from __future__ import annotations
 
 import torch
 
-from factory.method.attention import capture_concept_attention
+from factory.method.families import Conditioning, as_conditioning, as_denoiser
 from factory.method.probe import _randn
-from factory.method.schedulers import step_kwargs
+from factory.method.schedulers import init_noise_sigma, scale_model_input, step_kwargs
 
 
 @torch.no_grad()
 def synthesize_latents(
-    unet,
+    denoiser,
     scheduler,
     shape: tuple[int, int, int],
-    cond_emb: torch.Tensor,
+    cond_emb: Conditioning | torch.Tensor,
     token_weights: torch.Tensor,
     generators: list[torch.Generator],
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
-    negative_emb: torch.Tensor | None = None,
+    negative_emb: Conditioning | torch.Tensor | None = None,
     capture_t0: int = 40,
     capture: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (latents (B, C, h, w), mean attention (B, h, w) or None)."""
-    b = cond_emb.shape[0]
+    """Returns (latents (B, C, h, w), mean attention (B, h, w) or None).
+
+    denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings)."""
+    denoiser, cond_emb = as_denoiser(denoiser), as_conditioning(cond_emb)
+    b = cond_emb.hidden.shape[0]
     guided = guidance_scale != 1.0
     if guided and negative_emb is None:
         raise ValueError("guidance_scale != 1 needs negative_emb (the empty or background prompt)")
@@ -40,17 +43,18 @@ def synthesize_latents(
     timesteps = scheduler.timesteps
     first_recorded = len(timesteps) - capture_t0 if capture else len(timesteps)  # the T0 least-noisy steps
     kwargs = step_kwargs(scheduler)
-    z = _randn(shape, generators, cond_emb.device, cond_emb.dtype) * scheduler.init_noise_sigma
-    emb = torch.cat([negative_emb, cond_emb]) if guided else cond_emb
-    weights = token_weights.to(cond_emb.device)
+    device, dtype = cond_emb.hidden.device, cond_emb.hidden.dtype
+    z = _randn(shape, generators, device, dtype) * init_noise_sigma(scheduler)
+    emb = Conditioning.cat([as_conditioning(negative_emb), cond_emb]) if guided else cond_emb
+    weights = token_weights.to(device)
     if guided:
         weights = torch.cat([torch.zeros_like(weights), weights])
     rows = slice(b, 2 * b) if guided else None
-    with capture_concept_attention(unet, weights, shape[-1], rows) as acc:
+    with denoiser.capture(weights, shape[-1], rows) as acc:
         for i, t in enumerate(timesteps):
             acc.enabled = i >= first_recorded
-            model_in = scheduler.scale_model_input(torch.cat([z, z]) if guided else z, t)
-            eps = unet(model_in, t, encoder_hidden_states=emb).sample
+            model_in = scale_model_input(scheduler, torch.cat([z, z]) if guided else z, t)
+            eps = denoiser(model_in, t, emb)  # the model's prediction: eps, v or flow, as its scheduler says
             if guided:
                 eps_neg, eps_cond = eps.chunk(2)
                 eps = eps_neg + guidance_scale * (eps_cond - eps_neg)

@@ -1,0 +1,312 @@
+"""Model families: what differs between SD 1.x/2.x, SDXL and SD3 pipelines, and only that, in one place.
+
+    family = detect_family(pipe)              # SDFamily, SDXLFamily or SD3Family; family.name in FAMILY_NAMES
+    cond = family.encode(["a photo of a bird"])            # a Conditioning: text tokens (+ pooled)
+    weights = family.token_weights(prompts, [["bird"]])    # 1 at the concept's tokens of the text stream
+    denoiser = family.denoiser()                           # eps / v / flow prediction for (z, t, cond)
+    with denoiser.capture(weights, size) as acc: denoiser(z, t, cond)
+
+The families, how each is detected, called, conditioned and read:
+
+- `sd`: a `UNet2DConditionModel` and one text encoder (SD 1.x, 2.x, toyworld). `unet(z, t, text)`; the text
+  is CLIP's last hidden state; the concept map comes from every `attn2` (cross-attention); DDPM noise with
+  epsilon or v-prediction (SD 2.x 768).
+- `sdxl`: the same UNet class with `text_encoder_2`. `unet(z, t, text, added_cond_kwargs=pooled + time
+  ids)`; the text is both CLIPs' penultimate hidden states, concatenated per token; every `attn2`; DDPM,
+  epsilon or v.
+- `sd3`: an `SD3Transformer2DModel` (MMDiT). `transformer(z, text, pooled, t)`; the text is CLIP-L and
+  CLIP-G per token, then T5's tokens where the pipeline has T5; the concept map comes from the image-to-text
+  block of every joint attention; rectified flow.
+
+The prediction type (epsilon, v) is the scheduler config's, so every sampler step, the probe's noising and
+the blending of the inpainting follow it without code of their own here. Text embeddings are computed by
+the pipeline's own `encode_prompt` (SDXL, SD3), or as `StableDiffusionPipeline` does (`sd`,
+`factory.method.prompts.encode_prompts`). The family's name goes into every sample's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from factory.errors import UserError
+from factory.method.attention import capture_concept_attention
+from factory.method.prompts import encode_prompts, token_weight_matrix
+
+FAMILY_NAMES = ("sd", "sdxl", "sd3")
+SUPPORTED = (
+    "Stable Diffusion 1.x/2.x and the embedded toyworld model (family 'sd'), SDXL ('sdxl') and "
+    "Stable Diffusion 3 / 3.5 ('sd3')"
+)
+
+
+class UnsupportedFamilyError(UserError, ValueError):
+    """A pipeline of a family the factory does not serve; the message names the ones it does."""
+
+
+def family_name_of_index(index: dict, model: str = "the model") -> str:
+    """The family of a pipeline from its `model_index.json` alone (no weights): what the preflight reads."""
+
+    def cls(component: str) -> str | None:
+        entry = index.get(component)
+        return entry[1] if isinstance(entry, (list, tuple)) and None not in entry else None
+
+    pipeline = index.get("_class_name", "pipeline")
+    if cls("transformer") == "SD3Transformer2DModel" and cls("vae") and cls("text_encoder"):
+        return "sd3"
+    if cls("unet") == "UNet2DConditionModel" and cls("vae") and cls("text_encoder"):
+        return "sdxl" if cls("text_encoder_2") else "sd"
+    denoiser = cls("transformer") or cls("unet") or cls("prior") or "no denoiser"
+    raise UnsupportedFamilyError(
+        f"{model} is a {pipeline} with a {denoiser}; the factory serves {SUPPORTED}. A FLUX, PixArt or "
+        "Kandinsky pipeline is not served yet: its concept maps need a capture of their own."
+    )
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on: the text tokens (B, T, D) and, for SDXL and SD3, the pooled text
+    embedding (B, P)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        pooled = self.pooled.to(dtype) if self.pooled is not None else None
+        return Conditioning(self.hidden.to(dtype), pooled)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        pooled = [p.pooled for p in parts]
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            torch.cat(pooled) if pooled[0] is not None else None,
+        )
+
+
+def as_conditioning(c: Conditioning | torch.Tensor) -> Conditioning:
+    """A Conditioning from one, or from SD-style text embeddings alone."""
+    return c if isinstance(c, Conditioning) else Conditioning(c)
+
+
+class UNetDenoiser:
+    """A `UNet2DConditionModel` behind one call (SD 1.x/2.x, toyworld; SDXL with its added conditioning).
+
+    Args:
+        unet: the UNet (possibly the fine-tuned m', or torch.compile'd).
+        vae_factor: pixels per latent cell, for SDXL's size conditioning (`time_ids`).
+    """
+
+    def __init__(self, unet, vae_factor: int = 8):
+        self.module = unet
+        self.vae_factor = vae_factor
+        self.in_channels = unet.config.in_channels
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        kwargs = {}
+        if cond.pooled is not None:
+            # SDXL's micro-conditioning: original size, crop top-left, target size, in pixels. The factory
+            # renders and reads whole, uncropped canvases, so (h, w, 0, 0, h, w), as the pipeline's default.
+            h, w = z.shape[-2] * self.vae_factor, z.shape[-1] * self.vae_factor
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=z.device, dtype=cond.pooled.dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond.pooled,
+                "time_ids": time_ids.repeat(z.shape[0], 1),
+            }
+        return self.module(z, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
+        return capture_concept_attention(self.module, token_weights, size, record_rows)
+
+
+class TransformerDenoiser:
+    """An `SD3Transformer2DModel` behind the same call: the flow prediction for (z, t, cond)."""
+
+    def __init__(self, transformer):
+        self.module = transformer
+        self.in_channels = transformer.config.in_channels
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        timestep = t.to(z.device).reshape(-1).expand(z.shape[0])
+        return self.module(
+            hidden_states=z,
+            encoder_hidden_states=cond.hidden,
+            pooled_projections=cond.pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
+        return capture_concept_attention(self.module, token_weights, size, record_rows)
+
+
+def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser:
+    """A denoiser from one (anything with `__call__(z, t, cond)`, `capture(...)` and `in_channels`, as the
+    two classes above), or from a bare UNet (SD-style) or SD3 transformer."""
+    if hasattr(model, "capture") and hasattr(model, "in_channels"):
+        return model
+    if hasattr(model.config, "joint_attention_dim"):
+        return TransformerDenoiser(model)
+    return UNetDenoiser(model)
+
+
+class SDFamily:
+    """Stable Diffusion 1.x / 2.x (epsilon or v-prediction) and toyworld: one CLIP text encoder, a UNet."""
+
+    name = "sd"
+    flow = False  # DDPM noise schedule (the scheduler config says epsilon or v)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def denoiser_module(self):
+        return self.pipe.unet
+
+    @denoiser_module.setter
+    def denoiser_module(self, module) -> None:
+        self.pipe.unet = module
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer]
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def denoiser(self, module=None) -> UNetDenoiser | TransformerDenoiser:
+        return UNetDenoiser(module if module is not None else self.denoiser_module, self.vae_factor)
+
+    def native_resolution(self) -> int:
+        return self.denoiser_module.config.sample_size * self.vae_factor
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts))
+
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        """The embeddings of a guidance's negative branch (`""` is the pipeline's unconditional)."""
+        return self.encode(prompts)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        return token_weight_matrix(self.pipe.tokenizer, prompts, words)
+
+
+class SDXLFamily(SDFamily):
+    """SDXL: two CLIP text encoders (their penultimate hidden states concatenated per token, the second's
+    pooled embedding) and a UNet with added conditioning; the concept's tokens are found in both tokenizers
+    (both CLIP BPE, so at the same positions; where they differ the union is read)."""
+
+    name = "sdxl"
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer, self.pipe.tokenizer_2]
+
+    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
+        device = self.pipe.text_encoder_2.device
+        with torch.no_grad():
+            if not negative:
+                emb, _, pooled, _ = self.pipe.encode_prompt(
+                    prompts, device=device, do_classifier_free_guidance=False
+                )
+                return Conditioning(emb, pooled)
+            # negative_prompt None is the pipeline's own unconditional branch (zeros, where the model
+            # says force_zeros_for_empty_prompt, as SDXL base does)
+            empty = all(p == "" for p in prompts)
+            _, neg, _, neg_pooled = self.pipe.encode_prompt(
+                prompts, device=device, negative_prompt=None if empty else prompts
+            )
+            return Conditioning(neg, neg_pooled)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return self._encode(prompts, negative=False)
+
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        return self._encode(prompts, negative=True)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        w1 = token_weight_matrix(self.pipe.tokenizer, prompts, words)
+        w2 = token_weight_matrix(self.pipe.tokenizer_2, prompts, words)
+        if w1.shape != w2.shape:
+            raise UnsupportedFamilyError(
+                f"SDXL tokenizers of different lengths ({w1.shape[1]} and {w2.shape[1]} positions)"
+            )
+        return torch.maximum(w1, w2)
+
+
+class SD3Family(SDFamily):
+    """Stable Diffusion 3 / 3.5 (MMDiT): the text stream is [CLIP-L | CLIP-G per token, zero-padded to the
+    joint width] then T5's tokens (zeros where the pipeline has no T5), and the concept map is read from the
+    joint attention's image-to-text block (`factory.method.attention.JointConceptAttnProcessor`). Rectified
+    flow: its samplers are the flow-matching Euler scheduler."""
+
+    name = "sd3"
+    flow = True
+    max_sequence_length = 256  # T5 tokens, the pipeline's default
+
+    @property
+    def denoiser_module(self):
+        return self.pipe.transformer
+
+    @denoiser_module.setter
+    def denoiser_module(self, module) -> None:
+        self.pipe.transformer = module
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2, self.pipe.tokenizer_3) if t]
+
+    def denoiser(self, module=None) -> UNetDenoiser | TransformerDenoiser:
+        return TransformerDenoiser(module if module is not None else self.denoiser_module)
+
+    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
+        device = self.pipe.text_encoder.device
+        with torch.no_grad():
+            emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompts,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=negative,
+                negative_prompt=prompts if negative else None,
+                max_sequence_length=self.max_sequence_length,
+            )
+        return Conditioning(neg, neg_pooled) if negative else Conditioning(emb, pooled)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return self._encode(prompts, negative=False)
+
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        return self._encode(prompts, negative=True)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        clip = torch.maximum(
+            token_weight_matrix(self.pipe.tokenizer, prompts, words),
+            token_weight_matrix(self.pipe.tokenizer_2, prompts, words),
+        )
+        if self.pipe.tokenizer_3 is None:  # no T5: its tokens are zeros, never a concept's
+            t5 = torch.zeros(len(prompts), self.max_sequence_length)
+        else:
+            tok = self.pipe.tokenizer_3
+            t5 = token_weight_matrix(tok, prompts, words)
+            width = self.max_sequence_length
+            t5 = torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
+        return torch.cat([clip, t5], 1)
+
+
+FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family}
+assert tuple(FAMILIES) == FAMILY_NAMES
+
+
+def detect_family(pipe) -> SDFamily:
+    """The family of a loaded pipeline, from its components."""
+    index = {}
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module = getattr(module, "_orig_mod", module)  # a torch.compile'd module
+            index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
+    index["_class_name"] = type(pipe).__name__
+    return FAMILIES[family_name_of_index(index, f"this {type(pipe).__name__}")](pipe)

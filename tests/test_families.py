@@ -1,0 +1,416 @@
+"""Every served family (SD 2.x v-prediction, SDXL, SD3) on tiny random-weight pipelines built here
+(`tests/tiny_models.py`): the capture equals a naive full computation, synthesis and label mode run, the
+processors come back, a `factory generate` job writes shards; v-prediction and the flow are followed; an
+unsupported family is refused by name. Toyworld (SD 1.x-style) has the same checks in its own test files.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import BUILDERS, FAMILY_OF
+
+from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.attention import AttentionAccumulator, cross_attention_names
+from factory.method.families import (
+    FAMILY_NAMES,
+    UnsupportedFamilyError,
+    detect_family,
+    family_name_of_index,
+)
+from factory.method.inpaint import inpaint_background
+from factory.method.probe import mean_attention_map
+from factory.method.synthesis import synthesize_latents
+
+FAST = DistillConfig(num_inference_steps=6, probe_t0=4, inpaint_steps=6)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def tiny(request):
+    return request.param, BUILDERS[request.param]()
+
+
+# --- the capture equals a naive full computation ------------------------------------------------------
+class StoreCrossAttention:
+    """Naive reference for a UNet's attn2: the full probability tensor, every token, kept."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)
+        b = hidden_states.shape[0]
+        self.store.append(probs.view(b, attn.heads, *probs.shape[1:]))
+        out = attn.batch_to_head_dim(probs @ v)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+class StoreJointAttention:
+    """Naive reference for SD3's joint attention: the whole (image + text) x (image + text) probability
+    tensor, computed explicitly; its image-to-text block renormalized over the text keys is kept."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *a, **kw):
+        b, n_img = hidden_states.shape[:2]
+        h = attn.heads
+
+        def heads(x):
+            return x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2)
+
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
+
+        def norm(f, x):
+            return x if f is None else f(x)
+
+        q, k = norm(attn.norm_q, q), norm(attn.norm_k, k)
+        cq = norm(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))
+        ck = norm(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+        image_to_text = probs[:, :, :n_img, n_img:]
+        self.store.append(image_to_text / image_to_text.sum(-1, keepdim=True))
+        out = (probs @ v).transpose(1, 2).reshape(b, -1, h * v.shape[-1])
+        img, txt = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, txt
+
+
+def _naive_map(store, weights, size):
+    maps = []
+    for probs in store:  # (b, heads, queries, tokens)
+        side = int(probs.shape[2] ** 0.5)
+        sel = (probs.mean(1) * weights[:, None, :]).sum(-1).view(-1, 1, side, side)
+        maps.append(F.interpolate(sel, size=size, mode="nearest")[:, 0])
+    return torch.stack(maps).mean(0)
+
+
+def test_capture_equals_naive_full_computation_and_keeps_the_output(tiny):
+    build, pipe = tiny
+    family = detect_family(pipe)
+    assert family.name == FAMILY_OF[build]
+    denoiser = family.denoiser()
+    prompts = ["a photo of a star", "a photo of a red ring on a striped background"]
+    words = [["star"], ["red", "ring"]]
+    cond = family.encode(prompts)
+    w = family.token_weights(prompts, words)
+    assert w.shape[1] == cond.hidden.shape[1] and w.sum(1).tolist() == [1, 2]
+    z = torch.randn(2, denoiser.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    ts = [torch.tensor(781), torch.tensor(21)]
+    if family.flow:
+        ts = [torch.tensor(900.0), torch.tensor(20.0)]
+    with torch.no_grad(), denoiser.capture(w, 16) as acc:
+        outs = [denoiser(z, t, cond) for t in ts]
+    got = acc.mean()
+
+    module = family.denoiser_module
+    original = dict(module.attn_processors)
+    store = []
+    naive = StoreJointAttention(store) if family.flow else StoreCrossAttention(store)
+    names = set(cross_attention_names(module))
+    module.set_attn_processor({n: (naive if n in names else p) for n, p in original.items()})
+    try:
+        with torch.no_grad():
+            outs_naive = [denoiser(z, t, cond) for t in ts]
+    finally:
+        module.set_attn_processor(dict(original))  # set_attn_processor empties the dict it is given
+    assert acc.count == len(store) == 2 * len(names) > 0
+    torch.testing.assert_close(got, _naive_map(store, w, 16), rtol=1e-5, atol=1e-7)
+    for a, b in zip(outs, outs_naive, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert dict(module.attn_processors) == original  # restored, the same objects
+
+
+# --- synthesis and label mode end to end --------------------------------------------------------------
+def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
+    build, pipe = tiny
+    module = detect_family(pipe).denoiser_module
+    before = dict(module.attn_processors)
+    d = Distiller(build, pipeline=pipe, config=FAST)
+    specs = [SampleSpec(Concept("star"), seed=s) for s in (1, 2)]
+    out = d.synthesize(specs)
+    assert d.resolution == 32 and d.latent_size == 16  # the model's own sample size x VAE factor
+    for t in out:
+        assert t.image.shape == (32, 32, 3) and t.mask.shape == (32, 32) and t.prelim.shape == (16, 16)
+        assert np.isfinite(t.attention.astype(np.float32)).all() and t.attention.max() > 0
+        assert t.meta["family"] == FAMILY_OF[build] and t.meta["concept"] == "star"
+    assert out[0].meta["prediction_type"] == {"sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow"}[build]
+    # a sample depends on its seed, not on its batch
+    (alone,) = d.synthesize(specs[1:])
+    assert np.array_equal(alone.image, out[1].image) and np.array_equal(alone.mask, out[1].mask)
+    guided = Distiller(build, pipeline=pipe, config=DistillConfig(**{**vars(FAST), "guidance_scale": 4.0}))
+    (g,) = guided.synthesize(specs[:1])
+    assert not np.array_equal(g.image, out[0].image) and g.meta["guidance_scale"] == 4.0
+    photo = np.random.default_rng(0).integers(0, 255, (40, 24, 3), dtype=np.uint8)
+    (lab,) = d.label([photo], Concept("ring"), seeds=[3])
+    assert lab.image.shape == (40, 24, 3) and lab.mask.shape == (40, 24) and lab.meta["mode"] == "label"
+    assert dict(module.attn_processors) == before
+
+
+def test_concept_tokens_are_found_in_every_tokenizer(tiny):
+    build, pipe = tiny
+    family = detect_family(pipe)
+    assert len(family.tokenizers) == {"sd2": 1, "sdxl": 2, "sd3": 2}[build]
+    w = family.token_weights(["a photo of a star"], [["star"]])
+    star = pipe.tokenizer("a photo of a star")["input_ids"].index(
+        pipe.tokenizer.convert_tokens_to_ids("star</w>")
+    )
+    assert w[0].nonzero().flatten().tolist() == [star]  # the same position, whatever the pad token
+    if build == "sd3":
+        assert w.shape[1] == pipe.tokenizer.model_max_length + family.max_sequence_length
+
+
+# --- v-prediction and the flow are followed ------------------------------------------------------------
+class OracleDenoiser:
+    """A test double, not a model: it returns the exact prediction (epsilon, v or flow velocity) of one
+    known clean latent `x`, whatever it is given, and records the noise each input implies. A sampler that
+    reads the prediction the right way follows the ODE's path to `x`: the implied noise stays what it was at
+    the first step. Read the wrong way, the path bends."""
+
+    in_channels = 4
+
+    def __init__(self, x, scheduler, kind):
+        self.x, self.scheduler, self.kind = x, scheduler, kind
+        self.implied = []
+        self.acc = None
+
+    def __call__(self, z, t, cond):
+        if (
+            self.acc is not None and self.acc.enabled
+        ):  # uniform attention over the text tokens: what the probe averages
+            n_tok = self.acc.token_weights.shape[1]
+            self.acc.add(torch.full((z.shape[0], z.shape[-2] * z.shape[-1], n_tok), 1 / n_tok), heads=1)
+        x = self.x.expand_as(z)
+        if self.kind == "flow":
+            sigma = t.float() / self.scheduler.config.num_train_timesteps
+            noise = (z - (1 - sigma) * x) / sigma  # from z = (1 - sigma) x + sigma noise
+            self.implied.append(noise)
+            return noise - x
+        # every DDPM sampler hands the model z_t = sqrt(a) x + sqrt(1 - a) eps (Euler's scale_model_input
+        # turns its x + sigma eps back into that)
+        ac = self.scheduler.alphas_cumprod.double()
+        sigmas = ((1 - ac) / ac).sqrt().numpy()  # Euler's timesteps may fall between two: interpolated
+        sigma = float(np.interp(float(t), np.arange(len(sigmas)), sigmas))
+        a = torch.tensor(1 / (1 + sigma**2), dtype=z.dtype)
+        eps = (z - a.sqrt() * x) / (1 - a).sqrt()
+        self.implied.append(eps)
+        return eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x
+
+    def capture(self, weights, size, rows=None):
+        import contextlib
+
+        self.acc = AttentionAccumulator(weights, size, rows)
+        return contextlib.nullcontext(self.acc)
+
+    def bend(self) -> float:
+        """How far the implied noise moved over the path (0 on the ODE's exact path)."""
+        return max(float((e - self.implied[0]).abs().max()) for e in self.implied)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_synthesis_and_inpainting_follow_the_models_prediction_type(kind):
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from factory.method.families import Conditioning
+    from factory.method.schedulers import make_scheduler
+
+    if kind == "flow":
+        base = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        base = DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=kind,
+        )
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(torch.zeros(1, 3, 8))
+    wrong = {"epsilon": "v_prediction", "v_prediction": "epsilon"}.get(kind)
+    for name in ("ddim", "euler") if kind == "flow" else ("ddim", "dpm++", "unipc", "euler"):
+        sched = make_scheduler(name, base)
+        gens = [torch.Generator().manual_seed(0)]
+        oracle = OracleDenoiser(x, sched, kind)
+        z, _ = synthesize_latents(oracle, sched, (4, 8, 8), cond, torch.zeros(1, 3), gens, 20, capture=False)
+        assert oracle.bend() < 1e-3, f"{kind} / {name}: {oracle.bend()}"
+        assert float((z - x).abs().mean()) < 0.05, f"{kind} / {name}"  # SD's last alpha is not quite 1
+        if wrong:  # the control: the other reading bends the path
+            other = OracleDenoiser(x, sched, wrong)
+            synthesize_latents(other, sched, (4, 8, 8), cond, torch.zeros(1, 3), gens, 20, capture=False)
+            assert other.bend() > 0.1, f"{kind} / {name} read as {wrong}: {other.bend()}"
+        region = torch.zeros(1, 1, 8, 8)
+        region[..., 2:6, 2:6] = 1
+        z_bg = inpaint_background(OracleDenoiser(x, sched, kind), sched, x, region, cond, gens, 20)
+        assert float((z_bg - x).abs().mean()) < 0.05, f"{kind} / {name} inpainting"
+    # the probe noises along the model's own forward process: for a flow, its straight path
+    probe = make_scheduler("ddim", base)
+    probe.set_timesteps(10)
+    recorder = OracleDenoiser(x, probe, kind)
+    noise_gen = torch.Generator().manual_seed(5)
+    ts = probe.timesteps[-3:]
+    mean_attention_map(recorder, probe, x, cond, torch.zeros(1, 3), ts, [noise_gen])
+    replay = torch.Generator().manual_seed(5)
+    for implied, _ in zip(recorder.implied, ts, strict=True):
+        drawn = torch.randn((4, 8, 8), generator=replay)[None]
+        torch.testing.assert_close(implied, drawn, rtol=0, atol=1e-4)
+
+
+def test_flow_models_refuse_samplers_they_do_not_have():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from factory.method.schedulers import make_scheduler
+
+    with pytest.raises(ValueError, match="rectified-flow.*ddim, euler"):
+        make_scheduler("dpm++", FlowMatchEulerDiscreteScheduler())
+
+
+# --- SDXL's VAE in fp16, and a VAE given in place of the model's ------------------------------------------
+def test_an_fp16_vae_that_asks_for_upcast_runs_in_fp32_and_a_named_vae_replaces_it(tmp_path):
+    from tiny_models import sdxl_pipeline, vae
+
+    pipe = sdxl_pipeline()
+    pipe.vae.half()
+    assert pipe.vae.config.force_upcast
+    d = Distiller("sdxl", pipeline=pipe, config=FAST)
+    assert pipe.vae.dtype == torch.float32  # SDXL's own VAE overflows in fp16
+    fixed = vae(force_upcast=False)
+    fixed.save_pretrained(tmp_path / "fp16-fixed-vae")
+    d = Distiller("sdxl", pipeline=sdxl_pipeline(), config=FAST, vae=str(tmp_path / "fp16-fixed-vae"))
+    assert d.pipe.vae.config.force_upcast is False
+    (t,) = d.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.meta["vae"] == "fp16-fixed-vae"
+
+
+# --- unsupported families ----------------------------------------------------------------------------------
+def test_an_unsupported_family_is_refused_by_name(tmp_path):
+    from factory.method.loading import load_pipeline, read_model_configs
+
+    flux = {
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+    }
+    with pytest.raises(UnsupportedFamilyError, match="FluxPipeline with a FluxTransformer2DModel") as err:
+        family_name_of_index(flux)
+    for name in ("SDXL", "Stable Diffusion 3", "1.x/2.x"):
+        assert name in str(err.value)
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps(flux))
+    for call in (
+        lambda: read_model_configs(str(tmp_path / "flux")),
+        lambda: load_pipeline(str(tmp_path / "flux")),
+    ):
+        with pytest.raises(UnsupportedFamilyError, match="serves Stable Diffusion 1.x/2.x"):
+            call()
+    assert set(FAMILY_NAMES) == {"sd", "sdxl", "sd3"}
+    # the preflight refuses it before Ray starts, as a one-line user error
+    from factory.dataset.config import load_config
+    from factory.dataset.preflight import check_model
+    from factory.errors import UserError
+
+    cfg = load_config("configs/toyworld.yaml", [f"model={tmp_path / 'flux'}", f"output.uri={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="FluxPipeline.*the factory serves"):
+        check_model(cfg)
+
+
+def test_an_sdxl_nine_channel_inpainting_unet_labels_with_its_added_conditioning():
+    """SDXL's inpainting UNet (random weights) takes [z, region, masked latents] with the pooled text and
+    size ids; it labels images, and refuses to synthesize."""
+    from diffusers import UNet2DConditionModel
+    from tiny_models import sdxl_pipeline
+
+    pipe = sdxl_pipeline()
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9}).eval()
+    d = Distiller("sdxl-inpainting", pipeline=pipe, config=FAST)
+    photo = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    (t,) = d.label([photo], Concept("star"), seeds=[0])
+    assert t.mask.shape == (32, 32) and t.meta["family"] == "sdxl"
+    with pytest.raises(ValueError, match="9-channel"):
+        d.synthesize([SampleSpec(Concept("star"), 0)])
+
+
+# --- a factory generate job per family -----------------------------------------------------------------
+@pytest.mark.integration
+def test_a_generate_job_per_family(tmp_path):
+    import ray
+
+    from factory.dataset.config import load_config
+    from factory.dataset.pipeline import run_job
+    from factory.dataset.shards import ShardStore
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        for build, make in BUILDERS.items():
+            model = tmp_path / f"tiny-{build}"
+            make().save_pretrained(model)
+            cfg = load_config(
+                "configs/toyworld.yaml",
+                [
+                    f"model={model}",
+                    f"output.uri={tmp_path / ('out-' + build)}",
+                    "concepts=[{name: star, samples: 2}]",
+                    "sampler.steps=4",
+                    "sampler.probe_t0=3",
+                    "inpaint.steps=4",
+                    "output.samples_per_shard=2",
+                    "resources.actors=1",
+                    "resources.num_cpus_per_actor=1",
+                    "filters.min_area=0.0",
+                    "filters.max_area=1.0",
+                    "output.report_samples=0",
+                ],
+            )
+            summary = run_job(cfg, "generate", progress=False)
+            assert summary["complete"] and summary["shards_this_run"] == 1, build
+            out = tmp_path / ("out-" + build)
+            samples = ShardStore(str(out)).read_shard("shard-000000.tar")
+            metas = [json.loads(s["json"]) for s in samples]
+            assert json.loads((out / "manifest.json").read_text())["totals"]["written"] == len(samples) == 2
+            assert {"png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png"} <= set(samples[0])
+            assert all(m["family"] == FAMILY_OF[build] and m["model"] == f"tiny-{build}" for m in metas)
+    finally:
+        ray.shutdown()
+
+
+# --- the shipped random-weight architectures ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, family, denoiser_params, resolution",
+    [
+        ("sd15-arch", "sd", 859_520_964, 512),  # the published parameter counts of the real models
+        ("sdxl-arch", "sdxl", 2_567_463_684, 1024),
+        ("sd3-arch", "sd3", 2_028_328_000, 1024),  # SD3 Medium's MMDiT
+    ],
+)
+def test_the_shipped_architectures_are_the_real_ones(arch, family, denoiser_params, resolution):
+    from factory.method.loading import (
+        ARCHITECTURES,
+        build_random_pipeline,
+        model_geometry,
+        read_model_configs,
+    )
+
+    assert read_model_configs(arch)["family"] == family and model_geometry(arch) == (resolution, 8)
+    pipe = build_random_pipeline(str(ARCHITECTURES[arch]), device="meta")  # shapes only, no memory
+    fam = detect_family(pipe)
+    assert fam.name == family and fam.native_resolution() == resolution
+    assert sum(p.numel() for p in fam.denoiser_module.parameters()) == denoiser_params
+    if family == "sdxl":
+        assert sum(p.numel() for p in pipe.text_encoder_2.parameters()) == 694_659_840  # OpenCLIP bigG
+    assert fam.token_weights(["a photo of a star"], [["star"]]).sum() >= 1

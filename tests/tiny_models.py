@@ -1,0 +1,193 @@
+"""Tiny random-weight pipelines of every family the factory serves, built as diffusers' own fast tests build
+theirs (a few thousand parameters, 32 px): SD 2.x-style (v-prediction, linear projections, an OpenCLIP-style
+pad token), SDXL and SD3. The tokenizer is toyworld's (no hub here); toyworld's own pipeline is the SD 1.x
+case. Their images and masks are noise: they check code paths and shapes, not quality.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from factory.method.loading import SHORT_NAMES
+
+FAMILY_BUILDS = ("sd2", "sdxl", "sd3")  # toyworld is the SD 1.x case
+
+
+def tokenizer(openclip_pad: bool = False) -> CLIPTokenizer:
+    tok = CLIPTokenizer.from_pretrained(SHORT_NAMES["toyworld"] / "tokenizer")
+    if openclip_pad:  # SD 2.x's OpenCLIP tokenizer pads with token 0 ("!") where SD 1.x pads with EOS
+        tok.pad_token = tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def clip_config(tok: CLIPTokenizer, hidden: int = 32, projection: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
+
+
+def vae(latent_channels: int = 4, **kwargs) -> AutoencoderKL:
+    """A two-level VAE: 32 px images, 16 x 16 latents."""
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+        **kwargs,
+    )
+
+
+def sd2_pipeline() -> StableDiffusionPipeline:
+    """SD 2.x-shaped: v-prediction, linear projections, per-level head dims, OpenCLIP-style padding."""
+    torch.manual_seed(0)
+    tok = tokenizer(openclip_pad=True)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae(),
+        text_encoder=CLIPTextModel(clip_config(tok)),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _ready(pipe)
+
+
+def sdxl_pipeline() -> StableDiffusionXLPipeline:
+    """SDXL-shaped: two text encoders (the second with a projection: the pooled embedding), a UNet with
+    `text_time` added conditioning, a VAE that asks for fp32 (`force_upcast`)."""
+    torch.manual_seed(0)
+    tok = tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size ids x 8 + the pooled embedding
+        cross_attention_dim=64,  # the two encoders' hidden states side by side
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae(force_upcast=True),
+        text_encoder=CLIPTextModel(clip_config(tok)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tok)),
+        tokenizer=tok,
+        tokenizer_2=tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    return _ready(pipe)
+
+
+def sd3_pipeline() -> StableDiffusion3Pipeline:
+    """SD3.5-shaped: an MMDiT with joint attention over image and text tokens (RMS-normed queries and keys,
+    one block with SD3.5's extra image-only attention), two CLIP encoders (no T5, as the SD3 pipeline
+    allows), a shifted VAE, the flow-matching scheduler."""
+    torch.manual_seed(0)
+    tok = tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,  # the two CLIPs' 16 + 16 per token
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIPs' pooled 32 + 32
+        out_channels=4,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5's: RMS-normed queries and keys
+        dual_attention_layers=(0,),  # SD3.5's: block 0 has a second, image-only attention (not read)
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tok, hidden=16)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tok, hidden=16)),
+        tokenizer_2=tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    return _ready(pipe)
+
+
+BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline}
+FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+
+
+def _ready(pipe):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
