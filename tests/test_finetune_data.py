@@ -125,3 +125,33 @@ def test_finetune_configs_validate(tmp_path):
         load_finetune_config(bad)
     msg = str(err.value)
     assert "data.shards" in msg and "train.lr" in msg and "train.typo" in msg
+
+
+def test_a_v_prediction_model_is_trained_on_v():
+    from diffusers import DDPMScheduler
+
+    from trainers.finetune.train import training_target
+
+    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    assert training_target(eps, z0, noise, t) is noise
+    v = DDPMScheduler(prediction_type="v_prediction")
+    a = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(training_target(v, z0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * z0)
+    with pytest.raises(ValueError, match="sample"):
+        training_target(DDPMScheduler(prediction_type="sample"), z0, noise, t)
+
+
+def test_fine_tuning_an_sdxl_or_sd3_model_is_refused_before_ray(tmp_path):
+    from tiny_models import sd3_pipeline, sdxl_pipeline
+
+    from trainers.finetune.train import FinetuneFamilyError, run_finetune
+
+    for name, build in (("sdxl", sdxl_pipeline), ("sd3", sd3_pipeline)):
+        build().save_pretrained(tmp_path / name)
+        cfg = load_finetune_config(
+            "configs/finetune-toyworld.yaml", [f"model={tmp_path / name}", "data.shards=[/nonexistent]"]
+        )
+        with pytest.raises(FinetuneFamilyError, match=f"is an {name} model.*serves the sd family"):
+            run_finetune(cfg)

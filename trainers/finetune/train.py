@@ -13,7 +13,9 @@ One training step on each worker, top to bottom:
   -> z0 = VAE.encode(x).sample() * scaling      (frozen VAE; the text encoder is frozen too)
   -> z_t = add_noise(z0, eps, t), t ~ U{0..T-1}  (the model's own training schedule)
   -> loss = mean((mask * (unet(z_t, t, text(prompt)) - eps))^2)   (not normalised by mask area, as the paper;
-                                                                   `train.normalize_loss` divides per sample)
+                                                                   `train.normalize_loss` divides per sample;
+                                                                   a v-prediction model (SD 2.x 768) is
+                                                                   trained on v, its own target)
   -> DeepSpeed backward + step (ZeRO stage 2 by default; stage 3 and optimizer offload selectable)
   -> EMA update (rank 0 keeps the EMA; with ZeRO-3 the parameters are gathered for it)
 Every `checkpoint.every` steps all ranks write their DeepSpeed shards, rank 0 adds the EMA weights, the
@@ -25,6 +27,10 @@ loads.
 
 Departures from the paper (method.md Step 3): AdamW with a constant lr and no 1-step warm-up; the
 rectangle limits scale with the latent grid (`trainers.finetune.rectangles`); both tasks' images are clamped.
+
+Families (`factory.method.families`): fine-tuning serves the `sd` family (SD 1.x, 2.x and toyworld). SDXL and
+SD3 models label and generate without a fine-tuned m' (the pretrained model inpaints); their fine-tuning
+(added conditioning, a flow-matching loss) is not built yet, and is refused before Ray starts.
 """
 
 from __future__ import annotations
@@ -43,12 +49,29 @@ import torch
 from factory.dataset.console import init_ray, verbose_from_env
 from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
+from factory.errors import UserError
 from factory.method.loading import quiet_model_libraries
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
+
+
+class FinetuneFamilyError(UserError):
+    """The model is of a family whose fine-tuning is not served (SDXL, SD3)."""
+
 
 EMA_FILE = "ema_unet.safetensors"
 STATE_FILE = "state.json"
 DS_TAG = "deepspeed"
+
+
+def training_target(noise_scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon models), or v = sqrt(a) eps - sqrt(1 - a) z0 for a
+    v-prediction model, as its scheduler config says."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(z0, noise, t)
+    raise ValueError(f"fine-tuning does not serve prediction_type {kind!r}; epsilon and v_prediction are")
 
 
 def masked_mse(
@@ -289,16 +312,18 @@ def train_loop_per_worker(config: dict) -> None:
         n = z0.shape[0] * repeats
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
         noise = torch.randn((n, *z0.shape[1:]), generator=g).to(device)
-        z_t = noise_scheduler.add_noise(z0.repeat(repeats, 1, 1, 1), noise, t)
-        return z_t, t, emb.repeat(repeats, 1, 1), mask.repeat(repeats, 1, 1), noise
+        z0 = z0.repeat(repeats, 1, 1, 1)
+        z_t = noise_scheduler.add_noise(z0, noise, t)
+        target = training_target(noise_scheduler, z0, noise, t)
+        return z_t, t, emb.repeat(repeats, 1, 1), mask.repeat(repeats, 1, 1), target
 
     @torch.no_grad()
     def probe_loss(p) -> float:
-        z_t, t, emb, mask, noise = p
+        z_t, t, emb, mask, target = p
         pred = engine.module(
             z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
         ).sample.float()
-        return float(masked_mse(pred, noise, mask, cfg.train.normalize_loss))
+        return float(masked_mse(pred, target, mask, cfg.train.normalize_loss))
 
     # 5. Train.
     probe, probe_initial = None, math.nan
@@ -327,14 +352,15 @@ def train_loop_per_worker(config: dict) -> None:
             noise = torch.randn_like(z0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
             z_t = noise_scheduler.add_noise(z0, noise, t)
+            target = training_target(noise_scheduler, z0, noise, t)
             pred = engine(
                 z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
             ).sample.float()
-            loss = masked_mse(pred, noise, mask, cfg.train.normalize_loss)
+            loss = masked_mse(pred, target, mask, cfg.train.normalize_loss)
             engine.backward(loss)
             engine.step()
             with torch.no_grad():
-                per = (pred - noise).pow(2).mul(mask[:, None]).flatten(1).mean(1).cpu().double()
+                per = (pred - target).pow(2).mul(mask[:, None]).flatten(1).mean(1).cpu().double()
                 full = torch.from_numpy(np.asarray(batch["task"]) == "full")
                 sums += torch.stack(
                     [
@@ -467,11 +493,18 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
     from ray.train.torch import TorchTrainer
 
     from factory.dataset.sources import list_shards
-    from factory.method.loading import model_geometry
+    from factory.method.loading import model_geometry, read_model_configs
     from trainers.finetune.data import to_examples
 
     verbose = verbose_from_env() if verbose is None else verbose
     quiet_model_libraries(verbose)  # the driver loads the model too, to export it
+    family = read_model_configs(cfg.model, components=())["family"]
+    if family != "sd":
+        raise FinetuneFamilyError(
+            f"model {cfg.model!r} is an {family} model; fine-tuning (paper Step 3) serves the sd family "
+            "(SD 1.x, 2.x, toyworld) so far. Label and generate with it without inpaint.model: the "
+            "pretrained model inpaints the backgrounds."
+        )
     urls = [u for src in cfg.data.shards for u in list_shards(src)]
     resume = latest_checkpoint(cfg)
     if export_only:
