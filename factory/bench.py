@@ -12,7 +12,8 @@ with --compile) is timed apart and not counted.
 The JSON's keys (also printed as a table; docs/benchmarks.md has them with measured values):
 
 - `machine`: device name, CPU count, torch threads, library versions.
-- `settings`: model, UNet parameters, resolution, steps, probe_t0, inpainting steps, guidance, batch,
+- `settings`: model, family, the denoiser's (UNet's or MMDiT's) parameters as `unet_params`, resolution,
+  steps, probe_t0, inpainting steps, guidance, batch,
   repeats, sampler, dtype, compile, channels_last, concept.
 - `plain_s_per_image`: diffusers' own `StableDiffusionPipeline.__call__` on the same modules and sampler at
   the same steps, resolution, batch and guidance, decoded to pixels.
@@ -291,7 +292,8 @@ def format_table(r: dict) -> str:
         ("versions", f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}"),
         (
             "settings",
-            f"{s['model']} ({s['unet_params'] / 1e6:.1f}M UNet) {s['resolution']} px, {s['dtype']}, "
+            f"{s['model']} ({s['unet_params'] / 1e6:.1f}M {'MMDiT' if s.get('family') == 'sd3' else 'UNet'}) "
+            f"{s['resolution']} px, {s['dtype']}, "
             f"{s['scheduler']} {s['steps']} + {s['inpaint_steps']} steps, guidance {s['guidance']}, "
             f"batch {s['batch']}, {s['repeats']} repeats, compile {s['compile']}, channels_last "
             f"{s['channels_last']}",

@@ -1,27 +1,11 @@
 """The capture processor: equal to a naive full computation, attn2 only, processors restored."""
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
+from naive_attention import StoreCrossAttention, naive_map
 
 from factory.method.attention import capture_concept_attention, cross_attention_names
 from factory.method.prompts import encode_prompts, token_weight_matrix
-
-
-class StoreEverything:
-    """Naive reference: keep every layer's full probability tensor, average afterwards."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)
-        self.store.append((probs, attn.heads))
-        out = attn.batch_to_head_dim(probs @ v)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
 def _inputs(pipe, prompts, words):
@@ -43,7 +27,7 @@ def test_capture_equals_naive_full_computation(toyworld_pipe):
 
     store = []
     original = dict(pipe.unet.attn_processors)
-    naive = StoreEverything(store)
+    naive = StoreCrossAttention(store)
     pipe.unet.set_attn_processor(
         {n: (naive if n.endswith("attn2.processor") else p) for n, p in original.items()}
     )
@@ -52,14 +36,7 @@ def test_capture_equals_naive_full_computation(toyworld_pipe):
             outs_naive = [pipe.unet(z, t, encoder_hidden_states=emb).sample for t in ts]
     finally:
         pipe.unet.set_attn_processor(original)
-    maps = []
-    for probs, heads in store:
-        b = probs.shape[0] // heads
-        side = int(probs.shape[1] ** 0.5)
-        full = probs.view(b, heads, side, side, -1).mean(1)  # (b, s, s, tokens): every token kept
-        sel = (full * w[:, None, None, :]).sum(-1)
-        maps.append(F.interpolate(sel[:, None], size=16, mode="nearest")[:, 0])
-    expected = torch.stack(maps).mean(0)
+    expected = naive_map(store, w, 16)  # every token kept, selected afterwards
     assert len(store) == acc.count == 2 * len(cross_attention_names(pipe.unet))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     for a, b in zip(outs_capture, outs_naive, strict=True):

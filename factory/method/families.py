@@ -156,21 +156,24 @@ class SDFamily:
 
     name = "sd"
     flow = False  # DDPM noise schedule (the scheduler config says epsilon or v)
+    denoiser_name = "unet"  # the pipeline component that denoises
+    tokenizer_names: tuple[str, ...] = ("tokenizer",)
 
     def __init__(self, pipe):
         self.pipe = pipe
 
     @property
     def denoiser_module(self):
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_name)
 
     @denoiser_module.setter
     def denoiser_module(self, module) -> None:
-        self.pipe.unet = module
+        setattr(self.pipe, self.denoiser_name, module)
 
     @property
     def tokenizers(self) -> list:
-        return [self.pipe.tokenizer]
+        """The pipeline's tokenizers that it has (SD3 may come without T5's)."""
+        return [t for t in (getattr(self.pipe, n, None) for n in self.tokenizer_names) if t is not None]
 
     @property
     def vae_factor(self) -> int:
@@ -183,11 +186,15 @@ class SDFamily:
         return self.denoiser_module.config.sample_size * self.vae_factor
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts))
+        """The prompts' embeddings, as the family's pipeline computes them."""
+        return self._encode(prompts, negative=False)
 
     def encode_negative(self, prompts: list[str]) -> Conditioning:
         """The embeddings of a guidance's negative branch (`""` is the pipeline's unconditional)."""
-        return self.encode(prompts)
+        return self._encode(prompts, negative=True)
+
+    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
+        return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts))
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
         return token_weight_matrix(self.pipe.tokenizer, prompts, words)
@@ -199,10 +206,7 @@ class SDXLFamily(SDFamily):
     (both CLIP BPE, so at the same positions; where they differ the union is read)."""
 
     name = "sdxl"
-
-    @property
-    def tokenizers(self) -> list:
-        return [self.pipe.tokenizer, self.pipe.tokenizer_2]
+    tokenizer_names = ("tokenizer", "tokenizer_2")
 
     def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
         device = self.pipe.text_encoder_2.device
@@ -219,12 +223,6 @@ class SDXLFamily(SDFamily):
                 prompts, device=device, negative_prompt=None if empty else prompts
             )
             return Conditioning(neg, neg_pooled)
-
-    def encode(self, prompts: list[str]) -> Conditioning:
-        return self._encode(prompts, negative=False)
-
-    def encode_negative(self, prompts: list[str]) -> Conditioning:
-        return self._encode(prompts, negative=True)
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
         w1 = token_weight_matrix(self.pipe.tokenizer, prompts, words)
@@ -244,19 +242,9 @@ class SD3Family(SDFamily):
 
     name = "sd3"
     flow = True
+    denoiser_name = "transformer"
+    tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     max_sequence_length = 256  # T5 tokens, the pipeline's default
-
-    @property
-    def denoiser_module(self):
-        return self.pipe.transformer
-
-    @denoiser_module.setter
-    def denoiser_module(self, module) -> None:
-        self.pipe.transformer = module
-
-    @property
-    def tokenizers(self) -> list:
-        return [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2, self.pipe.tokenizer_3) if t]
 
     def denoiser(self, module=None) -> UNetDenoiser | TransformerDenoiser:
         return TransformerDenoiser(module if module is not None else self.denoiser_module)
@@ -274,12 +262,6 @@ class SD3Family(SDFamily):
                 max_sequence_length=self.max_sequence_length,
             )
         return Conditioning(neg, neg_pooled) if negative else Conditioning(emb, pooled)
-
-    def encode(self, prompts: list[str]) -> Conditioning:
-        return self._encode(prompts, negative=False)
-
-    def encode_negative(self, prompts: list[str]) -> Conditioning:
-        return self._encode(prompts, negative=True)
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
         clip = torch.maximum(

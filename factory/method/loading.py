@@ -36,7 +36,6 @@ REQUIRED_COMPONENTS = {
     "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
     "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
 }
-DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -296,7 +295,7 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
     """
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
-    from factory.method.families import family_name_of_index
+    from factory.method.families import FAMILIES, family_name_of_index
 
     source = resolve_model(model)
     try:
@@ -317,7 +316,7 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
             f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
         )
     out = {"model_index": index, "family": family}
-    denoiser = DENOISER[family]
+    denoiser = FAMILIES[family].denoiser_name
     classes = {
         "unet": UNet2DConditionModel,
         "transformer": SD3Transformer2DModel,
