@@ -64,22 +64,30 @@ def vae(latent_channels: int = 4, **kwargs) -> AutoencoderKL:
     )
 
 
-def sd2_pipeline() -> StableDiffusionPipeline:
-    """SD 2.x-shaped: v-prediction, linear projections, per-level head dims, OpenCLIP-style padding."""
-    torch.manual_seed(0)
-    tok = tokenizer(openclip_pad=True)
-    unet = UNet2DConditionModel(
+def unet(**kwargs) -> UNet2DConditionModel:
+    """A two-level UNet on 16 x 16 latents with linear projections and per-level head dims (SD 2.x's and
+    SDXL's layout); `kwargs` give the blocks and the conditioning."""
+    return UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         norm_num_groups=4,
+        **kwargs,
+    )
+
+
+def sd2_pipeline() -> StableDiffusionPipeline:
+    """SD 2.x-shaped: v-prediction, linear projections, per-level head dims, OpenCLIP-style padding."""
+    torch.manual_seed(0)
+    tok = tokenizer(openclip_pad=True)
+    denoiser = unet(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -94,7 +102,7 @@ def sd2_pipeline() -> StableDiffusionPipeline:
         vae=vae(),
         text_encoder=CLIPTextModel(clip_config(tok)),
         tokenizer=tok,
-        unet=unet,
+        unet=denoiser,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -108,22 +116,14 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
     `text_time` added conditioning, a VAE that asks for fp32 (`force_upcast`)."""
     torch.manual_seed(0)
     tok = tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+    denoiser = unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six size ids x 8 + the pooled embedding
         cross_attention_dim=64,  # the two encoders' hidden states side by side
-        norm_num_groups=4,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -138,7 +138,7 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
         text_encoder_2=CLIPTextModelWithProjection(clip_config(tok)),
         tokenizer=tok,
         tokenizer_2=tokenizer(),
-        unet=unet,
+        unet=denoiser,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )

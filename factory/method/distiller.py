@@ -32,7 +32,13 @@ from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
 from factory.method.inpaint import inpaint_background
 from factory.method.loading import load_pipeline, model_id
 from factory.method.masks import binarize
-from factory.method.probe import encode_images, mean_attention_map, probe_timesteps, repaint_everything
+from factory.method.probe import (
+    encode_images,
+    latent_shift,
+    mean_attention_map,
+    probe_timesteps,
+    repaint_everything,
+)
 from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE
 from factory.method.refine import refine_mask
 from factory.method.schedulers import make_scheduler
@@ -302,7 +308,7 @@ class Distiller:
         # bitwise batch-invariant, and a sample must not depend on the batch it lands in. On a GPU the whole
         # micro-batch at once (results may differ in the last bits between batch sizes, as for the UNet).
         vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE; none for SD and SDXL
+        shift = latent_shift(vae)
         z = z.to(vae.dtype)
         pieces = [zi[None] for zi in z] if self.device.type == "cpu" else [z]
         with torch.no_grad():

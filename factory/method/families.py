@@ -157,7 +157,8 @@ class SDFamily:
     name = "sd"
     flow = False  # DDPM noise schedule (the scheduler config says epsilon or v)
     denoiser_name = "unet"  # the pipeline component that denoises
-    tokenizer_names: tuple[str, ...] = ("tokenizer",)
+    clip_tokenizer_names: tuple[str, ...] = ("tokenizer",)  # their tokens share the text stream's positions
+    tokenizer_names: tuple[str, ...] = clip_tokenizer_names
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -187,51 +188,48 @@ class SDFamily:
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """The prompts' embeddings, as the family's pipeline computes them."""
-        return self._encode(prompts, negative=False)
-
-    def encode_negative(self, prompts: list[str]) -> Conditioning:
-        """The embeddings of a guidance's negative branch (`""` is the pipeline's unconditional)."""
-        return self._encode(prompts, negative=True)
-
-    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
         return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts))
 
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        """The embeddings of a guidance's negative branch: the pipelines encode a negative prompt as any
+        other (`""` is their unconditional branch)."""
+        return self.encode(prompts)
+
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
-        return token_weight_matrix(self.pipe.tokenizer, prompts, words)
+        """(B, text tokens): 1 at the concept words' tokens in any of the CLIP tokenizers (SDXL's two are
+        both CLIP BPE, so at the same positions; where they differ the union is read)."""
+        tokenizers = [getattr(self.pipe, n) for n in self.clip_tokenizer_names]
+        weights = [token_weight_matrix(tok, prompts, words) for tok in tokenizers]
+        if len({w.shape for w in weights}) > 1:
+            raise UnsupportedFamilyError(
+                f"{self.name} tokenizers of different lengths ({', '.join(str(w.shape[1]) for w in weights)} "
+                "positions)"
+            )
+        return torch.stack(weights).amax(0)
 
 
 class SDXLFamily(SDFamily):
     """SDXL: two CLIP text encoders (their penultimate hidden states concatenated per token, the second's
-    pooled embedding) and a UNet with added conditioning; the concept's tokens are found in both tokenizers
-    (both CLIP BPE, so at the same positions; where they differ the union is read)."""
+    pooled embedding) and a UNet with added conditioning; the concept's tokens are found in both
+    tokenizers."""
 
     name = "sdxl"
-    tokenizer_names = ("tokenizer", "tokenizer_2")
+    clip_tokenizer_names = ("tokenizer", "tokenizer_2")
+    tokenizer_names = clip_tokenizer_names
 
-    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
-        device = self.pipe.text_encoder_2.device
+    def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
-            if not negative:
-                emb, _, pooled, _ = self.pipe.encode_prompt(
-                    prompts, device=device, do_classifier_free_guidance=False
-                )
-                return Conditioning(emb, pooled)
-            # negative_prompt None is the pipeline's own unconditional branch (zeros, where the model
-            # says force_zeros_for_empty_prompt, as SDXL base does)
-            empty = all(p == "" for p in prompts)
-            _, neg, _, neg_pooled = self.pipe.encode_prompt(
-                prompts, device=device, negative_prompt=None if empty else prompts
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.pipe.text_encoder_2.device, do_classifier_free_guidance=False
             )
-            return Conditioning(neg, neg_pooled)
+        return Conditioning(emb, pooled)
 
-    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
-        w1 = token_weight_matrix(self.pipe.tokenizer, prompts, words)
-        w2 = token_weight_matrix(self.pipe.tokenizer_2, prompts, words)
-        if w1.shape != w2.shape:
-            raise UnsupportedFamilyError(
-                f"SDXL tokenizers of different lengths ({w1.shape[1]} and {w2.shape[1]} positions)"
-            )
-        return torch.maximum(w1, w2)
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        cond = self.encode(prompts)
+        if self.pipe.config.force_zeros_for_empty_prompt and all(p == "" for p in prompts):
+            # the pipeline's own unconditional branch for no negative prompt, as SDXL base says
+            return Conditioning(torch.zeros_like(cond.hidden), torch.zeros_like(cond.pooled))
+        return cond
 
 
 class SD3Family(SDFamily):
@@ -243,31 +241,27 @@ class SD3Family(SDFamily):
     name = "sd3"
     flow = True
     denoiser_name = "transformer"
+    clip_tokenizer_names = ("tokenizer", "tokenizer_2")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     max_sequence_length = 256  # T5 tokens, the pipeline's default
 
     def denoiser(self, module=None) -> UNetDenoiser | TransformerDenoiser:
         return TransformerDenoiser(module if module is not None else self.denoiser_module)
 
-    def _encode(self, prompts: list[str], negative: bool) -> Conditioning:
-        device = self.pipe.text_encoder.device
+    def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
-            emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            emb, _, pooled, _ = self.pipe.encode_prompt(
                 prompts,
                 None,
                 None,
-                device=device,
-                do_classifier_free_guidance=negative,
-                negative_prompt=prompts if negative else None,
+                device=self.pipe.text_encoder.device,
+                do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length,
             )
-        return Conditioning(neg, neg_pooled) if negative else Conditioning(emb, pooled)
+        return Conditioning(emb, pooled)
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
-        clip = torch.maximum(
-            token_weight_matrix(self.pipe.tokenizer, prompts, words),
-            token_weight_matrix(self.pipe.tokenizer_2, prompts, words),
-        )
+        clip = super().token_weights(prompts, words)
         if self.pipe.tokenizer_3 is None:  # no T5: its tokens are zeros, never a concept's
             t5 = torch.zeros(len(prompts), self.max_sequence_length)
         else:

@@ -145,9 +145,8 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
         >>> type(pipe.scheduler).__name__
         'DDIMScheduler'
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    from factory.method.families import detect_family
     from factory.method.schedulers import is_flow
 
     device = str(device)
@@ -163,7 +162,22 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
         )
     source = resolve_model(model)
     if model in ARCHITECTURES:
-        return build_random_pipeline(source, device, torch_dtype)  # on the shipped noise schedule
+        pipe = build_random_pipeline(source, device, torch_dtype)  # on the shipped noise schedule
+    else:
+        pipe = _from_pretrained(model, source, torch_dtype)
+    if not is_flow(pipe.scheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe
+
+
+def _from_pretrained(model: str, source: str, torch_dtype: torch.dtype):
+    """The pipeline of a served family from a directory or the hub, with every component its family needs."""
+    from diffusers import DiffusionPipeline
+
+    from factory.method.families import detect_family
+
     index = read_model_configs(model, components=())["model_index"]  # a served family, before any weights
     kwargs = {"dtype": torch_dtype}
     if "safety_checker" in index:
@@ -188,10 +202,6 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
             f"{model!r} is a {type(pipe).__name__} without {', '.join(missing)}; concept "
             f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
         )
-    if not is_flow(pipe.scheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
     return pipe
 
 

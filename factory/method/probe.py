@@ -32,6 +32,11 @@ def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Ten
     )
 
 
+def latent_shift(vae) -> float:
+    """The VAE's latent shift: SD3's VAE has one (latents are (z - shift) * scaling), SD's and SDXL's none."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code).
@@ -49,8 +54,7 @@ def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) 
     mean = torch.cat([d.mean for d in dists])
     std = torch.cat([d.std for d in dists])
     eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (mean + std * eps - shift) * vae.config.scaling_factor
+    return (mean + std * eps - latent_shift(vae)) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -95,7 +99,6 @@ def repaint_everything(vae, latents: torch.Tensor) -> torch.Tensor:
     b, _, h, w = latents.shape
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     grey = torch.zeros(1, 3, h * factor, w * factor, device=vae.device, dtype=vae.dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    blank = (vae.encode(grey).latent_dist.mode() - shift) * vae.config.scaling_factor
+    blank = (vae.encode(grey).latent_dist.mode() - latent_shift(vae)) * vae.config.scaling_factor
     region = torch.ones(b, 1, h, w, device=latents.device, dtype=latents.dtype)
     return torch.cat([region, blank.to(latents.device, latents.dtype).expand(b, -1, -1, -1)], 1)
