@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip uninstall -y -q opencv-python-headless  # older venvs: both would install cv2/
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test,students]'
 	touch $@
 

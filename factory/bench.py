@@ -25,6 +25,8 @@ The JSON's keys (also printed as a table; docs/benchmarks.md has them with measu
 - `capture`: the synthesis loop alone with the attention capture on and off; `overhead` = on / off - 1.
 - `encode_write_s_per_sample`, `encode_write_share`: image encoding and tar writing of the triplets (a
   writer task's work) per sample, and its share of triplet + write.
+- `edges`: the guided-filter edge snapping of the refined mask (`masks.edges`, part of the refine stage)
+  timed apart on the triplets' own masks: seconds per sample and its share of a triplet.
 - `memory`: the process's peak host RSS; the bytes an actor call hands on, per sample and per call of
   `batch`; the peak GPU memory.
 - `flops`: per triplet and per plain image, counted by `torch.utils.flop_counter.FlopCounterMode` over one
@@ -209,8 +211,18 @@ def bench(
                 "triplet_per_sample": _count_flops(runs["triplet"]) / batch,
                 "plain_per_image": _count_flops(runs["plain"]) / batch,
             }
+    # the edge snapping (masks.edges: guided, in the triplet's refine stage) timed apart on these triplets'
+    # own masks and images, so that its share is known whether or not the config has it on
+    from factory.method.edges import snap_to_edges
+
+    def snap_all():
+        for t in triplets:
+            snap_to_edges(t.mask, t.image, d.edge_radius_px, d.config.edge_eps)
+
+    edges = [_timed(snap_all, torch.device("cpu"))[0] for _ in range(max(1, repeats))]
     med = {k: statistics.median(v) for k, v in times.items()}
     triplet_s = med["triplet"] / batch
+    edges_s = statistics.median(edges) / len(triplets)
     enc_s = statistics.median(enc) / batch
     stages = {}
     for t in triplets:
@@ -269,6 +281,7 @@ def bench(
         },
         "encode_write_s_per_sample": enc_s,
         "encode_write_share": enc_s / (triplet_s + enc_s),
+        "edges": {"on": d.config.edges, "s_per_sample": edges_s, "share": edges_s / triplet_s},
         "memory": {
             "peak_rss_bytes": peak_rss_bytes(),
             "call_bytes_per_sample": per_sample_bytes,
@@ -312,6 +325,11 @@ def format_table(r: dict) -> str:
             "encode + write",
             f"{r['encode_write_s_per_sample']:.4f} s/sample, {100 * r['encode_write_share']:.1f}% of "
             "triplet + write",
+        ),
+        (
+            "edge snapping",
+            f"{1000 * r['edges']['s_per_sample']:.2f} ms/sample, {100 * r['edges']['share']:.2f}% of a "
+            f"triplet (masks.edges: {r['edges']['on']})",
         ),
         (
             "memory",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.edges import snap_to_edges
 from factory.method.inpaint import inpaint_background
 from factory.method.probe import encode_images, probe_timesteps
 from factory.method.prompts import ConceptTokenError, encode_prompts
@@ -32,9 +33,17 @@ def test_synthesize_triplet_shapes_and_metadata(distiller):
     assert t.prelim.shape == (16, 16) and t.attention.dtype == np.float16
     assert t.foreground.shape == (64, 64, 4) and t.background.shape == (64, 64, 3)
     assert np.array_equal(t.foreground[..., 3] > 0, t.mask)
-    # the refined mask lies inside the (nearest-upsampled) preliminary mask
-    prelim_up = np.repeat(np.repeat(t.prelim, 4, 0), 4, 1)
-    assert not (t.mask & ~prelim_up).any()
+    # the paper's refined mask (edges: none) lies inside the (nearest-upsampled) preliminary mask; ours is
+    # that same mask with its edges snapped to the image's (the same sample otherwise: same M_pre, background)
+    paper = Distiller(
+        "toyworld", config=dataclasses.replace(distiller.config, edges="none"), pipeline=distiller.pipe
+    )
+    (p,) = paper.synthesize([SampleSpec(Concept("star"), seed=3)])
+    prelim_up = np.repeat(np.repeat(p.prelim, 4, 0), 4, 1)
+    assert np.array_equal(p.prelim, t.prelim) and np.array_equal(p.background, t.background)
+    assert p.mask.any() and not (p.mask & ~prelim_up).any()
+    assert distiller.edge_radius_px == 12  # 3 latent cells of 4 px
+    assert np.array_equal(t.mask, snap_to_edges(p.mask, p.image, 12, distiller.config.edge_eps))
     m = t.meta
     for k in (
         "prompt",

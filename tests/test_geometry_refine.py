@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from factory.method.distiller import DistillConfig
 from factory.method.geometry import Canvas, to_canvas, to_original
 from factory.method.refine import refine_mask
 
@@ -54,3 +55,32 @@ def test_refine_ignores_padding_and_fills_holes_on_request():
     assert not m[40:].any()
     filled, _, _ = refine_mask(img, bg, prelim, c, close_and_fill=True)
     assert filled[19, 19] and not m[19, 19]
+
+
+def test_guided_filter_snaps_a_grid_mask_onto_the_objects_edge():
+    from factory.method.edges import snap_to_edges
+
+    yy, xx = np.mgrid[:64, :64]
+    disk = (yy - 30.3) ** 2 + (xx - 33.7) ** 2 < 14.5**2
+    rng = np.random.default_rng(0)
+    image = np.where(disk[..., None], [200, 60, 40], [40, 90, 200]) + rng.normal(0, 6, (64, 64, 3))
+    image = image.clip(0, 255).astype(np.uint8)
+    grid = disk.reshape(16, 4, 16, 4).mean((1, 3)) > 0.25  # the disk on a 16x16 latent grid, too large
+    blocky = np.repeat(np.repeat(grid, 4, 0), 4, 1)
+
+    def iou(m):
+        return (m & disk).sum() / (m | disk).sum()
+
+    snapped = snap_to_edges(blocky, image, radius=12, eps=0.01)
+    assert iou(blocky) < 0.9 and iou(snapped) > 0.97 and iou(snapped) > iou(blocky)
+    # from the latent grid directly (bilinear first), the same
+    assert iou(snap_to_edges(grid, image, radius=12, eps=0.01)) > 0.97
+    # all one value stays so; bad arguments are refused
+    assert not snap_to_edges(np.zeros((16, 16), bool), image, 12).any()
+    assert snap_to_edges(np.ones((64, 64), bool), image, 12).all()
+    with pytest.raises(ValueError, match="radius"):
+        snap_to_edges(blocky, image, radius=0)
+    with pytest.raises(ValueError, match="unknown edges"):
+        refine_mask(image, image, grid, Canvas(64, 64, 64, 0, 0), edges="crf")
+    with pytest.raises(ValueError, match="unknown edges"):
+        DistillConfig(edges="crf")

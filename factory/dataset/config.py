@@ -57,6 +57,11 @@ class SamplerConfig(_Strict):
 class MaskConfig(_Strict):
     rule: Literal["gmm", "gmm3", "otsu"] = "gmm"
     close_and_fill: bool = False
+    edges: Literal["none", "guided"] = Field(
+        "guided", description="guided: snap the refined mask to the image's edges (ours); none: the paper's"
+    )
+    edge_radius: float = Field(3.0, gt=0, description="the guided filter's radius, in latent cells")
+    edge_eps: float = Field(0.01, gt=0, description="the guided filter's eps (larger: smoother edges)")
 
 
 class InpaintConfig(_Strict):
@@ -182,6 +187,9 @@ class JobConfig(_Strict):
             probe_repeats=s.probe_repeats,
             mask_rule=m.rule,
             close_and_fill=m.close_and_fill,
+            edges=m.edges,
+            edge_radius=m.edge_radius,
+            edge_eps=m.edge_eps,
             inpaint_steps=i.steps,
             object_guidance=i.object_guidance,
             background_prompt=i.background_prompt,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from factory.dataset.report import contact_sheet
 from factory.method.distiller import Concept, DistillConfig, Distiller
+from factory.method.edges import snap_to_edges
 from factory.method.geometry import resize_mask
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc
 
@@ -65,6 +66,8 @@ def evaluate_distiller(
     split = Path(split)
     rows = read_split(split, n)
     prelim_m, refined_m = PooledSegmentationMetrics(), PooledSegmentationMetrics()
+    # with edges: guided, also what the same edge snapping makes of M_pre (the shards keep M_pre on the grid)
+    snapped_m = PooledSegmentationMetrics() if distiller.config.edges == "guided" else None
     maps, gts, sheet, changed = [], [], [], []
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
@@ -83,6 +86,13 @@ def evaluate_distiller(
             att = np.asarray(tr.attention[:lat_h, :lat_w], np.float32)
             att_up = np.asarray(Image.fromarray(att).resize((gt.shape[1], gt.shape[0]), Image.NEAREST))
             prelim_m.update(prelim, gt)
+            if snapped_m is not None:
+                snapped_m.update(
+                    snap_to_edges(
+                        tr.prelim[:lat_h, :lat_w], img, distiller.edge_radius_px, distiller.config.edge_eps
+                    ),
+                    gt,
+                )
             refined_m.update(tr.mask, gt)
             maps.append(att_up)
             gts.append(gt)
@@ -103,6 +113,8 @@ def evaluate_distiller(
         "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
         "config": distiller.config_dict(),
     }
+    if snapped_m is not None:
+        res["prelim_edges"] = snapped_m.compute()
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +140,11 @@ def markdown_table(res: dict) -> str:
         "| stage | ACC | IoU | mIoU |",
         "|---|---|---|---|",
     ]
-    for name, key in [("preliminary masks M_pre", "prelim"), ("refined masks M", "refined")]:
+    rows = [("preliminary masks M_pre", "prelim"), ("M_pre, edges snapped", "prelim_edges")]
+    rows.append(("refined masks M" + (", edges snapped" if "prelim_edges" in res else ""), "refined"))
+    for name, key in rows:
+        if key not in res:
+            continue
         m = res[key]
         lines.append(f"| {name} | {100 * m['acc']:.1f} | {100 * m['iou']:.1f} | {100 * m['miou']:.1f} |")
     return "\n".join(lines) + "\n"
