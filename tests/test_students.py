@@ -13,7 +13,13 @@ from PIL import Image
 from factory.method.geometry import to_canvas
 from factory.toyworld.world import write_split
 from trainers.evaluate.score import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
-from trainers.students.data import augment_pair, split_to_shards, target_of, to_student_examples
+from trainers.students.data import (
+    augment_pair,
+    prepare_rows,
+    split_to_shards,
+    target_of,
+    to_student_examples,
+)
 from trainers.students.train import (
     PretrainedWeightsError,
     build_student,
@@ -72,14 +78,34 @@ def test_augmentation_and_multiclass_labels():
     img = np.zeros((64, 96, 3), np.uint8)
     img[:, :48] = 255
     target = (img[..., 0] > 0).astype(np.float32)
-    for _ in range(5):
-        x, y = augment_pair(img, target, 32, rng)
-        assert x.shape == (3, 32, 32) and y.shape == (32, 32)
-        assert np.allclose((x[0] > 0), (y > 0.5)), "image and target were cropped and flipped together"
+    img[..., 1] = 255  # green everywhere: after any channel order / inversion, one channel still tells halves
+    for augment in ("paper", "colour"):
+        for _ in range(8):
+            x, y = augment_pair(img, target, 32, rng, augment)
+            assert x.shape == (3, 32, 32) and y.shape == (32, 32) and -1 <= x.min() and x.max() <= 1
+            # image and target were cropped and flipped together: the channels that vary follow the target
+            varying = [(ch, (ch.max() + ch.min()) / 2) for ch in x if np.ptp(ch) > 0.5]
+            assert varying and all(
+                np.array_equal(ch > mid, y > 0.5) or np.array_equal(ch < mid, y > 0.5) for ch, mid in varying
+            )
+    with pytest.raises(ValueError, match="unknown augment"):
+        augment_pair(img, target, 32, rng, "mixup")
     batch = {k: [v] for k, v in _row().items()}
-    out = to_student_examples(batch, 32, classes=["star", "square"])
+    prepared = prepare_rows(batch, 32, classes=["star", "square"])
+    assert prepared["stack"].dtype == np.uint8 and prepared["stack"].shape == (1, 4, 32, 43)
+    out = to_student_examples(prepared, 32, multiclass=True)
     assert set(np.unique(out["target"])) <= {0.0, 2.0} and (out["target"] == 2).any()
-    assert to_student_examples(batch, 32, concepts=["star"])["image"].shape == (0, 3, 32, 32)
+    assert out["image"].shape == (1, 3, 32, 32)
+    assert prepare_rows(batch, 32, concepts=["star"])["stack"].shape == (0, 4, 32, 32)
+    # validation crops are centred and fixed; images of other aspect ratios make a ragged column
+    val = to_student_examples(prepared, 32, augment=None)
+    assert np.array_equal(val["image"], to_student_examples(prepared, 32, augment=None)["image"])
+    tall = {k: [v, v] for k, v in _row().items()}
+    tall["png"] = [tall["png"][0], _png(np.zeros((80, 40, 3), np.uint8))]
+    tall["mask.png"] = [tall["mask.png"][0], _png(np.zeros((80, 40), np.uint8))]
+    ragged = prepare_rows(tall, 32)
+    assert [s.shape for s in ragged["stack"]] == [(4, 32, 43), (4, 64, 32)]
+    assert to_student_examples(ragged, 32)["image"].shape == (2, 3, 32, 32)
 
 
 def test_build_student_from_any_timm_backbone_offline(tmp_path):

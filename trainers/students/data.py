@@ -5,12 +5,17 @@ One sample's path, top to bottom:
   2. its target at image resolution: the refined mask `mask.png` (default), or M_pre `prelim.png`, or the soft
      mean attention `attn.npy` (min-max normalised); the latter two live on the canvas's latent grid and are
      cropped to the valid region and resized to the image -- `target_of`
-  3. the paper's augmentation, joint: Resize(S) of the shorter side (bilinear; targets become soft at the
-     edges and are used as they are), RandomCrop(S), RandomHorizontalFlip -- `augment_pair`
-  4. the label: the target itself for a one-concept student; for a multi-class student the class index of
+  3. Resize(S) of the shorter side, image and target jointly (bilinear; targets become soft at the edges and
+     are used as they are), kept as one uint8 (4, h, w) stack -- `prepare_stack`; a training run does steps
+     1-3 once per row (`prepare_rows`), and by default its workers keep the stacks for every epoch
+  4. every epoch anew: RandomCrop(S), RandomHorizontalFlip (the paper's augmentation, `augment: paper`), and
+     with `augment: colour` also a vertical flip, a random permutation of the colour channels, a colour
+     inversion and brightness/contrast jitter -- `crop_and_augment` (our addition, see docs/students.md)
+  5. the label: the target itself for a one-concept student; for a multi-class student the class index of
      the row's concept where the target is >= 0.5, else 0 (background)
 
-Evaluation (`trainers.evaluate.score`) uses the same resize with a centre crop, as the paper's test step.
+`augment_pair` is steps 3-4 for one (image, target); evaluation (`trainers.evaluate.score`, `center_pair`)
+uses the same resize with a centre crop, as the paper's test step.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ def _decode(value, kind: str):
     if kind == "npy":
         return np.load(io.BytesIO(value))
     return np.asarray(Image.open(io.BytesIO(value)))
+
+
+def row_meta(row: dict) -> dict:
+    """The row's metadata (its `.json`)."""
+    return _decode(row["json"], "json")
 
 
 def row_image(row: dict) -> np.ndarray:
@@ -96,17 +106,52 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def augment_pair(image: np.ndarray, target: np.ndarray, size: int, rng: np.random.Generator):
-    """Resize(size) of the shorter side, RandomCrop(size), RandomHorizontalFlip: image and target jointly."""
-    stack = resize_shorter(
-        torch.cat([to_tensor(image), torch.from_numpy(np.asarray(target, np.float32))[None]]), size
+AUGMENTS = ("paper", "colour")
+
+
+def prepare_stack(image: np.ndarray, target: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 image + (H, W) target in [0, 1] -> one (4, h, w) uint8 stack, shorter side = size
+    (bilinear, jointly): the deterministic half of the paper's augmentation, done once per row."""
+    stack = torch.cat(
+        [
+            torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1),
+            255.0 * torch.from_numpy(np.asarray(target, np.float32))[None],
+        ]
     )
+    return resize_shorter(stack, size).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def crop_and_augment(stack: np.ndarray, size: int, rng: np.random.Generator, augment: str = "paper"):
+    """A prepared (4, h, w) stack -> (image (3, S, S) in [-1, 1], target (S, S) in [0, 1]).
+
+    paper: RandomCrop(S) + RandomHorizontalFlip. colour: also RandomVerticalFlip, one of the 6 orders of the
+    colour channels, inversion (p 0.5), contrast x U(0.7, 1.3) and brightness + U(-0.2, 0.2) -- shape, not
+    colour, is what tells an object from its background, and a few hundred images cannot show every colour
+    pairing (measured: docs/students.md)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     h, w = stack.shape[-2:]
     top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-    stack = stack[:, top : top + size, left : left + size]
+    crop = stack[:, top : top + size, left : left + size]
     if rng.random() < 0.5:
-        stack = stack.flip(-1)
-    return stack[:3].numpy(), stack[3].clamp(0, 1).numpy()
+        crop = crop[:, :, ::-1]
+    x = crop[:3].astype(np.float32) / 127.5 - 1.0
+    y = crop[3].astype(np.float32) / 255.0
+    if augment == "colour":
+        if rng.random() < 0.5:
+            x, y = x[:, ::-1], y[::-1]
+        x = x[rng.permutation(3)]
+        if rng.random() < 0.5:
+            x = -x
+        x = np.clip(x * rng.uniform(0.7, 1.3) + rng.uniform(-0.2, 0.2), -1.0, 1.0)
+    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32)
+
+
+def augment_pair(
+    image: np.ndarray, target: np.ndarray, size: int, rng: np.random.Generator, augment: str = "paper"
+):
+    """One training pair: Resize(size) of the shorter side, then `crop_and_augment`."""
+    return crop_and_augment(prepare_stack(image, target, size), size, rng, augment)
 
 
 def center_pair(image: np.ndarray, target: np.ndarray, size: int):
@@ -116,31 +161,54 @@ def center_pair(image: np.ndarray, target: np.ndarray, size: int):
     return x.numpy(), y.clamp(0, 1).numpy()
 
 
-def to_student_examples(
+def prepare_rows(
     batch: dict,
     size: int,
     target: str = "refined",
     concepts: list[str] | None = None,
     classes: list[str] | None = None,
-    augment: bool = True,
 ) -> dict:
-    """Ray Data map_batches function: shard rows -> {"image": (B, 3, S, S), "target": (B, S, S)}.
-
-    augment=True draws fresh random crops and flips on each call (each epoch anew); False centre-crops (for
-    validation). `concepts` keeps only those concepts' rows; `classes` (multi-class) turns targets into
-    class indices (0 = background, i + 1 = classes[i])."""
-    rng = np.random.default_rng()
+    """Ray Data map_batches function, once per run: shard rows -> {"stack": (4, h, w) uint8 (`prepare_stack`),
+    "label": the class index (multi-class: i + 1 = classes[i]; one-concept students: 1)}. `concepts` keeps
+    only those concepts' rows. Stacks of images with other aspect ratios differ in shape (a ragged column)."""
     keep = set(concepts or [])
-    images, targets = [], []
+    stacks, labels = [], []
     for i in range(len(batch["json"])):
         row = {k: v[i] for k, v in batch.items()}
-        meta = _decode(row["json"], "json")
+        meta = row_meta(row)
         if keep and meta.get("concept") not in keep:
             continue
-        image, t = row_image(row), target_of(row, target)
-        x, y = augment_pair(image, t, size, rng) if augment else center_pair(image, t, size)
-        if classes is not None:
-            y = np.where(y >= 0.5, classes.index(meta["concept"]) + 1, 0).astype(np.float32)
+        stacks.append(prepare_stack(row_image(row), target_of(row, target), size))
+        labels.append(classes.index(meta["concept"]) + 1 if classes is not None else 1)
+    if not stacks:
+        return {"stack": np.zeros((0, 4, size, size), np.uint8), "label": np.zeros(0, np.int64)}
+    same = len({s.shape for s in stacks}) == 1
+    column = np.stack(stacks) if same else np.array(stacks + [None], dtype=object)[:-1]
+    return {"stack": column, "label": np.asarray(labels, np.int64)}
+
+
+def to_student_examples(
+    batch: dict,
+    size: int,
+    augment: str | None = "paper",
+    multiclass: bool = False,
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """Ray Data map_batches function on prepared rows: -> {"image": (B, 3, S, S), "target": (B, S, S)}.
+
+    With `augment` (paper | colour) it draws fresh random crops and flips on each call (each epoch anew);
+    None centre-crops (for validation). `multiclass` turns targets into class indices (0 = background).
+    `rng`: the random draws (default: fresh ones from the OS)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    images, targets = [], []
+    for stack, label in zip(batch["stack"], batch["label"], strict=True):
+        if augment is None:
+            stack = center_crop(torch.from_numpy(np.asarray(stack)), size).numpy()
+            x, y = stack[:3].astype(np.float32) / 127.5 - 1.0, stack[3].astype(np.float32) / 255.0
+        else:
+            x, y = crop_and_augment(np.asarray(stack), size, rng, augment)
+        if multiclass:
+            y = np.where(y >= 0.5, label, 0).astype(np.float32)
         images.append(x)
         targets.append(y)
     if not images:

@@ -61,6 +61,17 @@ class StudentData(_Strict):
         default_factory=list, description="default: every concept named in the shards' jobs"
     )
     val_every: int = Field(20, ge=2, description="hold out 1 in N rows (by key hash) for validation")
+    augment: str = Field(
+        "paper",
+        pattern="^(paper|colour)$",
+        description="paper: random crop + horizontal flip; colour: also vertical flip, channel order, "
+        "inversion, brightness/contrast (trainers.students.data.crop_and_augment)",
+    )
+    cache: bool = Field(
+        True,
+        description="each worker keeps its decoded, resized rows in memory for all epochs (4*S^2 B a row); "
+        "false streams the shards through Ray Data every epoch",
+    )
     map_num_cpus: float = Field(0.25, gt=0.0)
 
 
@@ -211,6 +222,24 @@ def predict_masks(model, images: torch.Tensor, multiclass: bool = False) -> torc
 # ----------------------------------------------------------------------------- one student's Ray Train run
 
 
+def cached_batches(rows: dict, cfg: StudentsConfig, multiclass: bool, rng: np.random.Generator, device):
+    """One epoch over a worker's cached prepared rows: a fresh permutation, fresh crops (`data.augment`)."""
+    from trainers.students.data import to_student_examples
+
+    order = rng.permutation(len(rows["label"]))
+    b = cfg.train.batch
+    for i in range(0, len(order) - b + 1, b):  # drop_last, as the streamed path
+        pick = order[i : i + b]
+        batch = to_student_examples(
+            {"stack": [rows["stack"][j] for j in pick], "label": rows["label"][pick]},
+            cfg.model.resolution,
+            augment=cfg.data.augment,
+            multiclass=multiclass,
+            rng=rng,
+        )
+        yield {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
 def _is_val(key: str, every: int) -> bool:
     return zlib.crc32(key.encode()) % every == 0
 
@@ -251,9 +280,22 @@ def student_train_loop(config: dict) -> None:
     t0, window = time.time(), []
     rank = ray.train.get_context().get_world_rank()
     start_time = time.time()
+    if cfg.data.cache:
+        rows = list(shard.iter_batches(batch_size=256, batch_format="numpy"))  # this worker's share, once
+        rows = {
+            "stack": [s for b in rows for s in b["stack"]],
+            "label": np.concatenate([b["label"] for b in rows]) if rows else np.zeros(0, np.int64),
+        }
+        # augmentation draws depend on the seed, the rank and the resumed step only
+        rng = np.random.default_rng([cfg.train.seed, rank, step])
     while step < cfg.train.steps:
         seen = False
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch, drop_last=True, device=device):
+        epoch = (
+            cached_batches(rows, cfg, multiclass, rng, device)
+            if cfg.data.cache
+            else shard.iter_torch_batches(batch_size=cfg.train.batch, drop_last=True, device=device)
+        )
+        for batch in epoch:
             seen = True
             model.train()
             loss = student_loss(model(batch["image"]), batch["target"], cfg.train.loss, multiclass)
@@ -328,24 +370,40 @@ def unwrap(model):
 
 
 def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, classes: list[str] | None):
+    """The training dataset (random crops drawn anew each epoch) and the validation arrays (centre crops).
+
+    Shard rows are decoded and resized in Ray Data (`prepare_rows`). With `data.cache` (the default) each
+    worker reads its share of the prepared rows once and keeps them in memory (4 * S^2 bytes a row), drawing
+    the crops of every epoch itself (`cached_batches`): an epoch of a small set is a few steps, and a new
+    Ray Data execution per epoch costs seconds. Without it every epoch streams the shards through Ray Data
+    again (sets larger than a worker's memory) and the crops are drawn there."""
     import ray
 
-    from trainers.students.data import to_student_examples
+    from trainers.students.data import prepare_rows, row_meta, to_student_examples
 
-    kw = {"size": cfg.model.resolution, "target": cfg.data.target, "concepts": concepts, "classes": classes}
-    every = cfg.data.val_every
-    ds = ray.data.read_webdataset(
-        urls, shuffle="files", decoder=decode_sample, num_cpus=cfg.data.map_num_cpus
-    )
-    train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
-    val = ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cfg.data.map_num_cpus)
-    train = train.map_batches(
-        to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs=kw
-    )
+    size, cpus, every = cfg.model.resolution, cfg.data.map_num_cpus, cfg.data.val_every
+    ds = ray.data.read_webdataset(urls, shuffle="files", decoder=decode_sample, num_cpus=cpus)
+    if concepts:  # rows of other concepts go before any decoding (and no batch comes out empty)
+        keep = set(concepts)
+        ds = ds.filter(lambda r: row_meta(r).get("concept") in keep, num_cpus=cpus)
+    kw = {"size": size, "target": cfg.data.target, "classes": classes}
+    train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cpus)
+    train = train.map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
+    if not cfg.data.cache:  # every epoch re-reads the shards, and the crops are drawn in Ray Data
+        crops = {"size": size, "multiclass": classes is not None, "augment": cfg.data.augment}
+        train = train.map_batches(to_student_examples, batch_size=32, num_cpus=cpus, fn_kwargs=crops)
     # validation: centre crops, fixed once (a small set)
-    val_rows = val.map_batches(
-        to_student_examples, batch_size=32, num_cpus=cfg.data.map_num_cpus, fn_kwargs={**kw, "augment": False}
-    ).take_all()
+    val_rows = (
+        ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cpus)
+        .map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
+        .map_batches(
+            to_student_examples,
+            batch_size=32,
+            num_cpus=cpus,
+            fn_kwargs={"size": size, "multiclass": classes is not None, "augment": None},
+        )
+        .take_all()
+    )
     vx = np.stack([r["image"] for r in val_rows]) if val_rows else np.zeros((0, 3, 1, 1), np.float32)
     vy = np.stack([r["target"] for r in val_rows]) if val_rows else np.zeros((0, 1, 1), np.float32)
     return train, {"image": vx, "target": vy}
