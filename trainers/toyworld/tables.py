@@ -1,8 +1,8 @@
 """The paper's Tables 1 and 2, end to end in toyworld, in one command (resumable: finished stages are
 skipped).
 
-    trainers toyworld-tables --out out/tables            (about 40 minutes on 2 cores)
-    trainers toyworld-tables --out out/tables --student-seeds 0,1,2   (students with seeds 1 and 2: ~57 min)
+    trainers toyworld-tables --out out/tables --docs docs/results/toyworld-tables.md   (`make tables`)
+    trainers toyworld-tables --out out/tables --student-seeds 0       (one student seed: a quick run)
     trainers toyworld-tables --out out/tables-small --small
 
 Stages (folders under --out):
@@ -15,8 +15,10 @@ Stages (folders under --out):
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept, concurrently
                              (and students-{set}-seed{s}/ for each further `--student-seeds` seed)
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
-Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); refined M with m alone (the
-fine-tuning ablation); refined M (m + m'); student on D_s; student on D_s u D'_s. Each is pixel-pooled
+Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); M_pre with its edges snapped
+to the image's (`masks.edges: guided`, ours); refined M (m + m') by the paper's exact rule (`edges: none`);
+refined M with m alone (the fine-tuning ablation) and refined M (m + m'), both with our default edge
+snapping, which is what D_s and D'_s hold; student on D_s; student on D_s u D'_s. Each is pixel-pooled
 ACC / IoU / mIoU beside the paper's CUB numbers. It also reports how often the background inpainting leaves
 the object in place, with m and with m'. With several `--student-seeds` each student row is the mean over the
 seeds (students trained again on the same shards, only `train.seed` changed) and its IoU carries their
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +56,10 @@ TRAIN_SEEDS = {
     "ring": 2_000_500_000,
 }
 TEST_OFFSET = 50_000
+# our default beside the paper's rows: the same masks with their edges snapped to the image's (masks.edges)
+SNAPPED_PRELIM = "M_pre, edges snapped (ours)"
+SNAPPED_REFINED = "refined M, edges snapped (ours, default)"
+NO_FINETUNE = "refined M with m, no fine-tuning (ours)"  # the fine-tuning ablation, with our default
 
 
 @dataclass
@@ -64,10 +72,10 @@ class TablesConfig:
     sampler_steps: int = 20
     probe_t0: int = 16
     finetune_steps: int = 800
-    student_steps: int = 400
+    student_steps: int = 1000
     student_batch: int = 16
     student_backbone: str = "mobilenetv3_small_100"
-    student_seeds: list[int] = field(default_factory=lambda: [0])
+    student_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed: int = 0
 
     @classmethod
@@ -131,7 +139,9 @@ def _done(path: Path) -> bool:
     return m.exists() and json.loads(m.read_text()).get("complete", False)
 
 
-def run_tables(cfg: TablesConfig) -> dict:
+def run_tables(cfg: TablesConfig, docs: str | None = None, command: str | None = None) -> dict:
+    """Every stage (finished ones are reused), the scores, table.md / table.json / figure.png under cfg.out;
+    with `docs`, the table also goes to that markdown file with the command that made it and its wall time."""
     from factory.dataset.pipeline import run_job
     from factory.dataset.sources import list_images
     from factory.toyworld.world import write_split
@@ -143,39 +153,46 @@ def run_tables(cfg: TablesConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
+    reused: list[str] = []
 
     def stage(name: str, fn) -> None:
+        """Runs one stage; a stage function returns False when every output already existed."""
         t = time.time()
-        fn()
+        if fn() is False:
+            reused.append(name)
         timings[name] = time.time() - t
-        _log(f"{name}: {timings[name]:.0f}s")
+        _log(f"{name}: {timings[name]:.0f}s" + (" (reused)" if name in reused else ""))
 
     def splits():
+        did = False
         for c in cfg.concepts:
             base = TRAIN_SEEDS[c]
             if not (out / f"train-{c}" / "captions.jsonl").exists():
                 write_split(out / f"train-{c}", range(base, base + cfg.n_train), concept=c)
+                did = True
             if not (out / f"test-{c}" / "captions.jsonl").exists():
                 write_split(
                     out / f"test-{c}", range(base + TEST_OFFSET, base + TEST_OFFSET + cfg.n_test), concept=c
                 )
+                did = True
+        return did
 
     def label(model_out: str, inpaint_model: str | None):
-        for c in cfg.concepts:
-            uri = out / f"{model_out}-{c}"
-            if not _done(uri):
-                run_job(
-                    _job(cfg, str(uri), [{"name": c}], inpaint={"model": inpaint_model}),
-                    "label",
-                    list_images(str(out / f"train-{c}" / "images")),
-                    progress=False,
-                )
+        todo = [c for c in cfg.concepts if not _done(out / f"{model_out}-{c}")]
+        for c in todo:
+            run_job(
+                _job(cfg, str(out / f"{model_out}-{c}"), [{"name": c}], inpaint={"model": inpaint_model}),
+                "label",
+                list_images(str(out / f"train-{c}" / "images")),
+                progress=False,
+            )
+        return bool(todo)
 
     ft_dir = out / "toyworld-ft"
 
     def finetune():
         if (ft_dir / "model_index.json").exists():
-            return
+            return False
         shards = ", ".join(str(out / f"label-{c}") for c in cfg.concepts)
         run_finetune(
             load_finetune_config(
@@ -191,22 +208,24 @@ def run_tables(cfg: TablesConfig) -> dict:
         )
 
     def synthetic():
-        if not _done(out / "synthetic"):
-            run_job(
-                _job(
-                    cfg,
-                    str(out / "synthetic"),
-                    [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts],
-                    model=str(ft_dir),
-                ),
-                "generate",
-                progress=False,
-            )
+        if _done(out / "synthetic"):
+            return False
+        run_job(
+            _job(
+                cfg,
+                str(out / "synthetic"),
+                [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts],
+                model=str(ft_dir),
+            ),
+            "generate",
+            progress=False,
+        )
 
     def gt():
-        for c in cfg.concepts:
-            if not (out / f"gt-{c}" / "gt-000000.tar").exists():
-                split_to_shards(str(out / f"train-{c}"), str(out / f"gt-{c}"), c)
+        todo = [c for c in cfg.concepts if not (out / f"gt-{c}" / "gt-000000.tar").exists()]
+        for c in todo:
+            split_to_shards(str(out / f"train-{c}"), str(out / f"gt-{c}"), c)
+        return bool(todo)
 
     sets = {
         "gt": [f"gt-{c}" for c in cfg.concepts],
@@ -215,12 +234,14 @@ def run_tables(cfg: TablesConfig) -> dict:
     }
 
     def students():
+        did = False
         for name, folders in sets.items():
             shards = ", ".join(str(out / f) for f in folders)
             for seed in cfg.student_seeds:
                 export = out / student_folder(name, seed)
                 if (export / "students.json").exists():
                     continue
+                did = True
                 run_students(
                     load_students_config(
                         "configs/students-toyworld.yaml",
@@ -238,6 +259,7 @@ def run_tables(cfg: TablesConfig) -> dict:
                         ],
                     )
                 )
+        return did
 
     stage("1 splits", splits)
     stage("2 label with m (M_pre)", lambda: label("label", None))
@@ -250,12 +272,46 @@ def run_tables(cfg: TablesConfig) -> dict:
     table = score(cfg, out)
     timings["8 evaluate"] = time.time() - t
     table["timings_s"] = timings
+    table["reused_stages"] = reused
     table["total_s"] = time.time() - t0
     (out / "table.json").write_text(json.dumps(table, indent=1))
     md = markdown(table)
     (out / "table.md").write_text(md)
+    if docs:
+        write_docs(table, md, Path(docs), command or "trainers toyworld-tables")
     print(md)
     return table
+
+
+def write_docs(table: dict, md: str, path: Path, command: str) -> None:
+    """The table as a docs page: what made it (the command, the commit, the wall time), then the table."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    reused = table.get("reused_stages", [])
+    lines = [
+        "# The paper's tables in toyworld: the latest run",
+        "",
+        "Written by the command itself (`trainers/toyworld/tables.py`); the discussion of these figures and",
+        "of earlier runs is in [results.md](../results.md#the-papers-tables-in-toyworld).",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Commit {commit}; wall time {table['total_s'] / 60:.1f} min on {os.cpu_count()} CPU cores"
+        + (f" (stages reused from an earlier run: {', '.join(reused)})" if reused else "")
+        + ".",
+        "",
+        md,
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
 
 
 def score(cfg: TablesConfig, out: Path) -> dict:
@@ -318,11 +374,14 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     plain = {c: method_eval(base, c, "m") for c in cfg.concepts}
     distiller = Distiller("toyworld", config=dcfg, inpaint_model=str(out / "toyworld-ft"))
     method = {c: method_eval(distiller, c, "mprime") for c in cfg.concepts}
-    results["M_pre"] = PooledSegmentationMetrics.pooled([m["prelim"] for m in method.values()])
-    results["refined M"] = PooledSegmentationMetrics.pooled([m["refined"] for m in method.values()])
-    results["refined M with m (no fine-tuning)"] = PooledSegmentationMetrics.pooled(
-        [m["refined"] for m in plain.values()]
-    )
+    # the paper's exact pipeline (edges: none) beside our default, on the same images with the same m'
+    paper = Distiller("toyworld", config=replace(dcfg, edges="none"), inpaint_model=str(out / "toyworld-ft"))
+    faithful = {c: method_eval(paper, c, "mprime-paper") for c in cfg.concepts}
+    results["M_pre"] = PooledSegmentationMetrics.pooled([m["prelim"] for m in faithful.values()])
+    results[SNAPPED_PRELIM] = PooledSegmentationMetrics.pooled([m["prelim_edges"] for m in method.values()])
+    results["refined M"] = PooledSegmentationMetrics.pooled([m["refined"] for m in faithful.values()])
+    results[SNAPPED_REFINED] = PooledSegmentationMetrics.pooled([m["refined"] for m in method.values()])
+    results[NO_FINETUNE] = PooledSegmentationMetrics.pooled([m["refined"] for m in plain.values()])
     object_kept = {
         "m": float(np.mean([m["object_kept_fraction"] for m in plain.values()])),
         "mprime": float(np.mean([m["object_kept_fraction"] for m in method.values()])),
@@ -334,8 +393,10 @@ def score(cfg: TablesConfig, out: Path) -> dict:
         "supervised student (GT masks)",
         "GrabCut",
         "M_pre",
-        "refined M with m (no fine-tuning)",
+        SNAPPED_PRELIM,
         "refined M",
+        NO_FINETUNE,
+        SNAPPED_REFINED,
         "student on D_s",
         "student on D_s u D'_s",
     ]
@@ -461,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--student-seeds",
         default=None,
-        help="comma-separated student seeds (default 0): each student row becomes their mean ± sd",
+        help="comma-separated student seeds (default 0,1,2): each student row becomes their mean ± sd; "
+        "0 alone for a quick run",
     )
+    p.add_argument("--docs", default=None, help="also write the table, command and wall time to this .md")
     a = p.parse_args(argv)
     cfg = TablesConfig.small(a.out) if a.small else TablesConfig(out=a.out)
     if a.concepts:
@@ -483,5 +546,5 @@ def main(argv: list[str] | None = None) -> int:
                 f"trainers toyworld-tables: --student-seeds takes integers, e.g. 0,1,2; got "
                 f"{a.student_seeds!r}"
             ) from None
-    run_tables(cfg)
+    run_tables(cfg, docs=a.docs, command=" ".join(["trainers toyworld-tables", *(argv or sys.argv[1:])]))
     return 0
