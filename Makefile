@@ -38,8 +38,8 @@ test-fast: venv ## the fast lane: no training (Ray Train, DeepSpeed, Tune), no w
 test-slow: venv ## the slower checks that `make test` skips (~17 min)
 	$(PY) -m pytest -q -m slow
 
-tables: venv ## the paper's Tables 1-2 end to end in toyworld (~50 min; resumable)
-	$(VENV)/bin/trainers toyworld-tables --out out/tables
+tables: venv ## the paper's Tables 1-2 in toyworld, 3 student seeds (~85 min; resumable)
+	$(VENV)/bin/trainers toyworld-tables --out out/tables --docs docs/results/toyworld-tables.md
 
 format: venv ## ruff format and the import-order fix
 	$(VENV)/bin/ruff format factory trainers tests examples
