@@ -38,7 +38,7 @@ test-fast: venv ## the fast lane: no training (Ray Train, DeepSpeed, Tune), no w
 test-slow: venv ## the slower checks that `make test` skips (~17 min)
 	$(PY) -m pytest -q -m slow
 
-tables: venv ## the paper's Tables 1-2 in toyworld, 3 student seeds (~85 min; resumable)
+tables: venv ## the paper's Tables 1-2 in toyworld, 3 student seeds (resumable; docs/results.md)
 	$(VENV)/bin/trainers toyworld-tables --out out/tables --docs docs/results/toyworld-tables.md
 
 format: venv ## ruff format and the import-order fix
