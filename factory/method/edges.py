@@ -1,15 +1,15 @@
-"""Edge-aware upsampling of a latent-grid map to pixel resolution (an option beyond the paper).
+"""Edge-aware refinement of a mask at pixel resolution (an option beyond the paper).
 
-The paper upsamples the attention map and M_pre by pixel replication, so every mask edge it draws is an edge
-of the latent grid (8 px in SD, 4 px in toyworld). `guided_upsample` lifts a latent-grid map to the image's
-own resolution along the image's edges instead: bilinear upsampling, then He et al.'s guided filter (ECCV
-2010; OpenCV's maintained implementation, `cv2.ximgproc.guidedFilter`) with the image as the guide. Inside a
-window of `radius` pixels the output is a linear function of the guide's colours, so a soft boundary snaps
-to the colour edge that the object draws; `eps` sets how strong an edge must be to be followed (larger:
-smoother).
+The paper upsamples M_pre by pixel replication, so every edge of the refined mask that M_pre cuts is an edge
+of the latent grid (8 px in SD, 4 px in toyworld). `snap_to_edges` moves a binary mask's edges onto the
+image's own: the mask as 0/1 (bilinear-upsampled first if it is on a coarser grid), filtered with He et al.'s
+guided filter (ECCV 2010; OpenCV's maintained implementation, `cv2.ximgproc.guidedFilter`) with the image as
+the guide, thresholded at 0.5. Inside a window of `radius` pixels the output is a linear function of the
+guide's colours, so a soft boundary snaps to the colour edge that the object draws; `eps` sets how strong an
+edge must be to be followed (larger: smoother).
 
-`snap_to_edges` applies this to a binary mask (the refined mask M, or M_pre): `masks.edges: guided`, our
-default, measured on the toyworld development split in docs/method.md; `masks.edges: none` is the paper's.
+`masks.edges: guided` (our default) applies it to the refined mask M, measured on the toyworld development
+split in docs/method.md; `masks.edges: none` is the paper's.
 """
 
 from __future__ import annotations
@@ -46,16 +46,6 @@ def guided_filter(src: np.ndarray, image: np.ndarray, radius: int, eps: float) -
     guide = np.ascontiguousarray(image, np.float32) / 255.0
     out = _ximgproc().guidedFilter(guide, np.ascontiguousarray(src, np.float32), int(radius), float(eps))
     return np.asarray(out, np.float32)
-
-
-def guided_upsample(values: np.ndarray, image: np.ndarray, radius: int = 2, eps: float = 1e-2) -> np.ndarray:
-    """A map on the latent grid -> the image's (H, W), edge-aware, min-max normalised to [0, 1] first.
-
-    values: (h, w) float map (attention, or a mask as 0/1); image: (H, W, 3) uint8, the guide."""
-    v = np.asarray(values, np.float32)
-    lo, hi = float(v.min()), float(v.max())
-    v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-    return guided_filter(bilinear_upsample(v, *image.shape[:2]), image, radius, eps)
 
 
 def snap_to_edges(mask: np.ndarray, image: np.ndarray, radius: int, eps: float = 1e-2) -> np.ndarray:

@@ -121,6 +121,11 @@ def prepare_stack(image: np.ndarray, target: np.ndarray, size: int) -> np.ndarra
     return resize_shorter(stack, size).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _unpack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (4, h, w) uint8 stack -> (image (3, h, w) in [-1, 1], target (h, w) in [0, 1]), float32."""
+    return stack[:3].astype(np.float32) / 127.5 - 1.0, stack[3].astype(np.float32) / 255.0
+
+
 def crop_and_augment(stack: np.ndarray, size: int, rng: np.random.Generator, augment: str = "paper"):
     """A prepared (4, h, w) stack -> (image (3, S, S) in [-1, 1], target (S, S) in [0, 1]).
 
@@ -135,8 +140,7 @@ def crop_and_augment(stack: np.ndarray, size: int, rng: np.random.Generator, aug
     crop = stack[:, top : top + size, left : left + size]
     if rng.random() < 0.5:
         crop = crop[:, :, ::-1]
-    x = crop[:3].astype(np.float32) / 127.5 - 1.0
-    y = crop[3].astype(np.float32) / 255.0
+    x, y = _unpack(crop)
     if augment == "colour":
         if rng.random() < 0.5:
             x, y = x[:, ::-1], y[::-1]
@@ -203,8 +207,7 @@ def to_student_examples(
     images, targets = [], []
     for stack, label in zip(batch["stack"], batch["label"], strict=True):
         if augment is None:
-            stack = center_crop(torch.from_numpy(np.asarray(stack)), size).numpy()
-            x, y = stack[:3].astype(np.float32) / 127.5 - 1.0, stack[3].astype(np.float32) / 255.0
+            x, y = _unpack(center_crop(torch.from_numpy(np.asarray(stack)), size).numpy())
         else:
             x, y = crop_and_augment(np.asarray(stack), size, rng, augment)
         if multiclass:

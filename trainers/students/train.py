@@ -387,11 +387,16 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
         keep = set(concepts)
         ds = ds.filter(lambda r: row_meta(r).get("concept") in keep, num_cpus=cpus)
     kw = {"size": size, "target": cfg.data.target, "classes": classes}
+    crops = {"size": size, "multiclass": classes is not None}
     train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cpus)
     train = train.map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
     if not cfg.data.cache:  # every epoch re-reads the shards, and the crops are drawn in Ray Data
-        crops = {"size": size, "multiclass": classes is not None, "augment": cfg.data.augment}
-        train = train.map_batches(to_student_examples, batch_size=32, num_cpus=cpus, fn_kwargs=crops)
+        train = train.map_batches(
+            to_student_examples,
+            batch_size=32,
+            num_cpus=cpus,
+            fn_kwargs={**crops, "augment": cfg.data.augment},
+        )
     # validation: centre crops, fixed once (a small set)
     val_rows = (
         ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cpus)
@@ -400,7 +405,7 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
             to_student_examples,
             batch_size=32,
             num_cpus=cpus,
-            fn_kwargs={"size": size, "multiclass": classes is not None, "augment": None},
+            fn_kwargs={**crops, "augment": None},
         )
         .take_all()
     )
