@@ -17,6 +17,7 @@ from trainers.toyworld.tables import (
     mean_over_seeds,
     run_tables,
     student_folder,
+    write_docs,
 )
 
 
@@ -57,7 +58,7 @@ def test_small_tables_pipeline_end_to_end(tmp_path):
     assert (out / "figure.png").exists() and "student on D_s u D'_s" in (out / "table.md").read_text()
 
 
-def test_student_rows_over_seeds():
+def test_student_rows_over_seeds(tmp_path):
     a, b = {"acc": 0.9, "iou": 0.4, "miou": 0.6}, {"acc": 0.8, "iou": 0.5, "miou": 0.7}
     assert mean_over_seeds([a]) is a  # one seed: the row as it was, no spread claimed
     m = mean_over_seeds([a, b])
@@ -78,5 +79,12 @@ def test_student_rows_over_seeds():
     md = markdown(table)
     assert "| student on D_s | 85.0 | 45.0 ± 7.1 | 65.0 |" in md and "| GrabCut | 90.0 | 40.0 | 60.0 |" in md
     assert "mean over student seeds 0, 1" in md
+    # the docs page: the command that made it, the commit, the wall time, which stages were reused, the table
+    page = tmp_path / "docs" / "tables.md"
+    write_docs({**table, "total_s": 4530.0, "reused_stages": ["3 fine-tune m'"]}, md, page, "make tables")
+    text = page.read_text()
+    assert "```bash\nmake tables\n```" in text and "wall time 75.5 min" in text
+    assert "stages reused from an earlier run: 3 fine-tune m'" in text and text.endswith(md)
+    assert "Commit unknown" not in text  # run from the repository: the commit is named
     with pytest.raises(SystemExit, match="integers"):
         main(["--student-seeds", "0,x"])
