@@ -245,3 +245,15 @@ def test_one_multiclass_student(students):
         and info["class_names"] == ["background", "star", "heart"]
     )
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.training
+def test_several_seeds_train_in_one_run(students):
+    # train.seeds: one student per concept and seed in the same Tune run, each seed exported on its own
+    cfg = _cfg(students, "data.concepts=[star]", "train.seeds=[3, 4]", "output.name=seeds")
+    cfg.output.export = str(students / "export-seeds")
+    summary = run_students(cfg)
+    assert sorted((r["student"], r["seed"]) for r in summary["students"]) == [("star", 3), ("star", 4)]
+    a, b = (load_student(students / "export-seeds" / f"seed{s}" / "star", "last")[0] for s in (3, 4))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(a(x), b(x)), "the two seeds trained two different students"

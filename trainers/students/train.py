@@ -21,6 +21,7 @@ dicts plus TorchScript, with a `student.json` that `trainers evaluate` reads.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -81,6 +82,11 @@ class StudentTrain(_Strict):
     lr: float = Field(2e-3, gt=0.0)
     loss: str = Field("bce", pattern="^(bce|bce\\+dice)$")
     seed: int = 0
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="several students per concept, one per seed, trained in the same run (a grid over "
+        "concepts and seeds); seed s exports to {export}/seed{s}/{concept}. Empty: `seed` alone",
+    )
     log_every: int = Field(50, ge=1)
 
 
@@ -449,6 +455,7 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
     export_student(cfg, result, out, concept, classes)
     return {
         "student": name,
+        "seed": cfg.train.seed,
         "export": str(out),
         "started": started,
         "finished": time.time(),
@@ -557,27 +564,45 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     if cfg.model.pretrained:
         cfg.model.pretrained = storage_path(cfg.model.pretrained)
     job = cfg.model_dump()
+    seeds = cfg.train.seeds or [cfg.train.seed]
+
+    def seed_job(seed: int) -> dict:
+        """The job of one seed's students: with train.seeds, their own seed, run name and export folder."""
+        if not cfg.train.seeds:
+            return job
+        j = copy.deepcopy(job)
+        j["train"]["seed"] = seed
+        j["output"]["name"] = f"{cfg.output.name}-seed{seed}"
+        j["output"]["export"] = f"{cfg.output.export.rstrip('/')}/seed{seed}"
+        return j
+
     t0 = time.time()
+    also = f", seeds {', '.join(map(str, seeds))}" if cfg.train.seeds else ""
     if cfg.multiclass:
         print(
-            f"[students] one multi-class student (background + {', '.join(concepts)}) on {len(urls)} shards",
+            f"[students] one multi-class student (background + {', '.join(concepts)}){also} on "
+            f"{len(urls)} shards",
             flush=True,
         )
-        results = [train_one(job, None, concepts, urls)]
+        results = [train_one(seed_job(s), None, concepts, urls) for s in seeds]
     else:
         print(
-            f"[students] {len(concepts)} students at once ({', '.join(concepts)}), backbone "
-            f"{cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards",
+            f"[students] {len(concepts) * len(seeds)} students at once ({', '.join(concepts)}{also}), "
+            f"backbone {cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards",
             flush=True,
         )
 
         def trial(config: dict) -> None:
-            tune.report({"summary": json.dumps(train_one(job, config["concept"], None, urls))})
+            summary = train_one(seed_job(config["seed"]), config["concept"], None, urls)
+            tune.report({"summary": json.dumps(summary)})
 
+        # one Tune run for every (concept, seed): the students overlap each other's start-up and export
         tuner = tune.Tuner(
             tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
-            param_space={"concept": tune.grid_search(concepts)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.scaling.max_concurrent or len(concepts)),
+            param_space={"concept": tune.grid_search(concepts), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=cfg.scaling.max_concurrent or len(concepts) * len(seeds)
+            ),
             run_config=tune.RunConfig(
                 name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
             ),
@@ -593,7 +618,9 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     for r in sorted(results, key=lambda r: r["started"]):
         m = r["metrics"]
         print(
-            f"[students] {r['student']}: {r['started'] - t0:6.1f}s -> {r['finished'] - t0:6.1f}s, step "
+            f"[students] {r['student']}"
+            + (f" seed {r['seed']}" if cfg.train.seeds else "")
+            + f": {r['started'] - t0:6.1f}s -> {r['finished'] - t0:6.1f}s, step "
             f"{m.get('step')}, loss {m.get('loss', float('nan')):.4f}, "
             f"val IoU {m.get('val_iou', float('nan')):.3f}"
             f" -> {r['export']}",
