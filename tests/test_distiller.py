@@ -172,3 +172,28 @@ def test_object_guidance_changes_the_background_and_needs_the_object_prompt(toyw
             2,
             object_guidance=1.0,
         )
+
+
+def test_paper_rule_recomputed_from_a_snapped_run_equals_a_paper_run(toyworld_pipe, fast_config):
+    """The tables score the paper's refined M and our snapped one from one pass (evaluate_distiller's
+    refined_paper): mask for mask, it is what a run with edges: none gives."""
+    from trainers.evaluate.method_masks import paper_refined
+
+    images = [render(7000 + i, background_only=False).image for i in range(4)]
+    concepts = [Concept(c) for c in ("star", "heart", "ring", "circle")]
+    runs = {
+        e: Distiller(
+            "toyworld", config=dataclasses.replace(fast_config, edges=e), pipeline=toyworld_pipe
+        ).label(images, concepts, seeds=[1, 2, 3, 4])
+        for e in ("guided", "none")
+    }
+    snapped = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe)
+    for image, tg, tn in zip(images, runs["guided"], runs["none"], strict=True):
+        assert np.array_equal(tg.prelim, tn.prelim) and np.array_equal(tg.background, tn.background)
+        assert np.array_equal(paper_refined(snapped, image, tg), tn.mask)
+    pairs = zip(runs["guided"], runs["none"], strict=True)
+    assert any(not np.array_equal(tg.mask, tn.mask) for tg, tn in pairs), "the snap changed some mask"
+    # a resized image's background is not the canvas's exactly: no recomputed mask is claimed for it
+    wide = np.repeat(np.repeat(images[0], 2, 0), 3, 1)  # 128 x 192 onto the 64 canvas
+    [t] = snapped.label([wide], Concept("star"), seeds=[1])
+    assert paper_refined(snapped, wide, t) is None
