@@ -13,7 +13,7 @@ Stages (folders under --out):
   5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled the same way)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept and
-                             `--student-seeds` seed, all at once (train.seeds), in seed{s}/{concept}/
+                             `--student-seeds` seed in one run (train.seeds), in seed{s}/{concept}/
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
 Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); M_pre with its edges snapped
 to the image's (`masks.edges: guided`, ours); refined M (m + m') by the paper's exact rule (`edges: none`);
@@ -252,7 +252,9 @@ def run_tables(cfg: TablesConfig, docs: str | None = None, command: str | None =
             if not todo:
                 continue
             did = True
-            # every seed's students of this set in one run: they overlap each other's start-up and export
+            # every seed's students of this set in one Tune run, as many at once as there are concepts: six at
+            # once on 2 cores trained 3 steps/s in all (load average 20, two thirds of it system time), two
+            # at once 4.5-9.4 on earlier days
             run_students(
                 load_students_config(
                     "configs/students-toyworld.yaml",
@@ -263,6 +265,7 @@ def run_tables(cfg: TablesConfig, docs: str | None = None, command: str | None =
                         f"train.batch={cfg.student_batch}",
                         f"train.loss={cfg.student_loss}",
                         f"train.seeds=[{', '.join(map(str, todo))}]",
+                        f"scaling.max_concurrent={len(cfg.concepts)}",
                         f"checkpoint.every={max(1, cfg.student_steps // 4)}",
                         f"model.backbone={cfg.student_backbone}",
                         f"output.storage={out / 'runs'}",
