@@ -586,8 +586,10 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
         )
         results = [train_one(seed_job(s), None, concepts, urls) for s in seeds]
     else:
+        n = len(concepts) * len(seeds)
+        at_once = min(n, cfg.scaling.max_concurrent or n)
         print(
-            f"[students] {len(concepts) * len(seeds)} students at once ({', '.join(concepts)}{also}), "
+            f"[students] {n} students, {at_once} at once ({', '.join(concepts)}{also}), "
             f"backbone {cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards",
             flush=True,
         )
@@ -596,13 +598,11 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
             summary = train_one(seed_job(config["seed"]), config["concept"], None, urls)
             tune.report({"summary": json.dumps(summary)})
 
-        # one Tune run for every (concept, seed): the students overlap each other's start-up and export
+        # one Tune run for every (concept, seed): one start-up and teardown of Tune for all of them
         tuner = tune.Tuner(
             tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
             param_space={"concept": tune.grid_search(concepts), "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=cfg.scaling.max_concurrent or len(concepts) * len(seeds)
-            ),
+            tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
             run_config=tune.RunConfig(
                 name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
             ),
