@@ -84,3 +84,22 @@ def test_guided_filter_snaps_a_grid_mask_onto_the_objects_edge():
         refine_mask(image, image, grid, Canvas(64, 64, 64, 0, 0), edges="crf")
     with pytest.raises(ValueError, match="unknown edges"):
         DistillConfig(edges="crf")
+
+
+def test_the_snap_keeps_a_mask_it_would_erase():
+    # a small object that differs from its inpainted background but hardly from the image around it: the
+    # guided filter sees no edge and averages the mask away; refine_mask then keeps the paper's mask
+    from factory.method.edges import snap_to_edges
+
+    image = np.full((64, 64, 3), 100, np.uint8)
+    image[30:35, 30:35] = 104
+    bg = image.copy()
+    bg[30:35, 30:35] = 0
+    prelim = np.zeros((16, 16), bool)
+    prelim[6:10, 6:10] = True
+    c = Canvas(64, 64, 64, 64, 64)
+    paper, _, _ = refine_mask(image, bg, prelim, c)
+    assert paper.any() and not paper[:30].any() and not paper[35:].any()
+    assert not snap_to_edges(paper, image, 12, 0.01).any()  # the filter alone erases it
+    guided, _, _ = refine_mask(image, bg, prelim, c, edges="guided")
+    assert np.array_equal(guided, paper)

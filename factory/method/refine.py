@@ -11,6 +11,9 @@ Beyond the paper (`edges="guided"`, our default): M's edges are then snapped to 
 guided filter (`factory.method.edges.snap_to_edges`) on the valid region. The AND with the latent-grid M_pre
 leaves M with the grid's staircase edges and cuts off object parts that M_pre's cells miss; the filter, guided
 by the image, moves the boundary onto the object's colour edge. `edges="none"` is the paper's rule.
+Where the image shows no edge to snap to (an object that differs from its inpainted background but hardly
+from its surroundings in the image), the filter can erase a non-empty M; M is then kept unsnapped, so the
+snap never loses a sample the paper's rule would keep.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def refine_mask(
     if edges == "guided":
         vh, vw = canvas.valid_h, canvas.valid_w
         snapped = snap_to_edges(mask[:vh, :vw], image[:vh, :vw], edge_radius, edge_eps)
-        mask = np.zeros_like(mask)
-        mask[:vh, :vw] = snapped
+        if snapped.any() or not mask.any():  # an erased M stays unsnapped (module docstring)
+            mask = np.zeros_like(mask)
+            mask[:vh, :vw] = snapped
     return mask, diff, stats
