@@ -85,9 +85,6 @@ def test_what_an_actor_hands_on_does_not_grow_with_the_shard_size(tmp_path):
                     "resources.actors=1",
                     "filters.min_area=0.0",
                     "filters.max_area=1.0",
-                    # the paper's mask rule: with 2 sampler steps the edge snapping erases an odd mask
-                    # (rejected as empty_mask), and this test counts every key of the shard
-                    "masks.edges=none",
                     "output.report_samples=0",
                 ],
             )
