@@ -59,7 +59,7 @@ def refine_mask(
     if edges == "guided":
         vh, vw = canvas.valid_h, canvas.valid_w
         snapped = snap_to_edges(mask[:vh, :vw], image[:vh, :vw], edge_radius, edge_eps)
-        if snapped.any() or not mask.any():  # an erased M stays unsnapped (module docstring)
+        if snapped.any():  # an erased M stays unsnapped (module docstring); an empty M stays empty
             mask = np.zeros_like(mask)
             mask[:vh, :vw] = snapped
     return mask, diff, stats
