@@ -257,3 +257,21 @@ def test_several_seeds_train_in_one_run(students):
     a, b = (load_student(students / "export-seeds" / f"seed{s}" / "star", "last")[0] for s in (3, 4))
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a(x), b(x)), "the two seeds trained two different students"
+
+
+@pytest.mark.training
+@pytest.mark.parametrize(
+    "extra",
+    [("data.cache=false",), ("scaling.workers=2", "scaling.cpus_per_worker=0.25")],
+    ids=["streamed-every-epoch", "cached-two-workers"],
+)
+def test_the_streamed_path_and_two_workers_train_and_export(students, extra):
+    # the cached default prepares the rows once in the trial and hands each worker its share; data.cache=false
+    # streams the shards through Ray Data every epoch, and two DDP workers split the cached rows
+    name = "-".join(x.split("=")[0].split(".")[-1] for x in extra)
+    cfg = _cfg(students, "data.concepts=[heart]", f"output.name={name}", *extra)
+    cfg.output.export = str(students / f"export-{name}")
+    [r] = run_students(cfg)["students"]
+    assert r["metrics"]["step"] == 12 and np.isfinite(r["metrics"]["loss"]) and r["val_images"] > 0
+    model, info = load_student(r["export"])
+    assert info["concept"] == "heart" and model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)

@@ -207,7 +207,8 @@ def to_student_examples(
     images, targets = [], []
     for stack, label in zip(batch["stack"], batch["label"], strict=True):
         if augment is None:
-            x, y = _unpack(center_crop(torch.from_numpy(np.asarray(stack)), size).numpy())
+            # a copy: rows that come from Ray's object store are read-only
+            x, y = _unpack(center_crop(torch.from_numpy(np.array(stack)), size).numpy())
         else:
             x, y = crop_and_augment(np.asarray(stack), size, rng, augment)
         if multiclass:
