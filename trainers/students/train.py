@@ -418,33 +418,27 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
         rows = ds.map_batches(
             _prepare_and_split, batch_size=32, num_cpus=cpus, fn_kwargs={**kw, "every": every}
         ).take_all()
-        train = [r for r in rows if not r["val"]]
+        train_rows = [r for r in rows if not r["val"]]
         val_rows = [r for r in rows if r["val"]]
         train = {
-            "stack": [r["stack"] for r in train],
-            "label": np.array([r["label"] for r in train], np.int64),
+            "stack": [r["stack"] for r in train_rows],
+            "label": np.array([r["label"] for r in train_rows], np.int64),
         }
-        val = to_student_examples(
-            {"stack": [r["stack"] for r in val_rows], "label": np.array([r["label"] for r in val_rows])},
-            size,
-            augment=None,
-            multiclass=multiclass,
+    else:
+        train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cpus)
+        train = train.map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
+        train = train.map_batches(
+            to_student_examples,
+            batch_size=32,
+            num_cpus=cpus,
+            fn_kwargs={"size": size, "multiclass": multiclass, "augment": cfg.data.augment},
         )
-        return train, val
-    train = ds.filter(lambda r: not _is_val(r["__key__"], every), num_cpus=cpus)
-    train = train.map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
-    train = train.map_batches(
-        to_student_examples,
-        batch_size=32,
-        num_cpus=cpus,
-        fn_kwargs={"size": size, "multiclass": multiclass, "augment": cfg.data.augment},
-    )
+        val_rows = (
+            ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cpus)
+            .map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
+            .take_all()
+        )
     # validation: centre crops, fixed once (a small set)
-    val_rows = (
-        ds.filter(lambda r: _is_val(r["__key__"], every), num_cpus=cpus)
-        .map_batches(prepare_rows, batch_size=32, num_cpus=cpus, fn_kwargs=kw)
-        .take_all()
-    )
     val = to_student_examples(
         {"stack": [r["stack"] for r in val_rows], "label": np.array([r["label"] for r in val_rows])},
         size,
