@@ -294,10 +294,8 @@ def student_train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     start_time = time.time()
     if cfg.data.cache:  # this worker's share of the rows prepared once by the trial (`_dataset`)
-        rows = {
-            "stack": config["rows"]["stack"][rank::world],
-            "label": config["rows"]["label"][rank::world],
-        }
+        prepared = ray.get(config["rows"])
+        rows = {"stack": prepared["stack"][rank::world], "label": prepared["label"][rank::world]}
         # augmentation draws depend on the seed, the rank and the resumed step only
         rng = np.random.default_rng([cfg.train.seed, rank, step])
     else:
@@ -397,12 +395,12 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
     """(the training rows or dataset, the validation arrays (centre crops)).
 
     Shard rows are decoded and resized in Ray Data (`prepare_rows`). With `data.cache` (the default) that is
-    one execution here, whose prepared rows (4 * S^2 bytes a row) go to the workers with the train loop's
-    config, each worker drawing every epoch's crops of its share itself (`cached_batches`): an epoch of a
-    small set is a few steps, and every Ray Data execution costs seconds of start-up (measured: the worker's
-    own execution of a 140-row set made its first 250 steps take ~40 s longer). Returns ({"stack", "label"},
-    val). Without the cache every epoch streams the shards through Ray Data again (sets larger than memory),
-    the crops drawn there: returns (the Ray Dataset, val)."""
+    one execution here, whose prepared rows (4 * S^2 bytes a row) go to the workers as one object in Ray's
+    object store, each worker drawing every epoch's crops of its share itself (`cached_batches`): an epoch
+    of a small set is a few steps, and every Ray Data execution costs seconds of start-up (measured: the
+    worker's own execution of a 140-row set made its first 250 steps take ~40 s longer). Returns
+    ({"stack", "label"}, val). Without the cache every epoch streams the shards through Ray Data again (sets
+    larger than memory), the crops drawn there: returns (the Ray Dataset, val)."""
     import ray
 
     from trainers.students.data import prepare_rows, row_meta, to_student_examples
@@ -469,7 +467,8 @@ def train_one(job: dict, concept: str | None, classes: list[str] | None, urls: l
             "concept": concept,
             "classes": classes,
             "val": val,
-            "rows": train if cfg.data.cache else None,
+            # one copy in the object store, whatever the number of workers; each reads its share zero-copy
+            "rows": ray.put(train) if cfg.data.cache else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
