@@ -32,7 +32,7 @@ def test_refined_mask_is_difference_and_prelim():
     img[20:40, 20:40] = 250  # the object
     prelim = np.zeros((16, 16), bool)
     prelim[4:11, 4:11] = True  # coarse, overestimating: pixels 16..43
-    mask, diff, st = refine_mask(img, bg, prelim, Canvas(64, 64, 64, 64, 64))
+    mask, diff, st, _ = refine_mask(img, bg, prelim, Canvas(64, 64, 64, 64, 64))
     gt = np.zeros((64, 64), bool)
     gt[20:40, 20:40] = True
     assert diff.shape == (64, 64) and st.rule == "gmm"
@@ -40,7 +40,7 @@ def test_refined_mask_is_difference_and_prelim():
     # the AND: a difference outside the preliminary region is not foreground
     img2 = img.copy()
     img2[50:60, 50:60] = 250
-    mask2, _, _ = refine_mask(img2, bg, prelim, Canvas(64, 64, 64, 64, 64))
+    mask2, _, _, _ = refine_mask(img2, bg, prelim, Canvas(64, 64, 64, 64, 64))
     assert not mask2[50:60, 50:60].any()
 
 
@@ -51,9 +51,9 @@ def test_refine_ignores_padding_and_fills_holes_on_request():
     img[18:22, 18:22] = 100  # a hole
     prelim = np.ones((16, 16), bool)
     c = Canvas(64, 40, 64, 40, 64)
-    m, _, _ = refine_mask(img, bg, prelim, c)
+    m, _, _, _ = refine_mask(img, bg, prelim, c)
     assert not m[40:].any()
-    filled, _, _ = refine_mask(img, bg, prelim, c, close_and_fill=True)
+    filled, _, _, _ = refine_mask(img, bg, prelim, c, close_and_fill=True)
     assert filled[19, 19] and not m[19, 19]
 
 
@@ -98,8 +98,24 @@ def test_the_snap_keeps_a_mask_it_would_erase():
     prelim = np.zeros((16, 16), bool)
     prelim[6:10, 6:10] = True
     c = Canvas(64, 64, 64, 64, 64)
-    paper, _, _ = refine_mask(image, bg, prelim, c)
-    assert paper.any() and not paper[:30].any() and not paper[35:].any()
+    paper, _, _, off = refine_mask(image, bg, prelim, c)
+    assert paper.any() and not paper[:30].any() and not paper[35:].any() and off == "off"
     assert not snap_to_edges(paper, image, 12, 0.01).any()  # the filter alone erases it
-    guided, _, _ = refine_mask(image, bg, prelim, c, edges="guided")
+    guided, _, _, snap = refine_mask(image, bg, prelim, c, edges="guided")
     assert np.array_equal(guided, paper)
+    assert snap == "unsnapped"  # what the job's filter rejects as edgeless_mask (test_filters)
+
+
+def test_the_job_filter_rejects_an_unsnapped_mask_unless_told_not_to():
+    # a mask the snap would have erased is mostly wrong (factory/method/refine.py): the job drops it as
+    # edgeless_mask by default; filters.reject_edgeless=false keeps it; the paper's rule ("off") is never hit
+    from factory.dataset.config import load_config
+    from factory.dataset.filters import reject_reason
+
+    meta = {"mask_area": 0.1, "prelim_stats": {"bimodality": 3.0}, "edges": "unsnapped"}
+    cfg = load_config("configs/toyworld.yaml")
+    assert reject_reason(meta, cfg) == "edgeless_mask"
+    assert reject_reason({**meta, "edges": "snapped"}, cfg) is None
+    assert reject_reason({**meta, "edges": "off"}, cfg) is None
+    keep = load_config("configs/toyworld.yaml", ["filters.reject_edgeless=false"])
+    assert reject_reason(meta, keep) is None

@@ -76,6 +76,11 @@ class FilterConfig(_Strict):
     min_area: float = Field(0.0, ge=0.0, le=1.0, description="refined-mask area fraction bounds")
     max_area: float = Field(1.0, ge=0.0, le=1.0)
     min_bimodality: float = Field(0.0, ge=0.0, description="Ashman's D of the attention GMM")
+    reject_edgeless: bool = Field(
+        True,
+        description="with masks.edges: guided, reject a sample whose refined mask the edge snap would erase "
+        "(no image edge around it; mostly wrong masks: factory/method/refine.py)",
+    )
     keep_rejected: bool = False
 
 

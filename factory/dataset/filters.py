@@ -19,4 +19,6 @@ def reject_reason(meta: dict, cfg: JobConfig) -> str | None:
         return "area_above_max"
     if meta["prelim_stats"]["bimodality"] < f.min_bimodality:
         return "low_bimodality"
+    if f.reject_edgeless and meta.get("edges") == "unsnapped":
+        return "edgeless_mask"
     return None

@@ -365,7 +365,7 @@ class Distiller:
             c = canvases[i]
             # 5. Refined mask: rule(|x - background|) AND M_pre (Step 4b), its edges snapped to the image's
             #    (`edges: guided`, ours; "none" = the paper's), then back to the image's own size.
-            mask, _, refine_stats = refine_mask(
+            mask, _, refine_stats, snap = refine_mask(
                 images[i],
                 backgrounds[i],
                 prelims[i],
@@ -392,6 +392,7 @@ class Distiller:
             meta.update(
                 prelim_stats=prelim_stats[i].as_dict(),
                 refine_stats=refine_stats.as_dict(),
+                edges=snap,  # "snapped", "unsnapped" (would erase M: filters.reject_edgeless) or "off"
                 mask_area=float(mask_o.mean()),
                 prelim_area=float(prelims[i][:vh, :vw].mean()),
             )

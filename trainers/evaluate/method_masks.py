@@ -68,7 +68,7 @@ def paper_refined(distiller: Distiller, image: np.ndarray, triplet) -> np.ndarra
     background = np.zeros_like(canvas_image)
     background[: c.valid_h, : c.valid_w] = triplet.background
     cfg = distiller.config
-    mask, _, _ = refine_mask(
+    mask, _, _, _ = refine_mask(
         canvas_image, background, triplet.prelim, c, cfg.mask_rule, cfg.close_and_fill, "none"
     )
     return to_original(mask, c)
