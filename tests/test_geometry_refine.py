@@ -103,7 +103,7 @@ def test_the_snap_keeps_a_mask_it_would_erase():
     assert not snap_to_edges(paper, image, 12, 0.01).any()  # the filter alone erases it
     guided, _, _, snap = refine_mask(image, bg, prelim, c, edges="guided")
     assert np.array_equal(guided, paper)
-    assert snap == "unsnapped"  # what the job's filter rejects as edgeless_mask (test_filters)
+    assert snap == "unsnapped"  # what the job's filter rejects as edgeless_mask (the next test)
 
 
 def test_the_job_filter_rejects_an_unsnapped_mask_unless_told_not_to():
