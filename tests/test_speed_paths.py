@@ -201,3 +201,31 @@ def test_bench_summarize_tables_the_json_files(tmp_path, capsys):
         "| 18,000 | 43.0% |" in summary_table(tmp_path)
     )
     assert main(["bench", "--summarize", str(tmp_path)]) == 0 and "18,000" in capsys.readouterr().out
+
+
+def test_the_capture_runs_compiled_at_the_papers_settings_without_recompiling(toyworld_pipe, monkeypatch):
+    """resources.compile at 50 steps with 40 recorded (issue 30): the capture's bookkeeping must not change a
+    value dynamo guards on, or each recorded step recompiles until the recompile limit and the job runs eager.
+    Dynamo's graph capture is what recompiles, so a counting backend stands in for inductor (seconds, not
+    minutes); with `fail_on_recompile_limit_hit` a fallback to eager fails the test."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    cfg = DistillConfig(num_inference_steps=50, probe_t0=40, inpaint_steps=50, compile=True)
+    d = Distiller("toyworld", pipeline=toyworld_pipe, config=cfg)
+    try:
+        [a] = d.synthesize([SampleSpec(Concept("star"), seed=1)])
+        [b] = d.synthesize([SampleSpec(Concept("ring"), seed=2)])  # a new batch and concept
+        [c] = d.label([a.image], Concept("star"), seeds=[0])  # the probe's 40 recorded steps
+    finally:
+        torch._dynamo.reset()
+    # one graph with the capture off (unrecorded steps, inpainting), one with it on
+    assert 1 <= counter.frame_count <= 4, counter.frame_count
+    assert np.isfinite(a.attention).all() and a.attention.max() > 0 and c.mask.shape == a.mask.shape
+    assert b.meta["concept"] == "ring"

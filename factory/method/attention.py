@@ -44,7 +44,10 @@ class AttentionAccumulator:
         self.record_rows = record_rows if record_rows is not None else slice(None)
         n = token_weights[self.record_rows].shape[0]
         self.total = torch.zeros(n, size, size, device=token_weights.device, dtype=torch.float32)
-        self.count = 0
+        # The count is a device tensor, not a Python int: `add` runs inside a torch.compile'd model, where
+        # dynamo guards on a Python attribute's value and recompiles at every new one (issue 30: a 50-step job
+        # fell back to eager at the recompile limit). A tensor's in-place add is part of the graph.
+        self.count = torch.zeros((), device=token_weights.device, dtype=torch.float32)
         self.enabled = True
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
@@ -66,7 +69,7 @@ class AttentionAccumulator:
         self.count += 1
 
     def mean(self) -> torch.Tensor:
-        if self.count == 0:
+        if not self.count.item():  # one host sync per batch, after the loop
             raise RuntimeError("no cross-attention was recorded: is this a text-conditioned UNet?")
         return self.total / self.count
 
