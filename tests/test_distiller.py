@@ -96,7 +96,11 @@ def test_in_loop_attention_and_probe_option(toyworld_pipe, fast_config):
     (lp,) = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe).synthesize(
         [SampleSpec(Concept("ring"), 4)]
     )
-    assert np.array_equal(p.image, lp.image)  # same generation; only the attention source differs
+    # the same generation; only the attention source differs. On recorded steps the capture computes the
+    # attention explicitly instead of SDPA's fused kernel, so the image agrees up to rounding: on some CPUs
+    # (AVX-512 here) one pixel in 12,288 differs by one level
+    diff = np.abs(p.image.astype(int) - lp.image.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
     assert not np.array_equal(p.attention, lp.attention)
     assert p.meta["attention_source"] == "probe" and lp.meta["attention_source"] == "loop"
 

@@ -214,19 +214,42 @@ def test_flow_models_refuse_samplers_they_do_not_have():
         make_scheduler("dpm++", FlowMatchEulerDiscreteScheduler())
 
 
-# --- SDXL's VAE in fp16, and a VAE given in place of the model's ------------------------------------------
-def test_an_fp16_vae_that_asks_for_upcast_runs_in_fp32_and_a_named_vae_replaces_it(tmp_path):
+# --- the VAE's dtype per family, and a VAE given in place of the model's -----------------------------------
+@pytest.mark.parametrize("kind", ["sd2", "sdxl", "sd3"])
+def test_an_fp16_vae_runs_in_the_dtype_of_its_familys_pipeline_and_the_pipeline_is_left_as_it_is(kind):
+    """diffusers' SDXL pipelines upcast an fp16 VAE that says force_upcast, its SD and SD3 pipelines do not
+    (issue 30: every fp16 SD 1.x/2.x model decoded in fp32, and the shared pipeline's VAE was changed in
+    place, so plain generation after the Distiller failed with fp16 latents into an fp32 VAE)."""
+    pipe = BUILDERS[kind]()
+    pipe.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)  # AutoencoderKL's default, SD 1.x/2.x's config too
+    d = Distiller(kind, pipeline=pipe, config=FAST)
+    assert pipe.vae.dtype == torch.float16  # the shared pipeline is untouched
+    assert d.vae.dtype == (torch.float32 if kind == "sdxl" else torch.float16)
+    assert (d.vae is pipe.vae) == (kind != "sdxl")
+
+
+def test_plain_generation_with_the_pipeline_still_runs_after_an_fp16_distiller(toyworld_pipe):
+    """`factory bench`'s baseline runs the shared pipeline after the Distiller was built on it."""
+    import copy
+
+    pipe = copy.deepcopy(toyworld_pipe).to(torch.float16)
+    assert pipe.vae.config.force_upcast  # toyworld's VAE says so, as SD 1.5's does
+    d = Distiller("toyworld", pipeline=pipe, config=FAST)
+    [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.meta["dtype"] == "float16" and d.vae.dtype == torch.float16
+    images = pipe("a photo of a star", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_a_named_vae_replaces_the_models_own_for_the_method_only(tmp_path):
     from tiny_models import sdxl_pipeline, vae
 
-    pipe = sdxl_pipeline()
-    pipe.vae.half()
-    assert pipe.vae.config.force_upcast
-    d = Distiller("sdxl", pipeline=pipe, config=FAST)
-    assert pipe.vae.dtype == torch.float32  # SDXL's own VAE overflows in fp16
     fixed = vae(force_upcast=False)
     fixed.save_pretrained(tmp_path / "fp16-fixed-vae")
-    d = Distiller("sdxl", pipeline=sdxl_pipeline(), config=FAST, vae=str(tmp_path / "fp16-fixed-vae"))
-    assert d.pipe.vae.config.force_upcast is False
+    pipe = sdxl_pipeline()
+    d = Distiller("sdxl", pipeline=pipe, config=FAST, vae=str(tmp_path / "fp16-fixed-vae"))
+    assert d.vae.config.force_upcast is False and pipe.vae.config.force_upcast is True
     (t,) = d.synthesize([SampleSpec(Concept("star"), 0)])
     assert t.meta["vae"] == "fp16-fixed-vae"
 

@@ -182,3 +182,24 @@ def test_a_user_error_inside_an_actor_comes_back_as_itself(tmp_path, capsys):
         "factory: error: could not load the pipeline in"
     ) and "Traceback" not in "".join(err)
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+@pytest.mark.integration
+def test_a_non_finite_attention_map_is_a_counted_reject_not_a_failed_job(tmp_path, toyworld_pipe):
+    """A model whose concept map overflows (an fp16 NaN or inf, made here with an inf in one cross-attention
+    key projection) rejects its samples as `nonfinite_attention`; the job completes (issue 30: a plain
+    ValueError in the GMM failed the actor call, and Ray retried it until the job failed)."""
+    import copy
+
+    import torch
+
+    pipe = copy.deepcopy(toyworld_pipe)
+    name = next(n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    with torch.no_grad():
+        pipe.unet.get_submodule(name).weight[0, 0] = float("inf")
+    pipe.save_pretrained(tmp_path / "overflowing")
+    cfg = job(tmp_path, f"model={tmp_path / 'overflowing'}", "filters.keep_rejected=true")
+    summary = run_job(cfg, "generate", progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["complete"] and manifest["totals"]["written"] == 0
+    assert manifest["totals"]["rejected"] == {"nonfinite_attention": 5}

@@ -8,6 +8,8 @@ from factory.dataset.config import JobConfig
 def reject_reason(meta: dict, cfg: JobConfig) -> str | None:
     """The quality filters: None if the sample is good, else the reason it is rejected."""
     f = cfg.filters
+    if meta.get("attention_finite") is False:  # a NaN or inf in the concept map (fp16 overflow, say)
+        return "nonfinite_attention"
     area = meta["mask_area"]
     if area == 0.0:
         return "empty_mask"

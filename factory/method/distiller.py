@@ -32,7 +32,7 @@ from factory.method.families import Conditioning, detect_family
 from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
 from factory.method.inpaint import inpaint_background
 from factory.method.loading import load_pipeline, model_id
-from factory.method.masks import binarize
+from factory.method.masks import MaskStats, binarize
 from factory.method.probe import (
     encode_images,
     latent_shift,
@@ -199,7 +199,8 @@ class Distiller:
             must share m's VAE and text encoder (fine-tuning freezes both). UNet families only.
         vae: a VAE (a diffusers `AutoencoderKL` directory or hub id) to use instead of the model's, e.g. the
             fp16-fixed SDXL VAE. A VAE that says `force_upcast` (SDXL's own) runs in fp32 when the model
-            runs in fp16, where it would overflow.
+            runs in fp16, where it would overflow, as in diffusers' SDXL pipelines; SD 1.x/2.x VAEs run in the
+            model's dtype, as in diffusers' SD pipeline. The loaded pipeline itself is left as it is.
 
     Raises:
         ModelLoadError: the model or the inpainting model cannot be loaded; the message says what to do.
@@ -232,10 +233,9 @@ class Distiller:
         p = self.pipe
         self.family = detect_family(p)
         self.vae_model = vae
-        if vae is not None:
-            p.vae = load_vae(vae, self.device, self.dtype)
-        if p.vae.dtype == torch.float16 and getattr(p.vae.config, "force_upcast", False):
-            p.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' pipelines upcast it too)
+        # The VAE of Steps 1, 4 and 6, in the dtype the family's diffusers pipeline uses (fp32 for SDXL's
+        # in fp16, the model's own for SD 1.x/2.x and SD3): `family.method_vae`. The pipeline stays as it is.
+        self.vae = self.family.method_vae(load_vae(vae, self.device, self.dtype) if vae is not None else None)
         self.inpaint_model = inpaint_model
         self.inpaint_unet = self.family.denoiser_module
         if inpaint_model is not None:
@@ -266,7 +266,7 @@ class Distiller:
         self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, p.scheduler)
         denoiser = self.family.denoiser_module
         if self.config.channels_last:
-            for module in {id(m): m for m in (denoiser, self.inpaint_unet, p.vae)}.values():
+            for module in {id(m): m for m in (denoiser, self.inpaint_unet, self.vae)}.values():
                 module.to(memory_format=torch.channels_last)
         if self.config.compile:
             from factory.method.attention import install_capture
@@ -323,7 +323,7 @@ class Distiller:
         # On the CPU one sample at a time (diffusers' "VAE slicing"): the CPU convolution kernels are not
         # bitwise batch-invariant, and a sample must not depend on the batch it lands in. On a GPU the whole
         # micro-batch at once (results may differ in the last bits between batch sizes, as for the UNet).
-        vae = self.pipe.vae
+        vae = self.vae
         shift = latent_shift(vae)
         z = z.to(vae.dtype)
         pieces = [zi[None] for zi in z] if self.device.type == "cpu" else [z]
@@ -333,21 +333,28 @@ class Distiller:
             )
 
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
-        masks, stats = [], []
+        """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an fp16
+        overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter: one
+        bad sample must not fail the actor call, which Ray would retry until the job fails."""
+        masks, stats, finite = [], [], []
         for a, c in zip(attention.float().cpu().numpy(), canvases, strict=True):
             vh, vw = c.latent_valid(self.vae_factor)
-            m_valid, st = binarize(a[:vh, :vw], self.config.mask_rule)
             m = np.zeros(a.shape, bool)
-            m[:vh, :vw] = m_valid
+            ok = bool(np.isfinite(a[:vh, :vw]).all())
+            if ok:
+                m[:vh, :vw], st = binarize(a[:vh, :vw], self.config.mask_rule)
+            else:
+                st = MaskStats(self.config.mask_rule, 0.0, (), (), 0.0)
             masks.append(m)
             stats.append(st)
-        return masks, stats
+            finite.append(ok)
+        return masks, stats, finite
 
     def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode):
         """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2)."""
         # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
         t = self._clock()
-        prelims, prelim_stats = self._prelim(attention, canvases)
+        prelims, prelim_stats, finite = self._prelim(attention, canvases)
         timings["prelim_s"] = self._clock() - t
 
         # 4. Background: inpaint the M_pre region with the background prompt (Step 4), decode to pixels.
@@ -391,6 +398,7 @@ class Distiller:
             meta = self._metadata(spec, mode, c, timings)
             meta.update(
                 prelim_stats=prelim_stats[i].as_dict(),
+                attention_finite=finite[i],  # False: filters reject it as nonfinite_attention
                 refine_stats=refine_stats.as_dict(),
                 edges=snap,  # "snapped", "unsnapped" (would erase M: filters.reject_edgeless) or "off"
                 mask_area=float(mask_o.mean()),
@@ -499,7 +507,7 @@ class Distiller:
 
     def _probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> tuple:
         """Steps 1-2 of label mode: canvases, latents and the mean attention maps; what `_finish` takes."""
-        cfg, p = self.config, self.pipe
+        cfg = self.config
         seeds = [s.seed for s in specs]
         prompts = [s.concept.prompt for s in specs]
         weights = self._token_weights(specs)
@@ -510,7 +518,7 @@ class Distiller:
         imgs = [im for im, _ in canv]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        z0 = encode_images(p.vae, x.to(self.device, p.vae.dtype), gens).to(self.dtype)
+        z0 = encode_images(self.vae, x.to(self.device, self.vae.dtype), gens).to(self.dtype)
         timings["encode_s"] = self._clock() - t
         t = self._clock()
         attention = mean_attention_map(
@@ -522,7 +530,7 @@ class Distiller:
             probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
             gens,
             cfg.probe_repeats,
-            repaint_everything(p.vae, z0) if self.denoiser.in_channels == 9 else None,
+            repaint_everything(self.vae, z0) if self.denoiser.in_channels == 9 else None,
         )
         timings["attention_s"] = self._clock() - t
         originals = [

@@ -159,6 +159,10 @@ class SDFamily:
     denoiser_name = "unet"  # the pipeline component that denoises
     clip_tokenizer_names: tuple[str, ...] = ("tokenizer",)  # their tokens share the text stream's positions
     tokenizer_names: tuple[str, ...] = clip_tokenizer_names
+    # Whether an fp16 VAE that says `force_upcast` decodes and encodes in fp32, as the family's diffusers
+    # pipeline does: StableDiffusionPipeline never upcasts (SD 1.x/2.x VAEs say force_upcast by default and
+    # run in fp16), StableDiffusionXLPipeline does (SDXL's VAE overflows in fp16).
+    upcast_vae = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -175,6 +179,17 @@ class SDFamily:
     def tokenizers(self) -> list:
         """The pipeline's tokenizers that it has (SD3 may come without T5's)."""
         return [t for t in (getattr(self.pipe, n, None) for n in self.tokenizer_names) if t is not None]
+
+    def method_vae(self, vae=None):
+        """The VAE the method encodes and decodes with: `vae` (a replacement) or the pipeline's, in fp32 where
+        the family's pipeline upcasts it (`upcast_vae`). An upcast is a copy: the shared pipeline keeps its
+        own VAE and dtype, so plain generation with it (e.g. `factory bench`'s baseline) still works."""
+        import copy
+
+        vae = vae if vae is not None else self.pipe.vae
+        if self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae = copy.deepcopy(vae).to(torch.float32)
+        return vae
 
     @property
     def vae_factor(self) -> int:
@@ -216,6 +231,7 @@ class SDXLFamily(SDFamily):
     name = "sdxl"
     clip_tokenizer_names = ("tokenizer", "tokenizer_2")
     tokenizer_names = clip_tokenizer_names
+    upcast_vae = True
 
     def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
