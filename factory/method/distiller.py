@@ -333,9 +333,9 @@ class Distiller:
             )
 
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
-        """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an fp16
-        overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter: one
-        bad sample must not fail the actor call, which Ray would retry until the job fails."""
+        """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an
+        fp16 overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter:
+        one bad sample must not fail the actor call, which Ray would retry until the job fails."""
         masks, stats, finite = [], [], []
         for a, c in zip(attention.float().cpu().numpy(), canvases, strict=True):
             vh, vw = c.latent_valid(self.vae_factor)
