@@ -22,6 +22,9 @@ The JSON's keys (also printed as a table; docs/benchmarks.md has them with measu
   inpainting, both decodes, the refined mask.
 - `triplet_over_plain`: the two above at equal steps and guidance; the FLOP floor is about 2.0.
 - `stages_s_per_sample`: the triplet's own stage timings (`Triplet.meta["timings"]`, synced on a GPU).
+- `actor_cpu_s_per_sample`: what a job's GPU actor spends per sample on the CPU besides the model calls
+  (M_pre and the drafts: `prelim_s` + `draft_s`); `writer_refine_s_per_sample`: Steps 5-6 (`refine_s`),
+  which a job runs in its CPU writer tasks.
 - `capture`: the synthesis loop alone with the attention capture on and off; `overhead` = on / off - 1.
 - `encode_write_s_per_sample`, `encode_write_share`: image encoding and tar writing of the triplets (a
   writer task's work) per sample, and its share of triplet + write.
@@ -274,6 +277,8 @@ def bench(
         "triplet_s_per_sample": triplet_s,
         "triplet_over_plain": med["triplet"] / med["plain"],
         "stages_s_per_sample": stages,
+        "actor_cpu_s_per_sample": stages.get("prelim_s", 0.0) + stages.get("draft_s", 0.0),
+        "writer_refine_s_per_sample": stages.get("refine_s", 0.0),
         "capture": {
             "loop_on_s": med["loop_on"] / batch,
             "loop_off_s": med["loop_off"] / batch,
@@ -321,6 +326,11 @@ def format_table(r: dict) -> str:
             f"{r['capture']['loop_off_s']:.3f} s/sample)",
         ),
         ("stages", ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["stages_s_per_sample"].items()) + " s/sample"),
+        (
+            "actor CPU work",
+            f"{1000 * r['actor_cpu_s_per_sample']:.1f} ms/sample besides the model calls (M_pre, drafts); "
+            f"the writer's refine {1000 * r['writer_refine_s_per_sample']:.1f} ms/sample",
+        ),
         (
             "encode + write",
             f"{r['encode_write_s_per_sample']:.4f} s/sample, {100 * r['encode_write_share']:.1f}% of "

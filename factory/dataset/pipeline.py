@@ -38,6 +38,7 @@ from factory.dataset.shards import ShardStore, encode_triplet
 from factory.dataset.specs import ShardTask, generation_shards, job_fingerprint, label_shards
 from factory.errors import UserError, user_error_from_state, user_error_state
 from factory.method.loading import quiet_model_libraries
+from factory.method.triplet import Draft
 
 MIN_LATENT_CELLS = 4  # label mode: an image whose shorter side spans fewer latent cells is `too_small`
 WRITES_IN_FLIGHT = 2  # part writes an actor lets run behind it before it waits for the oldest
@@ -98,8 +99,9 @@ class GenerateShard:
             if self.mode == "generate":
                 from factory.method.distiller import SampleSpec
 
-                triplets = self.distiller.synthesize(
-                    [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk]
+                drafts = self.distiller.synthesize(
+                    [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk],
+                    finish=False,
                 )
             else:
                 images, ok = [], []
@@ -111,15 +113,16 @@ class GenerateShard:
                         errors[s["key"]] = str(err)
                 if not ok:
                     continue
-                triplets = self.distiller.label(
+                drafts = self.distiller.label(
                     images,
                     [self.concepts[s["concept"]] for s in ok],
                     [s["seed"] for s in ok],
                     [s["key"] for s in ok],
+                    finish=False,
                 )
-                for t, s in zip(triplets, ok, strict=True):
+                for t, s in zip(drafts, ok, strict=True):
                     t.meta["source"] = s["source"]
-            out.extend(triplets)
+            out.extend(drafts)
         return out, errors
 
     def _shard(self, task: ShardTask) -> dict:
@@ -136,18 +139,19 @@ class GenerateShard:
                 ray.get(pending)
                 crash_point("MID_SHARD")
             t0 = time.perf_counter()
-            triplets, errors = self._run(task.samples(self.cfg, a, b))
-            # a Triplet's fields are the record `encode_triplet` takes; the meta gains where it was made
-            records = [
-                {**vars(t), "meta": {**t.meta, "shard": task.name, "node": self.node}} for t in triplets
+            # the samples' drafts (Steps 1-4, the model calls); the writer task finishes them (Steps 5-6,
+            # CPU work only), so the GPU waits for no refined mask
+            drafts, errors = self._run(task.samples(self.cfg, a, b))
+            records = [  # a Draft's fields; the meta gains where it was made
+                {**vars(t), "meta": {**t.meta, "shard": task.name, "node": self.node}} for t in drafts
             ]
-            max_bytes = max(max_bytes, sum(t.nbytes for t in triplets))  # what Ray stores for the write
+            max_bytes = max(max_bytes, sum(t.nbytes for t in drafts))  # what Ray stores for the write
             generate_s = time.perf_counter() - t0
             origin = {"node": self.node, "pid": os.getpid()}
             pending.append(
                 self.write_part.remote(self.job, task.name, name, records, errors, origin, generate_s)
             )
-            del records, triplets  # the object store holds them now
+            del records, drafts  # the object store holds them now
             generated += 1
             if len(pending) > WRITES_IN_FLIGHT:  # bounded: never more than this many calls in memory
                 ready, pending = ray.wait(pending, num_returns=len(pending) - WRITES_IN_FLIGHT)
@@ -175,7 +179,8 @@ class GenerateShard:
 
 
 def write_part(job: dict, shard: str, part: str, records: list, errors: dict, origin: dict, gen_s: float):
-    """Ray task: filter and encode one call's triplets and commit them as one part of `shard`.
+    """Ray task: finish one call's drafts into triplets (the refined mask: CPU work, here rather than in the
+    GPU actor), filter and encode them and commit them as one part of `shard`.
 
     `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part."""
     cfg = JobConfig.model_validate(job)
@@ -185,7 +190,8 @@ def write_part(job: dict, shard: str, part: str, records: list, errors: dict, or
     for message in errors.values():  # inputs not processed: "REASON: what was wrong"
         reason = message.split(":", 1)[0]
         rejected[reason] = rejected.get(reason, 0) + 1
-    for rec in records:
+    for draft in records:
+        rec = vars(Draft(**draft).finish())  # Steps 5-6: the refined mask and the triplet
         why = reject_reason(rec["meta"], cfg)
         rec["meta"]["rejected"] = why
         sample = encode_triplet(rec, cfg.output.image_format, cfg.output.jpeg_quality)

@@ -12,9 +12,11 @@ One sample's path (both modes), top to bottom:
   2. mean cross-attention map of the concept tokens (`factory.method.probe`, paper Step 1)
   3. preliminary mask: GMM midpoint + 3x3 majority on the valid region (`factory.method.masks`, Step 2)
   4. background inpainting of the preliminary region (`factory.method.inpaint`, Step 4)
+     -> a `Draft` (`factory.method.triplet`): all model calls are done; `finish=False` returns it here
   5. refined mask: rule(|x - background|) AND M_pre (`factory.method.refine`, Step 4b), edges snapped to the
      image's with a guided filter (`factory.method.edges`; ours, `edges="none"` is the paper's)
   6. a `Triplet`: image, refined mask, preliminary mask, attention, RGBA foreground, background, metadata
+     (steps 5-6 are `Draft.finish()`, CPU work: a Ray job runs them in its writer tasks)
 
 All randomness comes from one torch.Generator per sample seeded by the sample's seed, so a sample depends
 only on (config, seed), not on the batch it is in.
@@ -23,13 +25,13 @@ only on (config, seed), not on the batch it is in.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from factory.method.families import Conditioning, detect_family
-from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
+from factory.method.geometry import Canvas, to_canvas
 from factory.method.inpaint import inpaint_background
 from factory.method.loading import load_pipeline, model_id
 from factory.method.masks import MaskStats, binarize
@@ -39,11 +41,12 @@ from factory.method.probe import (
     mean_attention_map,
     probe_timesteps,
     repaint_everything,
+    vae_chunks,
 )
 from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE
-from factory.method.refine import refine_mask
 from factory.method.schedulers import make_scheduler
 from factory.method.synthesis import synthesize_latents
+from factory.method.triplet import Draft, RefineSettings, Triplet
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class SampleSpec:
     key: str = ""
 
 
+GPU_MICRO_BATCH = 8  # micro_batch=None on a GPU: samples per model call (a Ray job's resources.batch_size)
+
+
 @dataclass
 class DistillConfig:
     """The method's settings for one `Distiller` (a job YAML's `sampler`, `masks` and `inpaint` sections).
@@ -128,8 +134,9 @@ class DistillConfig:
     inpaint_scheduler: str = "ddim"  # Step 4's sampler
     resolution: int | None = None  # canvas side; default: the model's native resolution
     # Samples per model call. None = 1 on the CPU (CPU convolutions are not bitwise batch-invariant, so
-    # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and the whole
-    # batch on a GPU (where results may differ in the last bits between batch sizes).
+    # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and up to
+    # GPU_MICRO_BATCH on a GPU (where results may differ in the last bits between batch sizes): a long list
+    # given to `synthesize` or `label` never goes through the model in one batch.
     micro_batch: int | None = None
     # Speed only: torch.compile the UNet(s) once (the first batch pays the compile time). The capture
     # processors are then installed for good, so that a batch does not recompile.
@@ -155,28 +162,6 @@ class DistillConfig:
         for name in (self.scheduler, self.inpaint_scheduler):
             if name not in SCHEDULERS:
                 raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-@dataclass
-class Triplet:
-    """One labelled sample, as the shards store it (`{key}.jpg|png`, `.mask.png`, `.prelim.png`, `.attn.npy`,
-    `.fg.png`, `.bg.jpg|png`, `.json`). Arrays are in the image's own size, except `prelim` and `attention`,
-    which are on the latent grid of the model's canvas."""
-
-    key: str
-    image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) bool, refined
-    prelim: np.ndarray  # (h, w) bool, latent resolution, canvas coordinates
-    attention: np.ndarray  # (h, w) float16, mean attention map
-    foreground: np.ndarray  # (H, W, 4) uint8 RGBA cut-out
-    background: np.ndarray  # (H, W, 3) uint8 inpainted background
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        """Its arrays' bytes: what it costs in memory, and in Ray's object store when handed on."""
-        arrays = (self.image, self.mask, self.prelim, self.attention, self.foreground, self.background)
-        return sum(a.nbytes for a in arrays)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -320,13 +305,12 @@ class Distiller:
         return time.perf_counter()
 
     def _decode(self, z: torch.Tensor) -> np.ndarray:
-        # On the CPU one sample at a time (diffusers' "VAE slicing"): the CPU convolution kernels are not
-        # bitwise batch-invariant, and a sample must not depend on the batch it lands in. On a GPU the whole
-        # micro-batch at once (results may differ in the last bits between batch sizes, as for the UNet).
+        # In `vae_chunks`: one sample at a time on the CPU (a sample must not depend on the batch it lands
+        # in), a few on a GPU (bounded activations; results may differ in the last bits between batch sizes,
+        # as for the UNet).
         vae = self.vae
         shift = latent_shift(vae)
-        z = z.to(vae.dtype)
-        pieces = [zi[None] for zi in z] if self.device.type == "cpu" else [z]
+        pieces = vae_chunks(z.to(vae.dtype))
         with torch.no_grad():
             return np.concatenate(
                 [_to_uint8(vae.decode(zi / vae.config.scaling_factor + shift).sample) for zi in pieces]
@@ -350,8 +334,9 @@ class Distiller:
             finite.append(ok)
         return masks, stats, finite
 
-    def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode):
-        """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2)."""
+    def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode, finish=True):
+        """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2);
+        `finish=False` stops after Step 4 and returns each sample's `Draft`."""
         # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
         t = self._clock()
         prelims, prelim_stats, finite = self._prelim(attention, canvases)
@@ -365,52 +350,45 @@ class Distiller:
         backgrounds = self._decode(z_bg)
         timings["decode_s"] = timings.get("decode_s", 0.0) + self._clock() - t
 
+        # The draft of each sample: what Steps 5-6 take. Only CPU work is left, which a Ray job runs in its
+        # writer tasks (`finish=False`), off the GPU actor's critical path.
         t = self._clock()
-        out = []
-        att_np = attention.float().cpu().numpy()
+        settings = RefineSettings(
+            self.config.mask_rule,
+            self.config.close_and_fill,
+            self.config.edges,
+            self.edge_radius_px,
+            self.config.edge_eps,
+        )
+        att_np = attention.float().cpu().numpy().astype(np.float16)
+        drafts = []
         for i, spec in enumerate(specs):
             c = canvases[i]
-            # 5. Refined mask: rule(|x - background|) AND M_pre (Step 4b), its edges snapped to the image's
-            #    (`edges: guided`, ours; "none" = the paper's), then back to the image's own size.
-            mask, _, refine_stats, snap = refine_mask(
-                images[i],
-                backgrounds[i],
-                prelims[i],
-                c,
-                self.config.mask_rule,
-                self.config.close_and_fill,
-                self.config.edges,
-                self.edge_radius_px,
-                self.config.edge_eps,
-            )
-            image = originals[i] if originals is not None else crop_valid(images[i], c)
-            h, w = image.shape[:2]
-            mask_o = resize_mask(crop_valid(mask, c), h, w)
-            bg = crop_valid(backgrounds[i], c)
-            if bg.shape[:2] != (h, w):
-                from PIL import Image
-
-                bg = np.asarray(Image.fromarray(bg).resize((w, h), Image.BICUBIC))
-
-            # 6. The triplet: image, masks, attention, RGBA foreground, background, metadata.
-            fg = np.concatenate([image, (mask_o * 255).astype(np.uint8)[..., None]], -1)
             vh, vw = c.latent_valid(self.vae_factor)
             meta = self._metadata(spec, mode, c, timings)
             meta.update(
                 prelim_stats=prelim_stats[i].as_dict(),
                 attention_finite=finite[i],  # False: filters reject it as nonfinite_attention
-                refine_stats=refine_stats.as_dict(),
-                edges=snap,  # "snapped", "unsnapped" (would erase M: filters.reject_edgeless) or "off"
-                mask_area=float(mask_o.mean()),
                 prelim_area=float(prelims[i][:vh, :vw].mean()),
             )
-            out.append(
-                Triplet(spec.key, image, mask_o, prelims[i], att_np[i].astype(np.float16), fg, bg, meta)
+            drafts.append(
+                Draft(
+                    spec.key,
+                    images[i],
+                    backgrounds[i],
+                    prelims[i],
+                    att_np[i],
+                    c,
+                    originals[i] if originals is not None else None,
+                    settings,
+                    meta,
+                )
             )
-        timings["refine_s"] = self._clock() - t
-        for tr in out:
-            tr.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
-        return out
+        timings["draft_s"] = self._clock() - t
+        for d in drafts:
+            d.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
+        # 5-6. The refined mask and the triplet (`Draft.finish`).
+        return [d.finish() for d in drafts] if finish else drafts
 
     def _inpaint(self, specs, gens, z0, prelims) -> torch.Tensor:
         """The latents of the inpainted backgrounds of the M_pre regions (B, C, h, w), on the canvas."""
@@ -466,7 +444,7 @@ class Distiller:
     def _micro_batch(self, n: int) -> int:
         if self.config.micro_batch:
             return self.config.micro_batch
-        return 1 if self.device.type == "cpu" else n
+        return 1 if self.device.type == "cpu" else min(n, GPU_MICRO_BATCH)
 
     def label(
         self,
@@ -474,7 +452,8 @@ class Distiller:
         concept: Concept | list[Concept],
         seeds: list[int],
         keys: list[str] | None = None,
-    ) -> list[Triplet]:
+        finish: bool = True,
+    ) -> list[Triplet] | list[Draft]:
         """Label existing (unlabelled) images: paper Steps 1, 2, 4 and 4b.
 
         Args:
@@ -482,9 +461,11 @@ class Distiller:
             concept: one concept for all images, or one per image.
             seeds: one seed per image (the probe's and the inpainting's noise).
             keys: the samples' keys; default `"{concept}-{seed:010d}"`.
+            finish: False stops after the model calls and returns `Draft`s, whose `finish()` (CPU work
+                only) gives the triplets: a Ray job runs it in its writer tasks.
 
         Returns:
-            One `Triplet` per image, in order, in the image's own size.
+            One `Triplet` (or `Draft`) per image, in order, in the image's own size.
 
         Example:
             >>> [t] = d.label([image], Concept("star"), seeds=[0])
@@ -499,11 +480,8 @@ class Distiller:
         return [
             t
             for i in range(0, len(specs), mb)
-            for t in self._label_batch(images[i : i + mb], specs[i : i + mb])
+            for t in self._finish(*self._probe(images[i : i + mb], specs[i : i + mb]), "label", finish)
         ]
-
-    def _label_batch(self, images: list[np.ndarray], specs: list[SampleSpec]) -> list[Triplet]:
-        return self._finish(*self._probe(images, specs), "label")
 
     def _probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> tuple:
         """Steps 1-2 of label mode: canvases, latents and the mean attention maps; what `_finish` takes."""
@@ -541,15 +519,16 @@ class Distiller:
         ]
         return specs, gens, z0, attention, canvases, imgs, originals, timings
 
-    def synthesize(self, specs: list[SampleSpec]) -> list[Triplet]:
+    def synthesize(self, specs: list[SampleSpec], finish: bool = True) -> list[Triplet] | list[Draft]:
         """Generate images of each spec's concept and label them: paper Step 5.
 
         Args:
             specs: what to generate; each spec's seed fixes its noise, so a sample does not depend on its
                 batch.
+            finish: False returns `Draft`s, as `label` does.
 
         Returns:
-            One `Triplet` per spec, in order, at the model's resolution (or `config.resolution`).
+            One `Triplet` (or `Draft`) per spec, in order, at the model's resolution (or `config.resolution`).
 
         Example:
             >>> triplets = d.synthesize([SampleSpec(Concept("star"), seed=s) for s in range(4)])
@@ -563,9 +542,11 @@ class Distiller:
         ]
         self._token_weights(specs)  # validate every prompt before any model work
         mb = self._micro_batch(len(specs))
-        return [t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb])]
+        return [
+            t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb], finish)
+        ]
 
-    def _synthesize_batch(self, specs: list[SampleSpec]) -> list[Triplet]:
+    def _synthesize_batch(self, specs: list[SampleSpec], finish: bool = True) -> list[Triplet] | list[Draft]:
         cfg = self.config
         prompts = [s.concept.prompt for s in specs]
         weights = self._token_weights(specs)
@@ -609,7 +590,9 @@ class Distiller:
         canvases = [
             Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)
         ] * len(specs)
-        return self._finish(specs, gens, z0, attention, canvases, list(images), None, timings, "synthesis")
+        return self._finish(
+            specs, gens, z0, attention, canvases, list(images), None, timings, "synthesis", finish
+        )
 
     def config_dict(self) -> dict:
         return asdict(self.config)

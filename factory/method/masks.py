@@ -35,6 +35,23 @@ class MaskStats:
         }
 
 
+# The GMM is fitted on at most this many of a map's values: evenly spaced order statistics (quantiles) of all
+# of them, so the fit sees the map's whole distribution, compressed; the threshold then applies to every
+# value. Beyond the paper, which fits every pixel: Step 4b's difference map has 262k pixels at 512 px and 1M
+# at 1024, a 0.18 s and 0.84 s float64 fit on one CPU thread. A random subsample of the same size moved the
+# threshold by up to 2% and the refined masks to 0.94 IoU on some toyworld images at 512 px; the quantiles
+# keep it within 0.1% (docs/method.md). Step 2's maps are on the latent grid (4,096 values at 512 px).
+GMM_FIT_SAMPLES = 8_192
+
+
+def fit_values(flat: np.ndarray, limit: int = GMM_FIT_SAMPLES) -> np.ndarray:
+    """The values a mask rule's mixture is fitted on: all of them, or `limit` evenly spaced order statistics
+    (the minimum and the maximum included), which depend on the map alone."""
+    if flat.size <= limit:
+        return flat
+    return np.sort(flat)[np.linspace(0, flat.size - 1, limit).round().astype(np.int64)]
+
+
 def _fit_gmm(values: np.ndarray, k: int) -> GaussianMixture:
     # The paper's code uses sklearn defaults with no fixed random_state; we fix it for determinism.
     return GaussianMixture(n_components=k, random_state=0).fit(values.reshape(-1, 1).astype(np.float64))
@@ -44,16 +61,19 @@ def _ashman_d(m1: float, m2: float, v1: float, v2: float) -> float:
     return float(np.sqrt(2.0) * abs(m1 - m2) / np.sqrt(v1 + v2 + 1e-12))
 
 
-def gmm_midpoint(values: np.ndarray, k: int = 2) -> tuple[np.ndarray, MaskStats]:
+def gmm_midpoint(
+    values: np.ndarray, k: int = 2, fit_samples: int = GMM_FIT_SAMPLES
+) -> tuple[np.ndarray, MaskStats]:
     """Binary mask = values > threshold. k=2: the paper's midpoint of the two means. k>2: the midpoint
-    between the top mode and the one below it (keeps the top mode, for images with >2 regions)."""
+    between the top mode and the one below it (keeps the top mode, for images with >2 regions). The mixture
+    is fitted on at most `fit_samples` values (`fit_values`)."""
     flat = np.asarray(values, np.float64).ravel()
     if not np.isfinite(flat).all():
         raise ValueError("map contains NaN or inf")
     if np.ptp(flat) == 0:
         stats = MaskStats(f"gmm{k}", float(flat[0]), (float(flat[0]),), (1.0,), 0.0)
         return np.zeros(np.shape(values), bool), stats
-    gmm = _fit_gmm(flat, k)
+    gmm = _fit_gmm(fit_values(flat, fit_samples), k)
     means = gmm.means_.ravel()
     order = np.argsort(means)
     variances = gmm.covariances_.reshape(-1)[order]

@@ -37,6 +37,16 @@ def latent_shift(vae) -> float:
     return getattr(vae.config, "shift_factor", None) or 0.0
 
 
+VAE_CHUNK = 4  # samples per VAE call on a GPU (1 on the CPU): the VAE's activations grow with pixels
+
+
+def vae_chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch split into the pieces the VAE encodes or decodes at once: one sample on the CPU (CPU kernels
+    are not bitwise batch-invariant, and a sample must not depend on its batch), `VAE_CHUNK` on a GPU (an
+    SDXL decode at 1024 px holds gigabytes of activations per image; diffusers' "VAE slicing" does one)."""
+    return x.split(1 if x.device.type == "cpu" else VAE_CHUNK)
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code).
@@ -44,13 +54,9 @@ def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) 
     The latents are (z - shift_factor) * scaling_factor, as diffusers' pipelines scale them (SD3's VAE has a
     shift; SD's and SDXL's have none)."""
     # On the CPU one sample at a time, so that a sample's latents do not depend on its batch (see
-    # Distiller._decode); on a GPU the whole batch at once.
+    # Distiller._decode); on a GPU `VAE_CHUNK` samples at a time, so that the VAE's activations stay bounded.
     x = images.to(vae.device, vae.dtype)
-    dists = (
-        [vae.encode(xi[None]).latent_dist for xi in x]
-        if x.device.type == "cpu"
-        else [vae.encode(x).latent_dist]
-    )
+    dists = [vae.encode(xi).latent_dist for xi in vae_chunks(x)]
     mean = torch.cat([d.mean for d in dists])
     std = torch.cat([d.std for d in dists])
     eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)
