@@ -229,3 +229,19 @@ def test_the_capture_runs_compiled_at_the_papers_settings_without_recompiling(to
     assert 1 <= counter.frame_count <= 4, counter.frame_count
     assert np.isfinite(a.attention).all() and a.attention.max() > 0 and c.mask.shape == a.mask.shape
     assert b.meta["concept"] == "ring"
+
+
+def test_a_long_list_on_a_gpu_goes_through_the_model_in_bounded_batches(toyworld_pipe, monkeypatch):
+    """micro_batch=None: one sample per call on the CPU, at most GPU_MICRO_BATCH on a GPU (issue 30: the
+    whole list went through one UNet batch and one VAE decode); the VAE takes VAE_CHUNK at a time there.
+    The device is a stand-in (no GPU here): the rule reads only its type."""
+    from factory.method.distiller import GPU_MICRO_BATCH
+    from factory.method.probe import VAE_CHUNK, vae_chunks
+
+    d = Distiller("toyworld", pipeline=toyworld_pipe, config=DistillConfig(4, 2, inpaint_steps=4))
+    assert d._micro_batch(100) == 1
+    monkeypatch.setattr(Distiller, "device", property(lambda self: torch.device("cuda")))
+    assert d._micro_batch(100) == GPU_MICRO_BATCH and d._micro_batch(3) == 3
+    chunks = vae_chunks(torch.empty(10, 4, 8, 8, device="meta"))
+    assert [len(c) for c in chunks] == [VAE_CHUNK, VAE_CHUNK, 10 - 2 * VAE_CHUNK]
+    assert [len(c) for c in vae_chunks(torch.zeros(3, 4, 8, 8))] == [1, 1, 1]
