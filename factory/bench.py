@@ -33,7 +33,7 @@ The JSON's keys (also printed as a table; docs/benchmarks.md has them with measu
 - `memory`: the process's peak host RSS; the bytes an actor call hands on, per sample and per call of
   `batch`; the peak GPU memory.
 - `flops`: per triplet and per plain image, counted by `torch.utils.flop_counter.FlopCounterMode` over one
-  real call of each.
+  real call of each (fused attention included, on the CPU too), or read from `--flops-cache` (`source`).
 - `throughput`: plain images/s, triplets/s, triplets per device-hour; MFU on a GPU whose dense bf16 peak
   is in `PEAK_FLOPS`.
 - `compile_s`: with --compile, each measurement's first call minus its steady call.
@@ -84,12 +84,56 @@ def _timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def _count_flops(fn) -> int:
+def _attention_flop_formulas() -> dict:
+    """FLOP formulas for the fused attention ops that torch's counter leaves at 0: the CPU's SDPA kernel
+    (`_scaled_dot_product_flash_attention_for_cpu`) and the fused-overrideable one, counted as torch counts
+    its CUDA flash / efficient / cuDNN kernels (2 matmuls of Q, K, V's shapes). Without them a CPU count
+    missed every self-attention."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    return {getattr(aten, n): sdpa for n in names if hasattr(aten, n)}
+
+
+def count_flops(fn) -> int:
+    """The FLOPs of one call of `fn`, attention included on the CPU and on a GPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_attention_flop_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def flops_key(settings: dict) -> dict:
+    """What a FLOP count depends on; not the batch, device, dtype or compile (the counts are per sample)."""
+    keys = ("model", "resolution", "steps", "probe_t0", "inpaint_steps", "guidance", "scheduler", "concept")
+    return {k: settings[k] for k in keys}
+
+
+def _read_flops(path: str | None, key: dict) -> dict | None:
+    if not path or not Path(path).exists():
+        return None
+    for entry in json.loads(Path(path).read_text()):
+        if entry["key"] == key:
+            return entry["flops"]
+    return None
+
+
+def _write_flops(path: str | None, key: dict, counts: dict) -> None:
+    if not path:
+        return
+    entries = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    flops = {k: v for k, v in counts.items() if k != "source"}
+    entries = [e for e in entries if e["key"] != key] + [{"key": key, "flops": flops}]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(entries, indent=1) + "\n")
 
 
 def bench(
@@ -107,8 +151,13 @@ def bench(
     channels_last: bool = False,
     concept: str = "star",
     flops: bool = True,
+    flops_cache: str | None = None,
 ) -> dict:
-    """Run the benchmark and return its figures (the module docstring lists the keys)."""
+    """Run the benchmark and return its figures (the module docstring lists the keys).
+
+    flops_cache: a JSON file of FLOP counts per sample: read if it holds this model and setting's (the
+    counts do not depend on batch, dtype or compile), else counted here (not under compile, whose graphs
+    the counter cannot see into) and written, so that every row of a bench run reports MFU."""
     import diffusers
     import transformers
 
@@ -209,11 +258,28 @@ def bench(
         for _ in range(repeats):
             enc.append(_timed(lambda: encode_write(triplets), torch.device("cpu"))[0])
         flop_counts = {}
-        if flops:
-            flop_counts = {
-                "triplet_per_sample": _count_flops(runs["triplet"]) / batch,
-                "plain_per_image": _count_flops(runs["plain"]) / batch,
+        key = flops_key(
+            {
+                "model": model,
+                "resolution": res,
+                "steps": steps,
+                "probe_t0": probe_t0,
+                "inpaint_steps": inpaint_steps,
+                "guidance": guidance,
+                "scheduler": scheduler,
+                "concept": concept,
             }
+        )
+        cached = _read_flops(flops_cache, key)
+        if cached:
+            flop_counts = {**cached, "source": flops_cache}
+        elif flops and not compile:
+            flop_counts = {
+                "triplet_per_sample": count_flops(runs["triplet"]) / batch,
+                "plain_per_image": count_flops(runs["plain"]) / batch,
+                "source": "counted",
+            }
+            _write_flops(flops_cache, key, flop_counts)
     # the edge snapping (masks.edges: guided, in the triplet's refine stage) timed apart on these triplets'
     # own masks and images, so that its share is known whether or not the config has it on
     from factory.method.edges import snap_to_edges
@@ -417,6 +483,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
     p.add_argument("--concept", default="star")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more call of each)")
+    p.add_argument(
+        "--flops-cache",
+        default=None,
+        metavar="FILE",
+        help="reuse this model and setting's FLOP counts from FILE (JSON), or count them and add them",
+    )
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     p.add_argument("--summarize", default=None, metavar="DIR", help="only print a table of DIR's bench JSONs")
 
@@ -446,6 +518,7 @@ def main(a: argparse.Namespace) -> int:
         a.channels_last,
         a.concept,
         not a.no_flops,
+        a.flops_cache,
     )
     print(format_table(r))
     if a.out:

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from factory.method.prompts import BACKGROUND_PROMPT
+from trainers.devices import check_gpu_share
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,11 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the latest checkpoint")
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> ScalingSection:
+        check_gpu_share(self.workers, self.use_gpu, self.gpus_per_worker)
+        return self
 
 
 class OutputSection(_Strict):

@@ -51,6 +51,7 @@ from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 from factory.errors import UserError
 from factory.method.loading import quiet_model_libraries
+from trainers.devices import all_reduce, check_engine_device, deepspeed_args
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
 
 
@@ -88,6 +89,31 @@ def masked_mse(
 
 
 # ----------------------------------------------------------------------------- the worker
+
+
+class LossWindow:
+    """The per-sample losses since the last log step, summed on the worker's device: no host sync per step,
+    and what the log step all-reduces is on the device, as NCCL needs (`trainers.devices.all_reduce`).
+
+    Sums: loss, samples; the full-image task's loss, samples; the background task's loss, samples."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+
+    def add(self, per_sample: torch.Tensor, tasks) -> None:
+        """per_sample: (B,) losses on the device; tasks: the batch's "full" / "background" labels."""
+        per = per_sample.double()
+        full = torch.from_numpy(np.asarray(tasks) == "full").to(self.device)
+        n = torch.full_like(per[0], len(per))
+        nfull = full.sum().double()
+        self.sums += torch.stack([per.sum(), n, (per * full).sum(), nfull, (per * ~full).sum(), n - nfull])
+
+    def reduce(self) -> torch.Tensor:
+        """The window's sums over all workers (on the device), and a new window."""
+        totals = all_reduce(self.sums.clone(), self.device)
+        self.sums.zero_()
+        return totals
 
 
 @contextmanager
@@ -206,9 +232,11 @@ def train_loop_per_worker(config: dict) -> None:
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = ray.train.torch.get_device()  # the one device of the model, the data, the EMA and collectives
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    else:
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.train.seed * 1000 + rank)
 
     # 2. The model.
@@ -238,7 +266,10 @@ def train_loop_per_worker(config: dict) -> None:
         )
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        args=deepspeed_args(device), model=unet, optimizer=optimizer, config=ds_config
+    )
+    check_engine_device(engine.device, device)  # DeepSpeed would go by LOCAL_RANK (trainers.devices)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
 
@@ -328,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 5. Train.
     probe, probe_initial = None, math.nan
     shard = ray.train.get_dataset_shard("train")
-    sums = torch.zeros(6, dtype=torch.float64)  # loss sum, n; full-task sum, n; background-task sum, n
+    window = LossWindow(device)
     t_window, steps_window = time.time(), 0
     t_start = time.time()
     micro = 0
@@ -360,18 +391,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             with torch.no_grad():
-                per = (pred - target).pow(2).mul(mask[:, None]).flatten(1).mean(1).cpu().double()
-                full = torch.from_numpy(np.asarray(batch["task"]) == "full")
-                sums += torch.stack(
-                    [
-                        per.sum(),
-                        torch.tensor(len(per)),
-                        per[full].sum(),
-                        full.sum(),
-                        per[~full].sum(),
-                        (~full).sum(),
-                    ]
-                ).double()
+                window.add((pred - target).pow(2).mul(mask[:, None]).flatten(1).mean(1), batch["task"])
             samples_seen += x.shape[0] * world
             micro += 1
             if micro % cfg.train.grad_accum:
@@ -384,9 +404,7 @@ def train_loop_per_worker(config: dict) -> None:
             # 6. Metrics and checkpoints.
             last = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or step % cfg.checkpoint.every == 0 or last:
-                totals = sums.clone()
-                if torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(totals)
+                totals = window.reduce().cpu()
                 dt = time.time() - t_window
                 metrics = {
                     "step": step,
@@ -398,10 +416,10 @@ def train_loop_per_worker(config: dict) -> None:
                     "samples_seen": samples_seen,
                     "elapsed_s": time.time() - t_start,
                 }
-                sums.zero_()
-                pl = torch.tensor([probe_loss(probe), probe_initial], dtype=torch.float64)
-                if torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(pl)
+                pl = all_reduce(
+                    torch.tensor([probe_loss(probe), probe_initial], dtype=torch.float64, device=device),
+                    device,
+                ).cpu()
                 metrics["probe_loss"], metrics["probe_loss_initial"] = (
                     float(pl[0] / world),
                     float(pl[1] / world),

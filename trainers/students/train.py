@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from factory.dataset.console import init_ray
 from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
+from trainers.devices import autocast, check_gpu_share
 
 
 class _Strict(BaseModel):
@@ -94,6 +95,11 @@ class StudentTrain(_Strict):
         description="speed only: the student and its batches in channels_last memory format (on 2 CPU "
         "cores about 1.2x the steps/s of the default layout at 64 px; docs/students.md)",
     )
+    precision: str = Field(
+        "auto",
+        pattern="^(auto|bf16|fp32)$",
+        description="auto: bf16 autocast on a GPU, fp32 on the CPU (trainers.devices.autocast)",
+    )
 
 
 class StudentCheckpoint(_Strict):
@@ -108,6 +114,12 @@ class StudentScaling(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0.0)
     max_concurrent: int | None = Field(None, ge=1, description="students trained at once (default: all)")
     max_failures: int = Field(1, ge=-1)
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> StudentScaling:
+        # a Tune trial of one worker may share a GPU (fractional gpus_per_worker); DDP workers may not
+        check_gpu_share(self.workers, self.use_gpu, self.gpus_per_worker)
+        return self
 
 
 class StudentOutput(_Strict):
@@ -256,6 +268,22 @@ def _is_val(key: str, every: int) -> bool:
     return zlib.crc32(key.encode()) % every == 0
 
 
+class LossSum:
+    """The training losses since the last report, summed on the device: `.item()` once per report, not a
+    host sync every step."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.n += 1
+
+    def mean(self) -> float:
+        return self.total.item() / max(self.n, 1)
+
+
 def student_train_loop(config: dict) -> None:
     """Runs on every worker of one student's Ray Train run."""
     import ray.train
@@ -289,7 +317,7 @@ def student_train_loop(config: dict) -> None:
     val = config["val"]
     val_x = torch.from_numpy(val["image"]).to(device, memory_format=layout) if len(val["image"]) else None
     val_y = torch.from_numpy(val["target"]).to(device) if len(val["image"]) else None
-    t0, window = time.time(), []
+    t0, window = time.time(), LossSum(device)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     start_time = time.time()
@@ -311,30 +339,33 @@ def student_train_loop(config: dict) -> None:
             seen = True
             model.train()
             x = batch["image"].contiguous(memory_format=layout)
-            loss = student_loss(model(x), batch["target"], cfg.train.loss, multiclass)
+            with autocast(device, cfg.train.precision):
+                logits = model(x)
+            loss = student_loss(logits.float(), batch["target"], cfg.train.loss, multiclass)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            window.append(loss.item())
+            window.add(loss)  # on the device: no host sync per step
             last = step >= cfg.train.steps
             if step % cfg.checkpoint.every == 0 or last:
                 metrics = {
                     "step": step,
-                    "loss": float(np.mean(window)),
+                    "loss": window.mean(),
                     "concept": concept or "multiclass",
-                    "steps_per_s": len(window) / (time.time() - t0),
+                    "steps_per_s": window.n / (time.time() - t0),
                     "started_at": start_time,
                     "reported_at": time.time(),
                 }
                 if val_x is not None:
                     model.eval()
-                    pred = torch.cat(
-                        [
-                            predict_masks(model, val_x[i : i + 64], multiclass)
-                            for i in range(0, len(val_x), 64)
-                        ]
-                    )
+                    with autocast(device, cfg.train.precision):
+                        pred = torch.cat(
+                            [
+                                predict_masks(model, val_x[i : i + 64], multiclass)
+                                for i in range(0, len(val_x), 64)
+                            ]
+                        )
                     gt = val_y >= 0.5 if not multiclass else val_y > 0
                     inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
                     metrics["val_iou"] = inter / union if union else 1.0
@@ -367,7 +398,7 @@ def student_train_loop(config: dict) -> None:
                     ray.train.report(
                         metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
                     )
-                window, t0 = [], time.time()
+                window, t0 = LossSum(device), time.time()
             if last:
                 break
         if not seen:
