@@ -450,6 +450,8 @@ def summary_table(folder: str | Path) -> str:
     ]
     for f in sorted(Path(folder).glob("*.json")):
         r = json.loads(f.read_text())
+        if not isinstance(r, dict) or "settings" not in r:
+            continue  # not a bench row (the --flops-cache file, say)
         s, t = r["settings"], r["throughput"]
         mfu = f"{100 * t['mfu']:.1f}%" if t.get("mfu") is not None else "-"
         lines.append(
