@@ -44,7 +44,9 @@ def vae_chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A batch split into the pieces the VAE encodes or decodes at once: one sample on the CPU (CPU kernels
     are not bitwise batch-invariant, and a sample must not depend on its batch), `VAE_CHUNK` on a GPU (an
     SDXL decode at 1024 px holds gigabytes of activations per image; diffusers' "VAE slicing" does one)."""
-    return x.split(1 if x.device.type == "cpu" else VAE_CHUNK)
+    if x.device.type == "cpu":
+        return tuple(xi[None] for xi in x)  # (not x.split(1): its strides change a CPU conv's last bits)
+    return x.split(VAE_CHUNK)
 
 
 @torch.no_grad()
