@@ -195,7 +195,7 @@ def bench(
     c = Concept(concept)
     specs = [SampleSpec(c, seed=i, key=f"bench-{i}") for i in range(batch)]
     prompt = [c.prompt] * batch
-    weights = d._token_weights(specs)
+    weights = d.token_weights(specs)
 
     def plain(g: float):
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
@@ -211,8 +211,8 @@ def bench(
 
     def loop(capture: bool):
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-        cond = d._embed(prompt)
-        neg = d._embed_negative([""] * batch) if guidance != 1.0 else None
+        cond = d.embed(prompt)
+        neg = d.embed_negative([""] * batch) if guidance != 1.0 else None
         shape = (d.denoiser.in_channels, d.latent_size, d.latent_size)
         return synthesize_latents(
             d.denoiser, d.sampler, shape, cond, weights, gens, steps, guidance, neg, probe_t0, capture

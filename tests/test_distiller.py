@@ -178,26 +178,23 @@ def test_object_guidance_changes_the_background_and_needs_the_object_prompt(toyw
         )
 
 
-def test_paper_rule_recomputed_from_a_snapped_run_equals_a_paper_run(toyworld_pipe, fast_config):
+def test_a_draft_finished_by_the_papers_rule_equals_a_paper_run(toyworld_pipe, fast_config):
     """The tables score the paper's refined M and our snapped one from one pass (evaluate_distiller's
-    refined_paper): mask for mask, it is what a run with edges: none gives."""
-    from trainers.evaluate.method_masks import paper_refined
-
+    refined_paper: `Draft.finish` with edges none): mask for mask, it is what a run with edges: none gives,
+    for a resized image too."""
     images = [render(7000 + i, background_only=False).image for i in range(4)]
-    concepts = [Concept(c) for c in ("star", "heart", "ring", "circle")]
+    images.append(np.repeat(np.repeat(images[0], 2, 0), 3, 1))  # 128 x 192 onto the 64 canvas
+    concepts = [Concept(c) for c in ("star", "heart", "ring", "circle", "star")]
     runs = {
         e: Distiller(
             "toyworld", config=dataclasses.replace(fast_config, edges=e), pipeline=toyworld_pipe
-        ).label(images, concepts, seeds=[1, 2, 3, 4])
+        ).label(images, concepts, seeds=[1, 2, 3, 4, 1], finish=False)
         for e in ("guided", "none")
     }
-    snapped = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe)
-    for image, tg, tn in zip(images, runs["guided"], runs["none"], strict=True):
+    for dg, dn in zip(runs["guided"], runs["none"], strict=True):
+        tg, tn = dg.finish(), dn.finish()
         assert np.array_equal(tg.prelim, tn.prelim) and np.array_equal(tg.background, tn.background)
-        assert np.array_equal(paper_refined(snapped, image, tg), tn.mask)
+        paper = dg.finish(dataclasses.replace(dg.settings, edges="none"))
+        assert np.array_equal(paper.mask, tn.mask) and paper.meta["edges"] == "off"
     pairs = zip(runs["guided"], runs["none"], strict=True)
-    assert any(not np.array_equal(tg.mask, tn.mask) for tg, tn in pairs), "the snap changed some mask"
-    # a resized image's background is not the canvas's exactly: no recomputed mask is claimed for it
-    wide = np.repeat(np.repeat(images[0], 2, 0), 3, 1)  # 128 x 192 onto the 64 canvas
-    [t] = snapped.label([wide], Concept("star"), seeds=[1])
-    assert paper_refined(snapped, wide, t) is None
+    assert any(not np.array_equal(dg.finish().mask, dn.finish().mask) for dg, dn in pairs), "no snap changed"

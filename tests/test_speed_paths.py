@@ -239,9 +239,9 @@ def test_a_long_list_on_a_gpu_goes_through_the_model_in_bounded_batches(toyworld
     from factory.method.probe import VAE_CHUNK, vae_chunks
 
     d = Distiller("toyworld", pipeline=toyworld_pipe, config=DistillConfig(4, 2, inpaint_steps=4))
-    assert d._micro_batch(100) == 1
+    assert d.batch_size(100) == 1
     monkeypatch.setattr(Distiller, "device", property(lambda self: torch.device("cuda")))
-    assert d._micro_batch(100) == GPU_MICRO_BATCH and d._micro_batch(3) == 3
+    assert d.batch_size(100) == GPU_MICRO_BATCH and d.batch_size(3) == 3
     chunks = vae_chunks(torch.empty(10, 4, 8, 8, device="meta"))
     assert [len(c) for c in chunks] == [VAE_CHUNK, VAE_CHUNK, 10 - 2 * VAE_CHUNK]
     assert [len(c) for c in vae_chunks(torch.zeros(3, 4, 8, 8))] == [1, 1, 1]

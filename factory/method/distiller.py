@@ -6,10 +6,11 @@
     labelled = d.label([image], Concept("star"), seeds=[0])
 
 One sample's path (both modes), top to bottom:
-  1. image -> one canvas geometry (`factory.method.geometry`) -> VAE latents           [label mode]
+  1. image -> one canvas geometry (`factory.method.geometry`) -> VAE latents           [label: `probe`]
      or text-to-image (DDIM or `factory.method.schedulers`) with in-loop attention capture
-     (`factory.method.synthesis`)                                                      [synthesis mode]
+     (`factory.method.synthesis`)                                                  [synthesis: `generate`]
   2. mean cross-attention map of the concept tokens (`factory.method.probe`, paper Step 1)
+     -> `ConceptMaps`, which `draft(maps)` takes for steps 3-4
   3. preliminary mask: GMM midpoint + 3x3 majority on the valid region (`factory.method.masks`, Step 2)
   4. background inpainting of the preliminary region (`factory.method.inpaint`, Step 4)
      -> a `Draft` (`factory.method.triplet`): all model calls are done; `finish=False` returns it here
@@ -25,7 +26,7 @@ only on (config, seed), not on the batch it is in.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -164,6 +165,24 @@ class DistillConfig:
                 raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
+@dataclass
+class ConceptMaps:
+    """A micro-batch after Steps 1-2 (`Distiller.probe` in label mode, `Distiller.generate` in synthesis
+    mode): what `Distiller.draft` takes for Steps 3-4."""
+
+    mode: str  # "label" | "synthesis"
+    specs: list[SampleSpec]
+    generators: list[
+        torch.Generator
+    ]  # one per sample, seeded by its seed; the inpainting draws from them too
+    latents: torch.Tensor  # (B, C, h, w) z0 on the model's device
+    attention: torch.Tensor  # (B, h, w) mean attention of each sample's concept tokens
+    canvases: list[Canvas]  # each image's geometry on the model's square canvas
+    images: list[np.ndarray]  # (S, S, 3) uint8 canvases
+    originals: list[np.ndarray] | None  # label mode: the images in their own size
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the whole micro-batch
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -285,13 +304,15 @@ class Distiller:
         """The guided filter's radius in pixels: `edge_radius` latent cells."""
         return max(1, round(self.config.edge_radius * self.vae_factor))
 
-    def _embed(self, prompts: list[str]) -> Conditioning:
+    def embed(self, prompts: list[str]) -> Conditioning:
+        """The prompts' text conditioning, in the model's dtype, as the family's pipeline encodes them."""
         return self.family.encode(prompts).to(self.dtype)
 
-    def _embed_negative(self, prompts: list[str]) -> Conditioning:
+    def embed_negative(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of a guidance's negative branch (SDXL: zeros for an empty prompt)."""
         return self.family.encode_negative(prompts).to(self.dtype)
 
-    def _token_weights(self, specs: list[SampleSpec]) -> torch.Tensor:
+    def token_weights(self, specs: list[SampleSpec]) -> torch.Tensor:
         """(B, text tokens) weights of each spec's concept words; raises ConceptTokenError before any work."""
         return self.family.token_weights(
             [s.concept.prompt for s in specs], [s.concept.token_words for s in specs]
@@ -334,17 +355,35 @@ class Distiller:
             finite.append(ok)
         return masks, stats, finite
 
-    def _finish(self, specs, gens, z0, attention, canvases, images, originals, timings, mode, finish=True):
-        """Steps 3-6 of a sample's path, shared by both modes (the module docstring lists steps 1-2);
-        `finish=False` stops after Step 4 and returns each sample's `Draft`."""
+    def draft(self, maps: ConceptMaps) -> list[Draft]:
+        """Steps 3-4 of a micro-batch, shared by both modes: M_pre from each concept map, the background
+        inpainted into M_pre's region and decoded. Returns each sample's `Draft` (all model calls done);
+        `Draft.finish()` gives its triplet. `maps` is not changed, so one probe can be drafted several ways
+        (`trainers scheduler-sweep`)."""
+        cfg, n = self.config, len(maps.specs)
+        timings = dict(maps.timings)
         # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
         t = self._clock()
-        prelims, prelim_stats, finite = self._prelim(attention, canvases)
+        prelims, prelim_stats, finite = self._prelim(maps.attention, maps.canvases)
         timings["prelim_s"] = self._clock() - t
 
         # 4. Background: inpaint the M_pre region with the background prompt (Step 4), decode to pixels.
         t = self._clock()
-        z_bg = self._inpaint(specs, gens, z0, prelims)
+        region = torch.from_numpy(np.stack(prelims)).to(self.device, self.dtype)[:, None]
+        z_bg = inpaint_background(
+            self.inpaint_denoiser,
+            self.inpaint_sampler,
+            z0=maps.latents,
+            region=region,
+            bg_emb=self.embed([cfg.background_prompt] * n),
+            generators=maps.generators,
+            num_inference_steps=cfg.inpaint_steps,
+            fg_emb=self.embed([s.concept.prompt for s in maps.specs]) if cfg.object_guidance else None,
+            object_guidance=cfg.object_guidance,
+            masked_image_latents=maps.latents * (1 - region)
+            if self.inpaint_denoiser.in_channels == 9
+            else None,
+        )
         timings["inpaint_s"] = self._clock() - t
         t = self._clock()
         backgrounds = self._decode(z_bg)
@@ -354,18 +393,18 @@ class Distiller:
         # writer tasks (`finish=False`), off the GPU actor's critical path.
         t = self._clock()
         settings = RefineSettings(
-            self.config.mask_rule,
-            self.config.close_and_fill,
-            self.config.edges,
-            self.edge_radius_px,
-            self.config.edge_eps,
+            rule=cfg.mask_rule,
+            close_and_fill=cfg.close_and_fill,
+            edges=cfg.edges,
+            edge_radius_px=self.edge_radius_px,
+            edge_eps=cfg.edge_eps,
         )
-        att_np = attention.float().cpu().numpy().astype(np.float16)
+        attention = maps.attention.float().cpu().numpy().astype(np.float16)
         drafts = []
-        for i, spec in enumerate(specs):
-            c = canvases[i]
+        for i, spec in enumerate(maps.specs):
+            c = maps.canvases[i]
             vh, vw = c.latent_valid(self.vae_factor)
-            meta = self._metadata(spec, mode, c, timings)
+            meta = self._metadata(spec, maps.mode, c, timings)
             meta.update(
                 prelim_stats=prelim_stats[i].as_dict(),
                 attention_finite=finite[i],  # False: filters reject it as nonfinite_attention
@@ -373,43 +412,21 @@ class Distiller:
             )
             drafts.append(
                 Draft(
-                    spec.key,
-                    images[i],
-                    backgrounds[i],
-                    prelims[i],
-                    att_np[i],
-                    c,
-                    originals[i] if originals is not None else None,
-                    settings,
-                    meta,
+                    key=spec.key,
+                    image=maps.images[i],
+                    background=backgrounds[i],
+                    prelim=prelims[i],
+                    attention=attention[i],
+                    canvas=c,
+                    original=maps.originals[i] if maps.originals is not None else None,
+                    settings=settings,
+                    meta=meta,
                 )
             )
         timings["draft_s"] = self._clock() - t
         for d in drafts:
-            d.meta["timings"] = {k: v / len(specs) for k, v in timings.items()}  # per-sample share
-        # 5-6. The refined mask and the triplet (`Draft.finish`).
-        return [d.finish() for d in drafts] if finish else drafts
-
-    def _inpaint(self, specs, gens, z0, prelims) -> torch.Tensor:
-        """The latents of the inpainted backgrounds of the M_pre regions (B, C, h, w), on the canvas."""
-        cfg = self.config
-        region = torch.from_numpy(np.stack(prelims)).to(self.device, self.dtype)[:, None]
-        bg_emb = self._embed([cfg.background_prompt] * len(specs))
-        fg_emb = self._embed([s.concept.prompt for s in specs]) if cfg.object_guidance else None
-        masked_latents = z0 * (1 - region) if self.inpaint_denoiser.in_channels == 9 else None
-        z_bg = inpaint_background(
-            self.inpaint_denoiser,
-            self.inpaint_sampler,
-            z0,
-            region,
-            bg_emb,
-            gens,
-            cfg.inpaint_steps,
-            fg_emb,
-            cfg.object_guidance,
-            masked_latents,
-        )
-        return z_bg
+            d.meta["timings"] = {k: v / n for k, v in timings.items()}  # per-sample share
+        return drafts
 
     def _metadata(self, spec: SampleSpec, mode: str, canvas: Canvas, timings: dict) -> dict:
         """What a sample's `.json` records of how it was made."""
@@ -441,7 +458,9 @@ class Distiller:
         }
 
     # ------------------------------------------------------------------ public API
-    def _micro_batch(self, n: int) -> int:
+    def batch_size(self, n: int) -> int:
+        """Samples per model call for a list of n: `config.micro_batch`, else 1 on the CPU and at most
+        GPU_MICRO_BATCH on a GPU."""
         if self.config.micro_batch:
             return self.config.micro_batch
         return 1 if self.device.type == "cpu" else min(n, GPU_MICRO_BATCH)
@@ -475,40 +494,44 @@ class Distiller:
             raise ValueError("images, concepts and seeds must have the same length")
         keys = keys or [f"{c.name}-{s:010d}" for c, s in zip(concepts, seeds, strict=True)]
         specs = [SampleSpec(c, s, k) for c, s, k in zip(concepts, seeds, keys, strict=True)]
-        self._token_weights(specs)  # validate every prompt before any model work
-        mb = self._micro_batch(len(specs))
-        return [
-            t
+        self.token_weights(specs)  # validate every prompt before any model work
+        mb = self.batch_size(len(specs))
+        drafts = [
+            d
             for i in range(0, len(specs), mb)
-            for t in self._finish(*self._probe(images[i : i + mb], specs[i : i + mb]), "label", finish)
+            for d in self.draft(self.probe(images[i : i + mb], specs[i : i + mb]))
         ]
+        return [d.finish() for d in drafts] if finish else drafts
 
-    def _probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> tuple:
-        """Steps 1-2 of label mode: canvases, latents and the mean attention maps; what `_finish` takes."""
+    def probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> ConceptMaps:
+        """Steps 1-2 of label mode for one micro-batch: each image on the model's canvas, its latents, and
+        the mean attention map of its concept (the paper's probe). `draft` takes the result."""
         cfg = self.config
-        seeds = [s.seed for s in specs]
-        prompts = [s.concept.prompt for s in specs]
-        weights = self._token_weights(specs)
         timings: dict[str, float] = {}
+        # 1. Each image on one canvas geometry, encoded by the VAE (latents sampled from the posterior).
         t = self._clock()
-        canv = [to_canvas(np.asarray(im), self.resolution) for im in images]
-        canvases = [c for _, c in canv]
-        imgs = [im for im, _ in canv]
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        z0 = encode_images(self.vae, x.to(self.device, self.vae.dtype), gens).to(self.dtype)
+        placed = [to_canvas(np.asarray(im), self.resolution) for im in images]
+        canvases = [c for _, c in placed]
+        canvas_images = [im for im, _ in placed]
+        generators = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
+        x = torch.from_numpy(np.stack(canvas_images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        latents = encode_images(self.vae, x.to(self.device, self.vae.dtype), generators).to(self.dtype)
         timings["encode_s"] = self._clock() - t
+
+        # 2. The concept tokens' mean cross-attention over the T0 least-noisy steps (paper Step 1).
         t = self._clock()
         attention = mean_attention_map(
             self.denoiser,
             self.probe_scheduler,
-            z0,
-            self._embed(prompts),
-            weights,
-            probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
-            gens,
-            cfg.probe_repeats,
-            repaint_everything(self.vae, z0) if self.denoiser.in_channels == 9 else None,
+            latents=latents,
+            text_embeddings=self.embed([s.concept.prompt for s in specs]),
+            token_weights=self.token_weights(specs),
+            timesteps=probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
+            generators=generators,
+            repeats=cfg.probe_repeats,
+            inpainting_inputs=repaint_everything(self.vae, latents)
+            if self.denoiser.in_channels == 9
+            else None,
         )
         timings["attention_s"] = self._clock() - t
         originals = [
@@ -517,7 +540,17 @@ class Distiller:
             else np.repeat(np.asarray(im)[..., None], 3, 2)
             for im in images
         ]
-        return specs, gens, z0, attention, canvases, imgs, originals, timings
+        return ConceptMaps(
+            mode="label",
+            specs=specs,
+            generators=generators,
+            latents=latents,
+            attention=attention,
+            canvases=canvases,
+            images=canvas_images,
+            originals=originals,
+            timings=timings,
+        )
 
     def synthesize(self, specs: list[SampleSpec], finish: bool = True) -> list[Triplet] | list[Draft]:
         """Generate images of each spec's concept and label them: paper Step 5.
@@ -540,58 +573,65 @@ class Distiller:
         specs = [
             s if s.key else SampleSpec(s.concept, s.seed, f"{s.concept.name}-{s.seed:010d}") for s in specs
         ]
-        self._token_weights(specs)  # validate every prompt before any model work
-        mb = self._micro_batch(len(specs))
-        return [
-            t for i in range(0, len(specs), mb) for t in self._synthesize_batch(specs[i : i + mb], finish)
-        ]
+        self.token_weights(specs)  # validate every prompt before any model work
+        mb = self.batch_size(len(specs))
+        drafts = [d for i in range(0, len(specs), mb) for d in self.draft(self.generate(specs[i : i + mb]))]
+        return [d.finish() for d in drafts] if finish else drafts
 
-    def _synthesize_batch(self, specs: list[SampleSpec], finish: bool = True) -> list[Triplet] | list[Draft]:
+    def generate(self, specs: list[SampleSpec]) -> ConceptMaps:
+        """Steps 1-2 of synthesis mode for one micro-batch: text-to-image latents with the concept's mean
+        attention recorded in the same loop (or by the probe afterwards), decoded. `draft` takes the
+        result."""
         cfg = self.config
-        prompts = [s.concept.prompt for s in specs]
-        weights = self._token_weights(specs)
-        gens = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         timings: dict[str, float] = {}
+        generators = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
+        weights = self.token_weights(specs)
+        cond = self.embed([s.concept.prompt for s in specs])
+        # 1. Text-to-image sampling; the T0 least-noisy steps record the concept's attention (in-loop).
         t = self._clock()
         guided = cfg.guidance_scale != 1.0
-        neg = self._embed_negative([cfg.negative_prompt] * len(specs)) if guided else None
-        shape = (self.denoiser.in_channels, self.latent_size, self.latent_size)
-        cond = self._embed(prompts)
-        z0, attention = synthesize_latents(
+        latents, attention = synthesize_latents(
             self.denoiser,
             self.sampler,
-            shape,
-            cond,
-            weights,
-            gens,
-            cfg.num_inference_steps,
-            cfg.guidance_scale,
-            neg,
-            cfg.probe_t0,
+            shape=(self.denoiser.in_channels, self.latent_size, self.latent_size),
+            cond_emb=cond,
+            token_weights=weights,
+            generators=generators,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            negative_emb=self.embed_negative([cfg.negative_prompt] * len(specs)) if guided else None,
+            capture_t0=cfg.probe_t0,
             capture=cfg.attention == "loop",
         )
         timings["generate_s"] = self._clock() - t
+        # 2. Or the paper's probe on the generated latents (`sampler.attention: probe`).
         if cfg.attention == "probe":
             t = self._clock()
             attention = mean_attention_map(
                 self.denoiser,
                 self.probe_scheduler,
-                z0,
-                cond,
-                weights,
-                probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
-                gens,
-                cfg.probe_repeats,
+                latents=latents,
+                text_embeddings=cond,
+                token_weights=weights,
+                timesteps=probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
+                generators=generators,
+                repeats=cfg.probe_repeats,
             )
             timings["attention_s"] = self._clock() - t
         t = self._clock()
-        images = self._decode(z0)
+        images = self._decode(latents)
         timings["decode_s"] = self._clock() - t
-        canvases = [
-            Canvas(self.resolution, self.resolution, self.resolution, self.resolution, self.resolution)
-        ] * len(specs)
-        return self._finish(
-            specs, gens, z0, attention, canvases, list(images), None, timings, "synthesis", finish
+        side = self.resolution
+        return ConceptMaps(
+            mode="synthesis",
+            specs=specs,
+            generators=generators,
+            latents=latents,
+            attention=attention,
+            canvases=[Canvas(side, side, side, side, side)] * len(specs),
+            images=list(images),
+            originals=None,
+            timings=timings,
         )
 
     def config_dict(self) -> dict:

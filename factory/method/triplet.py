@@ -75,10 +75,12 @@ class Draft:
         arrays = (self.image, self.background, self.prelim, self.attention)
         return sum(a.nbytes for a in arrays) + (self.original.nbytes if self.original is not None else 0)
 
-    def finish(self) -> Triplet:
-        """Steps 5-6: the refined mask and the triplet, in the image's own size."""
+    def finish(self, settings: RefineSettings | None = None) -> Triplet:
+        """Steps 5-6: the refined mask and the triplet, in the image's own size. `settings` (default: the
+        draft's own) finishes the same draft by another Step 4b rule, e.g. the paper's `edges="none"` next to
+        the snapped default, from the same M_pre and background (`trainers evaluate-masks`)."""
         t0 = time.perf_counter()
-        s, c = self.settings, self.canvas
+        s, c = settings or self.settings, self.canvas
         # 5. Refined mask: rule(|x - background|) AND M_pre (Step 4b), its edges snapped to the image's
         #    (`edges: guided`, ours; "none" = the paper's), then back to the image's own size.
         mask, _, refine_stats, snap = refine_mask(
@@ -86,11 +88,11 @@ class Draft:
             self.background,
             self.prelim,
             c,
-            s.rule,
-            s.close_and_fill,
-            s.edges,
-            s.edge_radius_px,
-            s.edge_eps,
+            rule=s.rule,
+            close_and_fill=s.close_and_fill,
+            edges=s.edges,
+            edge_radius=s.edge_radius_px,
+            edge_eps=s.edge_eps,
         )
         image = self.original if self.original is not None else crop_valid(self.image, c)
         h, w = image.shape[:2]

@@ -17,6 +17,7 @@ range, and the fraction of images where under half of the object was removed ("t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,8 +29,7 @@ from tqdm.auto import tqdm
 from factory.dataset.report import contact_sheet
 from factory.method.distiller import Concept, DistillConfig, Distiller
 from factory.method.edges import snap_to_edges
-from factory.method.geometry import Canvas, resize_mask, to_canvas, to_original
-from factory.method.refine import refine_mask
+from factory.method.geometry import resize_mask
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc
 
 # A GT object pixel counts as removed by the inpainting when its mean RGB change exceeds 10 % of the range; an
@@ -56,24 +56,6 @@ def load_pair(split: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
     return img, gt
 
 
-def paper_refined(distiller: Distiller, image: np.ndarray, triplet) -> np.ndarray | None:
-    """The refined mask by the paper's rule (`edges: none`) from the same M_pre and background as a triplet
-    made with edge snapping: what a second run with `edges: none` gives (everything before the snap is the
-    same), without running the model again. Only for images that were not resized onto the canvas, whose
-    triplet background is the canvas's exactly; None for the others."""
-    c = Canvas(**triplet.meta["canvas"])
-    if (c.valid_h, c.valid_w) != (c.orig_h, c.orig_w):
-        return None
-    canvas_image, _ = to_canvas(image, c.size)
-    background = np.zeros_like(canvas_image)
-    background[: c.valid_h, : c.valid_w] = triplet.background
-    cfg = distiller.config
-    mask, _, _, _ = refine_mask(
-        canvas_image, background, triplet.prelim, c, cfg.mask_rule, cfg.close_and_fill, "none"
-    )
-    return to_original(mask, c)
-
-
 def evaluate_distiller(
     distiller: Distiller,
     split: str | Path,
@@ -86,21 +68,23 @@ def evaluate_distiller(
     rows = read_split(split, n)
     prelim_m, refined_m = PooledSegmentationMetrics(), PooledSegmentationMetrics()
     # with edges: guided, also what the same edge snapping makes of M_pre (the shards keep M_pre on the grid),
-    # and the refined masks by the paper's rule from the same backgrounds (paper_refined)
+    # and the refined masks by the paper's rule from the same drafts (the same M_pre and backgrounds)
     guided = distiller.config.edges == "guided"
     snapped_m = PooledSegmentationMetrics() if guided else None
-    paper_m, paper_all = (PooledSegmentationMetrics(), True) if guided else (None, False)
+    paper_m = PooledSegmentationMetrics() if guided else None
     maps, gts, sheet, changed = [], [], [], []
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
         chunk = rows[i : i + batch]
         pairs = [load_pair(split, r) for r in chunk]
-        triplets = distiller.label(
+        drafts = distiller.label(
             [p[0] for p in pairs],
             [Concept(r["concept"]) for r in chunk],
             seeds=[int(r.get("seed", i + j)) for j, r in enumerate(chunk)],
+            finish=False,
         )
-        for (img, gt), tr in zip(pairs, triplets, strict=True):
+        for (img, gt), draft in zip(pairs, drafts, strict=True):
+            tr = draft.finish()
             c = tr.meta["canvas"]
             f = distiller.vae_factor
             lat_h, lat_w = -(-c["valid_h"] // f), -(-c["valid_w"] // f)
@@ -117,10 +101,7 @@ def evaluate_distiller(
                 )
             refined_m.update(tr.mask, gt)
             if paper_m is not None:
-                paper = paper_refined(distiller, img, tr)
-                paper_all = paper_all and paper is not None
-                if paper is not None:
-                    paper_m.update(paper, gt)
+                paper_m.update(draft.finish(dataclasses.replace(draft.settings, edges="none")).mask, gt)
             maps.append(att_up)
             gts.append(gt)
             if gt.any():  # how much of the object did the background inpainting remove?
@@ -142,7 +123,7 @@ def evaluate_distiller(
     }
     if snapped_m is not None:
         res["prelim_edges"] = snapped_m.compute()
-    if paper_all:  # every image scored by both rules: the same images, so the rows compare
+    if paper_m is not None:  # every image scored by both rules: the same images, so the rows compare
         res["refined_paper"] = paper_m.compute()
     if out:
         out = Path(out)

@@ -48,13 +48,13 @@ def sweep(split: str, grid: list[str], n: int | None = None, batch: int = 8, mod
             SampleSpec(Concept(r["concept"]), int(r.get("seed", i + j)), f"s{i + j}")
             for j, r in enumerate(chunk)
         ]
-        probed = base._probe([p[0] for p in pairs], specs)
-        states = [g.get_state() for g in probed[1]]
+        maps = base.probe([p[0] for p in pairs], specs)  # Steps 1-2 once, Steps 3-6 per setting
+        states = [g.get_state() for g in maps.generators]
         for key, d in variants.items():
-            for g, st in zip(probed[1], states, strict=True):
+            for g, st in zip(maps.generators, states, strict=True):
                 g.set_state(st)
             t = time.perf_counter()
-            triplets = d._finish(*probed[:-1], dict(probed[-1]), "label")
+            triplets = [draft.finish() for draft in d.draft(maps)]
             seconds[key] += time.perf_counter() - t
             for (_, gt), tr in zip(pairs, triplets, strict=True):
                 metrics[key].update(tr.mask, gt)
