@@ -235,7 +235,7 @@ def test_plain_generation_with_the_pipeline_still_runs_after_an_fp16_distiller(t
 
     pipe = copy.deepcopy(toyworld_pipe).to(torch.float16)
     assert pipe.vae.config.force_upcast  # toyworld's VAE says so, as SD 1.5's does
-    d = Distiller("toyworld", pipeline=pipe, config=FAST)
+    d = Distiller("toyworld", pipeline=pipe, config=DistillConfig(2, 1, inpaint_steps=2))
     [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
     assert t.meta["dtype"] == "float16" and d.vae.dtype == torch.float16
     images = pipe("a photo of a star", num_inference_steps=2, output_type="np").images

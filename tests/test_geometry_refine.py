@@ -137,10 +137,10 @@ def test_the_gmm_fitted_on_quantiles_gives_the_full_fits_refined_masks_at_512_px
     from factory.toyworld.world import iter_samples
 
     d = Distiller("toyworld", pipeline=toyworld_pipe, config=DistillConfig(8, 6, inpaint_steps=8))
-    samples = list(iter_samples(range(3_000_000_000, 3_000_000_010)))  # the test split's first 10 seeds
-    drafts = d.label(
-        [s.image for s in samples], [Concept(s.concept) for s in samples], [0] * 10, finish=False
-    )
+    # the test split's first 8 seeds (docs/method.md scores the whole split: pooled IoU 0.994)
+    samples = [s for s in iter_samples(range(3_000_000_000, 3_000_000_008)) if s.concept]
+    concepts, seeds = [Concept(s.concept) for s in samples], [0] * len(samples)
+    drafts = d.label([s.image for s in samples], concepts, seeds, finish=False)
 
     def up(x):
         return np.asarray(Image.fromarray(x).resize((512, 512), Image.BICUBIC))
