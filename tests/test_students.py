@@ -10,7 +10,7 @@ import ray
 import torch
 from PIL import Image
 
-from factory.method.geometry import to_canvas
+from factory.method.geometry import Canvas, to_canvas
 from factory.toyworld.world import write_split
 from trainers.evaluate.score import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
 from trainers.students.data import (
@@ -71,6 +71,22 @@ def test_targets_align_with_the_image():
         assert t[16, 28] > 0.9 and t[40, 5] < 0.1, f"{kind} target is where the object is"
     with pytest.raises(ValueError, match="unknown target"):
         target_of(row, "gt")
+
+
+def test_a_targets_valid_region_is_the_factorys_on_a_non_square_image():
+    """50 x 64 onto a 64 canvas: valid rows 50, so 12.5 latent cells of 4 px. The factory's M_pre covers the
+    partial 13th row (`Canvas.latent_valid`); the students used to round it away (issue 31)."""
+    from factory.method.geometry import resize_mask
+
+    row = _row(h=50)
+    meta = json.loads(row["json"])
+    assert Canvas(**meta["canvas"]).latent_valid(4) == (13, 16)
+    prelim = np.zeros((16, 16), np.uint8)
+    prelim[12, 4:10] = 255  # an object in the partially covered cell row only
+    row["prelim.png"] = _png(prelim)
+    t = target_of(row, "prelim")
+    factory = resize_mask(prelim[:13, :16] > 0, 50, 64)  # how the factory maps M_pre to the image
+    assert factory[-1].any() and t[-1, 16:40].min() > 0.5 and (t >= 0.5)[factory].mean() > 0.9
 
 
 def test_augmentation_and_multiclass_labels():

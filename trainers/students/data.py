@@ -61,8 +61,7 @@ def row_image(row: dict) -> np.ndarray:
 def _latent_to_image(grid: np.ndarray, canvas: dict, h: int, w: int) -> np.ndarray:
     """A map on the canvas's latent grid -> the image's (h, w), via the valid region (bilinear)."""
     c = Canvas(**canvas)
-    f = c.size / grid.shape[0]
-    vh, vw = max(1, round(c.valid_h / f)), max(1, round(c.valid_w / f))
+    vh, vw = c.latent_valid(c.size // grid.shape[0])  # partially covered cells count, as the factory's M_pre
     valid = torch.from_numpy(np.ascontiguousarray(grid[:vh, :vw], np.float32))[None, None]
     return F.interpolate(valid, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
