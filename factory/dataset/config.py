@@ -121,7 +121,9 @@ class ResourcesConfig(_Strict):
         "part of its shard: what a failed call can lose, and what bounds an actor's memory and the objects "
         "it hands on, whatever output.samples_per_shard is. Default: batch_size",
     )
-    writer_num_cpus: float = Field(0.25, gt=0.0, description="CPU share of each encode+write task")
+    writer_num_cpus: float = Field(
+        0.25, gt=0.0, description="CPU share of each writer task (refine, encode, write)"
+    )
     compile: bool = Field(
         False,
         description="torch.compile each actor's UNet (speed only; the first batch pays the compile time, "

@@ -137,7 +137,7 @@ def print_summary(s: dict) -> None:
         f"[factory] this run: {s['written_this_run']} samples written in {s['shards_this_run']} shards, "
         f"rejected {rej}; {s['samples_per_s']:.2f} samples/s over {s['wall_s']:.0f}s "
         f"on {len(s['nodes'])} node(s); "
-        f"encode+write took {100 * s['outside_model_share']:.1f}% of worker time"
+        f"refine+encode+write took {100 * s['outside_model_share']:.1f}% of worker time"
     )
     state = "complete" if s["complete"] else f"INCOMPLETE, missing {s['missing_shards']}"
     print(
@@ -187,7 +187,7 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
         f"- shards: {len(manifest['shards'])} of {manifest['expected_shards']} "
         f"({'complete' if manifest['complete'] else 'incomplete'})",
         f"- samples written: {t['written']}; rejected: {json.dumps(t['rejected'])}",
-        f"- this run: {summary['samples_per_s']:.2f} samples/s, encode+write share "
+        f"- this run: {summary['samples_per_s']:.2f} samples/s, refine+encode+write share "
         f"{100 * summary['outside_model_share']:.1f}%, nodes {len(summary['nodes'])}",
         f"- model `{cfg.model}`, concepts {', '.join(c.name for c in cfg.concepts)}",
         "",
