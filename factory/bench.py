@@ -111,12 +111,6 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def flops_key(settings: dict) -> dict:
-    """What a FLOP count depends on; not the batch, device, dtype or compile (the counts are per sample)."""
-    keys = ("model", "resolution", "steps", "probe_t0", "inpaint_steps", "guidance", "scheduler", "concept")
-    return {k: settings[k] for k in keys}
-
-
 def _read_flops(path: str | None, key: dict) -> dict | None:
     if not path or not Path(path).exists():
         return None
@@ -258,18 +252,17 @@ def bench(
         for _ in range(repeats):
             enc.append(_timed(lambda: encode_write(triplets), torch.device("cpu"))[0])
         flop_counts = {}
-        key = flops_key(
-            {
-                "model": model,
-                "resolution": res,
-                "steps": steps,
-                "probe_t0": probe_t0,
-                "inpaint_steps": inpaint_steps,
-                "guidance": guidance,
-                "scheduler": scheduler,
-                "concept": concept,
-            }
-        )
+        # what a FLOP count depends on; not the batch, device, dtype or compile (the counts are per sample)
+        key = {
+            "model": model,
+            "resolution": res,
+            "steps": steps,
+            "probe_t0": probe_t0,
+            "inpaint_steps": inpaint_steps,
+            "guidance": guidance,
+            "scheduler": scheduler,
+            "concept": concept,
+        }
         cached = _read_flops(flops_cache, key)
         if cached:
             flop_counts = {**cached, "source": flops_cache}

@@ -65,9 +65,8 @@ def all_reduce(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def autocast(device: torch.device, precision: str = "auto"):
-    """The students' forward context: bf16 autocast on a GPU for `auto` or `bf16`, nothing otherwise."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    """The students' forward context: bf16 autocast on a GPU for `auto` or `bf16` (`train.precision`,
+    validated by the config), nothing otherwise."""
     if device.type == "cuda" and precision != "fp32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -586,9 +586,9 @@ class Distiller:
         timings: dict[str, float] = {}
         generators = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         weights = self.token_weights(specs)
-        cond = self.embed([s.concept.prompt for s in specs])
         # 1. Text-to-image sampling; the T0 least-noisy steps record the concept's attention (in-loop).
         t = self._clock()
+        cond = self.embed([s.concept.prompt for s in specs])
         guided = cfg.guidance_scale != 1.0
         latents, attention = synthesize_latents(
             self.denoiser,

@@ -41,13 +41,14 @@ class Triplet:
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Step 4b's settings: `DistillConfig`'s mask rule and edge snapping, the radius in pixels."""
+    """Step 4b's settings: `DistillConfig`'s mask rule and edge snapping (and its defaults), the radius in
+    pixels."""
 
-    rule: str = "gmm"
-    close_and_fill: bool = False
-    edges: str = "guided"
-    edge_radius_px: int = 12
-    edge_eps: float = 0.01
+    rule: str
+    close_and_fill: bool
+    edges: str
+    edge_radius_px: int
+    edge_eps: float
 
 
 @dataclass

@@ -29,6 +29,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -95,9 +96,8 @@ class StudentTrain(_Strict):
         description="speed only: the student and its batches in channels_last memory format (on 2 CPU "
         "cores about 1.2x the steps/s of the default layout at 64 px; docs/students.md)",
     )
-    precision: str = Field(
+    precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
-        pattern="^(auto|bf16|fp32)$",
         description="auto: bf16 autocast on a GPU, fp32 on the CPU (trainers.devices.autocast)",
     )
 
