@@ -119,3 +119,25 @@ def test_object_store_path_uses_a_single_put(tmp_path):
     )
     assert store.committed() == {"shard-000000"}
     assert [s["__key__"] for s in store.read_shard("shard-000000.tar")] == ["m-0"]
+
+
+def test_an_assembly_that_ray_runs_again_after_its_commit_returns_the_committed_stats(tmp_path):
+    """Ray re-runs a finished assembly task whose output was lost with its node; the parts are gone by
+    then (the commit removed them), so the task returns the committed stats instead of failing the job."""
+    import json as _json
+
+    from factory.dataset.config import load_config
+    from factory.dataset.pipeline import assemble_shards
+    from factory.dataset.shards import ShardStore
+
+    cfg = load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / 'out'}"])
+    (tmp_path / "out").mkdir()
+    store = ShardStore(str(tmp_path / "out"))
+    stats = {"name": "shard-000001", "written": 3, "rejected": {}, "timings": {"encode_write_s": 0.1}}
+    store.write_json("shard-000001.stats.json", stats)
+    batch = {
+        "name": ["shard-000001"],
+        "result": [_json.dumps({"parts": ["part-000000-000001"], "memory": {}})],
+    }
+    out = assemble_shards(batch, cfg.model_dump())
+    assert [_json.loads(s) for s in out["stats"]] == [stats]

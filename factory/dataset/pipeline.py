@@ -226,6 +226,12 @@ def assemble_shards(batch: dict, job: dict) -> dict:
             out["name"].append(name)
             out["stats"].append(json.dumps({"name": name, "user_error": result["user_error"]}))
             continue
+        if store.fs.exists(store.path(f"{name}.stats.json")):
+            # committed already: Ray re-ran this task (its output was lost with a node) after the commit
+            # removed the parts; the committed stats are the shard's
+            out["name"].append(name)
+            out["stats"].append(json.dumps(store.read_json(f"{name}.stats.json")))
+            continue
         t0 = time.perf_counter()
         parts = [store.read_part_stats(name, p) for p in result["parts"]]
         rejected: dict[str, int] = {}
