@@ -119,7 +119,7 @@ def test_errors_before_any_work(distiller):
         distiller.synthesize([SampleSpec(Concept("star", template="a photo of a thing"), 1)])
     with pytest.raises(ValueError, match="same length"):
         distiller.label([np.zeros((8, 8, 3), np.uint8)], Concept("star"), seeds=[1, 2])
-    with pytest.raises(ValueError, match="unknown mask_rule"):
+    with pytest.raises(ValueError, match="unknown mask rule"):
         DistillConfig(mask_rule="median")
     with pytest.raises(ValueError, match="attention"):
         DistillConfig(attention="both")

@@ -15,13 +15,14 @@ from tiny_models import BUILDERS, FAMILY_OF
 from factory import Concept, DistillConfig, Distiller, SampleSpec
 from factory.method.attention import AttentionAccumulator, cross_attention_names
 from factory.method.families import (
-    FAMILY_NAMES,
+    FAMILIES,
     UnsupportedFamilyError,
     detect_family,
     family_name_of_index,
 )
 from factory.method.inpaint import inpaint_background
 from factory.method.probe import mean_attention_map
+from factory.method.schedulers import is_flow
 from factory.method.synthesis import synthesize_latents
 
 FAST = DistillConfig(num_inference_steps=6, probe_t0=4, inpaint_steps=6)
@@ -45,7 +46,7 @@ def test_capture_equals_naive_full_computation_and_keeps_the_output(tiny):
     assert w.shape[1] == cond.hidden.shape[1] and w.sum(1).tolist() == [1, 2]
     z = torch.randn(2, denoiser.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     ts = [torch.tensor(781), torch.tensor(21)]
-    if family.flow:
+    if is_flow(pipe.scheduler):
         ts = [torch.tensor(900.0), torch.tensor(20.0)]
     with torch.no_grad(), denoiser.capture(w, 16) as acc:
         outs = [denoiser(z, t, cond) for t in ts]
@@ -54,7 +55,7 @@ def test_capture_equals_naive_full_computation_and_keeps_the_output(tiny):
     module = family.denoiser_module
     original = dict(module.attn_processors)
     store = []
-    naive = StoreJointAttention(store) if family.flow else StoreCrossAttention(store)
+    naive = StoreJointAttention(store) if is_flow(pipe.scheduler) else StoreCrossAttention(store)
     names = set(cross_attention_names(module))
     module.set_attn_processor({n: (naive if n in names else p) for n, p in original.items()})
     try:
@@ -277,7 +278,7 @@ def test_an_unsupported_family_is_refused_by_name(tmp_path):
     ):
         with pytest.raises(UnsupportedFamilyError, match="serves Stable Diffusion 1.x/2.x"):
             call()
-    assert set(FAMILY_NAMES) == {"sd", "sdxl", "sd3"}
+    assert FAMILIES.names() == ("sd", "sdxl", "sd3")
     # the preflight refuses it before Ray starts, as a one-line user error
     from factory.dataset.config import load_config
     from factory.dataset.preflight import check_model
@@ -372,3 +373,40 @@ def test_the_shipped_architectures_are_the_real_ones(arch, family, denoiser_para
     if family == "sdxl":
         assert sum(p.numel() for p in pipe.text_encoder_2.parameters()) == 694_659_840  # OpenCLIP bigG
     assert fam.token_weights(["a photo of a star"], [["star"]]).sum() >= 1
+
+
+def test_a_family_is_one_registered_class(monkeypatch):
+    from factory.method import families
+    from factory.method.loading import ModelLoadError, _check_components
+    from factory.registry import Registry
+
+    registry = Registry("model family")  # the shipped families, and one more, for this test only
+    for name, cls in FAMILIES.items():
+        registry.register(name, cls)
+    monkeypatch.setattr(families, "FAMILIES", registry)
+
+    @families.register_family
+    class PixArtLike(families.SD3Family):
+        name = "pixart-like"
+        description = "a PixArt-like DiT"
+        denoiser_class = "PixArtTransformer2DModel"
+        required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    index.update({c: ["x", "Y"] for c in ("vae", "text_encoder", "tokenizer", "scheduler")})
+    assert family_name_of_index(index) == "pixart-like"
+    assert "a PixArt-like DiT ('pixart-like')" in families.supported()
+    with pytest.raises(ModelLoadError, match="without vae, tokenizer, scheduler; .*pixart-like model needs"):
+        _check_components("m", "PixArtAlphaPipeline", PixArtLike, {"transformer", "text_encoder"})
+    with pytest.raises(UnsupportedFamilyError, match="'dpm\\+\\+' is not served for a pixart-like model"):
+        PixArtLike.check_sampler("dpm++")
+
+
+def test_the_preflight_refuses_a_sampler_the_family_does_not_serve(tmp_path):
+    from factory.dataset.config import load_config
+    from factory.dataset.preflight import check_model
+
+    over = ["model=sd3-arch", f"output.uri={tmp_path}", "sampler.probe_t0=4", "sampler.steps=4"]
+    check_model(load_config("configs/toyworld.yaml", over))  # ddim: the flow's Euler sampler
+    with pytest.raises(UnsupportedFamilyError, match="'unipc' is not served for a sd3 model"):
+        check_model(load_config("configs/toyworld.yaml", [*over, "inpaint.scheduler=unipc"]))

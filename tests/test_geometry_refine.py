@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from factory.method.distiller import DistillConfig
 from factory.method.geometry import Canvas, to_canvas, to_original
 from factory.method.refine import refine_mask
+from factory.method.settings import DistillConfig
+from factory.registry import Registry
 
 
 def test_canvas_resizes_long_side_and_pads_right_bottom():
@@ -80,9 +81,9 @@ def test_guided_filter_snaps_a_grid_mask_onto_the_objects_edge():
     assert snap_to_edges(np.ones((64, 64), bool), image, 12).all()
     with pytest.raises(ValueError, match="radius"):
         snap_to_edges(blocky, image, radius=0)
-    with pytest.raises(ValueError, match="unknown edges"):
+    with pytest.raises(ValueError, match="unknown edge mode"):
         refine_mask(image, image, grid, Canvas(64, 64, 64, 0, 0), edges="crf")
-    with pytest.raises(ValueError, match="unknown edges"):
+    with pytest.raises(ValueError, match="unknown edge mode"):
         DistillConfig(edges="crf")
 
 
@@ -133,7 +134,8 @@ def test_the_gmm_fitted_on_quantiles_gives_the_full_fits_refined_masks_at_512_px
     from PIL import Image
 
     from factory.method import masks
-    from factory.method.distiller import Concept, Distiller
+    from factory.method.distiller import Distiller
+    from factory.method.settings import Concept
     from factory.toyworld.world import iter_samples
 
     d = Distiller("toyworld", pipeline=toyworld_pipe, config=DistillConfig(8, 6, inpaint_steps=8))
@@ -153,7 +155,9 @@ def test_the_gmm_fitted_on_quantiles_gives_the_full_fits_refined_masks_at_512_px
         for edges in ("none", "guided"):
             fast, *_ = refine_mask(img, bg, dr.prelim, canvas, "gmm", False, edges, radius)
             with monkeypatch.context() as m:
-                m.setitem(masks.RULES, "gmm", lambda v: masks.gmm_midpoint(v, 2, fit_samples=10**9))
+                full_fit = Registry("mask rule")  # the same registry, but "gmm" fits every value
+                full_fit.register("gmm", lambda v: masks.gmm_midpoint(v, 2, fit_samples=10**9))
+                m.setattr(masks, "RULES", full_fit)
                 full, *_ = refine_mask(img, bg, dr.prelim, canvas, "gmm", False, edges, radius)
             if edges == "none":  # the paper's rule, image by image
                 assert full.any() and _iou(fast, full) >= 0.98, (dr.key, _iou(fast, full))
@@ -178,7 +182,8 @@ def test_a_job_actor_hands_on_drafts_and_never_refines(toyworld_pipe, fast_confi
     """The refined mask (CPU work) is made by `Draft.finish`, which a job's writer task calls: with
     `finish=False` the Distiller (the GPU actor's work) never runs Step 4b."""
     import factory.method.triplet as triplet
-    from factory.method.distiller import Concept, Distiller, SampleSpec
+    from factory.method.distiller import Distiller
+    from factory.method.settings import Concept, SampleSpec
     from factory.method.triplet import Draft
 
     d = Distiller("toyworld", pipeline=toyworld_pipe, config=fast_config)

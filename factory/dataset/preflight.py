@@ -65,14 +65,19 @@ def check_writable(uri: str, storage_options: dict | None = None) -> None:
 def check_model(cfg: JobConfig) -> None:
     """The model's and the inpainting model's configs read, and they are of a family the factory serves
     (`factory.method.families`)."""
+    from factory.method.families import FAMILIES
     from factory.method.loading import ModelLoadError, read_model_configs
 
     configs = read_model_configs(cfg.model)
+    family = FAMILIES[configs["family"]]
+    family.check_sampler(cfg.sampler.scheduler)
+    family.check_sampler(cfg.inpaint.scheduler)
     if cfg.inpaint.model is not None:
-        if configs["family"] == "sd3":
+        if not family.finetuned_inpainting:
+            served = [n for n, f in FAMILIES.items() if f.finetuned_inpainting]
             raise ModelLoadError(
-                f"inpaint.model is set, but model {cfg.model!r} is an SD3 model: a fine-tuned m' is served "
-                "for the UNet families (sd, sdxl). Leave inpaint.model unset."
+                f"inpaint.model is set, but model {cfg.model!r} is a {family.name} model: a fine-tuned m' "
+                f"is served for the families {', '.join(served)}. Leave inpaint.model unset."
             )
         inpaint = read_model_configs(cfg.inpaint.model, components=("denoiser",))
         if inpaint["unet"]["cross_attention_dim"] != configs["unet"]["cross_attention_dim"]:

@@ -15,8 +15,8 @@ split in docs/method.md; `masks.edges: none` is the paper's.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from factory.registry import Registry
 
 
 def _ximgproc():
@@ -33,6 +33,9 @@ def _ximgproc():
 
 def bilinear_upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """(h, w) map -> (height, width) float32, bilinear (half-pixel centres, as F.interpolate)."""
+    import torch  # here: a job YAML's validation needs EDGES' names alone
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(values, np.float32))[None, None]
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
 
@@ -57,3 +60,16 @@ def snap_to_edges(mask: np.ndarray, image: np.ndarray, radius: int, eps: float =
         return np.full((h, w), bool(m.any()))
     src = m.astype(np.float32) if m.shape == (h, w) else bilinear_upsample(m.astype(np.float32), h, w)
     return guided_filter(src, image, radius, eps) >= 0.5
+
+
+def keep_edges(mask: np.ndarray, image: np.ndarray, radius: int, eps: float) -> None:
+    """The paper's rule: no snap (None: the refined mask keeps the latent grid's edges)."""
+    return None
+
+
+# The edge modes of Step 4b (`masks.edges`): (mask, image, radius, eps) -> the snapped mask, or None for no
+# snap. A new mode is one registration here; the config's choices follow.
+EDGES: Registry = Registry("edge mode")
+EDGES.register("none", keep_edges)
+EDGES.register("guided", snap_to_edges)
+EdgeMode = EDGES.literal()  # a config field's type: one of the registered modes

@@ -1,10 +1,15 @@
 """Model families: what differs between SD 1.x/2.x, SDXL and SD3 pipelines, and only that, in one place.
 
-    family = detect_family(pipe)              # SDFamily, SDXLFamily or SD3Family; family.name in FAMILY_NAMES
+    family = detect_family(pipe)              # SDFamily, SDXLFamily or SD3Family; family.name in FAMILIES
     cond = family.encode(["a photo of a bird"])            # a Conditioning: text tokens (+ pooled)
     weights = family.token_weights(prompts, [["bird"]])    # 1 at the concept's tokens of the text stream
     denoiser = family.denoiser()                           # eps / v / flow prediction for (z, t, cond)
     with denoiser.capture(weights, size) as acc: denoiser(z, t, cond)
+
+A family is one class here, registered in `FAMILIES`: how it is recognised from a pipeline's components (its
+`model_index.json`, or a loaded pipeline), the components it needs, its samplers, how it encodes prompts and
+finds the concept's tokens, its denoiser call and its attention capture. Adding one is one class and its
+tests (docs/development.md).
 
 The families, how each is detected, called, conditioned and read:
 
@@ -33,35 +38,47 @@ import torch
 from factory.errors import UserError
 from factory.method.attention import capture_concept_attention
 from factory.method.prompts import encode_prompts, token_weight_matrix
+from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+from factory.registry import Registry, first_match
 
-FAMILY_NAMES = ("sd", "sdxl", "sd3")
-SUPPORTED = (
-    "Stable Diffusion 1.x/2.x and the embedded toyworld model (family 'sd'), SDXL ('sdxl') and "
-    "Stable Diffusion 3 / 3.5 ('sd3')"
-)
+FAMILIES: Registry = Registry("model family")  # name -> family class, in the order they are tried
+
+
+def register_family(cls):
+    """Class decorator: `cls` (a family) under its `name`."""
+    return FAMILIES.register(cls.name, cls)
+
+
+def supported() -> str:
+    """The served families, for error messages."""
+    return ", ".join(f"{cls.description} ('{name}')" for name, cls in FAMILIES.items())
 
 
 class UnsupportedFamilyError(UserError, ValueError):
     """A pipeline of a family the factory does not serve; the message names the ones it does."""
 
 
+def component_classes(index: dict) -> dict[str, str]:
+    """{component: class name} of a `model_index.json` (components saved as None left out)."""
+    return {
+        name: entry[1]
+        for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, (list, tuple)) and None not in entry
+    }
+
+
 def family_name_of_index(index: dict, model: str = "the model") -> str:
     """The family of a pipeline from its `model_index.json` alone (no weights): what the preflight reads."""
-
-    def cls(component: str) -> str | None:
-        entry = index.get(component)
-        return entry[1] if isinstance(entry, (list, tuple)) and None not in entry else None
-
-    pipeline = index.get("_class_name", "pipeline")
-    if cls("transformer") == "SD3Transformer2DModel" and cls("vae") and cls("text_encoder"):
-        return "sd3"
-    if cls("unet") == "UNet2DConditionModel" and cls("vae") and cls("text_encoder"):
-        return "sdxl" if cls("text_encoder_2") else "sd"
-    denoiser = cls("transformer") or cls("unet") or cls("prior") or "no denoiser"
-    raise UnsupportedFamilyError(
-        f"{model} is a {pipeline} with a {denoiser}; the factory serves {SUPPORTED}. A FLUX, PixArt or "
-        "Kandinsky pipeline is not served yet: its concept maps need a capture of their own."
-    )
+    classes = component_classes(index)
+    name = first_match(FAMILIES, lambda family: family.matches(classes))
+    if name is None:
+        pipeline = index.get("_class_name", "pipeline")
+        denoiser = classes.get("transformer") or classes.get("unet") or classes.get("prior") or "no denoiser"
+        raise UnsupportedFamilyError(
+            f"{model} is a {pipeline} with a {denoiser}; the factory serves {supported()}. A FLUX, PixArt "
+            "or Kandinsky pipeline is not served yet: its concept maps need a capture of their own."
+        )
+    return name
 
 
 @dataclass
@@ -151,12 +168,17 @@ def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser:
     return UNetDenoiser(model)
 
 
+@register_family
 class SDFamily:
     """Stable Diffusion 1.x / 2.x (epsilon or v-prediction) and toyworld: one CLIP text encoder, a UNet."""
 
     name = "sd"
-    flow = False  # DDPM noise schedule (the scheduler config says epsilon or v)
+    description = "Stable Diffusion 1.x/2.x and the embedded toyworld model"
     denoiser_name = "unet"  # the pipeline component that denoises
+    denoiser_class = "UNet2DConditionModel"  # its diffusers class (its config is read without weights)
+    required_components: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    samplers: tuple[str, ...] = SCHEDULERS.names()  # DDPM noise schedule: epsilon or v, as its config says
+    finetuned_inpainting = True  # a fine-tuned m' may inpaint (`inpaint.model`)
     clip_tokenizer_names: tuple[str, ...] = ("tokenizer",)  # their tokens share the text stream's positions
     tokenizer_names: tuple[str, ...] = clip_tokenizer_names
     # Whether an fp16 VAE that says `force_upcast` decodes and encodes in fp32, as the family's diffusers
@@ -166,6 +188,21 @@ class SDFamily:
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    @classmethod
+    def matches(cls, classes: dict[str, str]) -> bool:
+        """Whether a pipeline with these component classes ({name: class}) is of this family."""
+        return classes.get("unet") == cls.denoiser_class and "text_encoder_2" not in classes
+
+    @classmethod
+    def check_sampler(cls, name: str) -> str:
+        """`name` if this family samples with it (registered, and served on its noise schedule)."""
+        if SCHEDULERS.check(name) not in cls.samplers:
+            raise UnsupportedFamilyError(
+                f"scheduler {name!r} is not served for a {cls.name} model; choose one of "
+                f"{', '.join(cls.samplers)}"
+            )
+        return name
 
     @property
     def denoiser_module(self):
@@ -223,15 +260,22 @@ class SDFamily:
         return torch.stack(weights).amax(0)
 
 
+@register_family
 class SDXLFamily(SDFamily):
     """SDXL: two CLIP text encoders (their penultimate hidden states concatenated per token, the second's
     pooled embedding) and a UNet with added conditioning; the concept's tokens are found in both
     tokenizers."""
 
     name = "sdxl"
+    description = "SDXL"
+    required_components = SDFamily.required_components + ("text_encoder_2", "tokenizer_2")
     clip_tokenizer_names = ("tokenizer", "tokenizer_2")
     tokenizer_names = clip_tokenizer_names
     upcast_vae = True
+
+    @classmethod
+    def matches(cls, classes: dict[str, str]) -> bool:
+        return classes.get("unet") == cls.denoiser_class and "text_encoder_2" in classes
 
     def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
@@ -248,6 +292,7 @@ class SDXLFamily(SDFamily):
         return cond
 
 
+@register_family
 class SD3Family(SDFamily):
     """Stable Diffusion 3 / 3.5 (MMDiT): the text stream is [CLIP-L | CLIP-G per token, zero-padded to the
     joint width] then T5's tokens (zeros where the pipeline has no T5), and the concept map is read from the
@@ -255,11 +300,27 @@ class SD3Family(SDFamily):
     flow: its samplers are the flow-matching Euler scheduler."""
 
     name = "sd3"
-    flow = True
+    description = "Stable Diffusion 3 / 3.5"
     denoiser_name = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
+    required_components = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    )  # T5 (text_encoder_3) is optional, as in the pipeline
+    samplers = FLOW_SCHEDULERS  # rectified flow: both names are its flow-matching Euler sampler
+    finetuned_inpainting = False  # Step 3 serves the UNet families so far
     clip_tokenizer_names = ("tokenizer", "tokenizer_2")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     max_sequence_length = 256  # T5 tokens, the pipeline's default
+
+    @classmethod
+    def matches(cls, classes: dict[str, str]) -> bool:
+        return classes.get("transformer") == cls.denoiser_class
 
     def denoiser(self, module=None) -> UNetDenoiser | TransformerDenoiser:
         return TransformerDenoiser(module if module is not None else self.denoiser_module)
@@ -286,10 +347,6 @@ class SD3Family(SDFamily):
             width = self.max_sequence_length
             t5 = torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
         return torch.cat([clip, t5], 1)
-
-
-FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family}
-assert tuple(FAMILIES) == FAMILY_NAMES
 
 
 def detect_family(pipe) -> SDFamily:

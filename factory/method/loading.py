@@ -30,12 +30,6 @@ ARCHITECTURES: dict[str, Path] = {
     "sdxl-arch": MODELS_DIR / "sdxl-arch",
     "sd3-arch": MODELS_DIR / "sd3-arch",
 }
-# What each family's pipeline must hold (factory.method.families)
-REQUIRED_COMPONENTS = {
-    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-    "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -195,14 +189,20 @@ def _from_pretrained(model: str, source: str, torch_dtype: torch.dtype):
                 "weights, as `save_pretrained` writes them) and readable on this node?"
             ) from err
         raise _not_found(model, err) from err
-    family = detect_family(pipe).name
-    missing = [c for c in REQUIRED_COMPONENTS[family] if getattr(pipe, c, None) is None]
+    family = detect_family(pipe)
+    present = {c for c in family.required_components if getattr(pipe, c, None) is not None}
+    _check_components(model, type(pipe).__name__, type(family), present)
+    return pipe
+
+
+def _check_components(model: str, pipeline: str, family, present: set[str]) -> None:
+    """ModelLoadError naming what a pipeline of `family` lacks of the components it needs."""
+    missing = [c for c in family.required_components if c not in present]
     if missing:
         raise ModelLoadError(
-            f"{model!r} is a {type(pipe).__name__} without {', '.join(missing)}; concept "
-            f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
+            f"{model!r} is a {pipeline} without {', '.join(missing)}; concept distillation with a "
+            f"{family.name} model needs {', '.join(family.required_components)}"
         )
-    return pipe
 
 
 def build_random_pipeline(
@@ -303,9 +303,10 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
         ModelLoadError: the model cannot be found, or lacks a component its family needs.
         UnsupportedFamilyError: a pipeline of a family the factory does not serve; the message names them.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+    import diffusers
+    from diffusers import DiffusionPipeline
 
-    from factory.method.families import FAMILIES, family_name_of_index
+    from factory.method.families import FAMILIES, component_classes, family_name_of_index
 
     source = resolve_model(model)
     try:
@@ -314,28 +315,14 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
             index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as err:
         raise _not_found(model, err) from err
-    family = family_name_of_index(index, repr(model))
-    missing = [
-        c
-        for c in REQUIRED_COMPONENTS[family]
-        if not isinstance(index.get(c), (list, tuple)) or None in index[c]
-    ]
-    if missing:
-        raise ModelLoadError(
-            f"{model!r} is a {index.get('_class_name', 'pipeline')} without {', '.join(missing)}; concept "
-            f"distillation with a {family} model needs {', '.join(REQUIRED_COMPONENTS[family])}"
-        )
-    out = {"model_index": index, "family": family}
-    denoiser = FAMILIES[family].denoiser_name
-    classes = {
-        "unet": UNet2DConditionModel,
-        "transformer": SD3Transformer2DModel,
-        "vae": AutoencoderKL,
-    }
+    family = FAMILIES[family_name_of_index(index, repr(model))]
+    _check_components(model, index.get("_class_name", "pipeline"), family, set(component_classes(index)))
+    out = {"model_index": index, "family": family.name}
+    classes = {family.denoiser_name: family.denoiser_class, "vae": "AutoencoderKL"}
     try:
         for c in components:
-            name = denoiser if c == "denoiser" else c
-            out[c] = classes[name].load_config(source, subfolder=name)
+            name = family.denoiser_name if c == "denoiser" else c
+            out[c] = getattr(diffusers, classes[name]).load_config(source, subfolder=name)
             out[name] = out[c]
     except (OSError, ValueError) as err:
         raise ModelLoadError(

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
+
+from factory.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ def fit_values(flat: np.ndarray, limit: int = GMM_FIT_SAMPLES) -> np.ndarray:
     return np.sort(flat)[np.linspace(0, flat.size - 1, limit).round().astype(np.int64)]
 
 
-def _fit_gmm(values: np.ndarray, k: int) -> GaussianMixture:
+def _fit_gmm(values: np.ndarray, k: int):
     # The paper's code uses sklearn defaults with no fixed random_state; we fix it for determinism.
+    from sklearn.mixture import GaussianMixture  # here: a job YAML's validation needs RULES' names alone
+
     return GaussianMixture(n_components=k, random_state=0).fit(values.reshape(-1, 1).astype(np.float64))
 
 
@@ -129,14 +132,18 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-RULES = {"gmm": lambda v: gmm_midpoint(v, 2), "gmm3": lambda v: gmm_midpoint(v, 3), "otsu": otsu}
+# The thresholding rules of Steps 2 and 4b (`masks.rule`): values -> (mask, stats). A new rule is one
+# registration here; the config's choices follow.
+RULES: Registry = Registry("mask rule")
+RULES.register("gmm", lambda v: gmm_midpoint(v, 2))
+RULES.register("gmm3", lambda v: gmm_midpoint(v, 3))
+RULES.register("otsu", otsu)
+MaskRule = RULES.literal()  # a config field's type: one of the registered rules
 
 
 def binarize(
     values: np.ndarray, rule: str = "gmm", filter_orphans: bool = True
 ) -> tuple[np.ndarray, MaskStats]:
     """Threshold a map with a named rule (gmm | gmm3 | otsu), then apply the 3x3 majority filter."""
-    if rule not in RULES:
-        raise ValueError(f"unknown mask rule {rule!r}; choose one of {sorted(RULES)}")
     mask, stats = RULES[rule](values)
     return (majority_filter(mask) if filter_orphans else mask), stats

@@ -24,11 +24,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from factory.method.edges import snap_to_edges
+from factory.method.edges import EDGES
 from factory.method.geometry import Canvas, crop_valid, resize_mask
 from factory.method.masks import MaskStats, binarize
-
-EDGES = ("none", "guided")
 
 
 def refine_mask(
@@ -48,8 +46,7 @@ def refine_mask(
     Returns the refined mask (S, S) bool, the difference map (S, S) float32, the rule's stats and what the
     snap did: "snapped", "unsnapped" (it would have erased M, which is kept as the paper's rule has it) or
     "off" (`edges="none"`, or M is empty)."""
-    if edges not in EDGES:
-        raise ValueError(f"unknown edges {edges!r}; choose one of {', '.join(EDGES)}")
+    snap_edges = EDGES[edges]
     if image.shape != background.shape:
         raise ValueError(f"image {image.shape} and background {background.shape} differ in shape")
     diff = np.abs(image.astype(np.float32) - background.astype(np.float32)).mean(-1) / 255.0
@@ -62,9 +59,9 @@ def refine_mask(
     if close_and_fill:
         mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=1))
     snap = "off"
-    if edges == "guided" and mask.any():
-        vh, vw = canvas.valid_h, canvas.valid_w
-        snapped = snap_to_edges(mask[:vh, :vw], image[:vh, :vw], edge_radius, edge_eps)
+    vh, vw = canvas.valid_h, canvas.valid_w
+    snapped = snap_edges(mask[:vh, :vw], image[:vh, :vw], edge_radius, edge_eps) if mask.any() else None
+    if snapped is not None:
         if snapped.any():
             snap = "snapped"
             mask = np.zeros_like(mask)

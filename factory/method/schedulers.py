@@ -23,16 +23,18 @@ same scheduler's, and `add_noise` noises by the flow's straight path.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from factory.registry import Registry
 
-SchedulerName = Literal["ddim", "dpm++", "unipc", "euler"]
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-}
-assert tuple(SCHEDULERS) == get_args(SchedulerName)
+# name -> (diffusers class, overrides of the model's scheduler config). A new sampler is one registration
+# here; the job config's `sampler.scheduler` and `inpaint.scheduler` choices follow.
+SCHEDULERS: Registry[tuple[str, dict]] = Registry("scheduler")
+SCHEDULERS.register("ddim", ("DDIMScheduler", {}))
+SCHEDULERS.register(
+    "dpm++", ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})
+)
+SCHEDULERS.register("unipc", ("UniPCMultistepScheduler", {}))
+SCHEDULERS.register("euler", ("EulerDiscreteScheduler", {}))
+SchedulerName = SCHEDULERS.literal()  # a config field's type: one of the registered samplers
 
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -51,8 +53,7 @@ def make_scheduler(name: str, config):
     or its config."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
     if is_flow(config):
         if name not in FLOW_SCHEDULERS:
             raise ValueError(
@@ -61,7 +62,6 @@ def make_scheduler(name: str, config):
             )
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(getattr(config, "config", config))
     config = getattr(config, "config", config)
-    cls, overrides = SCHEDULERS[name]
     return getattr(diffusers, cls).from_config(config, **overrides)
 
 
