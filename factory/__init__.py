@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from factory.dataset.config import JobConfig, load_config
     from factory.dataset.pipeline import run_job
-    from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec, Triplet
+    from factory.method.distiller import Distiller, Triplet
     from factory.method.loading import load_pipeline
+    from factory.method.settings import Concept, DistillConfig, SampleSpec
 
 # public name -> the module that defines it
 _API = {
-    "Concept": "factory.method.distiller",
-    "DistillConfig": "factory.method.distiller",
+    "Concept": "factory.method.settings",
+    "DistillConfig": "factory.method.settings",
     "Distiller": "factory.method.distiller",
-    "SampleSpec": "factory.method.distiller",
+    "SampleSpec": "factory.method.settings",
     "Triplet": "factory.method.distiller",
     "load_pipeline": "factory.method.loading",
     "JobConfig": "factory.dataset.config",

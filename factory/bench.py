@@ -157,9 +157,10 @@ def bench(
 
     from factory.dataset.pipeline import peak_rss_bytes
     from factory.dataset.shards import encode_triplet
-    from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
+    from factory.method.distiller import Distiller
     from factory.method.loading import load_pipeline, quiet_model_libraries
     from factory.method.schedulers import make_scheduler
+    from factory.method.settings import Concept, DistillConfig, SampleSpec
     from factory.method.synthesis import synthesize_latents
 
     quiet_model_libraries(False)

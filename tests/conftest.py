@@ -20,7 +20,7 @@ def toyworld_pipe():
 @pytest.fixture(scope="session")
 def fast_config():
     """A DistillConfig with short schedules, for tests that exercise code paths rather than quality."""
-    from factory.method.distiller import DistillConfig
+    from factory.method.settings import DistillConfig
 
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
 

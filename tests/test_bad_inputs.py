@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from factory.dataset.config import ConfigError, load_config
+from factory.dataset.config import load_config
 from factory.dataset.images import ImageRejected, read_image
 from factory.dataset.preflight import preflight
 from factory.errors import UserError
+from factory.yaml_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "corpus"

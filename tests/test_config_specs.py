@@ -1,7 +1,8 @@
 import pytest
 
-from factory.dataset.config import ConfigError, load_config
+from factory.dataset.config import load_config
 from factory.dataset.specs import generation_shards, label_shards
+from factory.yaml_config import ConfigError
 
 TOY = "configs/toyworld.yaml"
 
@@ -64,3 +65,73 @@ def test_label_specs_key_by_file_name():
     shards = label_shards(cfg, ["/d/b.png", "/d/a.jpg", "/e/a.png"])
     keys = [s["key"] for t in shards for s in t.samples(cfg)]
     assert keys[0] == "star-a" and len(set(keys)) == 3 and shards[0].samples(cfg)[0]["source"] == "/d/a.jpg"
+
+
+def test_loading_a_job_yaml_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from factory.dataset.config import load_config, method_config; "
+        "load_config('configs/toyworld.yaml', ['masks.rule=otsu']); method_config(['masks.edges=none']); "
+        "from trainers.finetune.config import load_finetune_config; "
+        "load_finetune_config('configs/finetune-toyworld.yaml'); "
+        "from trainers.students.config import load_students_config; "
+        "load_students_config('configs/students-toyworld.yaml'); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_axis_has_one_registry_that_the_config_and_the_code_share():
+    from typing import get_args
+
+    from factory.dataset.config import JobConfig
+    from factory.method.edges import EDGES
+    from factory.method.masks import RULES
+    from factory.method.schedulers import SCHEDULERS
+    from factory.method.settings import DistillConfig
+    from factory.registry import UnknownChoiceError
+
+    fields = JobConfig.model_fields
+    choices = {
+        "masks.rule": (fields["masks"].annotation.model_fields["rule"].annotation, RULES),
+        "masks.edges": (fields["masks"].annotation.model_fields["edges"].annotation, EDGES),
+        "sampler.scheduler": (fields["sampler"].annotation.model_fields["scheduler"].annotation, SCHEDULERS),
+        "inpaint.scheduler": (fields["inpaint"].annotation.model_fields["scheduler"].annotation, SCHEDULERS),
+    }
+    for key, (literal, registry) in choices.items():
+        assert get_args(literal) == registry.names(), key
+    # one message for an unknown name, wherever it is checked: the Python API and the lookup alike
+    for kwargs, registry in [({"mask_rule": "median"}, RULES), ({"edges": "crf"}, EDGES)]:
+        with pytest.raises(UnknownChoiceError, match=f"unknown {registry.axis} .*choose one of") as a:
+            DistillConfig(**kwargs)
+        with pytest.raises(UnknownChoiceError) as b:
+            registry[next(iter(kwargs.values()))]
+        assert str(a.value) == str(b.value)
+    with pytest.raises(ValueError, match="registered twice"):
+        RULES.register("gmm", lambda v: v)
+
+
+def test_method_settings_take_a_jobs_keys_on_every_command(tmp_path):
+    from factory.dataset.config import method_config
+    from trainers.cli import main
+
+    cfg = method_config(["masks.edges=none", "sampler.steps=20", "sampler.probe_t0=16", "masks.rule=otsu"])
+    assert (cfg.edges, cfg.num_inference_steps, cfg.probe_t0, cfg.mask_rule) == ("none", 20, 16, "otsu")
+    with pytest.raises(ConfigError, match="masks.edgez"):
+        method_config(["masks.edgez=none"])
+    with pytest.raises(ConfigError, match="probe_t0"):
+        method_config(["sampler.steps=10"])
+    with pytest.raises(ConfigError, match="--inpaint-model"):
+        method_config(["inpaint.model=/models/m-prime"])
+    # the commands: a bad key is one line and exit 2, before any model loads or Ray starts
+    split = str(tmp_path / "no-split-needed")
+    for argv in (
+        ["evaluate-masks", "--split", split, "--set", "masks.edges=crf"],
+        ["scheduler-sweep", "--split", split, "--set", "edges=none"],
+        ["scheduler-sweep", "--split", split, "--grid", "dpm:15"],
+        ["toyworld-tables", "--out", str(tmp_path / "t"), "--set", "sampler.probe_t0=99"],
+    ):
+        assert main(argv) == 2, argv
+    assert not (tmp_path / "t").exists()

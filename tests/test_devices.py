@@ -10,7 +10,7 @@ from trainers.devices import all_reduce, autocast, check_engine_device, check_gp
 
 def test_two_workers_on_one_gpu_are_refused_before_ray_starts():
     from trainers.finetune.config import FinetuneConfig
-    from trainers.students.train import StudentsConfig
+    from trainers.students.config import StudentsConfig
 
     check_gpu_share(1, True, 0.5)  # one worker may share a GPU (a Tune trial of one worker)
     check_gpu_share(2, True, 1)
@@ -66,7 +66,7 @@ def test_every_tensor_given_to_a_collective_is_on_the_workers_device():
 
 
 def test_students_train_in_bf16_on_a_gpu_and_sum_their_loss_without_host_syncs(monkeypatch):
-    from trainers.students.train import LossSum
+    from trainers.students.loop import LossSum
 
     with autocast(torch.device("cuda", 0)) as ctx:
         pass

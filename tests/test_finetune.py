@@ -21,8 +21,9 @@ from diffusers import UNet2DConditionModel
 from factory.dataset.config import load_config
 from factory.dataset.pipeline import run_job
 from factory.dataset.sources import list_images
-from factory.method.distiller import Concept, Distiller, SampleSpec
+from factory.method.distiller import Distiller
 from factory.method.loading import load_pipeline
+from factory.method.settings import Concept, SampleSpec
 from factory.toyworld.world import write_split
 from trainers.finetune.train import load_finetune_config, run_finetune
 

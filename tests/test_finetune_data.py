@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from factory.dataset.config import ConfigError
 from factory.method.geometry import to_canvas
+from factory.yaml_config import ConfigError
 from trainers.finetune.data import aligned_pair, augment, make_example, to_examples
 from trainers.finetune.train import FinetuneConfig, deepspeed_config, load_finetune_config, masked_mse
 

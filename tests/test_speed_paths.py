@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from factory.method.attention import capture_concept_attention
-from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.distiller import Distiller
 from factory.method.schedulers import SCHEDULERS, make_scheduler
+from factory.method.settings import Concept, DistillConfig, SampleSpec
 
 # One toyworld triplet's arrays: 64 px image (3 B/px), refined mask (bool), RGBA cut-out, background, and the
 # 16x16 latent-grid M_pre (bool) and float16 attention map (the toyworld VAE downsamples 4x).

@@ -13,6 +13,7 @@ from PIL import Image
 from factory.method.geometry import Canvas, to_canvas
 from factory.toyworld.world import write_split
 from trainers.evaluate.score import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
+from trainers.students.config import load_students_config
 from trainers.students.data import (
     augment_pair,
     prepare_rows,
@@ -20,14 +21,9 @@ from trainers.students.data import (
     target_of,
     to_student_examples,
 )
-from trainers.students.train import (
-    PretrainedWeightsError,
-    build_student,
-    load_student,
-    load_students_config,
-    run_students,
-    student_loss,
-)
+from trainers.students.export import load_student
+from trainers.students.model import PretrainedWeightsError, build_student, student_loss
+from trainers.students.tune import run_students
 
 TINY = {"decoder_channels": [32, 16, 16, 8, 8]}
 

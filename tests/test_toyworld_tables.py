@@ -92,5 +92,7 @@ def test_student_rows_over_seeds(tmp_path):
     assert "```bash\nmake tables\n```" in text and "wall time 75.5 min" in text
     assert "stages reused from an earlier run: 3 fine-tune m'" in text and text.endswith(md)
     assert text.startswith("# ") and "\nCommit " in text  # a short hash, or "unknown" without git
-    with pytest.raises(SystemExit, match="integers"):
+    from factory.yaml_config import ConfigError
+
+    with pytest.raises(ConfigError, match="integers"):  # a UserError: `trainers` prints one line, exit 2
         main(["--student-seeds", "0,x"])

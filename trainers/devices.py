@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the configs' checks (check_gpu_share) import no torch
+    import torch
 
 
 def check_gpu_share(workers: int, use_gpu: bool, gpus_per_worker: float) -> None:
@@ -44,6 +46,8 @@ def deepspeed_args(device: torch.device) -> argparse.Namespace | None:
 
 def check_engine_device(engine_device: torch.device | str, device: torch.device) -> None:
     """Raises RuntimeError if DeepSpeed's engine is not on the worker's device (the data goes there)."""
+    import torch
+
     engine_device = torch.device(engine_device)
     same = engine_device.type == device.type and (
         device.type != "cuda" or (engine_device.index or 0) == (device.index or 0)
@@ -54,6 +58,8 @@ def check_engine_device(engine_device: torch.device | str, device: torch.device)
 
 def all_reduce(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum `tensor` over the workers in place (a no-op without a process group); it must be on `device`."""
+    import torch
+
     if tensor.device != device:
         raise RuntimeError(
             f"a collective got a tensor on {tensor.device}, not on the worker's device {device}: NCCL "
@@ -67,6 +73,8 @@ def all_reduce(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def autocast(device: torch.device, precision: str = "auto"):
     """The students' forward context: bf16 autocast on a GPU for `auto` or `bf16` (`train.precision`,
     validated by the config), nothing otherwise."""
+    import torch
+
     if device.type == "cuda" and precision != "fp32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

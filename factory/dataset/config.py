@@ -11,19 +11,16 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from factory.errors import UserError
-from factory.method.distiller import Concept, DistillConfig
+from factory.method.edges import EdgeMode
+from factory.method.masks import MaskRule
 from factory.method.schedulers import SchedulerName
+from factory.method.settings import AttentionSource, Concept, DistillConfig
+from factory.yaml_config import ConfigError, StrictConfig, load_yaml_config, validate_config
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ConceptConfig(_Strict):
+class ConceptConfig(StrictConfig):
     name: str = Field(min_length=1)
     template: str = "a photo of a {concept}"
     words: list[str] = Field(
@@ -42,29 +39,29 @@ class ConceptConfig(_Strict):
         return Concept(self.name, self.template, tuple(self.words))
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(StrictConfig):
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = 1.0
     negative_prompt: str = ""
     probe_t0: int = Field(40, ge=1)
     probe_repeats: int = Field(1, ge=1)
-    attention: Literal["loop", "probe"] = "loop"
+    attention: AttentionSource = "loop"
     scheduler: SchedulerName = Field(
         "ddim", description="synthesis's sampler (factory/method/schedulers.py); the probe keeps DDIM"
     )
 
 
-class MaskConfig(_Strict):
-    rule: Literal["gmm", "gmm3", "otsu"] = "gmm"
+class MaskConfig(StrictConfig):
+    rule: MaskRule = "gmm"
     close_and_fill: bool = False
-    edges: Literal["none", "guided"] = Field(
+    edges: EdgeMode = Field(
         "guided", description="guided: snap the refined mask to the image's edges (ours); none: the paper's"
     )
     edge_radius: float = Field(3.0, gt=0, description="the guided filter's radius, in latent cells")
     edge_eps: float = Field(0.01, gt=0, description="the guided filter's eps (larger: smoother edges)")
 
 
-class InpaintConfig(_Strict):
+class InpaintConfig(StrictConfig):
     model: str | None = Field(None, description="the fine-tuned m' for Step 4 (default: the job's model)")
     steps: int = Field(50, ge=1, le=1000)
     scheduler: SchedulerName = "ddim"
@@ -72,7 +69,7 @@ class InpaintConfig(_Strict):
     background_prompt: str = "a photo of a background"
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictConfig):
     min_area: float = Field(0.0, ge=0.0, le=1.0, description="refined-mask area fraction bounds")
     max_area: float = Field(1.0, ge=0.0, le=1.0)
     min_bimodality: float = Field(0.0, ge=0.0, description="Ashman's D of the attention GMM")
@@ -84,7 +81,7 @@ class FilterConfig(_Strict):
     keep_rejected: bool = False
 
 
-class InputConfig(_Strict):
+class InputConfig(StrictConfig):
     """Label mode's images (factory/dataset/images.py)."""
 
     max_pixels: int = Field(
@@ -95,7 +92,7 @@ class InputConfig(_Strict):
     )
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictConfig):
     uri: str = Field(min_length=1, description="any fsspec URL: a local path, s3://bucket/prefix, gs://...")
     storage_options: dict = Field(
         default_factory=dict,
@@ -109,7 +106,7 @@ class OutputConfig(_Strict):
     report_samples: int = Field(16, ge=0)
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictConfig):
     actors: int = Field(1, ge=1, description="size of the generation actor pool")
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
@@ -140,7 +137,61 @@ class ResourcesConfig(_Strict):
     )
 
 
-class JobConfig(_Strict):
+class MethodConfig(StrictConfig):
+    """The method's settings in a job's keys: the `sampler`, `masks` and `inpaint` sections of a job YAML,
+    what `trainers evaluate-masks`, `scheduler-sweep` and `toyworld-tables` take as `--set masks.edges=none`.
+
+    Example:
+        >>> method_config(["masks.edges=none", "sampler.steps=20", "sampler.probe_t0=16"]).edges
+        'none'
+    """
+
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
+
+    @model_validator(mode="after")
+    def _check_probe(self) -> MethodConfig:
+        if self.sampler.probe_t0 > self.sampler.steps:
+            raise ValueError(
+                f"sampler.probe_t0 ({self.sampler.probe_t0}) exceeds sampler.steps ({self.sampler.steps})"
+            )
+        return self
+
+    def distill_config(self, **speed) -> DistillConfig:
+        """The `DistillConfig` of these sections; `speed`: its compile / channels_last (a job's resources)."""
+        s, m, i = self.sampler, self.masks, self.inpaint
+        return DistillConfig(
+            num_inference_steps=s.steps,
+            probe_t0=s.probe_t0,
+            probe_repeats=s.probe_repeats,
+            mask_rule=m.rule,
+            close_and_fill=m.close_and_fill,
+            edges=m.edges,
+            edge_radius=m.edge_radius,
+            edge_eps=m.edge_eps,
+            inpaint_steps=i.steps,
+            object_guidance=i.object_guidance,
+            background_prompt=i.background_prompt,
+            guidance_scale=s.guidance_scale,
+            negative_prompt=s.negative_prompt,
+            attention=s.attention,
+            scheduler=s.scheduler,
+            inpaint_scheduler=i.scheduler,
+            **speed,
+        )
+
+
+def method_config(overrides: list[str] | None = None) -> DistillConfig:
+    """The method's settings from the defaults and `--set` overrides in a job's keys (`masks.edges=none`),
+    validated as a job's (ConfigError, one line per problem)."""
+    cfg = validate_config({}, MethodConfig, overrides, "(--set)")
+    if cfg.inpaint.model:
+        raise ConfigError("inpaint.model is a job's key; give the fine-tuned m' as --inpaint-model here")
+    return cfg.distill_config()
+
+
+class JobConfig(MethodConfig):
     """A `factory generate` / `factory label` job: one YAML in `configs/`, every field checked before any
     work.
 
@@ -163,9 +214,6 @@ class JobConfig(_Strict):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = 0
     concepts: list[ConceptConfig] = Field(min_length=1)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    masks: MaskConfig = Field(default_factory=MaskConfig)
-    inpaint: InpaintConfig = Field(default_factory=InpaintConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig
@@ -176,10 +224,6 @@ class JobConfig(_Strict):
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {names}")
-        if self.sampler.probe_t0 > self.sampler.steps:
-            raise ValueError(
-                f"sampler.probe_t0 ({self.sampler.probe_t0}) exceeds sampler.steps ({self.sampler.steps})"
-            )
         if self.filters.min_area > self.filters.max_area:
             raise ValueError("filters.min_area exceeds filters.max_area")
         if self.device == "cuda" and self.resources.num_gpus_per_actor == 0:
@@ -187,26 +231,8 @@ class JobConfig(_Strict):
         return self
 
     def distill_config(self) -> DistillConfig:
-        s, m, i = self.sampler, self.masks, self.inpaint
-        return DistillConfig(
-            num_inference_steps=s.steps,
-            probe_t0=s.probe_t0,
-            probe_repeats=s.probe_repeats,
-            mask_rule=m.rule,
-            close_and_fill=m.close_and_fill,
-            edges=m.edges,
-            edge_radius=m.edge_radius,
-            edge_eps=m.edge_eps,
-            inpaint_steps=i.steps,
-            object_guidance=i.object_guidance,
-            background_prompt=i.background_prompt,
-            guidance_scale=s.guidance_scale,
-            negative_prompt=s.negative_prompt,
-            attention=s.attention,
-            scheduler=s.scheduler,
-            inpaint_scheduler=i.scheduler,
-            compile=self.resources.compile,
-            channels_last=self.resources.channels_last,
+        return super().distill_config(
+            compile=self.resources.compile, channels_last=self.resources.channels_last
         )
 
     def public_dump(self) -> dict:
@@ -236,33 +262,6 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1<redacted>@", uri)
 
 
-class ConfigError(UserError, ValueError):
-    """The job configuration is invalid; the message lists every problem."""
-
-
-def apply_override(data: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-    path, raw = item.split("=", 1)
-    keys = path.strip().split(".")
-    node = data
-    for k in keys[:-1]:
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise ConfigError(f"--set {path}: {k!r} is not an index of a list of {len(node)}")
-            node = node[int(k)]
-        else:
-            node = node.setdefault(k, {})
-    last = keys[-1]
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {path}: {last!r} is not an index of a list of {len(node)}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """A generation or label job: the YAML at `path` with `--set` overrides applied, validated.
 
@@ -281,22 +280,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     Example:
         >>> cfg = load_config("configs/toyworld.yaml", ["output.uri=out/x", "concepts.0.samples=10"])
     """
-    return load_yaml_model(path, overrides, JobConfig)
-
-
-def load_yaml_model(path: str | Path, overrides: list[str] | None, model: type[BaseModel]):
-    """Any pydantic config (jobs, fine-tuning, students) from YAML + `--set` overrides, validated up front."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML: {err}") from err
-    for item in overrides or []:
-        apply_override(data, item)
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"invalid config {p}:\n" + "\n".join(lines)) from None
+    return load_yaml_config(path, overrides, JobConfig)

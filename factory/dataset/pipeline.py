@@ -97,7 +97,7 @@ class GenerateShard:
         for i in range(0, len(samples), bs):
             chunk = samples[i : i + bs]
             if self.mode == "generate":
-                from factory.method.distiller import SampleSpec
+                from factory.method.settings import SampleSpec
 
                 drafts = self.distiller.synthesize(
                     [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk],

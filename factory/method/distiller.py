@@ -44,125 +44,12 @@ from factory.method.probe import (
     repaint_everything,
     vae_chunks,
 )
-from factory.method.prompts import BACKGROUND_PROMPT, DEFAULT_TEMPLATE
 from factory.method.schedulers import make_scheduler
+from factory.method.settings import Concept, DistillConfig, SampleSpec
 from factory.method.synthesis import synthesize_latents
 from factory.method.triplet import Draft, RefineSettings, Triplet
 
-
-@dataclass(frozen=True)
-class Concept:
-    """A concept to segment: its name, the prompt template, and the words whose attention is summed.
-
-    Args:
-        name: the concept as it appears in the prompt, e.g. "bird".
-        template: the prompt, with `{concept}` where the name goes (the paper: "a photo of a {concept}").
-        words: the prompt words whose cross-attention is summed into the concept map; default: `(name,)`.
-            A word that the tokenizer splits into several tokens counts with all of them.
-
-    Example:
-        >>> Concept("bird").prompt
-        'a photo of a bird'
-        >>> human = Concept("human", "a photo of a {concept} with arms and legs", ("human", "arms", "legs"))
-        >>> human.token_words
-        ['human', 'arms', 'legs']
-    """
-
-    name: str
-    template: str = DEFAULT_TEMPLATE
-    words: tuple[str, ...] = ()
-
-    @property
-    def prompt(self) -> str:
-        return self.template.format(concept=self.name)
-
-    @property
-    def token_words(self) -> list[str]:
-        return list(self.words) if self.words else [self.name]
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """One sample to synthesize: its concept, the seed that fixes every random draw, and its key.
-
-    Args:
-        concept: what to draw and segment.
-        seed: the per-sample seed; a sample depends only on (config, seed), not on its batch.
-        key: the sample's key in the shards; default `"{concept}-{seed:010d}"`.
-
-    Example:
-        >>> SampleSpec(Concept("star"), seed=3).seed
-        3
-    """
-
-    concept: Concept
-    seed: int
-    key: str = ""
-
-
 GPU_MICRO_BATCH = 8  # micro_batch=None on a GPU: samples per model call (a Ray job's resources.batch_size)
-
-
-@dataclass
-class DistillConfig:
-    """The method's settings for one `Distiller` (a job YAML's `sampler`, `masks` and `inpaint` sections).
-
-    The defaults are the paper's: 50 DDIM steps, attention over the 40 least-noisy, the GMM midpoint rule,
-    50-step background inpainting, guidance scale 1. Invalid combinations raise ValueError at once.
-
-    Example:
-        >>> DistillConfig(num_inference_steps=20, probe_t0=16, inpaint_steps=20).mask_rule
-        'gmm'
-    """
-
-    num_inference_steps: int = 50  # T: the DDIM grid
-    probe_t0: int = 40  # T0: least-noisy steps whose attention is averaged
-    probe_repeats: int = 1  # N
-    mask_rule: str = "gmm"  # gmm | gmm3 | otsu (Step 2 and 4b)
-    close_and_fill: bool = False
-    # Beyond the paper: snap the refined mask's edges to the image's (guided filter; "none" = the paper's).
-    # The radius is in latent cells (x the VAE factor in pixels: 12 px in toyworld, 24 px in SD at 512).
-    edges: str = "guided"
-    edge_radius: float = 3.0
-    edge_eps: float = 0.01
-    inpaint_steps: int = 50
-    object_guidance: float = 0.0  # eps_b + s (eps_f - eps_b) while inpainting; s < 0 avoids the object
-    background_prompt: str = BACKGROUND_PROMPT
-    guidance_scale: float = 1.0  # synthesis; the paper samples with 1
-    negative_prompt: str = ""  # synthesis's unguided branch ("" or the background prompt, as the paper)
-    attention: str = "loop"  # synthesis: "loop" (in the denoising loop) or "probe" (paper Step 1 afterwards)
-    scheduler: str = "ddim"  # synthesis's sampler (factory.method.schedulers); the probe keeps DDIM's grid
-    inpaint_scheduler: str = "ddim"  # Step 4's sampler
-    resolution: int | None = None  # canvas side; default: the model's native resolution
-    # Samples per model call. None = 1 on the CPU (CPU convolutions are not bitwise batch-invariant, so
-    # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and up to
-    # GPU_MICRO_BATCH on a GPU (where results may differ in the last bits between batch sizes): a long list
-    # given to `synthesize` or `label` never goes through the model in one batch.
-    micro_batch: int | None = None
-    # Speed only: torch.compile the UNet(s) once (the first batch pays the compile time). The capture
-    # processors are then installed for good, so that a batch does not recompile.
-    compile: bool = False
-    channels_last: bool = False  # speed only: UNet(s) and VAE in channels_last memory format (GPUs)
-
-    def __post_init__(self):
-        from factory.method.masks import RULES
-        from factory.method.refine import EDGES
-
-        if self.mask_rule not in RULES:
-            raise ValueError(f"unknown mask_rule {self.mask_rule!r}; choose one of {sorted(RULES)}")
-        if self.edges not in EDGES:
-            raise ValueError(f"unknown edges {self.edges!r}; choose one of {', '.join(EDGES)}")
-        if not (self.edge_radius > 0 and self.edge_eps > 0):
-            raise ValueError(f"edge_radius and edge_eps must be > 0, got {self.edge_radius}, {self.edge_eps}")
-        if self.attention not in ("loop", "probe"):
-            raise ValueError(f"attention must be 'loop' or 'probe', got {self.attention!r}")
-        if not 0 < self.probe_t0 <= self.num_inference_steps:
-            raise ValueError("probe_t0 must be in 1..num_inference_steps")
-        from factory.method.schedulers import SCHEDULERS
-
-        for name in (self.scheduler, self.inpaint_scheduler):
-            if name not in SCHEDULERS:
-                raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass

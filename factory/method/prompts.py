@@ -14,9 +14,6 @@ import torch
 
 from factory.errors import UserError
 
-DEFAULT_TEMPLATE = "a photo of a {concept}"
-BACKGROUND_PROMPT = "a photo of a background"
-
 
 class ConceptTokenError(UserError, ValueError):
     """A concept word cannot be located in the prompt's tokens."""

@@ -26,10 +26,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from factory.dataset.config import method_config
 from factory.dataset.report import contact_sheet
-from factory.method.distiller import Concept, DistillConfig, Distiller
+from factory.method.distiller import Distiller
 from factory.method.edges import snap_to_edges
 from factory.method.geometry import resize_mask
+from factory.method.settings import Concept
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc
 
 # A GT object pixel counts as removed by the inpainting when its mean RGB change exceeds 10 % of the range; an
@@ -183,32 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a DistillConfig field, e.g. --set mask_rule=otsu",
+        help="the method's settings in a job config's keys, e.g. --set masks.edges=none "
+        "--set masks.rule=otsu (the sampler, masks and inpaint sections)",
     )
     a = p.parse_args(argv)
-    cfg = DistillConfig(**parse_overrides(a.set, DistillConfig))
+    cfg = method_config(a.set)
     res = evaluate_distiller(
         Distiller(a.model, a.device, config=cfg, inpaint_model=a.inpaint_model), a.split, a.n, a.batch, a.out
     )
     print(markdown_table(res))
-
-
-def parse_overrides(items: list[str], cls) -> dict:
-    """KEY=VALUE strings -> typed kwargs for a dataclass, with clear errors."""
-    import dataclasses
-
-    import yaml
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        if k not in fields:
-            raise SystemExit(f"unknown setting {k!r}; known: {', '.join(fields)}")
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 if __name__ == "__main__":

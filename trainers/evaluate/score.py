@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from factory.dataset.sources import IMAGE_EXTENSIONS
+from factory.errors import UserError
 from trainers.evaluate.metrics import PooledSegmentationMetrics
 from trainers.students.data import center_crop, resize_shorter, to_tensor
 
@@ -190,7 +191,8 @@ def evaluate(
 
 
 def student_predictor(path: str | Path, which: str = "best"):
-    from trainers.students.train import load_student, predict_masks
+    from trainers.students.export import load_student
+    from trainers.students.model import predict_masks
 
     model, info = load_student(path, which)
     multiclass = info["classes"] > 1
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             predict = folder_predictor(a.masks, rows, size)
         except FileNotFoundError as err:
-            raise SystemExit(f"trainers evaluate: {err}") from None
+            raise UserError(str(err)) from None
         name = f"masks {a.masks}"
     res = evaluate(rows, predict, size, a.bbox, a.out, name=name)
     print(f"{name} on {res['n_images']} images at {size}x{size}:")

@@ -7,17 +7,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from factory.method.prompts import BACKGROUND_PROMPT
+from factory.method.settings import BACKGROUND_PROMPT
+from factory.yaml_config import StrictConfig, load_yaml_config
 from trainers.devices import check_gpu_share
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataSection(_Strict):
+class DataConfig(StrictConfig):
     shards: list[str] = Field(
         min_length=1, description="`factory label` outputs: folders, globs or list files"
     )
@@ -30,7 +27,7 @@ class DataSection(_Strict):
     )
 
 
-class TrainSection(_Strict):
+class TrainConfig(StrictConfig):
     max_steps: int = Field(2000, ge=1, description="optimizer steps")
     micro_batch: int = Field(4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(1, ge=1)
@@ -45,20 +42,20 @@ class TrainSection(_Strict):
     log_every: int = Field(10, ge=1)
 
 
-class DeepSpeedSection(_Strict):
+class DeepSpeedConfig(StrictConfig):
     config: str = "configs/deepspeed/zero2.json"
     stage: Literal[1, 2, 3] | None = Field(None, description="overrides zero_optimization.stage")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of the optimizer state to the CPU")
 
 
-class CheckpointSection(_Strict):
+class CheckpointConfig(StrictConfig):
     every: int = Field(500, ge=1, description="steps between checkpoints (and sample grids)")
     keep: int = Field(2, ge=1)
     grid_images: int = Field(2, ge=0, description="validation images in each sample grid")
     grid_steps: int = Field(20, ge=1, description="DDIM steps of the sample grid")
 
 
-class ScalingSection(_Strict):
+class ScalingConfig(StrictConfig):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -66,12 +63,12 @@ class ScalingSection(_Strict):
     max_failures: int = Field(2, ge=-1, description="worker-failure restarts from the latest checkpoint")
 
     @model_validator(mode="after")
-    def _one_gpu_per_worker(self) -> ScalingSection:
+    def _one_gpu_per_worker(self) -> ScalingConfig:
         check_gpu_share(self.workers, self.use_gpu, self.gpus_per_worker)
         return self
 
 
-class OutputSection(_Strict):
+class OutputConfig(StrictConfig):
     storage: str = Field(
         "runs", description="Ray Train storage_path: a local folder (shared across nodes) or s3://, gs://"
     )
@@ -79,7 +76,7 @@ class OutputSection(_Strict):
     export: str | None = Field(None, description="diffusers pipeline directory of the EMA weights")
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(StrictConfig):
     """A `trainers finetune` job (`configs/finetune-*.yaml`): the base model, the label shards (`data`), the
     optimisation (`train`), ZeRO (`deepspeed`), checkpoints, workers (`scaling`) and the export (`output`).
     Unknown fields are errors; docs/finetune.md describes the recipe.
@@ -91,12 +88,12 @@ class FinetuneConfig(_Strict):
     """
 
     model: str = "toyworld"
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-    output: OutputSection = Field(default_factory=OutputSection)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("model")
     @classmethod
@@ -120,9 +117,7 @@ def load_finetune_config(path, overrides: list[str] | None = None) -> FinetuneCo
     Example:
         >>> cfg = load_finetune_config("configs/finetune-toyworld.yaml", ["data.shards=[out/label-star]"])
     """
-    from factory.dataset.config import load_yaml_model
-
-    return load_yaml_model(path, overrides, FinetuneConfig)
+    return load_yaml_config(path, overrides, FinetuneConfig)
 
 
 def deepspeed_config(cfg: FinetuneConfig) -> dict:

@@ -149,7 +149,8 @@ def sample_grid(pipe, unet, model: str, validation, background_prompt: str, step
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from factory.dataset.report import contact_sheet
-    from factory.method.distiller import Concept, DistillConfig, Distiller
+    from factory.method.distiller import Distiller
+    from factory.method.settings import Concept, DistillConfig
 
     ema_pipe = StableDiffusionPipeline(
         vae=pipe.vae,
@@ -609,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from factory.dataset.config import ConfigError
+    from factory.yaml_config import ConfigError
 
     p = argparse.ArgumentParser(
         prog="trainers finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -15,7 +15,8 @@ import json
 
 import numpy as np
 
-from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.distiller import Distiller
+from factory.method.settings import Concept, DistillConfig, SampleSpec
 from factory.toyworld.world import CONCEPTS
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc
 

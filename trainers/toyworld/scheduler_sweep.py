@@ -14,13 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from factory.method.distiller import Concept, DistillConfig, Distiller, SampleSpec
+from factory.dataset.config import method_config
+from factory.method.distiller import Distiller
 from factory.method.loading import load_pipeline
+from factory.method.schedulers import SCHEDULERS
+from factory.method.settings import Concept, DistillConfig, SampleSpec
+from factory.yaml_config import ConfigError
 from trainers.evaluate.method_masks import load_pair, read_split
 from trainers.evaluate.metrics import PooledSegmentationMetrics
 
@@ -29,12 +34,35 @@ DEFAULT_GRID = ["ddim:50", "ddim:25", "ddim:15", "ddim:10"] + [
 ]
 
 
-def sweep(split: str, grid: list[str], n: int | None = None, batch: int = 8, model: str = "toyworld") -> dict:
+def parse_grid(grid: list[str]) -> list[tuple[str, int]]:
+    """SCHEDULER:STEPS items -> (name, steps), each name checked against the registry (a UserError)."""
+    out = []
+    for g in grid:
+        name, _, steps = g.partition(":")
+        if not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"--grid takes SCHEDULER:STEPS items such as dpm++:15, got {g!r}")
+        out.append((SCHEDULERS.check(name), int(steps)))
+    return out
+
+
+def sweep(
+    split: str,
+    grid: list[str],
+    n: int | None = None,
+    batch: int = 8,
+    model: str = "toyworld",
+    base: DistillConfig | None = None,
+) -> dict:
+    """`base`: the method's settings that every grid setting shares (the defaults, or `--set` in a job's
+    keys); each setting replaces its Step-4 sampler and step count."""
+    base_cfg = base or DistillConfig()
+    settings = parse_grid(grid)
     pipe = load_pipeline(model)
-    base = Distiller(model, pipeline=pipe, config=DistillConfig())
-    settings = [(g.split(":")[0], int(g.split(":")[1])) for g in grid]
+    base = Distiller(model, pipeline=pipe, config=base_cfg)
     variants = {
-        (s, k): Distiller(model, pipeline=pipe, config=DistillConfig(inpaint_scheduler=s, inpaint_steps=k))
+        (s, k): Distiller(
+            model, pipeline=pipe, config=replace(base_cfg, inpaint_scheduler=s, inpaint_steps=k)
+        )
         for s, k in settings
     }
     rows = read_split(split, n)
@@ -84,20 +112,27 @@ def sweep(split: str, grid: list[str], n: int | None = None, batch: int = 8, mod
     }
 
 
-def synthesis_agreement(grid: list[str], n: int, model: str = "toyworld", guidance: float = 3.0) -> dict:
+def synthesis_agreement(
+    grid: list[str],
+    n: int,
+    model: str = "toyworld",
+    guidance: float = 3.0,
+    base: DistillConfig | None = None,
+) -> dict:
     """Synthesis mode has no ground truth, so each SCHEDULER:STEPS setting (synthesis and inpainting alike,
     attention over the 80% least-noisy of its grid) is compared with the paper's DDIM 50 + 50 on the same
     seeds: DDIM, DPM-Solver++, UniPC and Euler all integrate the same probability-flow ODE from the same
     initial noise, so at enough steps they draw nearly the same image. Reported: the refined masks' IoU with
     the reference's (pixel-pooled) and the images' mean absolute difference (0-255)."""
-    from factory.method.distiller import DistillConfig
-
+    base = base or DistillConfig()
+    parse_grid(grid)  # bad items fail before any model loads
     pipe = load_pipeline(model)
     concepts = ["circle", "square", "triangle", "star", "heart", "ring"]
     specs = [SampleSpec(Concept(concepts[i % len(concepts)]), seed=10_000 + i) for i in range(n)]
 
     def run(name: str, steps: int):
-        cfg = DistillConfig(
+        cfg = replace(
+            base,
             num_inference_steps=steps,
             probe_t0=max(1, round(0.8 * steps)),
             inpaint_steps=steps,
@@ -190,9 +225,17 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="instead: N synthesized samples per setting against DDIM 50 + 50 on the same seeds",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the settings every grid point shares, in a job config's keys (e.g. --set masks.edges=none)",
+    )
     a = p.parse_args(argv)
+    base = method_config(a.set)
     if a.synthesis:
-        res = synthesis_agreement(a.grid, a.synthesis)
+        res = synthesis_agreement(a.grid, a.synthesis, base=base)
         print(markdown_synthesis(res))
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not a.split:
         p.error("--split is required (or --synthesis N)")
-    res = sweep(a.split, a.grid, a.n, a.batch)
+    res = sweep(a.split, a.grid, a.n, a.batch, base=base)
     print(markdown(res))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from factory.yaml_config import ConfigError
 from trainers.evaluate.metrics import PooledSegmentationMetrics
 
 PAPER_CUB = {  # method.md section 7, Tables 1 and 2 (ACC, IoU, mIoU)
@@ -81,6 +82,9 @@ class TablesConfig:
     student_loss: str = "bce"
     student_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed: int = 0
+    # `--set` in a job config's keys (`masks.edges=none`): applied to every label and synthesis job and to
+    # the method's own evaluation
+    overrides: list[str] = field(default_factory=list)
 
     @classmethod
     def small(cls, out: str) -> TablesConfig:
@@ -106,15 +110,31 @@ def _log(msg: str) -> None:
     print(f"[tables] {msg}", flush=True)
 
 
+def _method_sections(cfg: TablesConfig) -> dict:
+    """The tables' sampler and inpaint sections, in a job config's keys."""
+    return {
+        "sampler": {"steps": cfg.sampler_steps, "probe_t0": cfg.probe_t0, "guidance_scale": 1.0},
+        "inpaint": {"steps": cfg.sampler_steps},
+    }
+
+
+def method_settings(cfg: TablesConfig):
+    """The method's settings of every job and evaluation of the tables (`--set` applied): a DistillConfig."""
+    from factory.dataset.config import MethodConfig
+    from factory.yaml_config import validate_config
+
+    return validate_config(_method_sections(cfg), MethodConfig, cfg.overrides, "(--set)").distill_config()
+
+
 def _job(cfg: TablesConfig, uri: str, concepts: list[dict], **over):
     from factory.dataset.config import JobConfig
+    from factory.yaml_config import validate_config
 
     d = {
         "model": "toyworld",
         "seed": cfg.seed,
         "concepts": concepts,
-        "sampler": {"steps": cfg.sampler_steps, "probe_t0": cfg.probe_t0, "guidance_scale": 1.0},
-        "inpaint": {"steps": cfg.sampler_steps},
+        **_method_sections(cfg),
         "filters": {"min_area": 0.0, "max_area": 1.0},
         "output": {"uri": uri, "samples_per_shard": 50, "image_format": "png", "report_samples": 6},
         "resources": {"actors": 2, "num_cpus_per_actor": 0.75, "batch_size": 8, "writer_num_cpus": 0.25},
@@ -124,7 +144,7 @@ def _job(cfg: TablesConfig, uri: str, concepts: list[dict], **over):
             d.setdefault(k, {}).update(v)
         else:
             d[k] = v
-    return JobConfig.model_validate(d)
+    return validate_config(d, JobConfig, cfg.overrides, "(--set)")
 
 
 def student_folder(name: str, seed: int) -> str:
@@ -154,8 +174,9 @@ def run_tables(cfg: TablesConfig, docs: str | None = None, command: str | None =
     from factory.dataset.sources import list_images
     from factory.toyworld.world import write_split
     from trainers.finetune.train import load_finetune_config, run_finetune
+    from trainers.students.config import load_students_config
     from trainers.students.data import split_to_shards
-    from trainers.students.train import load_students_config, run_students
+    from trainers.students.tune import run_students
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +356,7 @@ def write_docs(table: dict, md: str, path: Path, command: str) -> None:
 
 def score(cfg: TablesConfig, out: Path) -> dict:
     """Every row on the held-out test images, pooled over concepts, plus the figure."""
-    from factory.method.distiller import DistillConfig, Distiller
+    from factory.method.distiller import Distiller
     from trainers.evaluate.method_masks import evaluate_distiller
     from trainers.evaluate.score import evaluate, grabcut_predictor, labelled_set, student_predictor
 
@@ -373,9 +394,7 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     results["GrabCut"] = pooled(per)
     keep_examples("GrabCut", lambda c, r: _predict_row(grabcut_predictor(size), r, size))
     # M_pre and refined M: the method itself on the test images (attention from m; inpainting with m')
-    dcfg = DistillConfig(
-        num_inference_steps=cfg.sampler_steps, probe_t0=cfg.probe_t0, inpaint_steps=cfg.sampler_steps
-    )
+    dcfg = method_settings(cfg)
 
     def method_eval(distiller, c: str, name: str) -> dict:
         """evaluate_distiller on test-{c}, reusing a finished evaluation with the same settings."""
@@ -441,8 +460,8 @@ def write_figure(cfg, out: Path, rows, figure, distiller, size) -> None:
     from PIL import Image
 
     from factory.dataset.report import contact_sheet
-    from factory.method.distiller import Concept
     from factory.method.geometry import resize_mask
+    from factory.method.settings import Concept
 
     tiles, labels = [], []
     for c in cfg.concepts:
@@ -545,15 +564,20 @@ def main(argv: list[str] | None = None) -> int:
         "0 alone for a quick run",
     )
     p.add_argument("--docs", default=None, help="also write the table, command and wall time to this .md")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the method's settings in a job config's keys (e.g. --set masks.edges=none), for every job",
+    )
     a = p.parse_args(argv)
     cfg = TablesConfig.small(a.out) if a.small else TablesConfig(out=a.out)
     if a.concepts:
         cfg.concepts = [c.strip() for c in a.concepts.split(",") if c.strip()]
         unknown = [c for c in cfg.concepts if c not in TRAIN_SEEDS]
         if unknown:
-            raise SystemExit(
-                f"trainers toyworld-tables: unknown concepts {unknown}; choose from {', '.join(TRAIN_SEEDS)}"
-            )
+            raise ConfigError(f"unknown concepts {unknown}; choose from {', '.join(TRAIN_SEEDS)}")
     for name in ("n_train", "n_test", "n_synthetic", "finetune_steps", "student_steps"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
@@ -561,9 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg.student_seeds = sorted({int(s) for s in a.student_seeds.split(",") if s.strip()})
         except ValueError:
-            raise SystemExit(
-                f"trainers toyworld-tables: --student-seeds takes integers, e.g. 0,1,2; got "
-                f"{a.student_seeds!r}"
+            raise ConfigError(
+                f"--student-seeds takes integers, e.g. 0,1,2; got {a.student_seeds!r}"
             ) from None
+    cfg.overrides = list(a.set)
+    method_settings(cfg)  # a bad --set fails here, before any work
     run_tables(cfg, docs=a.docs, command=" ".join(["trainers toyworld-tables", *(argv or sys.argv[1:])]))
     return 0
