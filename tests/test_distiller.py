@@ -9,7 +9,8 @@ import torch
 from factory import Concept, DistillConfig, Distiller, SampleSpec
 from factory.method.edges import snap_to_edges
 from factory.method.inpaint import inpaint_background
-from factory.method.probe import encode_images, probe_timesteps
+from factory.method.latents import encode_images
+from factory.method.probe import probe_timesteps
 from factory.method.prompts import ConceptTokenError, encode_prompts
 from factory.toyworld.world import render
 

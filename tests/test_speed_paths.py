@@ -239,7 +239,7 @@ def test_a_long_list_on_a_gpu_goes_through_the_model_in_bounded_batches(toyworld
     whole list went through one UNet batch and one VAE decode); the VAE takes VAE_CHUNK at a time there.
     The device is a stand-in (no GPU here): the rule reads only its type."""
     from factory.method.distiller import GPU_MICRO_BATCH
-    from factory.method.probe import VAE_CHUNK, vae_chunks
+    from factory.method.latents import VAE_CHUNK, vae_chunks
 
     d = Distiller("toyworld", pipeline=toyworld_pipe, config=DistillConfig(4, 2, inpaint_steps=4))
     assert d.batch_size(100) == 1

@@ -10,5 +10,6 @@ filters     the quality filters that reject a sample
 shards      shard encoding, atomic commit, stats and manifest (local, s3://, gs://), safe decoding
 report      the printed plan and summary, report.md / report.png, and the contact sheets they use
 console     a quiet console unless --verbose
+ray_start   starting (or joining) Ray for a driver, quietly
 faults      crash points for the fault-injection tests (inert unless asked for)
 """

@@ -28,11 +28,12 @@ import time
 import numpy as np
 
 from factory.dataset.config import JobConfig
-from factory.dataset.console import init_ray, verbose_from_env
+from factory.dataset.console import verbose_from_env
 from factory.dataset.faults import armed, crash_point
 from factory.dataset.filters import reject_reason
 from factory.dataset.images import ImageRejected, read_image
 from factory.dataset.preflight import preflight
+from factory.dataset.ray_start import init_ray
 from factory.dataset.report import print_plan, print_summary, summarize, write_report
 from factory.dataset.shards import ShardStore, encode_triplet
 from factory.dataset.specs import ShardTask, generation_shards, job_fingerprint, label_shards

@@ -3,7 +3,6 @@ and the contact sheets (image | attention | masks | ... rows) that the report an
 
 from __future__ import annotations
 
-import io
 import json
 from typing import TYPE_CHECKING
 
@@ -148,6 +147,8 @@ def print_summary(s: dict) -> None:
 
 def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dict) -> None:
     """report.png (a contact sheet of committed triplets) and report.md (stats), beside the shards."""
+    from factory.dataset.shards import decode_sample
+
     rows, labels = [], []
     fmt = cfg.output.image_format
     per_shard = max(1, -(-cfg.output.report_samples // max(1, len(manifest["shards"]))))
@@ -157,12 +158,8 @@ def write_report(store: ShardStore, cfg: JobConfig, manifest: dict, summary: dic
         for sample in store.read_first(shard["name"], per_shard):
             if len(rows) >= cfg.output.report_samples:
                 break
-
-            img = {
-                k: np.asarray(Image.open(io.BytesIO(sample[k])))
-                for k in (fmt, "prelim.png", "mask.png", "fg.png", f"bg.{fmt}")
-            }
-            attn = np.load(io.BytesIO(sample["attn.npy"])).astype(np.float32)
+            img = decode_sample(sample)
+            attn = img["attn.npy"].astype(np.float32)
             rows.append(
                 [
                     img[fmt],

@@ -70,24 +70,43 @@ def encode_triplet(t: dict, image_format: str = "jpg", jpeg_quality: int = 95) -
 SAFE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 
 
+def decode_member(key: str, value):
+    """One member of a shard sample, decoded by its extension: images to arrays, `.json` to objects, `.npy` to
+    arrays (`allow_pickle=False`); every other member stays bytes, and a decoded value passes through.
+    Nothing from a shard is ever unpickled: webdataset's default decoders would unpickle `.pyd` and
+    `torch.load` `.pth` members."""
+    if key.startswith("__") or not isinstance(value, (bytes, bytearray)):
+        return value
+    ext = key.rsplit(".", 1)[-1].lower()
+    if ext in SAFE_IMAGE_EXTENSIONS:
+        return np.asarray(Image.open(io.BytesIO(value)))
+    if ext == "json":
+        return json.loads(value)
+    if ext == "npy":
+        return np.load(io.BytesIO(value), allow_pickle=False)
+    return bytes(value)
+
+
 def decode_sample(sample: dict) -> dict:
-    """The decoder our readers give `ray.data.read_webdataset(decoder=...)`: images to arrays, `.json` to
-    objects, `.npy` to arrays (`allow_pickle=False`); every other member stays bytes. Nothing from a shard is
-    ever unpickled: webdataset's default decoders would unpickle `.pyd` and `torch.load` `.pth` members."""
-    out = {}
-    for key, value in sample.items():
-        ext = key.rsplit(".", 1)[-1].lower()
-        if key.startswith("__") or not isinstance(value, (bytes, bytearray)):
-            out[key] = value
-        elif ext in SAFE_IMAGE_EXTENSIONS:
-            out[key] = np.asarray(Image.open(io.BytesIO(value)))
-        elif ext == "json":
-            out[key] = json.loads(value)
-        elif ext == "npy":
-            out[key] = np.load(io.BytesIO(value), allow_pickle=False)
-        else:
-            out[key] = bytes(value)
-    return out
+    """Every member of a shard sample decoded (`decode_member`): the decoder our readers give
+    `ray.data.read_webdataset(decoder=...)`, and what the report and the trainers read samples with."""
+    return {key: decode_member(key, value) for key, value in sample.items()}
+
+
+def sample_meta(sample: dict) -> dict:
+    """A shard sample's metadata (its `.json`), raw or decoded."""
+    return decode_member("json", sample["json"])
+
+
+def sample_image(sample: dict) -> np.ndarray:
+    """A shard sample's image as (H, W, 3) uint8, raw or decoded (jpg, png or jpeg; grey becomes RGB)."""
+    for ext in SAFE_IMAGE_EXTENSIONS:
+        if sample.get(ext) is not None:
+            img = np.asarray(decode_member(ext, sample[ext]))
+            return np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3]
+    raise KeyError(
+        f"shard sample {sample.get('__key__')!r} has no image ({', '.join(SAFE_IMAGE_EXTENSIONS)})"
+    )
 
 
 def read_tar(url: str, limit: int | None = None, fs=None) -> list[dict]:

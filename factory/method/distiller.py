@@ -34,16 +34,10 @@ import torch
 from factory.method.families import Conditioning, detect_family
 from factory.method.geometry import Canvas, to_canvas
 from factory.method.inpaint import inpaint_background
+from factory.method.latents import decode_latents, encode_images
 from factory.method.loading import load_pipeline, model_id
 from factory.method.masks import MaskStats, binarize
-from factory.method.probe import (
-    encode_images,
-    latent_shift,
-    mean_attention_map,
-    probe_timesteps,
-    repaint_everything,
-    vae_chunks,
-)
+from factory.method.probe import mean_attention_map, probe_timesteps, repaint_everything
 from factory.method.schedulers import make_scheduler
 from factory.method.settings import Concept, DistillConfig, SampleSpec
 from factory.method.synthesis import synthesize_latents
@@ -68,11 +62,6 @@ class ConceptMaps:
     images: list[np.ndarray]  # (S, S, 3) uint8 canvases
     originals: list[np.ndarray] | None  # label mode: the images in their own size
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the whole micro-batch
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Distiller:
@@ -212,18 +201,6 @@ class Distiller:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _decode(self, z: torch.Tensor) -> np.ndarray:
-        # In `vae_chunks`: one sample at a time on the CPU (a sample must not depend on the batch it lands
-        # in), a few on a GPU (bounded activations; results may differ in the last bits between batch sizes,
-        # as for the UNet).
-        vae = self.vae
-        shift = latent_shift(vae)
-        pieces = vae_chunks(z.to(vae.dtype))
-        with torch.no_grad():
-            return np.concatenate(
-                [_to_uint8(vae.decode(zi / vae.config.scaling_factor + shift).sample) for zi in pieces]
-            )
-
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
         """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an
         fp16 overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter:
@@ -273,7 +250,7 @@ class Distiller:
         )
         timings["inpaint_s"] = self._clock() - t
         t = self._clock()
-        backgrounds = self._decode(z_bg)
+        backgrounds = decode_latents(self.vae, z_bg)
         timings["decode_s"] = timings.get("decode_s", 0.0) + self._clock() - t
 
         # The draft of each sample: what Steps 5-6 take. Only CPU work is left, which a Ray job runs in its
@@ -506,7 +483,7 @@ class Distiller:
             )
             timings["attention_s"] = self._clock() - t
         t = self._clock()
-        images = self._decode(latents)
+        images = decode_latents(self.vae, latents)
         timings["decode_s"] = self._clock() - t
         side = self.resolution
         return ConceptMaps(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from factory.method.families import Conditioning, as_conditioning, as_denoiser
-from factory.method.probe import _randn
+from factory.method.latents import randn
 from factory.method.schedulers import add_noise, init_noise_sigma, scale_model_input, step_kwargs
 
 
@@ -56,13 +56,13 @@ def inpaint_background(
     keep = 1.0 - region
     scheduler.set_timesteps(num_inference_steps)
     kwargs = step_kwargs(scheduler)
-    z = _randn(z0.shape[1:], generators, z0.device, z0.dtype) * init_noise_sigma(scheduler)
+    z = randn(z0.shape[1:], generators, z0.device, z0.dtype) * init_noise_sigma(scheduler)
     for t in scheduler.timesteps:
         if nine_channel:
             model_in = torch.cat([z, region, masked_image_latents], 1)
         else:
             noised = add_noise(
-                scheduler, z0, _randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1)
+                scheduler, z0, randn(z0.shape[1:], generators, z0.device, z0.dtype), t.reshape(1)
             )
             z = keep * noised + region * z
             model_in = z

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from factory.method.families import Conditioning, as_conditioning, as_denoiser
+from factory.method.latents import latent_shift, randn
 from factory.method.schedulers import add_noise
 
 
@@ -24,45 +25,6 @@ def probe_timesteps(scheduler, num_inference_steps: int = 50, t0: int = 40) -> t
         raise ValueError(f"t0 must be in 1..num_inference_steps ({num_inference_steps}), got {t0}")
     scheduler.set_timesteps(num_inference_steps)
     return scheduler.timesteps[-t0:].clone()
-
-
-def _randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(
-        device, dtype
-    )
-
-
-def latent_shift(vae) -> float:
-    """The VAE's latent shift: SD3's VAE has one (latents are (z - shift) * scaling), SD's and SDXL's none."""
-    return getattr(vae.config, "shift_factor", None) or 0.0
-
-
-VAE_CHUNK = 4  # samples per VAE call on a GPU (1 on the CPU): the VAE's activations grow with pixels
-
-
-def vae_chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A batch split into the pieces the VAE encodes or decodes at once: one sample on the CPU (CPU kernels
-    are not bitwise batch-invariant, and a sample must not depend on its batch), `VAE_CHUNK` on a GPU (an
-    SDXL decode at 1024 px holds gigabytes of activations per image; diffusers' "VAE slicing" does one)."""
-    if x.device.type == "cpu":
-        return tuple(xi[None] for xi in x)  # (not x.split(1): its strides change a CPU conv's last bits)
-    return x.split(VAE_CHUNK)
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """images (B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior (as the paper's code).
-
-    The latents are (z - shift_factor) * scaling_factor, as diffusers' pipelines scale them (SD3's VAE has a
-    shift; SD's and SDXL's have none)."""
-    # On the CPU one sample at a time, so that a sample's latents do not depend on its batch (see
-    # Distiller._decode); on a GPU `VAE_CHUNK` samples at a time, so that the VAE's activations stay bounded.
-    x = images.to(vae.device, vae.dtype)
-    dists = [vae.encode(xi).latent_dist for xi in vae_chunks(x)]
-    mean = torch.cat([d.mean for d in dists])
-    std = torch.cat([d.std for d in dists])
-    eps = _randn(mean.shape[1:], generators, mean.device, mean.dtype)
-    return (mean + std * eps - latent_shift(vae)) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -89,7 +51,7 @@ def mean_attention_map(
     with denoiser.capture(token_weights.to(latents.device), size) as acc:
         for t in timesteps:
             for _ in range(repeats):
-                noise = _randn(latents.shape[1:], generators, latents.device, latents.dtype)
+                noise = randn(latents.shape[1:], generators, latents.device, latents.dtype)
                 t_batch = t.reshape(1).expand(latents.shape[0]).to(latents.device)
                 z_t = add_noise(scheduler, latents, noise, t_batch)
                 if inpainting_inputs is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from factory.method.families import Conditioning, as_conditioning, as_denoiser
-from factory.method.probe import _randn
+from factory.method.latents import randn
 from factory.method.schedulers import init_noise_sigma, scale_model_input, step_kwargs
 
 
@@ -44,7 +44,7 @@ def synthesize_latents(
     first_recorded = len(timesteps) - capture_t0 if capture else len(timesteps)  # the T0 least-noisy steps
     kwargs = step_kwargs(scheduler)
     device, dtype = cond_emb.hidden.device, cond_emb.hidden.dtype
-    z = _randn(shape, generators, device, dtype) * init_noise_sigma(scheduler)
+    z = randn(shape, generators, device, dtype) * init_noise_sigma(scheduler)
     emb = Conditioning.cat([as_conditioning(negative_emb), cond_emb]) if guided else cond_emb
     weights = token_weights.to(device)
     if guided:

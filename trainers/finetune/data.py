@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from factory.dataset.shards import sample_image
 from factory.method.geometry import Canvas, crop_valid, resize_mask, to_canvas
 from trainers.finetune.rectangles import RectangleRules, background_rectangle
-from trainers.students.data import row_image
 
 
 def aligned_pair(image: np.ndarray, prelim: np.ndarray, canvas: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +124,7 @@ def to_examples(
                 f"shard sample {row.get('__key__')!r} has no prelim.png: fine-tuning reads the "
                 "shards of a `factory label` job"
             )
-        image, mask = aligned_pair(row_image(row), row["prelim.png"], meta["canvas"])
+        image, mask = aligned_pair(sample_image(row), row["prelim.png"], meta["canvas"])
         ex = make_example(image, mask, meta["prompt"], background_prompt, resolution, vae_factor, rng, p_full)
         for k in out:
             out[k].append(ex[k])

@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from factory.dataset.console import init_ray, verbose_from_env
+from factory.dataset.console import verbose_from_env
+from factory.dataset.ray_start import init_ray
 from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 from factory.errors import UserError
@@ -130,14 +131,13 @@ def _full_parameters(module, stage: int):
 
 def _validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, dict]]:
     """The first n samples of the first shards: (image, concept, metadata), for the sample grids."""
-    from factory.dataset.shards import read_tar
-    from trainers.students.data import row_image
+    from factory.dataset.shards import read_tar, sample_image
 
     out = []
     for url in urls:
         for s in read_tar(url, limit=n - len(out)):
             meta = json.loads(s["json"])
-            out.append((row_image(s), meta["concept"], meta))
+            out.append((sample_image(s), meta["concept"], meta))
         if len(out) >= n:
             break
     return out

@@ -20,7 +20,6 @@ uses the same resize with a centre crop, as the paper's test step.
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -28,34 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from factory.dataset.shards import decode_member, sample_image, sample_meta
 from factory.method.geometry import Canvas
 
 TARGETS = ("refined", "prelim", "attention")
-IMAGE_KEYS = ("jpg", "png", "jpeg")
-
-
-def _decode(value, kind: str):
-    """Ray Data's WebDataset reader decodes; raw bytes (webdataset without decoders) are decoded here."""
-    if not isinstance(value, (bytes, bytearray)):
-        return value
-    if kind == "json":
-        return json.loads(value)
-    if kind == "npy":
-        return np.load(io.BytesIO(value))
-    return np.asarray(Image.open(io.BytesIO(value)))
-
-
-def row_meta(row: dict) -> dict:
-    """The row's metadata (its `.json`)."""
-    return _decode(row["json"], "json")
-
-
-def row_image(row: dict) -> np.ndarray:
-    for k in IMAGE_KEYS:
-        if row.get(k) is not None:
-            img = np.asarray(_decode(row[k], "image"))
-            return np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3]
-    raise KeyError(f"shard sample {row.get('__key__')!r} has no image ({', '.join(IMAGE_KEYS)})")
 
 
 def _latent_to_image(grid: np.ndarray, canvas: dict, h: int, w: int) -> np.ndarray:
@@ -68,15 +43,15 @@ def _latent_to_image(grid: np.ndarray, canvas: dict, h: int, w: int) -> np.ndarr
 
 def target_of(row: dict, source: str = "refined") -> np.ndarray:
     """The row's training target at image resolution, float32 in [0, 1]."""
-    image = row_image(row)
+    image = sample_image(row)
     h, w = image.shape[:2]
     if source == "refined":
-        return (np.asarray(_decode(row["mask.png"], "image")) > 127).astype(np.float32)
-    meta = _decode(row["json"], "json")
+        return (np.asarray(decode_member("mask.png", row["mask.png"])) > 127).astype(np.float32)
+    meta = sample_meta(row)
     if source == "prelim":
-        grid = (np.asarray(_decode(row["prelim.png"], "image")) > 127).astype(np.float32)
+        grid = (np.asarray(decode_member("prelim.png", row["prelim.png"])) > 127).astype(np.float32)
     elif source == "attention":
-        a = np.asarray(_decode(row["attn.npy"], "npy"), np.float32)
+        a = np.asarray(decode_member("attn.npy", row["attn.npy"]), np.float32)
         grid = (a - a.min()) / (np.ptp(a) + 1e-12)
     else:
         raise ValueError(f"unknown target {source!r}; choose one of {', '.join(TARGETS)}")
@@ -178,10 +153,10 @@ def prepare_rows(
     stacks, labels = [], []
     for i in range(len(batch["json"])):
         row = {k: v[i] for k, v in batch.items()}
-        meta = row_meta(row)
+        meta = sample_meta(row)
         if keep and meta.get("concept") not in keep:
             continue
-        stacks.append(prepare_stack(row_image(row), target_of(row, target), size))
+        stacks.append(prepare_stack(sample_image(row), target_of(row, target), size))
         labels.append(classes.index(meta["concept"]) + 1 if classes is not None else 1)
     if not stacks:
         return {"stack": np.zeros((0, 4, size, size), np.uint8), "label": np.zeros(0, np.int64)}

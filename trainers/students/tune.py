@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from factory.dataset.console import init_ray
+from factory.dataset.ray_start import init_ray
 from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 from trainers.students.config import StudentsConfig
@@ -39,13 +39,14 @@ def _dataset(cfg: StudentsConfig, urls: list[str], concepts: list[str] | None, c
     larger than memory), the crops drawn there: returns (the Ray Dataset, val)."""
     import ray
 
-    from trainers.students.data import prepare_rows, row_meta, to_student_examples
+    from factory.dataset.shards import sample_meta
+    from trainers.students.data import prepare_rows, to_student_examples
 
     size, cpus, every = cfg.model.resolution, cfg.data.map_num_cpus, cfg.data.val_every
     ds = ray.data.read_webdataset(urls, shuffle="files", decoder=decode_sample, num_cpus=cpus)
     if concepts:  # rows of other concepts go before any decoding (and no batch comes out empty)
         keep = set(concepts)
-        ds = ds.filter(lambda r: row_meta(r).get("concept") in keep, num_cpus=cpus)
+        ds = ds.filter(lambda r: sample_meta(r).get("concept") in keep, num_cpus=cpus)
     kw = {"size": size, "target": cfg.data.target, "classes": classes}
     multiclass = classes is not None
     if cfg.data.cache:

@@ -222,7 +222,8 @@ def attention_auc(
     """The paper's probe (40 of 50 DDIM steps, prompt "a photo of a {concept}") on held-out renders: the pixel
     AUC-ROC over all of them, and per concept (a few images each: a rough figure, but one concept's attention
     can collapse while the pooled AUC barely moves, as a 64-wide UNet's "star" did)."""
-    from factory.method.probe import encode_images, mean_attention_map, probe_timesteps
+    from factory.method.latents import encode_images
+    from factory.method.probe import mean_attention_map, probe_timesteps
     from factory.method.prompts import encode_prompts, token_weight_matrix
     from trainers.evaluate.metrics import pixel_auc, pixel_auc_by_group
 

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from factory.method.latents import encode_images
 from factory.method.loading import load_pipeline, resolve_model
 from factory.method.masks import binarize, otsu
-from factory.method.probe import encode_images, mean_attention_map, probe_timesteps
+from factory.method.probe import mean_attention_map, probe_timesteps
 from factory.method.prompts import encode_prompts, token_weight_matrix
 from factory.toyworld.world import CONCEPTS, render
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc, pixel_auc_by_group
