@@ -32,11 +32,8 @@ class ConfigError(UserError, ValueError):
     """A configuration is invalid; the message lists every problem."""
 
 
-def apply_override(data: dict, item: str) -> None:
-    """One `KEY=VALUE` (dotted path, list items by index; the value parsed as YAML) applied to `data`."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-    path, raw = item.split("=", 1)
+def set_path(data: dict, path: str, value) -> None:
+    """`data[k1][k2]... = value` for a dotted `path` (list items by index); missing dicts are made."""
     keys = path.strip().split(".")
     node = data
     for k in keys[:-1]:
@@ -47,13 +44,29 @@ def apply_override(data: dict, item: str) -> None:
         else:
             node = node.setdefault(k, {})
     last = keys[-1]
-    value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(f"--set {path}: {last!r} is not an index of a list of {len(node)}")
         node[int(last)] = value
     else:
         node[last] = value
+
+
+def apply_override(data: dict, item: str) -> None:
+    """One `KEY=VALUE` (dotted path, list items by index; the value parsed as YAML) applied to `data`."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    path, raw = item.split("=", 1)
+    set_path(data, path, yaml.safe_load(raw) if raw.strip() else "")
+
+
+def with_values(cfg: M, values: dict) -> M:
+    """A copy of the config `cfg` with `{dotted.path: value}` set (typed values, not strings), validated
+    again: how one command hands another its settings (`trainers toyworld-tables`)."""
+    data = cfg.model_dump()
+    for path, value in values.items():
+        set_path(data, path, value)
+    return validate_config(data, type(cfg))
 
 
 def validate_config(data: dict, model: type[M], overrides: list[str] | None = None, source: str = "") -> M:

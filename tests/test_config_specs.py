@@ -2,7 +2,7 @@ import pytest
 
 from factory.dataset.config import load_config
 from factory.dataset.specs import generation_shards, label_shards
-from factory.yaml_config import ConfigError
+from factory.yaml_config import ConfigError, with_values
 
 TOY = "configs/toyworld.yaml"
 
@@ -135,3 +135,14 @@ def test_method_settings_take_a_jobs_keys_on_every_command(tmp_path):
     ):
         assert main(argv) == 2, argv
     assert not (tmp_path / "t").exists()
+
+
+def test_one_command_hands_another_typed_settings():
+    from trainers.students.config import load_students_config
+
+    base = load_students_config("configs/students-toyworld.yaml")
+    cfg = with_values(base, {"train.seeds": [3, 4], "data.shards": ["a", "b"], "model.backbone": "resnet18"})
+    assert cfg.train.seeds == [3, 4] and cfg.data.shards == ["a", "b"] and cfg.model.backbone == "resnet18"
+    assert base.train.seeds != [3, 4]  # a copy
+    with pytest.raises(ConfigError, match="train.steps"):
+        with_values(base, {"train.steps": 0})

@@ -2,6 +2,8 @@
 only GPUs show (issue 30). Where a GPU device is needed, `meta` or a named `cuda:N` device stands in: the
 rules read only a device's type and index."""
 
+import math
+
 import pytest
 import torch
 
@@ -46,23 +48,31 @@ def test_deepspeed_is_handed_the_workers_device_not_local_rank():
         check_engine_device("cuda:1", torch.device("cuda", 2))
 
 
-def test_every_tensor_given_to_a_collective_is_on_the_workers_device():
+def test_every_tensor_given_to_a_collective_is_on_the_workers_device(monkeypatch):
     """NCCL reduces CUDA tensors only; gloo (the CPU tests) reduces anything, so the check is ours. The
     fine-tuning metrics used to be summed on the CPU whatever the device: `LossWindow` keeps them on it."""
-    from trainers.finetune.train import LossWindow
+    from trainers.finetune import worker
+    from trainers.finetune.worker import LossTotals, LossWindow
 
     meta = torch.device("meta")  # stands in for a GPU
     with pytest.raises(RuntimeError, match="NCCL"):
         all_reduce(torch.zeros(3), meta)
     w = LossWindow(meta)
     w.add(torch.ones(4, device=meta), ["full", "background", "full", "full"])
-    assert w.reduce().device == meta
+    reduced = []  # what the collective is handed (a meta tensor has no values to read back)
+    with monkeypatch.context() as m:
+        m.setattr(worker, "all_reduce", lambda t, d: reduced.append((t.device, d)) or torch.zeros(t.shape))
+        w.reduce()
+    assert reduced == [(meta, meta)]
 
     cpu = LossWindow(torch.device("cpu"))
     cpu.add(torch.tensor([1.0, 2.0, 3.0]), ["full", "background", "full"])
     cpu.add(torch.tensor([4.0]), ["background"])
-    assert cpu.reduce().tolist() == [10.0, 4.0, 4.0, 2.0, 6.0, 2.0]
-    assert cpu.reduce().tolist() == [0.0] * 6  # a new window
+    totals = cpu.reduce()
+    assert totals == LossTotals(10.0, 4.0, 4.0, 2.0, 6.0, 2.0)
+    assert totals.metrics() == {"loss": 2.5, "loss_full": 2.0, "loss_background": 3.0}
+    assert cpu.reduce() == LossTotals(*[0.0] * 6)  # a new window
+    assert math.isnan(cpu.reduce().metrics()["loss_full"])  # a task not seen: NaN, not 0
 
 
 def test_students_train_in_bf16_on_a_gpu_and_sum_their_loss_without_host_syncs(monkeypatch):

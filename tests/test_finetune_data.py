@@ -9,8 +9,9 @@ import torch
 
 from factory.method.geometry import to_canvas
 from factory.yaml_config import ConfigError
+from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
 from trainers.finetune.data import aligned_pair, augment, make_example, to_examples
-from trainers.finetune.train import FinetuneConfig, deepspeed_config, load_finetune_config, masked_mse
+from trainers.finetune.worker import masked_mse
 
 
 def _square_image(h=48, w=64):
@@ -130,7 +131,7 @@ def test_finetune_configs_validate(tmp_path):
 def test_a_v_prediction_model_is_trained_on_v():
     from diffusers import DDPMScheduler
 
-    from trainers.finetune.train import training_target
+    from trainers.finetune.worker import training_target
 
     z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])

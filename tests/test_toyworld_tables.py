@@ -96,3 +96,15 @@ def test_student_rows_over_seeds(tmp_path):
 
     with pytest.raises(ConfigError, match="integers"):  # a UserError: `trainers` prints one line, exit 2
         main(["--student-seeds", "0,x"])
+
+
+def test_a_stage_runs_alone_and_is_reused_once_done(tmp_path):
+    from trainers.toyworld.tables import ground_truth_shards, write_splits
+
+    cfg = TablesConfig.small(str(tmp_path))
+    cfg.concepts, cfg.n_train, cfg.n_test = ["star"], 3, 2
+    assert write_splits(cfg, tmp_path) is True and write_splits(cfg, tmp_path) is False
+    captions = (tmp_path / "train-star" / "captions.jsonl").read_text().splitlines()
+    assert len(captions) == 3 and len((tmp_path / "test-star" / "captions.jsonl").read_text().splitlines()) == 2
+    assert ground_truth_shards(cfg, tmp_path) is True and ground_truth_shards(cfg, tmp_path) is False
+    assert (tmp_path / "gt-star" / "gt-000000.tar").exists()

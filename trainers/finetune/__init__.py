@@ -3,5 +3,6 @@
 config       the fine-tuning YAML and the DeepSpeed config built from it
 data         label-mode shards -> training examples (whole image, or a background rectangle)
 rectangles   the reference code's background-rectangle rules
-train        the worker loop, checkpoints, export, and the driver
+worker       a worker's lasting pieces: prompt cache, fixed batch, loss window, checkpoints
+train        the worker loop, export, and the driver
 """

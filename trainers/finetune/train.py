@@ -40,10 +40,8 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from factory.dataset.console import verbose_from_env
@@ -54,156 +52,25 @@ from factory.errors import UserError
 from factory.method.loading import quiet_model_libraries
 from trainers.devices import all_reduce, check_engine_device, deepspeed_args
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
+from trainers.finetune.worker import (
+    EMA_FILE,
+    STATE_FILE,
+    Checkpoints,
+    FixedBatch,
+    LossWindow,
+    PromptEmbeddings,
+    full_parameters,
+    masked_mse,
+    training_target,
+    validation_images,
+)
 
 
 class FinetuneFamilyError(UserError):
     """The model is of a family whose fine-tuning is not served (SDXL, SD3)."""
 
 
-EMA_FILE = "ema_unet.safetensors"
-STATE_FILE = "state.json"
-DS_TAG = "deepspeed"
-
-
-def training_target(noise_scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon models), or v = sqrt(a) eps - sqrt(1 - a) z0 for a
-    v-prediction model, as its scheduler config says."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(z0, noise, t)
-    raise ValueError(f"fine-tuning does not serve prediction_type {kind!r}; epsilon and v_prediction are")
-
-
-def masked_mse(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = False
-) -> torch.Tensor:
-    """The paper's loss: mean over all elements of (mask * (pred - target))^2, the (B, h, w) mask repeated
-    over channels. normalize=True divides each sample's sum by its mask area instead (an option, not the
-    paper)."""
-    m = mask[:, None].to(pred.dtype).expand_as(pred)
-    se = (pred - target).pow(2) * m
-    if not normalize:
-        return se.mean()
-    return (se.flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)).mean()
-
-
 # ----------------------------------------------------------------------------- the worker
-
-
-class LossWindow:
-    """The per-sample losses since the last log step, summed on the worker's device: no host sync per step,
-    and what the log step all-reduces is on the device, as NCCL needs (`trainers.devices.all_reduce`).
-
-    Sums: loss, samples; the full-image task's loss, samples; the background task's loss, samples."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
-
-    def add(self, per_sample: torch.Tensor, tasks) -> None:
-        """per_sample: (B,) losses on the device; tasks: the batch's "full" / "background" labels."""
-        per = per_sample.double()
-        full = torch.from_numpy(np.asarray(tasks) == "full").to(self.device)
-        n = torch.full_like(per[0], len(per))
-        nfull = full.sum().double()
-        self.sums += torch.stack([per.sum(), n, (per * full).sum(), nfull, (per * ~full).sum(), n - nfull])
-
-    def reduce(self) -> torch.Tensor:
-        """The window's sums over all workers (on the device), and a new window."""
-        totals = all_reduce(self.sums.clone(), self.device)
-        self.sums.zero_()
-        return totals
-
-
-@contextmanager
-def _full_parameters(module, stage: int):
-    """With ZeRO-3 the parameters are partitioned: gather them (a collective: every rank must enter)."""
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def _validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, dict]]:
-    """The first n samples of the first shards: (image, concept, metadata), for the sample grids."""
-    from factory.dataset.shards import read_tar, sample_image
-
-    out = []
-    for url in urls:
-        for s in read_tar(url, limit=n - len(out)):
-            meta = json.loads(s["json"])
-            out.append((sample_image(s), meta["concept"], meta))
-        if len(out) >= n:
-            break
-    return out
-
-
-def sample_grid(pipe, unet, model: str, validation, background_prompt: str, steps: int):
-    """Rows: a validation image, m's M_pre, the inpainted background, refined M (all with the EMA UNet),
-    then text-to-image samples of "a photo of a {concept}" and of the background prompt."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from factory.dataset.report import contact_sheet
-    from factory.method.distiller import Distiller
-    from factory.method.settings import Concept, DistillConfig
-
-    ema_pipe = StableDiffusionPipeline(
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    ema_pipe.set_progress_bar_config(disable=True)
-    d = Distiller(
-        model,
-        pipeline=ema_pipe,
-        config=DistillConfig(
-            num_inference_steps=steps,
-            probe_t0=max(1, steps * 4 // 5),
-            inpaint_steps=steps,
-            background_prompt=background_prompt,
-        ),
-    )
-    rows, labels = [], []
-    for i, (image, concept, meta) in enumerate(validation):
-        c = Concept(
-            concept, meta.get("template") or "a photo of a {concept}", tuple(meta.get("concept_words") or ())
-        )
-        [t] = d.label([image], c, seeds=[i])
-        gens = [torch.Generator().manual_seed(1000 + i) for _ in range(2)]
-        with torch.no_grad():
-            samples = ema_pipe(
-                [meta["prompt"], background_prompt],
-                num_inference_steps=steps,
-                guidance_scale=1.0,
-                generator=gens,
-                output_type="np",
-            ).images
-        rows.append(
-            [
-                t.image,
-                t.prelim,
-                t.background,
-                t.mask,
-                (samples[0] * 255).round().astype(np.uint8),
-                (samples[1] * 255).round().astype(np.uint8),
-            ]
-        )
-        labels.append(f"{concept} #{i}")
-    return contact_sheet(
-        rows,
-        ["image", "M_pre (m')", "background (m')", "refined M", "sample: object", "sample: background"],
-        row_labels=labels,
-    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -212,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
     1. the worker's context: rank, world size, device, seeds;
     2. the model: the base pipeline, VAE and text encoder frozen, the UNet trained;
     3. DeepSpeed: the optimizer (or ZeRO-Offload's CPU Adam) and the engine; rank 0 keeps the EMA;
-    4. resume from Ray Train's latest checkpoint, if any;
+    4. resume from Ray Train's latest checkpoint, if any (`Checkpoints`);
     5. the training loop over this worker's Ray Data shard: encode, noise, masked loss, DeepSpeed step, EMA;
     6. every `train.log_every` steps the metrics (all-reduced), every `checkpoint.every` steps a checkpoint.
     """
@@ -221,10 +88,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file, save_file
 
     from factory.method.loading import load_pipeline
-    from factory.method.prompts import encode_prompts
     from trainers.ema import EMA
 
     cfg = FinetuneConfig.model_validate(config["job"])
@@ -242,20 +107,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 2. The model.
     pipe = load_pipeline(cfg.model, str(device), "fp32")
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet, vae = pipe.unet, pipe.vae
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
     unet.requires_grad_(True)
     unet.train()
     if cfg.checkpointing():
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    embeddings: dict[str, torch.Tensor] = {}
-
-    def embed(prompts) -> torch.Tensor:
-        for p in set(prompts) - embeddings.keys():
-            embeddings[p] = encode_prompts(pipe.tokenizer, text_encoder, [p])[0]
-        return torch.stack([embeddings[p] for p in prompts])
+    embed = PromptEmbeddings(pipe)
 
     # 3. DeepSpeed and the EMA.
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -273,98 +133,24 @@ def train_loop_per_worker(config: dict) -> None:
     check_engine_device(engine.device, device)  # DeepSpeed would go by LOCAL_RANK (trainers.devices)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
-
     ema = None
-    with _full_parameters(engine.module, stage):
+    with full_parameters(engine.module, stage):
         if rank == 0:
             ema = EMA([p for p in engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
 
     # 4. Resume.
-    step, samples_seen, resumed_from = 0, 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            step, samples_seen, resumed_from = state["step"], state["samples_seen"], state["step"]
-            if ema is not None:
-                shadow = load_file(str(Path(d) / EMA_FILE))
-                ema.load_state_dict({"shadow": [shadow[n] for n in names], "updates": state["ema_updates"]})
-            rng = Path(d) / f"rng_rank{rank}.pt"
-            if rng.exists():
-                torch.set_rng_state(torch.load(rng, weights_only=True))
-        if rank == 0:
-            print(f"[finetune] resumed from the checkpoint at step {step}", flush=True)
-
-    validation = _validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
-    eval_unet = None
-
-    def save_checkpoint(metrics: dict) -> None:
-        nonlocal eval_unet
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=DS_TAG)
-            torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
-            if rank == 0:
-                save_file(
-                    {n: s.contiguous() for n, s in zip(names, ema.shadow, strict=True)},
-                    str(Path(d) / EMA_FILE),
-                )
-                (Path(d) / STATE_FILE).write_text(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "samples_seen": samples_seen,
-                            "ema_updates": ema.updates,
-                            "world_size": world,
-                            "metrics": metrics,
-                            "model": cfg.model,
-                            "resumed_from": resumed_from,
-                        },
-                        indent=1,
-                    )
-                )
-                if validation:
-                    if eval_unet is None:
-                        from diffusers import UNet2DConditionModel
-
-                        eval_unet = UNet2DConditionModel.from_config(unet.config).to(device).eval()
-                    ema.copy_to([p for p in eval_unet.parameters() if p.requires_grad])
-                    sample_grid(
-                        pipe,
-                        eval_unet,
-                        cfg.model,
-                        validation,
-                        cfg.data.background_prompt,
-                        cfg.checkpoint.grid_steps,
-                    ).save(Path(d) / "samples.png")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    def fixed_probe(z0, emb, mask, repeats: int = 4):
-        g = torch.Generator().manual_seed(cfg.train.seed + 7 * rank)
-        n = z0.shape[0] * repeats
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
-        noise = torch.randn((n, *z0.shape[1:]), generator=g).to(device)
-        z0 = z0.repeat(repeats, 1, 1, 1)
-        z_t = noise_scheduler.add_noise(z0, noise, t)
-        target = training_target(noise_scheduler, z0, noise, t)
-        return z_t, t, emb.repeat(repeats, 1, 1), mask.repeat(repeats, 1, 1), target
-
-    @torch.no_grad()
-    def probe_loss(p) -> float:
-        z_t, t, emb, mask, target = p
-        pred = engine.module(
-            z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
-        ).sample.float()
-        return float(masked_mse(pred, target, mask, cfg.train.normalize_loss))
+    validation = validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
+    checkpoints = Checkpoints(cfg, engine, ema, names, rank, world, pipe, validation)
+    state = checkpoints.resume()
 
     # 5. Train.
-    probe, probe_initial = None, math.nan
+    fixed, fixed_initial = None, math.nan
     shard = ray.train.get_dataset_shard("train")
     window = LossWindow(device)
     t_window, steps_window = time.time(), 0
     t_start = time.time()
     micro = 0
-    while step < cfg.train.max_steps:
+    while state.step < cfg.train.max_steps:
         seen_batch = False
         for batch in shard.iter_batches(
             batch_size=cfg.train.micro_batch,
@@ -378,9 +164,9 @@ def train_loop_per_worker(config: dict) -> None:
             with torch.no_grad():
                 z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
                 emb = embed(list(batch["prompt"]))
-            if probe is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
-                probe = fixed_probe(z0, emb, mask)
-                probe_initial = probe_loss(probe)
+            if fixed is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
+                fixed = FixedBatch.draw(noise_scheduler, z0, emb, mask, seed=cfg.train.seed + 7 * rank)
+                fixed_initial = fixed.loss(engine.module, compute_dtype, cfg.train.normalize_loss)
             noise = torch.randn_like(z0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
             z_t = noise_scheduler.add_noise(z0, noise, t)
@@ -393,49 +179,49 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             with torch.no_grad():
                 window.add((pred - target).pow(2).mul(mask[:, None]).flatten(1).mean(1), batch["task"])
-            samples_seen += x.shape[0] * world
+            state.samples_seen += x.shape[0] * world
             micro += 1
             if micro % cfg.train.grad_accum:
                 continue  # DeepSpeed applies the optimizer step on the accumulation boundary only
-            step += 1
+            state.step += 1
             steps_window += 1
-            with _full_parameters(engine.module, stage):
+            with full_parameters(engine.module, stage):
                 if ema is not None:
                     ema.update([p for p in engine.module.parameters() if p.requires_grad])
+
             # 6. Metrics and checkpoints.
-            last = step >= cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or step % cfg.checkpoint.every == 0 or last:
-                totals = window.reduce().cpu()
+            last = state.step >= cfg.train.max_steps
+            checkpoint_now = state.step % cfg.checkpoint.every == 0 or last
+            if state.step % cfg.train.log_every == 0 or checkpoint_now:
+                totals = window.reduce()
                 dt = time.time() - t_window
-                metrics = {
-                    "step": step,
-                    "loss": float(totals[0] / max(totals[1], 1)),
-                    "loss_full": float(totals[2] / max(totals[3], 1)) if totals[3] else math.nan,
-                    "loss_background": float(totals[4] / max(totals[5], 1)) if totals[5] else math.nan,
-                    "steps_per_s": steps_window / dt,
-                    "samples_per_s": float(totals[1]) / dt,
-                    "samples_seen": samples_seen,
-                    "elapsed_s": time.time() - t_start,
-                }
-                pl = all_reduce(
-                    torch.tensor([probe_loss(probe), probe_initial], dtype=torch.float64, device=device),
-                    device,
-                ).cpu()
-                metrics["probe_loss"], metrics["probe_loss_initial"] = (
-                    float(pl[0] / world),
-                    float(pl[1] / world),
+                fixed_losses = torch.tensor(
+                    [fixed.loss(engine.module, compute_dtype, cfg.train.normalize_loss), fixed_initial],
+                    dtype=torch.float64,
+                    device=device,
                 )
+                fixed_now, fixed_then = (all_reduce(fixed_losses, device).cpu() / world).tolist()
+                metrics = {
+                    "step": state.step,
+                    **totals.metrics(),
+                    "steps_per_s": steps_window / dt,
+                    "samples_per_s": totals.samples / dt,
+                    "samples_seen": state.samples_seen,
+                    "elapsed_s": time.time() - t_start,
+                    "probe_loss": fixed_now,
+                    "probe_loss_initial": fixed_then,
+                }
                 t_window, steps_window = time.time(), 0
                 if rank == 0:
                     print(
-                        f"[finetune] step {step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
+                        f"[finetune] step {state.step}/{cfg.train.max_steps} loss {metrics['loss']:.4f} "
                         f"(object {metrics['loss_full']:.4f}, background {metrics['loss_background']:.4f}; "
-                        f"fixed batch {metrics['probe_loss_initial']:.4f} -> {metrics['probe_loss']:.4f}) "
+                        f"fixed batch {fixed_then:.4f} -> {fixed_now:.4f}) "
                         f"{metrics['steps_per_s']:.2f} steps/s {metrics['samples_per_s']:.1f} samples/s",
                         flush=True,
                     )
-                if step % cfg.checkpoint.every == 0 or last:
-                    save_checkpoint(metrics)
+                if checkpoint_now:
+                    checkpoints.save(state, metrics)
                 else:
                     ray.train.report(metrics)
             if last:

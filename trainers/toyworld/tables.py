@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from factory.yaml_config import ConfigError
+from factory.yaml_config import ConfigError, with_values
 from trainers.evaluate.metrics import PooledSegmentationMetrics
 
 PAPER_CUB = {  # method.md section 7, Tables 1 and 2 (ACC, IoU, mIoU)
@@ -167,147 +167,167 @@ def _done(path: Path) -> bool:
     return m.exists() and json.loads(m.read_text()).get("complete", False)
 
 
+FINETUNED = "toyworld-ft"  # m', the fine-tuned toyworld model (a diffusers folder under cfg.out)
+STUDENT_SETS = {  # training set -> its shard folders under cfg.out ({c}: each concept)
+    "gt": ["gt-{c}"],
+    "ds": ["ds-{c}"],
+    "ds-syn": ["ds-{c}", "synthetic"],
+}
+
+
+# The stages, in order. Each takes (cfg, out) and returns whether it did any work (False: every output was
+# already there, so a stopped run resumes where it stopped).
+
+
+def write_splits(cfg: TablesConfig, out: Path) -> bool:
+    """1. The labelled train-{c} and test-{c} splits of unseen toyworld seeds."""
+    from factory.toyworld.world import write_split
+
+    did = False
+    for c in cfg.concepts:
+        base = TRAIN_SEEDS[c]
+        for folder, seeds in (
+            (f"train-{c}", range(base, base + cfg.n_train)),
+            (f"test-{c}", range(base + TEST_OFFSET, base + TEST_OFFSET + cfg.n_test)),
+        ):
+            if not (out / folder / "captions.jsonl").exists():
+                write_split(out / folder, seeds, concept=c)
+                did = True
+    return did
+
+
+def label_training_images(cfg: TablesConfig, out: Path, folder: str, inpaint_model: str | None) -> bool:
+    """`factory label` of each concept's training images into {folder}-{c}."""
+    from factory.dataset.pipeline import run_job
+    from factory.dataset.sources import list_images
+
+    todo = [c for c in cfg.concepts if not _done(out / f"{folder}-{c}")]
+    for c in todo:
+        job = _job(cfg, str(out / f"{folder}-{c}"), [{"name": c}], inpaint={"model": inpaint_model})
+        run_job(job, "label", list_images(str(out / f"train-{c}" / "images")), progress=False)
+    return bool(todo)
+
+
+def label_with_m(cfg: TablesConfig, out: Path) -> bool:
+    """2. The training images labelled with m: their M_pre, what fine-tuning learns from."""
+    return label_training_images(cfg, out, "label", None)
+
+
+def finetune_m_prime(cfg: TablesConfig, out: Path) -> bool:
+    """3. m' = m fine-tuned on the label-{c} shards (`trainers finetune`)."""
+    from trainers.finetune.train import load_finetune_config, run_finetune
+
+    if (out / FINETUNED / "model_index.json").exists():
+        return False
+    base = load_finetune_config("configs/finetune-toyworld.yaml")
+    run_finetune(
+        with_values(
+            base,
+            {
+                "data.shards": [str(out / f"label-{c}") for c in cfg.concepts],
+                "train.max_steps": cfg.finetune_steps,
+                "output.storage": str(out / "runs"),
+                "output.export": str(out / FINETUNED),
+                "checkpoint.every": max(1, min(250, cfg.finetune_steps)),
+            },
+        )
+    )
+    return True
+
+
+def label_with_m_prime(cfg: TablesConfig, out: Path) -> bool:
+    """4. D_s: the training images labelled with m, their backgrounds inpainted with m'."""
+    return label_training_images(cfg, out, "ds", str(out / FINETUNED))
+
+
+def generate_with_m_prime(cfg: TablesConfig, out: Path) -> bool:
+    """5. D'_s: synthetic samples of every concept, generated and labelled with m'."""
+    from factory.dataset.pipeline import run_job
+
+    if _done(out / "synthetic"):
+        return False
+    concepts = [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts]
+    run_job(
+        _job(cfg, str(out / "synthetic"), concepts, model=str(out / FINETUNED)), "generate", progress=False
+    )
+    return True
+
+
+def ground_truth_shards(cfg: TablesConfig, out: Path) -> bool:
+    """6. The training splits with their ground-truth masks as shards: the supervised student's data."""
+    from trainers.students.data import split_to_shards
+
+    todo = [c for c in cfg.concepts if not (out / f"gt-{c}" / "gt-000000.tar").exists()]
+    for c in todo:
+        split_to_shards(str(out / f"train-{c}"), str(out / f"gt-{c}"), c)
+    return bool(todo)
+
+
+def train_students(cfg: TablesConfig, out: Path) -> bool:
+    """7. One student per concept and seed on each training set (`trainers students`)."""
+    from trainers.students.config import load_students_config
+    from trainers.students.tune import run_students
+
+    base = load_students_config("configs/students-toyworld.yaml")
+    did = False
+    for name, folders in STUDENT_SETS.items():
+        shards = [str(out / f.format(c=c)) for f in folders for c in cfg.concepts if "{c}" in f]
+        shards += [str(out / f) for f in folders if "{c}" not in f]
+        todo = [
+            seed
+            for seed in cfg.student_seeds
+            if not all((out / student_folder(name, seed) / c / "student.json").exists() for c in cfg.concepts)
+        ]
+        if not todo:
+            continue
+        did = True
+        export = out / f"students-{name}"
+        # every seed's students of this set in one Tune run, as many at once as there are concepts: six at
+        # once on 2 cores trained 3 steps/s in all (load average 20, two thirds of it system time), two
+        # at once 4.5-9.4 on earlier days
+        values = {
+            "data.shards": shards,
+            "data.concepts": list(cfg.concepts),
+            "train.steps": cfg.student_steps,
+            "train.batch": cfg.student_batch,
+            "train.loss": cfg.student_loss,
+            "train.seeds": todo,
+            "scaling.max_concurrent": len(cfg.concepts),
+            "checkpoint.every": max(1, cfg.student_steps // 4),
+            "model.backbone": cfg.student_backbone,
+            "output.storage": str(out / "runs"),
+            "output.name": export.name,
+            "output.export": str(export),
+        }
+        run_students(with_values(base, values))
+    return did
+
+
+STAGES = [
+    ("1 splits", write_splits),
+    ("2 label with m (M_pre)", label_with_m),
+    ("3 fine-tune m'", finetune_m_prime),
+    ("4 D_s: label with m + m'", label_with_m_prime),
+    ("5 D'_s: generate with m'", generate_with_m_prime),
+    ("6 ground-truth shards", ground_truth_shards),
+    ("7 students", train_students),
+]
+
+
 def run_tables(cfg: TablesConfig, docs: str | None = None, command: str | None = None) -> dict:
     """Every stage (finished ones are reused), the scores, table.md / table.json / figure.png under cfg.out;
     with `docs`, the table also goes to that markdown file with the command that made it and its wall time."""
-    from factory.dataset.pipeline import run_job
-    from factory.dataset.sources import list_images
-    from factory.toyworld.world import write_split
-    from trainers.finetune.train import load_finetune_config, run_finetune
-    from trainers.students.config import load_students_config
-    from trainers.students.data import split_to_shards
-    from trainers.students.tune import run_students
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
     reused: list[str] = []
-
-    def stage(name: str, fn) -> None:
-        """Runs one stage; a stage function returns False when every output already existed."""
+    for name, run_stage in STAGES:
         t = time.time()
-        if fn() is False:
+        if not run_stage(cfg, out):
             reused.append(name)
         timings[name] = time.time() - t
         _log(f"{name}: {timings[name]:.0f}s" + (" (reused)" if name in reused else ""))
-
-    def splits():
-        did = False
-        for c in cfg.concepts:
-            base = TRAIN_SEEDS[c]
-            if not (out / f"train-{c}" / "captions.jsonl").exists():
-                write_split(out / f"train-{c}", range(base, base + cfg.n_train), concept=c)
-                did = True
-            if not (out / f"test-{c}" / "captions.jsonl").exists():
-                write_split(
-                    out / f"test-{c}", range(base + TEST_OFFSET, base + TEST_OFFSET + cfg.n_test), concept=c
-                )
-                did = True
-        return did
-
-    def label(model_out: str, inpaint_model: str | None):
-        todo = [c for c in cfg.concepts if not _done(out / f"{model_out}-{c}")]
-        for c in todo:
-            run_job(
-                _job(cfg, str(out / f"{model_out}-{c}"), [{"name": c}], inpaint={"model": inpaint_model}),
-                "label",
-                list_images(str(out / f"train-{c}" / "images")),
-                progress=False,
-            )
-        return bool(todo)
-
-    ft_dir = out / "toyworld-ft"
-
-    def finetune():
-        if (ft_dir / "model_index.json").exists():
-            return False
-        shards = ", ".join(str(out / f"label-{c}") for c in cfg.concepts)
-        run_finetune(
-            load_finetune_config(
-                "configs/finetune-toyworld.yaml",
-                [
-                    f"data.shards=[{shards}]",
-                    f"train.max_steps={cfg.finetune_steps}",
-                    f"output.storage={out / 'runs'}",
-                    f"output.export={ft_dir}",
-                    f"checkpoint.every={max(1, min(250, cfg.finetune_steps))}",
-                ],
-            )
-        )
-
-    def synthetic():
-        if _done(out / "synthetic"):
-            return False
-        run_job(
-            _job(
-                cfg,
-                str(out / "synthetic"),
-                [{"name": c, "samples": cfg.n_synthetic} for c in cfg.concepts],
-                model=str(ft_dir),
-            ),
-            "generate",
-            progress=False,
-        )
-
-    def gt():
-        todo = [c for c in cfg.concepts if not (out / f"gt-{c}" / "gt-000000.tar").exists()]
-        for c in todo:
-            split_to_shards(str(out / f"train-{c}"), str(out / f"gt-{c}"), c)
-        return bool(todo)
-
-    sets = {
-        "gt": [f"gt-{c}" for c in cfg.concepts],
-        "ds": [f"ds-{c}" for c in cfg.concepts],
-        "ds-syn": [f"ds-{c}" for c in cfg.concepts] + ["synthetic"],
-    }
-
-    def students():
-        did = False
-        for name, folders in sets.items():
-            shards = ", ".join(str(out / f) for f in folders)
-            export = out / f"students-{name}"
-            todo = [
-                seed
-                for seed in cfg.student_seeds
-                if not all(
-                    (out / student_folder(name, seed) / c / "student.json").exists() for c in cfg.concepts
-                )
-            ]
-            if not todo:
-                continue
-            did = True
-            # every seed's students of this set in one Tune run, as many at once as there are concepts: six at
-            # once on 2 cores trained 3 steps/s in all (load average 20, two thirds of it system time), two
-            # at once 4.5-9.4 on earlier days
-            run_students(
-                load_students_config(
-                    "configs/students-toyworld.yaml",
-                    [
-                        f"data.shards=[{shards}]",
-                        f"data.concepts=[{', '.join(cfg.concepts)}]",
-                        f"train.steps={cfg.student_steps}",
-                        f"train.batch={cfg.student_batch}",
-                        f"train.loss={cfg.student_loss}",
-                        f"train.seeds=[{', '.join(map(str, todo))}]",
-                        f"scaling.max_concurrent={len(cfg.concepts)}",
-                        f"checkpoint.every={max(1, cfg.student_steps // 4)}",
-                        f"model.backbone={cfg.student_backbone}",
-                        f"output.storage={out / 'runs'}",
-                        f"output.name={export.name}",
-                        f"output.export={export}",
-                    ],
-                )
-            )
-        return did
-
-    stage("1 splits", splits)
-    stage("2 label with m (M_pre)", lambda: label("label", None))
-    stage("3 fine-tune m'", finetune)
-    stage("4 D_s: label with m + m'", lambda: label("ds", str(ft_dir)))
-    stage("5 D'_s: generate with m'", synthetic)
-    stage("6 ground-truth shards", gt)
-    stage("7 students", students)
     t = time.time()
     table = score(cfg, out)
     timings["8 evaluate"] = time.time() - t
@@ -413,7 +433,7 @@ def score(cfg: TablesConfig, out: Path) -> dict:
     plain = {c: method_eval(base, c, "m") for c in cfg.concepts}
     # our default and the paper's exact pipeline (edges: none) from one pass: the two rules share M_pre and
     # the background, and differ only in the final snap (evaluate_distiller's refined_paper)
-    distiller = Distiller("toyworld", config=dcfg, inpaint_model=str(out / "toyworld-ft"))
+    distiller = Distiller("toyworld", config=dcfg, inpaint_model=str(out / FINETUNED))
     method = {c: method_eval(distiller, c, "mprime") for c in cfg.concepts}
     results["M_pre"] = PooledSegmentationMetrics.pooled([m["prelim"] for m in method.values()])
     results[SNAPPED_PRELIM] = PooledSegmentationMetrics.pooled([m["prelim_edges"] for m in method.values()])

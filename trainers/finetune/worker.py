@@ -1,0 +1,329 @@
+"""The pieces of one fine-tuning worker that outlive a step, as small objects with named fields:
+
+    embed = PromptEmbeddings(pipe)                 # prompt -> text embedding, each prompt encoded once
+    fixed = FixedBatch.draw(...)                   # the worker's first batch with fixed noise: a steady loss
+    window = LossWindow(device); window.add(...)   # per-sample losses summed on the device
+    totals = window.reduce()                       # -> LossTotals (all workers), named sums
+    checkpoints = Checkpoints(...); state = checkpoints.resume(); checkpoints.save(state, metrics)
+
+`trainers.finetune.train.train_loop_per_worker` reads top to bottom with them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers.devices import all_reduce
+
+EMA_FILE = "ema_unet.safetensors"
+STATE_FILE = "state.json"
+DS_TAG = "deepspeed"
+
+
+def training_target(noise_scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon models), or v = sqrt(a) eps - sqrt(1 - a) z0 for a
+    v-prediction model, as its scheduler config says."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(z0, noise, t)
+    raise ValueError(f"fine-tuning does not serve prediction_type {kind!r}; epsilon and v_prediction are")
+
+
+def masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
+    """The paper's loss: mean over all elements of (mask * (pred - target))^2, the (B, h, w) mask repeated
+    over channels. normalize=True divides each sample's sum by its mask area instead (an option, not the
+    paper)."""
+    m = mask[:, None].to(pred.dtype).expand_as(pred)
+    se = (pred - target).pow(2) * m
+    if not normalize:
+        return se.mean()
+    return (se.flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)).mean()
+
+
+class PromptEmbeddings:
+    """Prompt -> the frozen text encoder's embedding, each distinct prompt encoded once (a run has a few)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts) -> torch.Tensor:
+        from factory.method.prompts import encode_prompts
+
+        for p in set(prompts) - self.cache.keys():
+            self.cache[p] = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [p])[0]
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+@dataclass
+class FixedBatch:
+    """This worker's first batch with fixed noise and timesteps (`repeats` draws of each sample): its loss,
+    logged beside the training loss, moves only with the weights."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor
+    emb: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+
+    @classmethod
+    def draw(cls, noise_scheduler, z0, emb, mask, seed: int, repeats: int = 4) -> FixedBatch:
+        g = torch.Generator().manual_seed(seed)
+        n = z0.shape[0] * repeats
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g).to(z0.device)
+        noise = torch.randn((n, *z0.shape[1:]), generator=g).to(z0.device)
+        z0 = z0.repeat(repeats, 1, 1, 1)
+        return cls(
+            z_t=noise_scheduler.add_noise(z0, noise, t),
+            t=t,
+            emb=emb.repeat(repeats, 1, 1),
+            mask=mask.repeat(repeats, 1, 1),
+            target=training_target(noise_scheduler, z0, noise, t),
+        )
+
+    @torch.no_grad()
+    def loss(self, unet, dtype: torch.dtype, normalize: bool) -> float:
+        pred = unet(self.z_t.to(dtype), self.t, encoder_hidden_states=self.emb.to(dtype)).sample.float()
+        return float(masked_mse(pred, self.target, self.mask, normalize))
+
+
+@dataclass
+class LossTotals:
+    """A log window's sums over all workers: the loss and samples of both tasks, and of each."""
+
+    loss: float
+    samples: float
+    loss_full: float
+    samples_full: float
+    loss_background: float
+    samples_background: float
+
+    def metrics(self) -> dict[str, float]:
+        """Mean losses: overall, the full-image task's and the background task's (NaN for a task not seen)."""
+
+        def mean(total: float, n: float) -> float:
+            return total / n if n else math.nan
+
+        return {
+            "loss": self.loss / max(self.samples, 1),
+            "loss_full": mean(self.loss_full, self.samples_full),
+            "loss_background": mean(self.loss_background, self.samples_background),
+        }
+
+
+class LossWindow:
+    """The per-sample losses since the last log step, summed on the worker's device: no host sync per step,
+    and what the log step all-reduces is on the device, as NCCL needs (`trainers.devices.all_reduce`). The
+    sums are `LossTotals`' fields, in its order."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(len(fields(LossTotals)), dtype=torch.float64, device=device)
+
+    def add(self, per_sample: torch.Tensor, tasks) -> None:
+        """per_sample: (B,) losses on the device; tasks: the batch's "full" / "background" labels."""
+        per = per_sample.double()
+        full = torch.from_numpy(np.asarray(tasks) == "full").to(self.device)
+        n = torch.full_like(per[0], len(per))
+        n_full = full.sum().double()
+        sums = {
+            "loss": per.sum(),
+            "samples": n,
+            "loss_full": (per * full).sum(),
+            "samples_full": n_full,
+            "loss_background": (per * ~full).sum(),
+            "samples_background": n - n_full,
+        }
+        self.sums += torch.stack([sums[f.name] for f in fields(LossTotals)])
+
+    def reduce(self) -> LossTotals:
+        """The window's sums over all workers, and a new window."""
+        totals = all_reduce(self.sums.clone(), self.device).cpu().tolist()
+        self.sums.zero_()
+        return LossTotals(*totals)
+
+
+@contextmanager
+def full_parameters(module, stage: int):
+    """With ZeRO-3 the parameters are partitioned: gather them (a collective: every rank must enter)."""
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: what `state.json` records beside the DeepSpeed shards and the EMA."""
+
+    step: int = 0
+    samples_seen: int = 0
+    resumed_from: int | None = None
+
+
+class Checkpoints:
+    """This worker's checkpoints: every rank writes its DeepSpeed shards and RNG state; rank 0 adds the EMA
+    weights, `state.json` and a sample grid of the EMA UNet; each reports its folder to Ray Train, which
+    merges them into one checkpoint. `resume` reads Ray Train's latest one back, if any."""
+
+    def __init__(self, cfg, engine, ema, names: list[str], rank: int, world: int, pipe, validation: list):
+        self.cfg, self.engine, self.ema, self.names = cfg, engine, ema, names
+        self.rank, self.world, self.pipe, self.validation = rank, world, pipe, validation
+        self.eval_unet = None  # rank 0's UNet for the sample grids, built at the first checkpoint
+
+    def resume(self) -> TrainingState:
+        import ray.train
+        from safetensors.torch import load_file
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return TrainingState()
+        with checkpoint.as_directory() as d:
+            self.engine.load_checkpoint(
+                d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            saved = json.loads((Path(d) / STATE_FILE).read_text())
+            state = TrainingState(saved["step"], saved["samples_seen"], resumed_from=saved["step"])
+            if self.ema is not None:
+                shadow = load_file(str(Path(d) / EMA_FILE))
+                self.ema.load_state_dict(
+                    {"shadow": [shadow[n] for n in self.names], "updates": saved["ema_updates"]}
+                )
+            rng = Path(d) / f"rng_rank{self.rank}.pt"
+            if rng.exists():
+                torch.set_rng_state(torch.load(rng, weights_only=True))
+        if self.rank == 0:
+            print(f"[finetune] resumed from the checkpoint at step {state.step}", flush=True)
+        return state
+
+    def save(self, state: TrainingState, metrics: dict) -> None:
+        import ray.train
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag=DS_TAG)
+            torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                shadow = {n: s.contiguous() for n, s in zip(self.names, self.ema.shadow, strict=True)}
+                save_file(shadow, str(Path(d) / EMA_FILE))
+                record = {
+                    **asdict(state),
+                    "ema_updates": self.ema.updates,
+                    "world_size": self.world,
+                    "metrics": metrics,
+                    "model": self.cfg.model,
+                }
+                (Path(d) / STATE_FILE).write_text(json.dumps(record, indent=1))
+                if self.validation:
+                    self.sample_grid().save(Path(d) / "samples.png")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def sample_grid(self):
+        """The validation images through the EMA UNet (`sample_grid`)."""
+        if self.eval_unet is None:
+            from diffusers import UNet2DConditionModel
+
+            unet = self.pipe.unet
+            self.eval_unet = UNet2DConditionModel.from_config(unet.config).to(unet.device).eval()
+        self.ema.copy_to([p for p in self.eval_unet.parameters() if p.requires_grad])
+        cfg = self.cfg
+        return sample_grid(
+            self.pipe,
+            self.eval_unet,
+            cfg.model,
+            self.validation,
+            cfg.data.background_prompt,
+            cfg.checkpoint.grid_steps,
+        )
+
+
+def validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, dict]]:
+    """The first n samples of the first shards: (image, concept, metadata), for the sample grids."""
+    from factory.dataset.shards import read_tar, sample_image
+
+    out = []
+    for url in urls:
+        for s in read_tar(url, limit=n - len(out)):
+            meta = json.loads(s["json"])
+            out.append((sample_image(s), meta["concept"], meta))
+        if len(out) >= n:
+            break
+    return out
+
+
+def sample_grid(pipe, unet, model: str, validation, background_prompt: str, steps: int):
+    """Rows: a validation image, m's M_pre, the inpainted background, refined M (all with the EMA UNet),
+    then text-to-image samples of "a photo of a {concept}" and of the background prompt."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from factory.dataset.report import contact_sheet
+    from factory.method.distiller import Distiller
+    from factory.method.settings import Concept, DistillConfig
+
+    ema_pipe = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ema_pipe.set_progress_bar_config(disable=True)
+    d = Distiller(
+        model,
+        pipeline=ema_pipe,
+        config=DistillConfig(
+            num_inference_steps=steps,
+            probe_t0=max(1, steps * 4 // 5),
+            inpaint_steps=steps,
+            background_prompt=background_prompt,
+        ),
+    )
+    rows, labels = [], []
+    for i, (image, concept, meta) in enumerate(validation):
+        c = Concept(
+            concept, meta.get("template") or "a photo of a {concept}", tuple(meta.get("concept_words") or ())
+        )
+        [t] = d.label([image], c, seeds=[i])
+        gens = [torch.Generator().manual_seed(1000 + i) for _ in range(2)]
+        with torch.no_grad():
+            samples = ema_pipe(
+                [meta["prompt"], background_prompt],
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=gens,
+                output_type="np",
+            ).images
+        rows.append(
+            [
+                t.image,
+                t.prelim,
+                t.background,
+                t.mask,
+                (samples[0] * 255).round().astype(np.uint8),
+                (samples[1] * 255).round().astype(np.uint8),
+            ]
+        )
+        labels.append(f"{concept} #{i}")
+    return contact_sheet(
+        rows,
+        ["image", "M_pre (m')", "background (m')", "refined M", "sample: object", "sample: background"],
+        row_labels=labels,
+    )
