@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -60,7 +61,7 @@ def peak_rss_bytes() -> int:
 class GenerateShard:
     """Ray Data actor: loads the model once, then produces one shard per call, part by part."""
 
-    def __init__(self, job: dict, mode: str, verbose: bool = False):
+    def __init__(self, job: dict, mode: str, verbose: bool = False, progress=None):
         import ray
         import torch
 
@@ -91,6 +92,7 @@ class GenerateShard:
         self.min_side = MIN_LATENT_CELLS * self.distiller.vae_factor if self.user_error is None else 0
         self.store = ShardStore(self.cfg.output.uri, self.cfg.output.storage_options)
         self.write_part = ray.remote(num_cpus=self.cfg.resources.writer_num_cpus)(write_part)
+        self.progress = progress  # the driver's PartProgress, or None
 
     def _run(self, samples: list[dict]) -> tuple[list, dict]:
         out, errors = [], {}
@@ -150,7 +152,9 @@ class GenerateShard:
             generate_s = time.perf_counter() - t0
             origin = {"node": self.node, "pid": os.getpid()}
             pending.append(
-                self.write_part.remote(self.job, task.name, name, records, errors, origin, generate_s)
+                self.write_part.remote(
+                    self.job, task.name, name, records, errors, origin, generate_s, self.progress
+                )
             )
             del records, drafts  # the object store holds them now
             generated += 1
@@ -179,11 +183,21 @@ class GenerateShard:
         return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
-def write_part(job: dict, shard: str, part: str, records: list, errors: dict, origin: dict, gen_s: float):
+def write_part(
+    job: dict,
+    shard: str,
+    part: str,
+    records: list,
+    errors: dict,
+    origin: dict,
+    gen_s: float,
+    progress=None,
+):
     """Ray task: finish one call's drafts into triplets (the refined mask: CPU work, here rather than in the
     GPU actor), filter and encode them and commit them as one part of `shard`.
 
-    `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part."""
+    `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part.
+    `progress`: the driver's `PartProgress`, told the part's samples once it is committed."""
     cfg = JobConfig.model_validate(job)
     store = ShardStore(cfg.output.uri, cfg.output.storage_options)
     t0 = time.perf_counter()
@@ -213,7 +227,39 @@ def write_part(job: dict, shard: str, part: str, records: list, errors: dict, or
         "timings": {"generate_s": gen_s, "encode_write_s": time.perf_counter() - t0},
     }
     store.commit_part(shard, part, stats)
+    if progress is not None:  # fire and forget: the bar is advisory, the shard stats are the record
+        progress.add.remote(len(good) + sum(rejected.values()))
     return stats
+
+
+class PartProgress:
+    """A Ray actor on the driver's node: the samples of the parts committed so far, so that the progress bar
+    moves per committed part (a call of `samples_per_call` samples), not per shard. Advisory: a part that a
+    retry commits again counts twice here, so the bar takes the larger of this count and the committed
+    shards' exact one, and ends on the exact one."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    def total(self) -> int:
+        return self.samples
+
+
+def follow_parts(bar, counter, done, lock, interval_s: float = 1.0) -> None:
+    """Driver thread: move `bar` to the samples of the committed parts, every `interval_s`, until `done`."""
+    import ray
+
+    while not done.wait(interval_s):
+        try:
+            n = ray.get(counter.total.remote(), timeout=10)
+        except Exception:  # noqa: BLE001  (the counter is advisory: a lost actor leaves the bar per shard)
+            continue
+        with lock:
+            if min(n, bar.total) > bar.n:
+                bar.update(min(n, bar.total) - bar.n)
 
 
 def assemble_shards(batch: dict, job: dict) -> dict:
@@ -348,6 +394,17 @@ def run_job(
         # the DataContext outlives this job in the process: set the wait either way, so a later job without
         # it does not inherit an earlier job's
         ctx.wait_for_min_actors_s = r.wait_for_actors_s or DEFAULT_WAIT_FOR_MIN_ACTORS_S
+        counter = None
+        if progress:  # on the driver's node, which outlives the job's workers
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            counter = ray.remote(num_cpus=0)(PartProgress).options(scheduling_strategy=here).remote()
+        if not verbose:
+            print(
+                "[factory] (Ray Data logs one error line per actor pool as it starts, 'has constructor "
+                "arguments in the object store': a known notice, ray-project/ray#57733, not a failure)"
+            )
         ds = ray.data.from_items([t.as_row() for t in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
             GenerateShard,
@@ -355,20 +412,38 @@ def run_job(
             compute=ray.data.ActorPoolStrategy(size=min(r.actors, len(todo))),
             num_gpus=r.num_gpus_per_actor or None,
             num_cpus=r.num_cpus_per_actor,
-            fn_constructor_kwargs={"job": job, "mode": mode, "verbose": verbose},
+            fn_constructor_kwargs={"job": job, "mode": mode, "verbose": verbose, "progress": counter},
         )
         ds = ds.map_batches(assemble_shards, batch_size=1, num_cpus=r.writer_num_cpus, fn_kwargs={"job": job})
         n_samples = sum(len(t) for t in todo)
         bar = tqdm(total=n_samples, desc=f"{mode} (samples)", unit="sample", disable=not progress)
-        for row in ds.iter_rows():
-            st = json.loads(row["stats"])
-            if "user_error" in st:
-                bar.close()
-                raise user_error_from_state(st["user_error"])
-            stats.append(st)
-            bar.update(st["written"] + sum(st["rejected"].values()))
-            bar.set_postfix(shards=f"{len(stats)}/{len(todo)}", written=sum(s["written"] for s in stats))
-        bar.close()
+        lock, done = threading.Lock(), threading.Event()
+        follower = threading.Thread(target=follow_parts, args=(bar, counter, done, lock), daemon=True)
+        if counter is not None:
+            follower.start()
+        exact = 0  # the samples of the committed shards
+        try:
+            for row in ds.iter_rows():
+                st = json.loads(row["stats"])
+                if "user_error" in st:
+                    raise user_error_from_state(st["user_error"])
+                stats.append(st)
+                exact += st["written"] + sum(st["rejected"].values())
+                with lock:
+                    bar.update(max(0, exact - bar.n))
+                    bar.set_postfix(
+                        shards=f"{len(stats)}/{len(todo)}", written=sum(s["written"] for s in stats)
+                    )
+            done.set()
+            with lock:  # the exact count, should a retried part have been counted twice
+                bar.n = exact
+                bar.refresh()
+        finally:
+            done.set()
+            if counter is not None:
+                follower.join()
+                ray.kill(counter)
+            bar.close()
     manifest = store.write_manifest(
         [t.name for t in tasks], {"mode": mode, "fingerprint": job_fingerprint(cfg)}
     )
