@@ -25,6 +25,32 @@ def fast_config():
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
 
 
+# --- One local Ray for the tests that need one --------------------------------------------------------------
+# Starting Ray and its first workers (each imports torch) takes seconds on 2 cores, once per module that asked
+# for its own. Where isolation is not the point, tests share this one: 2 CPUs, started on first use, shut down
+# at the end of the session. Tests whose point is a Ray of their own (a multi-node cluster, a killed driver)
+# shut it down first and start theirs; the next module that asks for `local_ray` starts it again.
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_ray_session):
+    """The shared local Ray (2 CPUs), initialised if it is not."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    return ray
+
+
 # --- Ending the test process ---------------------------------------------------------------------------
 # This one pytest process starts and stops Ray several times (module fixtures, a two-node cluster), loads
 # torch, DeepSpeed, pyarrow and gRPC, and then lets the interpreter tear all of that down. Once in CI (after

@@ -158,35 +158,30 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_label_job_over_the_whole_image_corpus(tmp_path):
+def test_label_job_over_the_whole_image_corpus(tmp_path, local_ray):
     """Every corpus image through a real label job: counted by reason, masks the size of the written image."""
-    import ray
 
     from factory.dataset.pipeline import run_job
     from factory.dataset.shards import ShardStore
     from factory.dataset.sources import list_images
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        cfg = load_config(
-            "configs/toyworld-label.yaml",
-            [
-                f"output.uri={tmp_path / 'out'}",
-                "input.max_pixels=4096",
-                "sampler.steps=6",
-                "sampler.probe_t0=4",
-                "inpaint.steps=6",
-                "output.samples_per_shard=8",
-                "filters.min_area=0.0",
-                "filters.max_area=1.0",
-                "filters.min_bimodality=0.0",
-                "resources.actors=1",
-            ],
-        )
-        sources = list_images(str(CORPUS / "images"))
-        summary = run_job(cfg, "label", sources, progress=False)
-    finally:
-        ray.shutdown()
+    cfg = load_config(
+        "configs/toyworld-label.yaml",
+        [
+            f"output.uri={tmp_path / 'out'}",
+            "input.max_pixels=4096",
+            "sampler.steps=6",
+            "sampler.probe_t0=4",
+            "inpaint.steps=6",
+            "output.samples_per_shard=8",
+            "filters.min_area=0.0",
+            "filters.max_area=1.0",
+            "filters.min_bimodality=0.0",
+            "resources.actors=1",
+        ],
+    )
+    sources = list_images(str(CORPUS / "images"))
+    summary = run_job(cfg, "label", sources, progress=False)
     expected_rejects = {}
     for case in CASES["images"].values():
         if "reject" in case:

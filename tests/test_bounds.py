@@ -5,7 +5,6 @@ import json
 import tracemalloc
 
 import pytest
-import ray
 
 from factory.dataset.config import load_config
 from factory.dataset.pipeline import part_ranges, run_job
@@ -65,42 +64,38 @@ def test_part_ranges_cover_a_shard_exactly_once():
 
 
 @pytest.mark.integration
-def test_what_an_actor_hands_on_does_not_grow_with_the_shard_size(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        memory = {}
-        for per_shard in (10, 100):
-            out = tmp_path / f"out{per_shard}"
-            cfg = load_config(
-                TOY,
-                [
-                    f"output.uri={out}",
-                    f"concepts=[{{name: star, samples: {per_shard}}}]",
-                    "sampler.steps=2",
-                    "sampler.guidance_scale=1.0",
-                    "sampler.probe_t0=1",
-                    "inpaint.steps=1",
-                    # the paper's mask rule: with 2 sampler steps the edge snap can find a mask edgeless, the
-                    # filter then rejects it, and this test counts every key of the shard
-                    "masks.edges=none",
-                    f"output.samples_per_shard={per_shard}",
-                    "resources.samples_per_call=5",
-                    "resources.actors=1",
-                    "filters.min_area=0.0",
-                    "filters.max_area=1.0",
-                    "output.report_samples=0",
-                ],
-            )
-            summary = run_job(cfg, "generate", progress=False)
-            assert summary["complete"] and summary["written_this_run"] == per_shard
-            stats = json.loads((out / "shard-000000.stats.json").read_text())
-            assert len(stats["parts"]) == per_shard // 5 and stats["keys"] == [
-                f"star-{i:08d}" for i in range(per_shard)
-            ]
-            memory[per_shard] = stats["memory"]
-            assert not (out / "_parts").exists()
-        # one call's arrays: 5 toyworld samples (64 px image, mask, RGBA, background, latent maps)
-        assert memory[10]["call_bytes_max"] == memory[100]["call_bytes_max"] > 0
-        assert memory[100]["call_bytes_max"] < 5 * 64 * 64 * 16
-    finally:
-        ray.shutdown()
+def test_what_an_actor_hands_on_does_not_grow_with_the_shard_size(tmp_path, local_ray):
+    memory = {}
+    for per_shard in (10, 100):
+        out = tmp_path / f"out{per_shard}"
+        cfg = load_config(
+            TOY,
+            [
+                f"output.uri={out}",
+                f"concepts=[{{name: star, samples: {per_shard}}}]",
+                "sampler.steps=2",
+                "sampler.guidance_scale=1.0",
+                "sampler.probe_t0=1",
+                "inpaint.steps=1",
+                # the paper's mask rule: with 2 sampler steps the edge snap can find a mask edgeless, the
+                # filter then rejects it, and this test counts every key of the shard
+                "masks.edges=none",
+                f"output.samples_per_shard={per_shard}",
+                "resources.samples_per_call=5",
+                "resources.actors=1",
+                "filters.min_area=0.0",
+                "filters.max_area=1.0",
+                "output.report_samples=0",
+            ],
+        )
+        summary = run_job(cfg, "generate", progress=False)
+        assert summary["complete"] and summary["written_this_run"] == per_shard
+        stats = json.loads((out / "shard-000000.stats.json").read_text())
+        assert len(stats["parts"]) == per_shard // 5 and stats["keys"] == [
+            f"star-{i:08d}" for i in range(per_shard)
+        ]
+        memory[per_shard] = stats["memory"]
+        assert not (out / "_parts").exists()
+    # one call's arrays: 5 toyworld samples (64 px image, mask, RGBA, background, latent maps)
+    assert memory[10]["call_bytes_max"] == memory[100]["call_bytes_max"] > 0
+    assert memory[100]["call_bytes_max"] < 5 * 64 * 64 * 16

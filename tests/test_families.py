@@ -307,45 +307,40 @@ def test_an_sdxl_nine_channel_inpainting_unet_labels_with_its_added_conditioning
 
 # --- a factory generate job per family -----------------------------------------------------------------
 @pytest.mark.integration
-def test_a_generate_job_per_family(tmp_path):
-    import ray
+def test_a_generate_job_per_family(tmp_path, local_ray):
 
     from factory.dataset.config import load_config
     from factory.dataset.pipeline import run_job
     from factory.dataset.shards import ShardStore
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        for build, make in BUILDERS.items():
-            model = tmp_path / f"tiny-{build}"
-            make().save_pretrained(model)
-            cfg = load_config(
-                "configs/toyworld.yaml",
-                [
-                    f"model={model}",
-                    f"output.uri={tmp_path / ('out-' + build)}",
-                    "concepts=[{name: star, samples: 2}]",
-                    "sampler.steps=4",
-                    "sampler.probe_t0=3",
-                    "inpaint.steps=4",
-                    "output.samples_per_shard=2",
-                    "resources.actors=1",
-                    "resources.num_cpus_per_actor=1",
-                    "filters.min_area=0.0",
-                    "filters.max_area=1.0",
-                    "output.report_samples=0",
-                ],
-            )
-            summary = run_job(cfg, "generate", progress=False)
-            assert summary["complete"] and summary["shards_this_run"] == 1, build
-            out = tmp_path / ("out-" + build)
-            samples = ShardStore(str(out)).read_shard("shard-000000.tar")
-            metas = [json.loads(s["json"]) for s in samples]
-            assert json.loads((out / "manifest.json").read_text())["totals"]["written"] == len(samples) == 2
-            assert {"png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png"} <= set(samples[0])
-            assert all(m["family"] == FAMILY_OF[build] and m["model"] == f"tiny-{build}" for m in metas)
-    finally:
-        ray.shutdown()
+    for build, make in BUILDERS.items():
+        model = tmp_path / f"tiny-{build}"
+        make().save_pretrained(model)
+        cfg = load_config(
+            "configs/toyworld.yaml",
+            [
+                f"model={model}",
+                f"output.uri={tmp_path / ('out-' + build)}",
+                "concepts=[{name: star, samples: 2}]",
+                "sampler.steps=4",
+                "sampler.probe_t0=3",
+                "inpaint.steps=4",
+                "output.samples_per_shard=2",
+                "resources.actors=1",
+                "resources.num_cpus_per_actor=1",
+                "filters.min_area=0.0",
+                "filters.max_area=1.0",
+                "output.report_samples=0",
+            ],
+        )
+        summary = run_job(cfg, "generate", progress=False)
+        assert summary["complete"] and summary["shards_this_run"] == 1, build
+        out = tmp_path / ("out-" + build)
+        samples = ShardStore(str(out)).read_shard("shard-000000.tar")
+        metas = [json.loads(s["json"]) for s in samples]
+        assert json.loads((out / "manifest.json").read_text())["totals"]["written"] == len(samples) == 2
+        assert {"png", "mask.png", "prelim.png", "attn.npy", "fg.png", "bg.png"} <= set(samples[0])
+        assert all(m["family"] == FAMILY_OF[build] and m["model"] == f"tiny-{build}" for m in metas)
 
 
 # --- the shipped random-weight architectures ---------------------------------------------------------------

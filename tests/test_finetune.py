@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -31,8 +30,7 @@ pytestmark = pytest.mark.training  # Ray Train + DeepSpeed: `make test-fast` ski
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+def work(tmp_path_factory, local_ray):
     d = tmp_path_factory.mktemp("ft")
     write_split(d / "train", range(2_000_000_000, 2_000_000_016), concept="star")
     cfg = load_config(
@@ -53,8 +51,7 @@ def work(tmp_path_factory):
     torch.manual_seed(0)
     pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config)
     pipe.save_pretrained(d / "scratch-model")
-    yield d
-    ray.shutdown()
+    return d
 
 
 def ft_config(d: Path, *extra):
@@ -136,7 +133,8 @@ def _train_workers() -> list[psutil.Process]:
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     cfg = ft_config(
         work,
-        "train.max_steps=40",
+        "train.max_steps=20",
+        "checkpoint.every=5",
         "output.name=killed",
         "checkpoint.grid_images=0",
         "scaling.max_failures=1",
@@ -157,4 +155,4 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     thread.join(timeout=600)
     assert not thread.is_alive() and result, "training did not finish after the worker was killed"
     state = result["state"]
-    assert state["step"] == 40 and state["resumed_from"] is not None and 10 <= state["resumed_from"] < 40
+    assert state["step"] == 20 and state["resumed_from"] is not None and 5 <= state["resumed_from"] < 20

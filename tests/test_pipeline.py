@@ -36,10 +36,8 @@ def job(tmp_path, *extra, name="out"):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+def _ray(local_ray):
+    """Every test here runs on the shared local Ray (conftest.py)."""
 
 
 @pytest.mark.integration
@@ -225,9 +223,7 @@ def test_the_progress_bar_moves_per_committed_part(tmp_path, monkeypatch):
             seen.append(self.bar.n)
 
     follow = pipeline.follow_parts
-    monkeypatch.setattr(
-        pipeline, "follow_parts", lambda bar, *a: follow(Recording(bar), *a, interval_s=0.05)
-    )
+    monkeypatch.setattr(pipeline, "follow_parts", lambda bar, *a: follow(Recording(bar), *a, interval_s=0.05))
     cfg = load_config(
         "configs/toyworld.yaml",
         [

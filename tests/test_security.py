@@ -59,15 +59,10 @@ def test_nothing_from_a_shard_is_unpickled(tmp_path):
 
 
 @pytest.mark.integration
-def test_the_trainers_ray_reader_does_not_unpickle_either(tmp_path):
-    import ray
-
+def test_the_trainers_ray_reader_does_not_unpickle_either(tmp_path, local_ray):
     tar_path, marker = _hostile_shard(tmp_path)
-    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
-    try:  # the reader the trainers use, with the decoder they give it
-        [row] = ray.data.read_webdataset([str(tar_path)], decoder=decode_sample).take_all()
-    finally:
-        ray.shutdown()
+    # the reader the trainers use, with the decoder they give it
+    [row] = local_ray.data.read_webdataset([str(tar_path)], decoder=decode_sample).take_all()
     assert row["json"] == {"concept": "star"} and isinstance(row["pyd"], bytes)
     assert not marker.exists(), "a shard member was unpickled"
 

@@ -70,15 +70,11 @@ def test_round_trip_with_webdataset(written):
     assert s["attn.npy"].dtype == np.float16 and s["json"]["key"] == s["__key__"]
 
 
-def test_round_trip_with_ray_data(written):
+def test_round_trip_with_ray_data(written, local_ray):
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        ds = ray.data.read_webdataset([written.path(f"shard-{s:06d}.tar") for s in range(2)])
-        rows = ds.take_all()
-    finally:
-        ray.shutdown()
+    ds = ray.data.read_webdataset([written.path(f"shard-{s:06d}.tar") for s in range(2)])
+    rows = ds.take_all()
     assert len(rows) == 6
     row = rows[0]
     mask = np.asarray(row["mask.png"])

@@ -106,41 +106,36 @@ def test_unrecorded_steps_run_fused_sdpa_and_give_the_same_output(toyworld_pipe)
 
 
 @pytest.mark.integration
-def test_every_sampler_through_a_whole_job(tmp_path):
-    import ray
+def test_every_sampler_through_a_whole_job(tmp_path, local_ray):
 
     from factory.dataset.config import load_config
     from factory.dataset.pipeline import run_job
     from factory.dataset.shards import ShardStore
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        for sampler, inpainter in (("dpm++", "euler"), ("unipc", "unipc")):
-            out = tmp_path / sampler
-            cfg = load_config(
-                "configs/toyworld.yaml",
-                [
-                    f"output.uri={out}",
-                    "concepts=[{name: star, samples: 2}]",
-                    "sampler.steps=4",
-                    "sampler.probe_t0=3",
-                    "inpaint.steps=4",
-                    f"sampler.scheduler={sampler}",
-                    f"inpaint.scheduler={inpainter}",
-                    "filters.min_area=0.0",
-                    "filters.max_area=1.0",
-                    "resources.actors=1",
-                    "output.report_samples=1",
-                ],
-            )
-            assert run_job(cfg, "generate", progress=False)["complete"]
-            [meta] = {
-                json.dumps([json.loads(s["json"])[k] for k in ("scheduler", "inpaint_scheduler")])
-                for s in ShardStore(str(out)).read_shard("shard-000000.tar")
-            }
-            assert json.loads(meta) == [sampler, inpainter]
-    finally:
-        ray.shutdown()
+    for sampler, inpainter in (("dpm++", "euler"), ("unipc", "unipc")):
+        out = tmp_path / sampler
+        cfg = load_config(
+            "configs/toyworld.yaml",
+            [
+                f"output.uri={out}",
+                "concepts=[{name: star, samples: 2}]",
+                "sampler.steps=4",
+                "sampler.probe_t0=3",
+                "inpaint.steps=4",
+                f"sampler.scheduler={sampler}",
+                f"inpaint.scheduler={inpainter}",
+                "filters.min_area=0.0",
+                "filters.max_area=1.0",
+                "resources.actors=1",
+                "output.report_samples=1",
+            ],
+        )
+        assert run_job(cfg, "generate", progress=False)["complete"]
+        [meta] = {
+            json.dumps([json.loads(s["json"])[k] for k in ("scheduler", "inpaint_scheduler")])
+            for s in ShardStore(str(out)).read_shard("shard-000000.tar")
+        }
+        assert json.loads(meta) == [sampler, inpainter]
 
 
 @pytest.mark.slow

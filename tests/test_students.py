@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -191,13 +190,11 @@ def test_cub_style_layout(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def students(split, tmp_path_factory):
+def students(split, tmp_path_factory, local_ray):
     d = tmp_path_factory.mktemp("students")
     split_to_shards(str(split / "star"), str(d / "gt-star"), samples_per_shard=12)
     split_to_shards(str(split / "heart"), str(d / "gt-heart"), samples_per_shard=12)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield d
-    ray.shutdown()
+    return d
 
 
 def _cfg(d, *extra):

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import ray
 
 from trainers.toyworld.tables import (
     NO_FINETUNE,
@@ -23,16 +22,12 @@ from trainers.toyworld.tables import (
 
 
 @pytest.mark.slow
-def test_small_tables_pipeline_end_to_end(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        cfg = TablesConfig.small(str(tmp_path / "tables"))
-        cfg.student_seeds = [0, 1]
-        table = run_tables(cfg)
-        # resumable: a second run skips every finished stage, and rescoring gives the same table
-        again = run_tables(cfg)
-    finally:
-        ray.shutdown()
+def test_small_tables_pipeline_end_to_end(tmp_path, local_ray):
+    cfg = TablesConfig.small(str(tmp_path / "tables"))
+    cfg.student_seeds = [0, 1]
+    table = run_tables(cfg)
+    # resumable: a second run skips every finished stage, and rescoring gives the same table
+    again = run_tables(cfg)
     assert again["rows"]["GrabCut"] == table["rows"]["GrabCut"]
     assert again["rows"]["student on D_s"] == table["rows"]["student on D_s"]
     rows = table["rows"]
@@ -105,6 +100,8 @@ def test_a_stage_runs_alone_and_is_reused_once_done(tmp_path):
     cfg.concepts, cfg.n_train, cfg.n_test = ["star"], 3, 2
     assert write_splits(cfg, tmp_path) is True and write_splits(cfg, tmp_path) is False
     captions = (tmp_path / "train-star" / "captions.jsonl").read_text().splitlines()
-    assert len(captions) == 3 and len((tmp_path / "test-star" / "captions.jsonl").read_text().splitlines()) == 2
+    assert (
+        len(captions) == 3 and len((tmp_path / "test-star" / "captions.jsonl").read_text().splitlines()) == 2
+    )
     assert ground_truth_shards(cfg, tmp_path) is True and ground_truth_shards(cfg, tmp_path) is False
     assert (tmp_path / "gt-star" / "gt-000000.tar").exists()
