@@ -78,6 +78,8 @@ def test_loading_a_job_yaml_imports_no_torch():
         "load_finetune_config('configs/finetune-toyworld.yaml'); "
         "from trainers.students.config import load_students_config; "
         "load_students_config('configs/students-toyworld.yaml'); "
+        # the part writers and the shard assembly: every writer process of a job imports them (issue 31)
+        "import factory.dataset.writers; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -31,16 +31,15 @@ import numpy as np
 from factory.dataset.config import JobConfig
 from factory.dataset.console import verbose_from_env
 from factory.dataset.faults import armed, crash_point
-from factory.dataset.filters import reject_reason
 from factory.dataset.images import ImageRejected, read_image
 from factory.dataset.preflight import preflight
 from factory.dataset.ray_start import init_ray
 from factory.dataset.report import print_plan, print_summary, summarize, write_report
-from factory.dataset.shards import ShardStore, encode_triplet
+from factory.dataset.shards import ShardStore
 from factory.dataset.specs import ShardTask, generation_shards, job_fingerprint, label_shards
+from factory.dataset.writers import assemble_shards, write_part
 from factory.errors import UserError, user_error_from_state, user_error_state
 from factory.method.loading import quiet_model_libraries
-from factory.method.triplet import Draft
 
 MIN_LATENT_CELLS = 4  # label mode: an image whose shorter side spans fewer latent cells is `too_small`
 WRITES_IN_FLIGHT = 2  # part writes an actor lets run behind it before it waits for the oldest
@@ -183,55 +182,6 @@ class GenerateShard:
         return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
-def write_part(
-    job: dict,
-    shard: str,
-    part: str,
-    records: list,
-    errors: dict,
-    origin: dict,
-    gen_s: float,
-    progress=None,
-):
-    """Ray task: finish one call's drafts into triplets (the refined mask: CPU work, here rather than in the
-    GPU actor), filter and encode them and commit them as one part of `shard`.
-
-    `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part.
-    `progress`: the driver's `PartProgress`, told the part's samples once it is committed."""
-    cfg = JobConfig.model_validate(job)
-    store = ShardStore(cfg.output.uri, cfg.output.storage_options)
-    t0 = time.perf_counter()
-    good, rejected, rejected_samples = [], {}, []
-    for message in errors.values():  # inputs not processed: "REASON: what was wrong"
-        reason = message.split(":", 1)[0]
-        rejected[reason] = rejected.get(reason, 0) + 1
-    for draft in records:
-        rec = vars(Draft(**draft).finish())  # Steps 5-6: the refined mask and the triplet
-        why = reject_reason(rec["meta"], cfg)
-        rec["meta"]["rejected"] = why
-        sample = encode_triplet(rec, cfg.output.image_format, cfg.output.jpeg_quality)
-        if why is None:
-            good.append(sample)
-        else:
-            rejected[why] = rejected.get(why, 0) + 1
-            rejected_samples.append(sample)
-    kept = rejected_samples if cfg.filters.keep_rejected else []
-    store.write_part_samples(shard, part, good, kept)
-    stats = {
-        "written": len(good),
-        "rejected": rejected,
-        "rejects_kept": len(kept),  # samples in the part's rejects' tar (written only when there are any)
-        "keys": [s["__key__"] for s in good],
-        "errors": errors,
-        **origin,
-        "timings": {"generate_s": gen_s, "encode_write_s": time.perf_counter() - t0},
-    }
-    store.commit_part(shard, part, stats)
-    if progress is not None:  # fire and forget: the bar is advisory, the shard stats are the record
-        progress.add.remote(len(good) + sum(rejected.values()))
-    return stats
-
-
 class PartProgress:
     """A Ray actor on the driver's node: the samples of the parts committed so far, so that the progress bar
     moves per committed part (a call of `samples_per_call` samples), not per shard. Advisory: a part that a
@@ -260,53 +210,6 @@ def follow_parts(bar, counter, done, lock, interval_s: float = 1.0) -> None:
         with lock:
             if min(n, bar.total) > bar.n:
                 bar.update(min(n, bar.total) - bar.n)
-
-
-def assemble_shards(batch: dict, job: dict) -> dict:
-    """Ray task: stream each shard's committed parts into its tar, commit it with its stats; return them."""
-    cfg = JobConfig.model_validate(job)
-    store = ShardStore(cfg.output.uri, cfg.output.storage_options)
-    out = {"name": [], "stats": []}
-    for name, result in zip(batch["name"], batch["result"], strict=True):
-        name, result = str(name), json.loads(result)
-        if "user_error" in result:  # nothing is written for this shard; the driver reports the error
-            out["name"].append(name)
-            out["stats"].append(json.dumps({"name": name, "user_error": result["user_error"]}))
-            continue
-        if store.fs.exists(store.path(f"{name}.stats.json")):
-            # committed already: Ray re-ran this task (its output was lost with a node) after the commit
-            # removed the parts; the committed stats are the shard's
-            out["name"].append(name)
-            out["stats"].append(json.dumps(store.read_json(f"{name}.stats.json")))
-            continue
-        t0 = time.perf_counter()
-        parts = [store.read_part_stats(name, p) for p in result["parts"]]
-        rejected: dict[str, int] = {}
-        for p in parts:
-            for reason, n in p["rejected"].items():
-                rejected[reason] = rejected.get(reason, 0) + n
-        gen_s = sum(p["timings"]["generate_s"] for p in parts)
-        enc_s = sum(p["timings"]["encode_write_s"] for p in parts)
-        stats = {
-            "name": name,
-            "written": sum(p["written"] for p in parts),
-            "rejected": rejected,
-            "node": parts[-1]["node"],
-            "keys": [k for p in parts for k in p["keys"]],
-            "errors": {k: v for p in parts for k, v in p["errors"].items()},
-            "parts": [
-                {"name": n, "written": p["written"], "node": p["node"], "pid": p["pid"]}
-                for n, p in zip(result["parts"], parts, strict=True)
-            ],
-            "memory": result["memory"],
-            "timings": {"generate_s": gen_s, "encode_write_s": enc_s, "total_s": gen_s + enc_s},
-        }
-        with_rejects = [n for n, p in zip(result["parts"], parts, strict=True) if p["rejects_kept"]]
-        store.assemble(name, result["parts"], stats, with_rejects)
-        stats["timings"]["assemble_s"] = time.perf_counter() - t0  # this run's figure, not in the file
-        out["name"].append(name)
-        out["stats"].append(json.dumps(stats))
-    return {"name": np.array(out["name"], dtype=object), "stats": np.array(out["stats"], dtype=object)}
 
 
 def plan(cfg: JobConfig, mode: str, sources: list[str] | None) -> list[ShardTask]:
