@@ -123,8 +123,8 @@ def test_an_assembly_that_ray_runs_again_after_its_commit_returns_the_committed_
     import json as _json
 
     from factory.dataset.config import load_config
-    from factory.dataset.writers import assemble_shards
     from factory.dataset.shards import ShardStore
+    from factory.dataset.writers import assemble_shards
 
     cfg = load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / 'out'}"])
     (tmp_path / "out").mkdir()

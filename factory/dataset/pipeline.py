@@ -3,9 +3,11 @@
     plan (driver)           one row per missing shard: a range of the job's samples, O(shards)
       -> GenerateShard      Ray Data actor pool (ActorPoolStrategy): one model load per actor, `num_gpus`
                             per actor from the config; runs the Distiller on `samples_per_call` samples at
-                            a time and hands each call's triplets to a `write_part` task at once
-      -> write_part         CPU tasks beside the GPU actors (at most WRITES_IN_FLIGHT per actor): quality
-                            filters, image encoding, one committed part of the shard (factory.dataset.shards)
+                            a time and hands each call's drafts (a GPU actor) or triplets (a CPU actor,
+                            which refines them itself) to a `write_part` task at once
+      -> write_part         CPU tasks beside the actors (at most WRITES_IN_FLIGHT per actor; the refined
+                            mask of a GPU actor's drafts, quality filters, image encoding, one committed
+                            part of the shard: factory.dataset.writers, factory.dataset.shards)
       -> assemble_shards    CPU tasks: the parts streamed into the shard's tar, its stats, atomic commit
       -> driver             progress bar, manifest rebuilt from all shard stats, report, summary
 
@@ -92,6 +94,12 @@ class GenerateShard:
         self.store = ShardStore(self.cfg.output.uri, self.cfg.output.storage_options)
         self.write_part = ray.remote(num_cpus=self.cfg.resources.writer_num_cpus)(write_part)
         self.progress = progress  # the driver's PartProgress, or None
+        # Who runs Steps 5-6 (the refined mask: CPU work). A GPU actor hands its drafts to the writer tasks,
+        # so that the GPU waits for no refined mask. A CPU actor finishes them itself: its writer tasks run
+        # on the same cores, and finishing there cost each writer process the imports of scikit-learn and
+        # OpenCV besides (the demo's refine took 0.17-0.40 s a sample in the writers against 0.015 in the
+        # actor, and the job ~20% more wall time than when the actor refined; issue 31).
+        self.finish_in_actor = self.user_error is None and self.distiller.device.type == "cpu"
 
     def _run(self, samples: list[dict]) -> tuple[list, dict]:
         out, errors = [], {}
@@ -141,13 +149,14 @@ class GenerateShard:
                 ray.get(pending)
                 crash_point("MID_SHARD")
             t0 = time.perf_counter()
-            # the samples' drafts (Steps 1-4, the model calls); the writer task finishes them (Steps 5-6,
-            # CPU work only), so the GPU waits for no refined mask
+            # the samples' drafts (Steps 1-4, the model calls), finished (Steps 5-6) by whoever has the CPU
+            # to spare (`finish_in_actor`)
             drafts, errors = self._run(task.samples(self.cfg, a, b))
-            records = [  # a Draft's fields; the meta gains where it was made
-                {**vars(t), "meta": {**t.meta, "shard": task.name, "node": self.node}} for t in drafts
+            items = [d.finish() for d in drafts] if self.finish_in_actor else drafts
+            records = [  # a Draft's or a Triplet's fields; the meta gains where it was made
+                {**vars(t), "meta": {**t.meta, "shard": task.name, "node": self.node}} for t in items
             ]
-            max_bytes = max(max_bytes, sum(t.nbytes for t in drafts))  # what Ray stores for the write
+            max_bytes = max(max_bytes, sum(t.nbytes for t in items))  # what Ray stores for the write
             generate_s = time.perf_counter() - t0
             origin = {"node": self.node, "pid": os.getpid()}
             pending.append(
@@ -155,7 +164,7 @@ class GenerateShard:
                     self.job, task.name, name, records, errors, origin, generate_s, self.progress
                 )
             )
-            del records, drafts  # the object store holds them now
+            del records, drafts, items  # the object store holds them now
             generated += 1
             if len(pending) > WRITES_IN_FLIGHT:  # bounded: never more than this many calls in memory
                 ready, pending = ray.wait(pending, num_returns=len(pending) - WRITES_IN_FLIGHT)

@@ -32,8 +32,9 @@ def write_part(
     gen_s: float,
     progress=None,
 ):
-    """Ray task: finish one call's drafts into triplets (the refined mask: CPU work, here rather than in the
-    GPU actor), filter and encode them and commit them as one part of `shard`.
+    """Ray task: one call's records, filtered and encoded, committed as one part of `shard`. A GPU actor's
+    records are drafts, finished here (the refined mask: CPU work, here rather than in the GPU actor); a CPU
+    actor's are triplets already (`GenerateShard.finish_in_actor`).
 
     `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part.
     `progress`: the driver's `PartProgress`, told the part's samples once it is committed."""
@@ -44,8 +45,8 @@ def write_part(
     for message in errors.values():  # inputs not processed: "REASON: what was wrong"
         reason = message.split(":", 1)[0]
         rejected[reason] = rejected.get(reason, 0) + 1
-    for draft in records:
-        rec = vars(Draft(**draft).finish())  # Steps 5-6: the refined mask and the triplet
+    for record in records:
+        rec = as_triplet(record)
         why = reject_reason(rec["meta"], cfg)
         rec["meta"]["rejected"] = why
         sample = encode_triplet(rec, cfg.output.image_format, cfg.output.jpeg_quality)
@@ -69,6 +70,11 @@ def write_part(
     if progress is not None:  # fire and forget: the bar is advisory, the shard stats are the record
         progress.add.remote(len(good) + sum(rejected.values()))
     return stats
+
+
+def as_triplet(record: dict) -> dict:
+    """A record's triplet fields: a Draft's finished here (Steps 5-6), a Triplet's as they are."""
+    return vars(Draft(**record).finish()) if "settings" in record else record
 
 
 def assemble_shards(batch: dict, job: dict) -> dict:
