@@ -62,6 +62,46 @@ class StoreJointAttention:
         return img, txt
 
 
+class StoreFluxAttention:
+    """Naive reference for FLUX's attention (double- and single-stream blocks): the whole [text; image] x
+    [text; image] probability tensor computed explicitly, with the rotary embedding; its image-to-text block
+    renormalized over the text keys is kept."""
+
+    def __init__(self, store, n_text: int):
+        self.store = store
+        self.n_text = n_text
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x):
+            return x.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:  # double-stream: [text; image]
+            cq, ck, cv = (
+                heads(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            q = torch.cat([attn.norm_added_q(cq), q], 1)
+            k = torch.cat([attn.norm_added_k(ck), k], 1)
+            v = torch.cat([cv, v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (b, heads, tokens, d)
+        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        n = self.n_text
+        image_to_text = probs[:, :, n:, :n]
+        self.store.append(image_to_text / image_to_text.sum(-1, keepdim=True))
+        out = (probs @ v).transpose(1, 2).flatten(2)
+        if encoder_hidden_states is None:
+            return out
+        txt, img = out[:, :n], out[:, n:]
+        return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
+
+
 def naive_map(store, weights, size):
     maps = []
     for probs in store:  # (b, heads, queries, tokens)

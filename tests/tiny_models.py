@@ -1,7 +1,7 @@
 """Tiny random-weight pipelines of every family the factory serves, built as diffusers' own fast tests build
 theirs (a few thousand parameters, 32 px): SD 2.x-style (v-prediction, linear projections, an OpenCLIP-style
-pad token), SDXL and SD3. The tokenizer is toyworld's (no hub here); toyworld's own pipeline is the SD 1.x
-case. Their images and masks are noise: they check code paths and shapes, not quality.
+pad token), SDXL, SD3 and FLUX.1. The tokenizer is toyworld's (no hub here); toyworld's own pipeline is the
+SD 1.x case. Their images and masks are noise: they check code paths and shapes, not quality.
 """
 
 from __future__ import annotations
@@ -12,17 +12,26 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from factory.method.loading import SHORT_NAMES
 
-FAMILY_BUILDS = ("sd2", "sdxl", "sd3")  # toyworld is the SD 1.x case
+FAMILY_BUILDS = ("sd2", "sdxl", "sd3", "flux")  # toyworld is the SD 1.x case
 
 
 def tokenizer(openclip_pad: bool = False) -> CLIPTokenizer:
@@ -180,8 +189,50 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return _ready(pipe)
 
 
-BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline}
-FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+def flux_pipeline() -> FluxPipeline:
+    """FLUX.1-dev-shaped: one double-stream and one single-stream block with rotary positions over 2 x
+    2-packed latents, the guidance embedding, CLIP (pooled only) and a T5 encoder (its tokens; toyworld's
+    CLIP tokenizer stands in for T5's, with a vocabulary to match), a shifted VAE, and FLUX.1-dev's
+    flow-matching scheduler with the resolution-dependent shift. Native size 16 latent cells (the pipeline
+    says 128: set on this instance, so a saved copy needs `sampler.resolution`)."""
+    torch.manual_seed(0)
+    tok = tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2 x 2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's pooled
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModel(clip_config(tok)),
+        tokenizer=tok,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer(),
+    )
+    pipe.default_sample_size = 16
+    return _ready(pipe)
+
+
+BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
+FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
 def _ready(pipe):

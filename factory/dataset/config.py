@@ -49,6 +49,12 @@ class SamplerConfig(StrictConfig):
     scheduler: SchedulerName = Field(
         "ddim", description="synthesis's sampler (factory/method/schedulers.py); the probe keeps DDIM"
     )
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        description="the canvas side in pixels (a multiple of the VAE factor times the denoiser's patch "
+        "size); default: the model's native resolution (FLUX.1: 1024)",
+    )
 
 
 class MaskConfig(StrictConfig):
@@ -178,6 +184,7 @@ class MethodConfig(StrictConfig):
             attention=s.attention,
             scheduler=s.scheduler,
             inpaint_scheduler=i.scheduler,
+            resolution=s.resolution,
             **speed,
         )
 

@@ -17,6 +17,11 @@ each image token's weights over the prompt sum to one as in a cross-attention la
 rest of the method reads. This is our choice among two documented ones: ConceptAttention (Helbling et al.
 2025) reads the attention *output* projected onto the concept tokens' outputs instead, and reports better
 zero-shot maps on FLUX; no toyworld model of the SD3 family exists to measure the two against each other.
+
+FLUX.1's transformer has double-stream blocks (image and text tokens with their own projections, one joint
+attention) and single-stream blocks (one [text; image] sequence). `FluxConceptAttnProcessor` goes on every
+block's ``attn`` and records the same image-to-text map there, the rotary embedding applied as the block
+applies it; the output stays diffusers' `FluxAttnProcessor`'s.
 """
 
 from __future__ import annotations
@@ -163,11 +168,63 @@ class JointConceptAttnProcessor:
         return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
+class FluxConceptAttnProcessor:
+    """An attention processor for FLUX's blocks that records the image-to-text attention of the concept
+    tokens, while its output stays diffusers' `FluxAttnProcessor`'s (the same fused attention call).
+
+    A double-stream block's attention gets the image tokens as `hidden_states` and the text tokens as
+    `encoder_hidden_states` (their own projections); a single-stream block's gets one sequence, [text;
+    image], whose first `token_weights.shape[1]` tokens are the text. Either way, on recorded steps the
+    image queries and the text keys are formed as the block forms them (projections, RMS norms, the rotary
+    embedding of the joint [text; image] positions), and ``softmax(Q_image K_text^T / sqrt(d))`` over the text
+    keys is recorded, as for SD3 (`JointConceptAttnProcessor`)."""
+
+    def __init__(self, accumulator: AttentionAccumulator):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.acc = accumulator
+        self.fast = FluxAttnProcessor()
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
+        if self.acc.enabled:
+            self.acc.add(*self._image_to_text(attn, hidden_states, encoder_hidden_states, image_rotary_emb))
+        return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def _image_to_text(self, attn, hidden_states, encoder_hidden_states, rotary):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))  # (b, tokens, heads, head_dim)
+
+        if encoder_hidden_states is not None:  # double-stream: text keys from the text stream's projections
+            n_text = encoder_hidden_states.shape[1]
+            query = attn.norm_q(heads(attn.to_q(hidden_states)))
+            key = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+        else:  # single-stream: one [text; image] sequence
+            n_text = self.acc.token_weights.shape[1]
+            query = attn.norm_q(heads(attn.to_q(hidden_states[:, n_text:])))
+            key = attn.norm_k(heads(attn.to_k(hidden_states[:, :n_text])))
+        if rotary is not None:  # rows: the joint sequence's positions, text first
+            cos, sin = rotary
+            query = apply_rotary_emb(query, (cos[n_text:], sin[n_text:]), sequence_dim=1)
+            key = apply_rotary_emb(key, (cos[:n_text], sin[:n_text]), sequence_dim=1)
+        scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * attn.head_dim**-0.5
+        b, h, n_img, _ = scores.shape
+        return scores.softmax(-1).reshape(b * h, n_img, n_text), h
+
+
 def cross_attention_names(model) -> list[str]:
     """Processor names of the layers where a concept map is read: a UNet's cross-attention layers
-    (``...attn2.processor``), or an SD3 transformer's joint attention (``transformer_blocks.N.attn...``)."""
+    (``...attn2.processor``), an SD3 transformer's joint attention (``transformer_blocks.N.attn...``), or
+    every attention of a FLUX transformer's double- and single-stream blocks."""
     processors = model.attn_processors
-    if _is_joint(model):  # SD3.5's blocks also have an `attn2`: image-only self-attention, not read
+    if _layout(model) == "flux":  # every double- and single-stream block's attention
+        names = [n for n in processors if n.endswith(".attn.processor")]
+    elif (
+        _layout(model) == "joint"
+    ):  # SD3.5's blocks also have an `attn2`: image-only self-attention, not read
         names = [
             n for n in processors if n.startswith("transformer_blocks.") and n.endswith(".attn.processor")
         ]
@@ -181,15 +238,20 @@ def cross_attention_names(model) -> list[str]:
     return names
 
 
-def _is_joint(model) -> bool:
-    return hasattr(model.config, "joint_attention_dim")  # an SD3 transformer (also when torch.compile'd)
+def _layout(model) -> str:
+    """ "flux" (double- and single-stream blocks), "joint" (SD3's MMDiT) or "unet", from the model's config
+    (also when torch.compile'd)."""
+    if hasattr(model.config, "num_single_layers"):
+        return "flux"
+    return "joint" if hasattr(model.config, "joint_attention_dim") else "unet"
 
 
 def _capture_processor(model, acc: AttentionAccumulator):
-    return JointConceptAttnProcessor(acc) if _is_joint(model) else ConceptAttnProcessor(acc)
+    processor = {"flux": FluxConceptAttnProcessor, "joint": JointConceptAttnProcessor}
+    return processor.get(_layout(model), ConceptAttnProcessor)(acc)
 
 
-CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor)
+CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor, FluxConceptAttnProcessor)
 
 
 @contextlib.contextmanager

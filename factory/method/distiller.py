@@ -121,10 +121,10 @@ class Distiller:
         if inpaint_model is not None:
             from diffusers import UNet2DConditionModel
 
-            if self.family.name == "sd3":
+            if not self.family.finetuned_inpainting:
                 raise ModelLoadError(
-                    "inpaint.model (a fine-tuned m') is served for UNet families (sd, sdxl); an SD3 model "
-                    "inpaints with its own transformer"
+                    f"inpaint.model (a fine-tuned m') is not served for a {self.family.name} model, which "
+                    "inpaints with its own denoiser"
                 )
             try:
                 self.inpaint_unet = UNet2DConditionModel.from_pretrained(
@@ -141,9 +141,18 @@ class Distiller:
         # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
         # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)
-        self.probe_scheduler = make_scheduler("ddim", p.scheduler)
-        self.sampler = make_scheduler(self.config.scheduler, p.scheduler)
-        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, p.scheduler)
+        self.vae_factor = self.family.vae_factor
+        self.resolution = self.config.resolution or self.family.native_resolution()
+        if self.resolution % self.family.resolution_multiple:
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of {self.family.resolution_multiple} (the "
+                f"VAE factor {self.vae_factor} times the {self.family.name} denoiser's patch size)"
+            )
+        self.latent_size = self.resolution // self.vae_factor
+        schedule = self.family.schedule_config(p.scheduler, self.resolution)
+        self.probe_scheduler = make_scheduler("ddim", schedule)
+        self.sampler = make_scheduler(self.config.scheduler, schedule)
+        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, schedule)
         denoiser = self.family.denoiser_module
         if self.config.channels_last:
             for module in {id(m): m for m in (denoiser, self.inpaint_unet, self.vae)}.values():
@@ -158,13 +167,6 @@ class Distiller:
             self.inpaint_unet = self.family.denoiser_module if shared else torch.compile(self.inpaint_unet)
         self.denoiser = self.family.denoiser()
         self.inpaint_denoiser = self.family.denoiser(self.inpaint_unet)
-        self.vae_factor = self.family.vae_factor
-        self.resolution = self.config.resolution or self.family.native_resolution()
-        if self.resolution % self.vae_factor:
-            raise ValueError(
-                f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}"
-            )
-        self.latent_size = self.resolution // self.vae_factor
 
     # ------------------------------------------------------------------ shared pieces
     @property

@@ -1,6 +1,6 @@
 """Model families: what differs between SD 1.x/2.x, SDXL and SD3 pipelines, and only that, in one place.
 
-    family = detect_family(pipe)              # SDFamily, SDXLFamily or SD3Family; family.name in FAMILIES
+    family = detect_family(pipe)              # SDFamily, SDXLFamily, SD3Family or FluxFamily
     cond = family.encode(["a photo of a bird"])            # a Conditioning: text tokens (+ pooled)
     weights = family.token_weights(prompts, [["bird"]])    # 1 at the concept's tokens of the text stream
     denoiser = family.denoiser()                           # eps / v / flow prediction for (z, t, cond)
@@ -22,6 +22,9 @@ The families, how each is detected, called, conditioned and read:
 - `sd3`: an `SD3Transformer2DModel` (MMDiT). `transformer(z, text, pooled, t)`; the text is CLIP-L and
   CLIP-G per token, then T5's tokens where the pipeline has T5; the concept map comes from the image-to-text
   block of every joint attention; rectified flow.
+- `flux`: a `FluxTransformer2DModel` (FLUX.1): double- and single-stream blocks over 2 x 2-packed latents;
+  the text is T5's tokens (CLIP gives the pooled vector); the concept map comes from the image-to-text
+  attention of every block; rectified flow with a resolution-dependent shift.
 
 The prediction type (epsilon, v) is the scheduler config's, so every sampler step, the probe's noising and
 the blending of the inpainting follow it without code of their own here. Text embeddings are computed by
@@ -75,8 +78,9 @@ def family_name_of_index(index: dict, model: str = "the model") -> str:
         pipeline = index.get("_class_name", "pipeline")
         denoiser = classes.get("transformer") or classes.get("unet") or classes.get("prior") or "no denoiser"
         raise UnsupportedFamilyError(
-            f"{model} is a {pipeline} with a {denoiser}; the factory serves {supported()}. A FLUX, PixArt "
-            "or Kandinsky pipeline is not served yet: its concept maps need a capture of their own."
+            f"{model} is a {pipeline} with a {denoiser}; the factory serves {supported()}. A FLUX.2, "
+            "Z-Image, PixArt or Kandinsky pipeline is not served yet: its concept maps need a capture of "
+            "their own."
         )
     return name
 
@@ -158,11 +162,55 @@ class TransformerDenoiser:
         return capture_concept_attention(self.module, token_weights, size, record_rows)
 
 
-def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser:
+class FluxDenoiser:
+    """A `FluxTransformer2DModel` behind the same call: (B, C, h, w) latents are packed into 2 x 2 patch
+    tokens with their rotary position ids, as `FluxPipeline` packs them, the timestep is scaled to [0, 1],
+    the guidance embedding of a guidance-distilled checkpoint (FLUX.1-dev) is given `guidance`, and the
+    flow prediction is unpacked to (B, C, h, w)."""
+
+    def __init__(self, transformer, guidance: float = 3.5):
+        self.module = transformer
+        self.in_channels = transformer.config.in_channels // 4  # a token is a 2 x 2 patch of latent cells
+        self.guidance = guidance
+
+    @staticmethod
+    def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+        """(h * w, 3) rotary position ids of the packed image tokens: (0, row, column)."""
+        ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+        ids[..., 1] += torch.arange(h, device=device, dtype=dtype)[:, None]
+        ids[..., 2] += torch.arange(w, device=device, dtype=dtype)[None, :]
+        return ids.reshape(h * w, 3)
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = z.shape
+        packed = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        timestep = t.to(z.device).reshape(-1).expand(b).to(z.dtype) / 1000  # FLUX takes sigma, not t
+        guidance = None
+        if self.module.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance, device=z.device, dtype=torch.float32)
+        out = self.module(
+            hidden_states=packed,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.hidden,
+            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=z.device, dtype=z.dtype),
+            img_ids=self.image_ids(h // 2, w // 2, z.device, z.dtype),
+            return_dict=False,
+        )[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
+        return capture_concept_attention(self.module, token_weights, size, record_rows)
+
+
+def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser | FluxDenoiser:
     """A denoiser from one (anything with `__call__(z, t, cond)`, `capture(...)` and `in_channels`, as the
     two classes above), or from a bare UNet (SD-style) or SD3 transformer."""
     if hasattr(model, "capture") and hasattr(model, "in_channels"):
         return model
+    if hasattr(model.config, "num_single_layers"):
+        return FluxDenoiser(model)
     if hasattr(model.config, "joint_attention_dim"):
         return TransformerDenoiser(model)
     return UNetDenoiser(model)
@@ -237,6 +285,16 @@ class SDFamily:
 
     def native_resolution(self) -> int:
         return self.denoiser_module.config.sample_size * self.vae_factor
+
+    def schedule_config(self, scheduler, resolution: int) -> dict:
+        """The config of the model's `scheduler` (with its class) as the method samples with it at
+        `resolution`: FLUX fixes its resolution-dependent shift here."""
+        return {**scheduler.config, "_class_name": type(scheduler).__name__}
+
+    @property
+    def resolution_multiple(self) -> int:
+        """What a canvas side must be a multiple of: the VAE factor times the denoiser's patch size."""
+        return self.vae_factor * getattr(self.denoiser_module.config, "patch_size", 1)
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """The prompts' embeddings, as the family's pipeline computes them."""
@@ -347,6 +405,87 @@ class SD3Family(SDFamily):
             width = self.max_sequence_length
             t5 = torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
         return torch.cat([clip, t5], 1)
+
+
+@register_family
+class FluxFamily(SDFamily):
+    """FLUX.1 (dev, schnell and their fine-tunes): a rectified-flow transformer of double-stream blocks
+    (separate text and image weights, one joint attention) and single-stream blocks (one stream over
+    [text; image]), conditioned on T5's tokens and CLIP's pooled embedding, over 2 x 2-packed latents with
+    rotary positions (`FluxDenoiser`). The concept's tokens are found in T5's tokenizer: CLIP gives only the
+    pooled vector. The concept map is the image-to-text attention of every block
+    (`factory.method.attention.FluxConceptAttnProcessor`).
+
+    The flow's shift depends on the image's token count (FLUX's `use_dynamic_shifting`); the method samples
+    at one resolution per Distiller, so the shift is computed once for it, as `FluxPipeline` computes `mu`,
+    and the scheduler is given it as a fixed shift (`schedule_config`: the same sigmas). Departure: the
+    sampler's grid is the scheduler's own `set_timesteps(n)`, where the pipeline passes
+    `linspace(1, 1/n, n)`; the two differ slightly at the low-noise end."""
+
+    name = "flux"
+    description = "FLUX.1"
+    denoiser_name = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
+    required_components = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    )
+    samplers = FLOW_SCHEDULERS
+    finetuned_inpainting = False
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    max_sequence_length = 512  # T5 tokens, the pipeline's default (at most the tokenizer's own length)
+    guidance = 3.5  # the guidance embedding of a guidance-distilled checkpoint, the pipeline's default
+
+    @classmethod
+    def matches(cls, classes: dict[str, str]) -> bool:
+        return classes.get("transformer") == cls.denoiser_class
+
+    @property
+    def sequence_length(self) -> int:
+        return min(self.max_sequence_length, self.pipe.tokenizer_2.model_max_length)
+
+    def denoiser(self, module=None) -> FluxDenoiser:
+        return FluxDenoiser(module if module is not None else self.denoiser_module, self.guidance)
+
+    def native_resolution(self) -> int:
+        return getattr(self.pipe, "default_sample_size", 128) * self.vae_factor
+
+    @property
+    def resolution_multiple(self) -> int:
+        return 2 * self.vae_factor  # latents are packed in 2 x 2 patches
+
+    def schedule_config(self, scheduler, resolution: int) -> dict:
+        import math
+
+        config = super().schedule_config(scheduler, resolution)
+        if config.get("use_dynamic_shifting"):
+            tokens = (resolution // self.vae_factor // 2) ** 2
+            lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (hi - lo)
+            mu = tokens * slope + config.get("base_shift", 0.5) - slope * lo  # FluxPipeline's calculate_shift
+            config.update(use_dynamic_shifting=False, shift=math.exp(mu))  # exp(mu): the same sigmas
+        return config
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        with torch.no_grad():
+            emb, pooled, _ = self.pipe.encode_prompt(
+                prompts,
+                prompt_2=None,
+                device=self.pipe.text_encoder_2.device,
+                max_sequence_length=self.sequence_length,
+            )
+        return Conditioning(emb, pooled)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        """(B, T5 tokens): 1 at the concept words' T5 tokens (every piece of a word the tokenizer splits)."""
+        t5 = token_weight_matrix(self.pipe.tokenizer_2, prompts, words)
+        width = self.sequence_length
+        return torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
 
 
 def detect_family(pipe) -> SDFamily:

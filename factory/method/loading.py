@@ -350,4 +350,5 @@ def model_geometry(model: str) -> tuple[int, int]:
     """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
     configs = read_model_configs(model)
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    return int(configs["denoiser"]["sample_size"]) * factor, factor
+    # FLUX's transformer config has no sample_size: its pipeline's default_sample_size is 128 latent cells
+    return int(configs["denoiser"].get("sample_size", 128)) * factor, factor
