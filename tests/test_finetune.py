@@ -1,6 +1,6 @@
 """Concept fine-tuning on a real local Ray with real DeepSpeed: ZeRO-2 over gloo on 2 CPU workers.
 
-One module-level run labels 8 toyworld star images with `factory label` (no ground truth), fine-tunes for
+One module-level run labels 16 toyworld star images with `factory label` (no ground truth), fine-tunes for
 30 steps and exports; the tests then check the run, the export, a manual resume and the recovery from a
 killed worker. DeepSpeed JIT-compiles its shared-memory comm op on the first run of a machine (~30-60 s).
 """
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.training  # Ray Train + DeepSpeed: `make test-fast` ski
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, local_ray):
     d = tmp_path_factory.mktemp("ft")
-    write_split(d / "train", range(2_000_000_000, 2_000_000_008), concept="star")
+    write_split(d / "train", range(2_000_000_000, 2_000_000_016), concept="star")
     cfg = load_config(
         "configs/toyworld-label.yaml",
         [
@@ -40,7 +40,7 @@ def work(tmp_path_factory, local_ray):
             "sampler.steps=6",
             "sampler.probe_t0=4",
             "inpaint.steps=6",
-            "output.samples_per_shard=4",  # two shards: one per worker
+            "output.samples_per_shard=8",
             "output.report_samples=0",
         ],
     )

@@ -6,6 +6,7 @@ sources     listing the user's images and shards on any fsspec URL
 images      reading the user's images as they see them (label mode)
 preflight   the checks on the driver before Ray starts: output, model, prompts
 pipeline    the Ray Data plan: generation actor pool -> encode + write tasks -> manifest
+writers     the part writers and the shard assembly (imports no torch)
 filters     the quality filters that reject a sample
 shards      shard encoding, atomic commit, stats and manifest (local, s3://, gs://), safe decoding
 report      the printed plan and summary, report.md / report.png, and the contact sheets they use
