@@ -426,15 +426,7 @@ class FluxFamily(SDFamily):
     description = "FLUX.1"
     denoiser_name = "transformer"
     denoiser_class = "FluxTransformer2DModel"
-    required_components = (
-        "transformer",
-        "vae",
-        "text_encoder",
-        "tokenizer",
-        "text_encoder_2",
-        "tokenizer_2",
-        "scheduler",
-    )
+    required_components = SD3Family.required_components  # the same seven; T5 (text_encoder_2) included
     samplers = FLOW_SCHEDULERS
     finetuned_inpainting = False
     tokenizer_names = ("tokenizer", "tokenizer_2")
