@@ -58,7 +58,7 @@ def sweep(
     base_cfg = base or DistillConfig()
     settings = parse_grid(grid)
     pipe = load_pipeline(model)
-    base = Distiller(model, pipeline=pipe, config=base_cfg)
+    prober = Distiller(model, pipeline=pipe, config=base_cfg)  # Steps 1-2, shared by every setting
     variants = {
         (s, k): Distiller(
             model, pipeline=pipe, config=replace(base_cfg, inpaint_scheduler=s, inpaint_steps=k)
@@ -76,7 +76,7 @@ def sweep(
             SampleSpec(Concept(r["concept"]), int(r.get("seed", i + j)), f"s{i + j}")
             for j, r in enumerate(chunk)
         ]
-        maps = base.probe([p[0] for p in pairs], specs)  # Steps 1-2 once, Steps 3-6 per setting
+        maps = prober.probe([p[0] for p in pairs], specs)  # Steps 1-2 once, Steps 3-6 per setting
         states = [g.get_state() for g in maps.generators]
         for key, d in variants.items():
             for g, st in zip(maps.generators, states, strict=True):
