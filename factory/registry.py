@@ -1,4 +1,4 @@
-"""One registry per axis of choice: model families, mask rules, edge modes, samplers.
+"""One registry per axis of choice: model families, mask rules, edge modes, samplers, readouts.
 
     RULES = Registry("mask rule")
     @RULES.register("otsu")

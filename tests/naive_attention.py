@@ -109,3 +109,75 @@ def naive_map(store, weights, size):
         sel = (probs.mean(1) * weights[:, None, :]).sum(-1).view(-1, 1, side, side)
         maps.append(F.interpolate(sel, size=size, mode="nearest")[:, 0])
     return torch.stack(maps).mean(0)
+
+
+def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, guidance, layers):
+    """Naive reference for the `concept_output` readout (ConceptAttention) of one FLUX transformer call.
+
+    block_inputs: each double-stream block's keyword inputs in a plain run (hidden_states, temb,
+    image_rotary_emb, ...). The image's attention output is recomputed here with the whole [text; image]
+    probability tensor written out; the word streams are run block by block with explicit attention over
+    [words; image] keys and the text stream's weights, written out from ConceptAttention's
+    `ModifiedDoubleStreamBlock` (not from our processor). Returns the (b, image tokens) map of word 0,
+    averaged over `layers`."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    pooled = torch.zeros(tokens.shape[0], transformer.config.pooled_projection_dim)
+    temb = transformer.time_text_embed(timestep * 1000, guidance * 1000, pooled)
+    words = transformer.context_embedder(tokens)
+    keep = groups.sum(-1) > 0
+    maps = []
+    for i in range(max(layers) + 1):
+        block, inputs = transformer.transformer_blocks[i], block_inputs[i]
+        attn, rotary = block.attn, inputs["image_rotary_emb"]
+        split = attn.heads
+
+        def project(linear, x, norm=None, split=split):  # (b, tokens, heads, d), RMS-normed if asked
+            y = linear(x).unflatten(-1, (split, -1))
+            return norm(y) if norm is not None else y
+
+        def attend(q, k, v):  # explicit softmax attention, (b, tokens, heads, d) in, heads flattened out
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+        img, _, _, _, _ = block.norm1(inputs["hidden_states"], emb=inputs["temb"])
+        txt, _, _, _, _ = block.norm1_context(inputs["encoder_hidden_states"], emb=inputs["temb"])
+        n_text = txt.shape[1]
+        q = torch.cat(
+            [project(attn.add_q_proj, txt, attn.norm_added_q), project(attn.to_q, img, attn.norm_q)], 1
+        )
+        k_img = project(attn.to_k, img, attn.norm_k)
+        k = torch.cat([project(attn.add_k_proj, txt, attn.norm_added_k), k_img], 1)
+        v_img = project(attn.to_v, img)
+        v = torch.cat([project(attn.add_v_proj, txt), v_img], 1)
+        q, k = (apply_rotary_emb(x, rotary, sequence_dim=1) for x in (q, k))
+        image_out = attend(q, k, v)[:, n_text:]
+
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(words, emb=temb)
+        wq = project(attn.add_q_proj, normed, attn.norm_added_q)
+        wk = project(attn.add_k_proj, normed, attn.norm_added_k)
+        wv = project(attn.add_v_proj, normed)
+        cos, sin = rotary
+        k_img = apply_rotary_emb(k_img, (cos[n_text:], sin[n_text:]), sequence_dim=1)
+        n = wk.shape[1]
+        # padding is no key: each sample attends over its own words' tokens and the image
+        words_out = torch.cat(
+            [
+                attend(
+                    wq[r : r + 1],
+                    torch.cat([wk[r : r + 1, keep[r]], k_img[r : r + 1]], 1),
+                    torch.cat([wv[r : r + 1, keep[r]], v_img[r : r + 1]], 1),
+                )
+                for r in range(wq.shape[0])
+            ]
+        )
+        assert words_out.shape[1] == n
+        if i in layers:
+            dots = words_out @ image_out.transpose(1, 2)  # (b, tokens, image)
+            per_word = groups.transpose(1, 2) @ dots  # (b, words, image): each word's tokens averaged
+            maps.append(per_word.softmax(1)[:, 0])
+        words = words + gate_msa[:, None] * attn.to_add_out(words_out)
+        words = words + gate_mlp[:, None] * block.ff_context(
+            block.norm2_context(words) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        )
+    return torch.stack(maps).mean(0)

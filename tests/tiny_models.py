@@ -189,18 +189,18 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return _ready(pipe)
 
 
-def flux_pipeline() -> FluxPipeline:
-    """FLUX.1-dev-shaped: one double-stream and one single-stream block with rotary positions over 2 x
-    2-packed latents, the guidance embedding, CLIP (pooled only) and a T5 encoder (its tokens; toyworld's
-    CLIP tokenizer stands in for T5's, with a vocabulary to match), a shifted VAE, and FLUX.1-dev's
-    flow-matching scheduler with the resolution-dependent shift. Native size 16 latent cells (the pipeline
-    says 128: set on this instance, so a saved copy needs `sampler.resolution`)."""
+def flux_pipeline(num_layers: int = 1) -> FluxPipeline:
+    """FLUX.1-dev-shaped: `num_layers` double-stream blocks and one single-stream block with rotary
+    positions over 2 x 2-packed latents, the guidance embedding, CLIP (pooled only) and a T5 encoder (its
+    tokens; toyworld's CLIP tokenizer stands in for T5's, with a vocabulary to match), a shifted VAE, and
+    FLUX.1-dev's flow-matching scheduler with the resolution-dependent shift. Native size 16 latent cells
+    (the pipeline says 128: set on this instance, so a saved copy needs `sampler.resolution`)."""
     torch.manual_seed(0)
     tok = tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels x a 2 x 2 patch
-        num_layers=1,
+        num_layers=num_layers,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from factory.method.edges import EdgeMode
 from factory.method.masks import MaskRule
+from factory.method.readouts import DEFAULT_BACKGROUND_WORDS, READOUTS
 from factory.method.schedulers import SchedulerName
 from factory.method.settings import AttentionSource, Concept, DistillConfig
 from factory.yaml_config import ConfigError, StrictConfig, load_yaml_config, validate_config
@@ -54,6 +55,19 @@ class SamplerConfig(StrictConfig):
         ge=8,
         description="the canvas side in pixels (a multiple of the VAE factor times the denoiser's patch "
         "size); default: the model's native resolution (FLUX.1: 1024)",
+    )
+    readout: READOUTS.literal() = Field(
+        "image_to_text",
+        description="the concept map: image_to_text (the paper's attention) or concept_output "
+        "(ConceptAttention, FLUX only); factory/method/readouts.py",
+    )
+    readout_layers: list[int] | None = Field(
+        None, description="attention layers to record, by index; default: the readout's own"
+    )
+    background_words: list[str] = Field(
+        list(DEFAULT_BACKGROUND_WORDS),
+        min_length=1,
+        description="concept_output's other words, against which the concept's softmax is taken",
     )
 
 
@@ -185,6 +199,9 @@ class MethodConfig(StrictConfig):
             scheduler=s.scheduler,
             inpaint_scheduler=i.scheduler,
             resolution=s.resolution,
+            readout=s.readout,
+            readout_layers=tuple(s.readout_layers) if s.readout_layers is not None else None,
+            background_words=tuple(s.background_words),
             **speed,
         )
 

@@ -72,6 +72,7 @@ def check_model(cfg: JobConfig) -> None:
     family = FAMILIES[configs["family"]]
     family.check_sampler(cfg.sampler.scheduler)
     family.check_sampler(cfg.inpaint.scheduler)
+    family.check_readout(cfg.sampler.readout)
     if cfg.inpaint.model is not None:
         if not family.finetuned_inpainting:
             served = [n for n, f in FAMILIES.items() if f.finetuned_inpainting]

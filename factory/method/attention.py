@@ -59,15 +59,19 @@ class AttentionAccumulator:
         """probs: (batch*heads, h*w, tokens) post-softmax cross-attention probabilities."""
         bh, hw, n_tok = probs.shape
         b = bh // heads
-        side = int(round(hw**0.5))
-        if side * side != hw:
-            raise ValueError(f"cross-attention over a non-square latent ({hw} queries) is not supported")
         w = self.token_weights[self.record_rows].to(probs.dtype)
         p = probs.view(b, heads, hw, n_tok)[self.record_rows]
         # reduced on the device in the model's dtype (only the (b, hw) result is upcast): no host sync, and
         # no float32 copy of the whole probability tensor
         sel = torch.einsum("bhqt,bt->bq", p, w).float() / heads  # mean over heads
-        sel = sel.view(-1, 1, side, side)
+        self.add_map(sel)
+
+    def add_map(self, maps: torch.Tensor) -> None:
+        """maps: (recorded rows, h*w) one layer's concept map of each recorded sample, on a square grid."""
+        side = int(round(maps.shape[1] ** 0.5))
+        if side * side != maps.shape[1]:
+            raise ValueError(f"a concept map over a non-square grid ({maps.shape[1]} tokens) is unsupported")
+        sel = maps.float().view(-1, 1, side, side)
         if side != self.size:
             sel = F.interpolate(sel, size=(self.size, self.size), mode="nearest")
         self.total += sel[:, 0]
@@ -256,18 +260,31 @@ CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor, FluxConce
 
 @contextlib.contextmanager
 def capture_concept_attention(
-    unet, token_weights: torch.Tensor, size: int, record_rows: slice | None = None
+    unet,
+    token_weights: torch.Tensor,
+    size: int,
+    record_rows: slice | None = None,
+    layers: tuple[int, ...] | None = None,
 ) -> Iterator[AttentionAccumulator]:
     """Record the selected tokens' cross-attention of every attn2 layer (of a UNet; the joint attention's
     image-to-text block of an SD3 transformer) while the block runs.
 
     token_weights: (unet_batch, n_text_tokens) weights, 1 at the concept's token positions.
     size: output resolution (the latent side); every layer is upsampled nearest to it.
+    layers: indices into `cross_attention_names(unet)` to record; None: every one.
     """
     original = dict(unet.attn_processors)
-    cross = set(cross_attention_names(unet))
+    names = cross_attention_names(unet)
+    if layers is not None and max(layers) >= len(names):
+        raise ValueError(
+            f"readout layers {list(layers)} are beyond this model's {len(names)} attention layers "
+            f"(indices 0-{len(names) - 1})"
+        )
+    cross = set(names) if layers is None else {names[i] for i in layers}
     installed = {p for n, p in original.items() if n in cross and isinstance(p, CAPTURE_PROCESSORS)}
     if len(installed) == 1:  # `install_capture` put one for good (torch.compile): reuse its accumulator
+        if layers is not None:
+            raise ValueError("readout layers cannot be chosen with compile: true (its capture is everywhere)")
         acc = installed.pop().acc
         acc.reset(token_weights, size, record_rows)
         try:

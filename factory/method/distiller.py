@@ -38,6 +38,7 @@ from factory.method.latents import decode_latents, encode_images
 from factory.method.loading import load_pipeline, model_id
 from factory.method.masks import MaskStats, binarize
 from factory.method.probe import mean_attention_map, probe_timesteps, repaint_everything
+from factory.method.readouts import Readout
 from factory.method.schedulers import make_scheduler
 from factory.method.settings import Concept, DistillConfig, SampleSpec
 from factory.method.synthesis import synthesize_latents
@@ -141,6 +142,11 @@ class Distiller:
         # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
         # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)
+        self.family.check_readout(self.config.readout)
+        if self.config.compile and (self.config.readout != "image_to_text" or self.config.readout_layers):
+            raise ValueError("compile: true records every layer's image_to_text map; drop readout options")
+        if self.config.readout == "concept_output":  # its words are checked before any model work
+            self.family.concept_streams([[]], self.config.background_words)
         self.vae_factor = self.family.vae_factor
         self.resolution = self.config.resolution or self.family.native_resolution()
         if self.resolution % self.family.resolution_multiple:
@@ -195,6 +201,14 @@ class Distiller:
         return self.family.token_weights(
             [s.concept.prompt for s in specs], [s.concept.token_words for s in specs]
         )
+
+    def readout(self, specs: list[SampleSpec]) -> Readout:
+        """The concept map's readout for one micro-batch: the configured one, with the batch's word streams
+        for `concept_output`."""
+        if self.config.readout != "concept_output":
+            return self.config.readout_spec()
+        words = [s.concept.token_words for s in specs]
+        return self.config.readout_spec(self.family.concept_streams(words, self.config.background_words))
 
     def _clock(self) -> float:
         """perf_counter after the device's queued work: stage timings that are true on a GPU too (one sync
@@ -398,6 +412,7 @@ class Distiller:
             inpainting_inputs=repaint_everything(self.vae, latents)
             if self.denoiser.in_channels == 9
             else None,
+            readout=self.readout(specs),
         )
         timings["attention_s"] = self._clock() - t
         originals = [
@@ -452,6 +467,7 @@ class Distiller:
         timings: dict[str, float] = {}
         generators = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         weights = self.token_weights(specs)
+        readout = self.readout(specs)
         # 1. Text-to-image sampling; the T0 least-noisy steps record the concept's attention (in-loop).
         t = self._clock()
         cond = self.embed([s.concept.prompt for s in specs])
@@ -468,6 +484,7 @@ class Distiller:
             negative_emb=self.embed_negative([cfg.negative_prompt] * len(specs)) if guided else None,
             capture_t0=cfg.probe_t0,
             capture=cfg.attention == "loop",
+            readout=readout,
         )
         timings["generate_s"] = self._clock() - t
         # 2. Or the paper's probe on the generated latents (`sampler.attention: probe`).
@@ -482,6 +499,7 @@ class Distiller:
                 timesteps=probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
                 generators=generators,
                 repeats=cfg.probe_repeats,
+                readout=readout,
             )
             timings["attention_s"] = self._clock() - t
         t = self._clock()

@@ -40,7 +40,8 @@ import torch
 
 from factory.errors import UserError
 from factory.method.attention import capture_concept_attention
-from factory.method.prompts import encode_prompts, token_weight_matrix
+from factory.method.prompts import ConceptTokenError, encode_prompts, token_weight_matrix
+from factory.method.readouts import READOUTS, Readout
 from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from factory.registry import Registry, first_match
 
@@ -111,7 +112,24 @@ def as_conditioning(c: Conditioning | torch.Tensor) -> Conditioning:
     return c if isinstance(c, Conditioning) else Conditioning(c)
 
 
-class UNetDenoiser:
+class Denoiser:
+    """What the method calls: `denoiser(z, t, cond)` (the model's prediction), `in_channels`, and
+    `capture(...)`, the concept map's recording (`capture` below) on `module`."""
+
+    module: torch.nn.Module
+    in_channels: int
+
+    def capture(
+        self,
+        token_weights: torch.Tensor,
+        size: int,
+        record_rows: slice | None = None,
+        readout: Readout | None = None,
+    ):
+        return capture(self.module, token_weights, size, record_rows, readout)
+
+
+class UNetDenoiser(Denoiser):
     """A `UNet2DConditionModel` behind one call (SD 1.x/2.x, toyworld; SDXL with its added conditioning).
 
     Args:
@@ -137,11 +155,8 @@ class UNetDenoiser:
             }
         return self.module(z, t, encoder_hidden_states=cond.hidden, **kwargs).sample
 
-    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
-        return capture_concept_attention(self.module, token_weights, size, record_rows)
 
-
-class TransformerDenoiser:
+class TransformerDenoiser(Denoiser):
     """An `SD3Transformer2DModel` behind the same call: the flow prediction for (z, t, cond)."""
 
     def __init__(self, transformer):
@@ -158,11 +173,8 @@ class TransformerDenoiser:
             return_dict=False,
         )[0]
 
-    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
-        return capture_concept_attention(self.module, token_weights, size, record_rows)
 
-
-class FluxDenoiser:
+class FluxDenoiser(Denoiser):
     """A `FluxTransformer2DModel` behind the same call: (B, C, h, w) latents are packed into 2 x 2 patch
     tokens with their rotary position ids, as `FluxPipeline` packs them, the timestep is scaled to [0, 1],
     the guidance embedding of a guidance-distilled checkpoint (FLUX.1-dev) is given `guidance`, and the
@@ -200,8 +212,18 @@ class FluxDenoiser:
         )[0]
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
-    def capture(self, token_weights: torch.Tensor, size: int, record_rows: slice | None = None):
-        return capture_concept_attention(self.module, token_weights, size, record_rows)
+
+def capture(module, token_weights, size: int, record_rows=None, readout: Readout | None = None):
+    """The capture of `readout` (default: `image_to_text` on every layer) on a denoiser module: a context
+    manager yielding the `AttentionAccumulator` whose `enabled` chooses the recorded steps."""
+    if readout is not None and readout.name == "concept_output":
+        from factory.method.concept_attention import capture_concept_output
+
+        if not hasattr(module.config, "num_single_layers"):
+            raise ValueError("the concept_output readout reads FLUX's double-stream blocks only")
+        return capture_concept_output(module, readout, size, record_rows)
+    layers = readout.layers if readout is not None else None
+    return capture_concept_attention(module, token_weights, size, record_rows, layers)
 
 
 def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser | FluxDenoiser:
@@ -226,6 +248,7 @@ class SDFamily:
     denoiser_class = "UNet2DConditionModel"  # its diffusers class (its config is read without weights)
     required_components: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     samplers: tuple[str, ...] = SCHEDULERS.names()  # DDPM noise schedule: epsilon or v, as its config says
+    readouts: tuple[str, ...] = ("image_to_text",)  # concept-map readouts served (factory.method.readouts)
     finetuned_inpainting = True  # a fine-tuned m' may inpaint (`inpaint.model`)
     clip_tokenizer_names: tuple[str, ...] = ("tokenizer",)  # their tokens share the text stream's positions
     tokenizer_names: tuple[str, ...] = clip_tokenizer_names
@@ -249,6 +272,17 @@ class SDFamily:
             raise UnsupportedFamilyError(
                 f"scheduler {name!r} is not served for a {cls.name} model; choose one of "
                 f"{', '.join(cls.samplers)}"
+            )
+        return name
+
+    @classmethod
+    def check_readout(cls, name: str) -> str:
+        """`name` if this family's concept map can be read so (registered, and served for it)."""
+        if READOUTS.check(name) not in cls.readouts:
+            served = [n for n, f in FAMILIES.items() if name in f.readouts]
+            raise UnsupportedFamilyError(
+                f"readout {name!r} is not served for a {cls.name} model (it is for: {', '.join(served)}); "
+                f"choose one of {', '.join(cls.readouts)}"
             )
         return name
 
@@ -428,6 +462,7 @@ class FluxFamily(SDFamily):
     denoiser_class = "FluxTransformer2DModel"
     required_components = SD3Family.required_components  # the same seven; T5 (text_encoder_2) included
     samplers = FLOW_SCHEDULERS
+    readouts = ("image_to_text", "concept_output")
     finetuned_inpainting = False
     tokenizer_names = ("tokenizer", "tokenizer_2")
     max_sequence_length = 512  # T5 tokens, the pipeline's default (at most the tokenizer's own length)
@@ -478,6 +513,50 @@ class FluxFamily(SDFamily):
         t5 = token_weight_matrix(self.pipe.tokenizer_2, prompts, words)
         width = self.sequence_length
         return torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
+
+    def concept_streams(self, words: list[list[str]], background: tuple[str, ...]):
+        """The `concept_output` readout's word streams of a batch (`ConceptStreams`): each sample's concept
+        words (one concept: all their tokens) and the background words, each word encoded by T5 alone, as
+        ConceptAttention embeds them; every token of a word is kept. A word with no tokens, or one that T5's
+        tokenizer can only spell with its unknown token, raises ConceptTokenError."""
+        from factory.method.concept_attention import ConceptStreams
+
+        tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
+        rows = []
+        for concept_words in words:
+            entries = []  # (word index, T5 states of its tokens)
+            for w, group in enumerate([list(concept_words), *[[b] for b in background]]):
+                for word in group:
+                    entries.append((w, self._t5_word(tokenizer, encoder, word)))
+            rows.append(entries)
+        n = max(sum(len(e) for _, e in entries) for entries in rows)
+        n_words = 1 + len(background)
+        tokens = torch.zeros(len(rows), n, encoder.config.d_model, device=encoder.device, dtype=encoder.dtype)
+        groups = torch.zeros(len(rows), n, n_words, device=encoder.device)
+        for r, entries in enumerate(rows):
+            at = 0
+            counts = torch.zeros(n_words)
+            for w, states in entries:
+                counts[w] += len(states)
+            for w, states in entries:
+                tokens[r, at : at + len(states)] = states
+                groups[r, at : at + len(states), w] = 1.0 / counts[w]
+                at += len(states)
+        return ConceptStreams(tokens=tokens, groups=groups)
+
+    @staticmethod
+    def _t5_word(tokenizer, encoder, word: str) -> torch.Tensor:
+        """(tokens, D): T5's states of `word` encoded alone (its special tokens run with it, not kept)."""
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+            raise ConceptTokenError(
+                f"the word {word!r} has no tokens of its own in this model's T5 tokenizer; choose another"
+            )
+        full = tokenizer(word)["input_ids"]  # with the special tokens T5 adds (its end-of-text)
+        at = next(i for i in range(len(full)) if full[i : i + len(ids)] == ids)
+        with torch.no_grad():
+            states = encoder(torch.tensor([full], device=encoder.device))[0]
+        return states[0, at : at + len(ids)]
 
 
 def detect_family(pipe) -> SDFamily:

@@ -16,6 +16,7 @@ import torch
 
 from factory.method.families import Conditioning, as_conditioning, as_denoiser
 from factory.method.latents import latent_shift, randn
+from factory.method.readouts import Readout
 from factory.method.schedulers import add_noise
 
 
@@ -38,17 +39,19 @@ def mean_attention_map(
     generators: list[torch.Generator],
     repeats: int = 1,
     inpainting_inputs: torch.Tensor | None = None,
+    readout: Readout | None = None,
 ) -> torch.Tensor:
     """(B, h, w) mean attention of the weighted tokens over all attn2 layers, timesteps and repeats.
 
     denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings).
     inpainting_inputs: for a 9-channel inpainting UNet, the 5 channels it takes beside the noised latents
-        ([region, masked-image latents], `repaint_everything`), concatenated to each of them."""
+        ([region, masked-image latents], `repaint_everything`), concatenated to each of them.
+    readout: the concept map's readout (`factory.method.readouts`); default: `image_to_text`, every layer."""
     if len(generators) != latents.shape[0]:
         raise ValueError("one generator per sample is required")
     denoiser, cond = as_denoiser(denoiser), as_conditioning(text_embeddings)
     size = latents.shape[-1]
-    with denoiser.capture(token_weights.to(latents.device), size) as acc:
+    with denoiser.capture(token_weights.to(latents.device), size, readout=readout) as acc:
         for t in timesteps:
             for _ in range(repeats):
                 noise = randn(latents.shape[1:], generators, latents.device, latents.dtype)

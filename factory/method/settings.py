@@ -14,6 +14,7 @@ from typing import Literal, get_args
 
 from factory.method.edges import EDGES
 from factory.method.masks import RULES
+from factory.method.readouts import DEFAULT_BACKGROUND_WORDS, Readout
 from factory.method.schedulers import SCHEDULERS
 
 DEFAULT_TEMPLATE = "a photo of a {concept}"
@@ -105,6 +106,12 @@ class DistillConfig:
     scheduler: str = "ddim"  # synthesis's sampler (factory.method.schedulers); the probe keeps DDIM's grid
     inpaint_scheduler: str = "ddim"  # Step 4's sampler
     resolution: int | None = None  # canvas side; default: the model's native resolution
+    # Which attention quantity is the concept map (factory.method.readouts): "image_to_text" (the paper's)
+    # or "concept_output" (ConceptAttention, FLUX); the layers it records (None: the readout's default) and
+    # concept_output's background words.
+    readout: str = "image_to_text"
+    readout_layers: tuple[int, ...] | None = None
+    background_words: tuple[str, ...] = DEFAULT_BACKGROUND_WORDS
     # Samples per model call. None = 1 on the CPU (CPU convolutions are not bitwise batch-invariant, so
     # this keeps a sample's arrays independent of its batch; batching gains ~nothing there) and up to
     # GPU_MICRO_BATCH on a GPU (where results may differ in the last bits between batch sizes): a long list
@@ -120,9 +127,17 @@ class DistillConfig:
         EDGES.check(self.edges)
         SCHEDULERS.check(self.scheduler)
         SCHEDULERS.check(self.inpaint_scheduler)
+        if self.readout_layers is not None:
+            self.readout_layers = tuple(int(i) for i in self.readout_layers)
+        self.background_words = tuple(self.background_words)
+        self.readout_spec()  # validates the readout's name, layers and words
         if self.attention not in get_args(AttentionSource):
             raise ValueError(f"attention must be 'loop' or 'probe', got {self.attention!r}")
         if not (self.edge_radius > 0 and self.edge_eps > 0):
             raise ValueError(f"edge_radius and edge_eps must be > 0, got {self.edge_radius}, {self.edge_eps}")
         if not 0 < self.probe_t0 <= self.num_inference_steps:
             raise ValueError("probe_t0 must be in 1..num_inference_steps")
+
+    def readout_spec(self, streams=None) -> Readout:
+        """The concept-map readout these settings choose (with one batch's word streams, if given)."""
+        return Readout(self.readout, self.readout_layers, self.background_words, streams)

@@ -14,6 +14,7 @@ import torch
 
 from factory.method.families import Conditioning, as_conditioning, as_denoiser
 from factory.method.latents import randn
+from factory.method.readouts import Readout
 from factory.method.schedulers import init_noise_sigma, scale_model_input, step_kwargs
 
 
@@ -30,10 +31,12 @@ def synthesize_latents(
     negative_emb: Conditioning | torch.Tensor | None = None,
     capture_t0: int = 40,
     capture: bool = True,
+    readout: Readout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (latents (B, C, h, w), mean attention (B, h, w) or None).
 
-    denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings)."""
+    denoiser: a `factory.method.families` denoiser, or a bare UNet (SD-style text embeddings).
+    readout: the concept map's readout (`factory.method.readouts`); default: `image_to_text`, every layer."""
     denoiser, cond_emb = as_denoiser(denoiser), as_conditioning(cond_emb)
     b = cond_emb.hidden.shape[0]
     guided = guidance_scale != 1.0
@@ -50,7 +53,7 @@ def synthesize_latents(
     if guided:
         weights = torch.cat([torch.zeros_like(weights), weights])
     rows = slice(b, 2 * b) if guided else None
-    with denoiser.capture(weights, shape[-1], rows) as acc:
+    with denoiser.capture(weights, shape[-1], rows, readout) as acc:
         for i, t in enumerate(timesteps):
             acc.enabled = i >= first_recorded
             model_in = scale_model_input(scheduler, torch.cat([z, z]) if guided else z, t)

@@ -1,0 +1,173 @@
+"""The `concept_output` readout (ConceptAttention) on a tiny random FLUX pipeline with two double-stream
+blocks (`tests/tiny_models.py`): it equals a naive full computation, leaves the image bit for bit as it is,
+records only the chosen blocks and the recorded steps, restores the model, finds multi-word concepts, and is
+refused where it is not served, before any model work."""
+
+import pytest
+import torch
+from naive_attention import naive_concept_output
+from tiny_models import flux_pipeline
+
+from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.families import UnsupportedFamilyError, detect_family
+from factory.method.prompts import ConceptTokenError
+from factory.method.readouts import Readout
+from factory.method.schedulers import make_scheduler
+from factory.method.synthesis import synthesize_latents
+from factory.registry import UnknownChoiceError
+
+FAST = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4, readout="concept_output")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return flux_pipeline(num_layers=2)
+
+
+def _streams(family, words, background=("background", "floor")):
+    return family.concept_streams(words, background)
+
+
+def test_the_map_equals_a_naive_full_computation(flux):
+    family = detect_family(flux)
+    denoiser = family.denoiser()
+    prompts = ["a photo of a fire truck", "a photo of a star"]
+    cond = family.encode(prompts)
+    streams = _streams(family, [["fire", "truck"], ["star"]])
+    z = torch.randn(2, denoiser.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(700.0)
+    weights = family.token_weights(prompts, [["fire", "truck"], ["star"]])
+    for layers in [(0, 1), (1,), (0,)]:
+        readout = Readout(
+            "concept_output", layers=layers, background_words=("background", "floor"), streams=streams
+        )
+        with torch.no_grad(), denoiser.capture(weights, 8, readout=readout) as acc:
+            denoiser(z, t, cond)
+        assert acc.count == len(layers)
+        got = acc.mean()
+
+        inputs = []
+        hooks = [
+            b.register_forward_pre_hook(lambda m, a, kw, keep=inputs: keep.append(kw), with_kwargs=True)
+            for b in family.denoiser_module.transformer_blocks
+        ]
+        try:
+            with torch.no_grad():
+                denoiser(z, t, cond)
+                ref = naive_concept_output(
+                    family.denoiser_module,
+                    inputs,
+                    streams.tokens,
+                    streams.groups,
+                    timestep=torch.full((2,), 0.7),
+                    guidance=torch.full((2,), family.guidance),
+                    layers=layers,
+                )
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.testing.assert_close(got, ref.view(2, 8, 8), rtol=1e-4, atol=1e-6)
+        assert ((got > 0) & (got < 1)).all() and got.std() > 0.01  # a softmax over three words, not flat
+
+
+def test_the_image_is_unchanged_and_the_model_restored(flux):
+    family = detect_family(flux)
+    denoiser = family.denoiser()
+    module = denoiser.module
+    processors = dict(module.attn_processors)
+    cond = family.encode(["a photo of a star"])
+    weights = family.token_weights(["a photo of a star"], [["star"]])
+    readout = Readout("concept_output", streams=_streams(family, [["star"]]))
+    runs = {}
+    for capture in (True, False):
+        gens = [torch.Generator().manual_seed(3)]
+        runs[capture] = synthesize_latents(
+            denoiser,
+            make_scheduler("ddim", family.schedule_config(family.pipe.scheduler, 32)),
+            shape=(4, 16, 16),
+            cond_emb=cond,
+            token_weights=weights,
+            generators=gens,
+            num_inference_steps=4,
+            capture_t0=2,
+            capture=capture,
+            readout=readout,
+        )
+    assert torch.equal(runs[True][0], runs[False][0]), "the image with the capture is the image without"
+    assert runs[True][1].shape == (1, 16, 16) and runs[False][1] is None
+    assert dict(module.attn_processors) == processors  # the same processor objects back
+    hooked = [module, *[b.attn.to_out[0] for b in module.transformer_blocks]]
+    assert not any(m._forward_pre_hooks for m in hooked), "no hook left behind"
+
+
+def test_multi_word_concepts_keep_every_token(flux):
+    family = detect_family(flux)
+    streams = _streams(family, [["fire", "truck"], ["star"]], background=("background",))
+    tok = flux.tokenizer_2
+    n_fire_truck = len(tok("fire", add_special_tokens=False)["input_ids"]) + len(
+        tok("truck", add_special_tokens=False)["input_ids"]
+    )
+    n_background = len(tok("background", add_special_tokens=False)["input_ids"])
+    concept = streams.groups[0, :, 0]
+    assert int((concept > 0).sum()) == n_fire_truck and concept.sum().item() == pytest.approx(1.0)
+    assert streams.groups[0, :, 1].sum().item() == pytest.approx(1.0)
+    assert int(streams.key_mask[0].sum()) == n_fire_truck + n_background
+    assert int(streams.key_mask[1].sum()) < int(streams.key_mask[0].sum())  # the shorter row is padded
+
+
+def test_the_distiller_makes_triplets_with_it_and_refuses_it_where_not_served(flux, toyworld_pipe):
+    [t] = Distiller("tiny-flux", pipeline=flux, config=FAST).synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.image.shape == (32, 32, 3) and t.mask.shape == (32, 32)
+    plain = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4)
+    [u] = Distiller("tiny-flux", pipeline=flux, config=plain).synthesize([SampleSpec(Concept("star"), 0)])
+    assert (t.image == u.image).all(), "the readout changes the map, never the image"
+    with pytest.raises(UnsupportedFamilyError, match="readout 'concept_output' is not served for a sd model"):
+        Distiller("toyworld", pipeline=toyworld_pipe, config=FAST)
+    with pytest.raises(ConceptTokenError, match="no tokens of its own"):
+        Distiller(
+            "tiny-flux", pipeline=flux, config=DistillConfig(readout="concept_output", background_words=("",))
+        )
+    with pytest.raises(ValueError, match="beyond this transformer's 2 double-stream blocks"):
+        cfg = DistillConfig(num_inference_steps=4, probe_t0=3, readout="concept_output", readout_layers=(2,))
+        Distiller("tiny-flux", pipeline=flux, config=cfg).synthesize([SampleSpec(Concept("star"), 0)])
+    with pytest.raises(UnknownChoiceError, match="choose one of image_to_text, concept_output"):
+        DistillConfig(readout="daam")
+
+
+def test_image_to_text_records_only_the_chosen_layers(flux):
+    family = detect_family(flux)
+    denoiser = family.denoiser()
+    cond = family.encode(["a photo of a star"])
+    weights = family.token_weights(["a photo of a star"], [["star"]])
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = {}
+    for layers in [None, (0,), (1,), (2,)]:  # every block (2 double + 1 single), then each alone
+        with torch.no_grad(), denoiser.capture(weights, 8, readout=Readout(layers=layers)) as acc:
+            denoiser(z, torch.tensor(500.0), cond)
+        maps[layers] = (int(acc.count), acc.mean())
+    assert [count for count, _ in maps.values()] == [3, 1, 1, 1]
+    assert not torch.allclose(maps[(0,)][1], maps[(2,)][1])
+    torch.testing.assert_close(maps[None][1], sum(maps[(i,)][1] for i in range(3)) / 3)
+
+
+def test_the_job_config_and_the_preflight_take_the_readout(tmp_path):
+    from factory.dataset.config import load_config
+    from factory.dataset.preflight import check_model
+    from factory.yaml_config import ConfigError
+
+    base = [f"output.uri={tmp_path}", "sampler.steps=4", "sampler.probe_t0=3"]
+    cfg = load_config(
+        "configs/toyworld.yaml",
+        [
+            *base,
+            "sampler.readout=concept_output",
+            "sampler.readout_layers=[0]",
+            "sampler.background_words=[sky]",
+        ],
+    )
+    d = cfg.distill_config()
+    assert (d.readout, d.readout_layers, d.background_words) == ("concept_output", (0,), ("sky",))
+    with pytest.raises(UnsupportedFamilyError, match="readout 'concept_output' is not served for a sd model"):
+        check_model(cfg)  # toyworld is SD-like: refused before Ray starts
+    with pytest.raises(ConfigError, match="readout"):
+        load_config("configs/toyworld.yaml", [*base, "sampler.readout=daam"])
