@@ -25,7 +25,9 @@ The JSON's keys (also printed as a table; docs/benchmarks.md has them with measu
 - `actor_cpu_s_per_sample`: what a job's GPU actor spends per sample on the CPU besides the model calls
   (M_pre and the drafts: `prelim_s` + `draft_s`); `writer_refine_s_per_sample`: Steps 5-6 (`refine_s`),
   which a job runs in its CPU writer tasks.
-- `capture`: the synthesis loop alone with the attention capture on and off; `overhead` = on / off - 1.
+- `capture`: the synthesis loop alone (the prompt encoded beforehand) with the attention capture on and
+  off; `overhead` = on / off - 1 for the default readout (`image_to_text`), `by_readout` for each readout
+  the family serves (FLUX: `concept_output` too, on its default layers).
 - `encode_write_s_per_sample`, `encode_write_share`: image encoding and tar writing of the triplets (a
   writer task's work) per sample, and its share of triplet + write.
 - `edges`: the guided-filter edge snapping of the refined mask (`masks.edges`, part of the refine stage)
@@ -146,19 +148,23 @@ def bench(
     concept: str = "star",
     flops: bool = True,
     flops_cache: str | None = None,
+    arch_overrides: dict[str, dict] | None = None,
+    capture_only: bool = False,
 ) -> dict:
     """Run the benchmark and return its figures (the module docstring lists the keys).
 
     flops_cache: a JSON file of FLOP counts per sample: read if it holds this model and setting's (the
     counts do not depend on batch, dtype or compile), else counted here (not under compile, whose graphs
-    the counter cannot see into) and written, so that every row of a bench run reports MFU."""
-    import diffusers
-    import transformers
+    the counter cannot see into) and written, so that every row of a bench run reports MFU.
+    arch_overrides: config changes of a shipped architecture (`--arch-set`: a depth-reduced FLUX).
+    capture_only: only the synthesis loops with each readout's capture and without (a model too large for
+    the rest on this machine); the result has `machine`, `settings` and `capture`."""
 
     from factory.dataset.pipeline import peak_rss_bytes
     from factory.dataset.shards import encode_triplet
     from factory.method.distiller import Distiller
     from factory.method.loading import load_pipeline, quiet_model_libraries
+    from factory.method.readouts import Readout
     from factory.method.schedulers import make_scheduler
     from factory.method.settings import Concept, DistillConfig, SampleSpec
     from factory.method.synthesis import synthesize_latents
@@ -168,7 +174,8 @@ def bench(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     inpaint_steps = inpaint_steps or steps
     t_load, pipe = _timed(
-        lambda: load_pipeline(model, device, None if dtype == "auto" else dtype), torch.device("cpu")
+        lambda: load_pipeline(model, device, None if dtype == "auto" else dtype, arch_overrides),
+        torch.device("cpu"),
     )
     dev = pipe.device
     probe_t0 = max(1, round(0.8 * steps))  # the paper's 40 of 50
@@ -204,13 +211,32 @@ def bench(
             output_type="np",
         ).images
 
-    def loop(capture: bool):
-        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    # each readout the family serves, with its default layers (factory.method.readouts)
+    readouts = {name: d.config.readout_spec() for name in d.family.readouts}
+    if "concept_output" in readouts:
+        streams = d.family.concept_streams([c.token_words] * batch, d.config.background_words)
+        readouts["concept_output"] = Readout("concept_output", streams=streams)
+
+    with torch.inference_mode():  # the loops time the denoiser steps: the prompt is encoded once, here
         cond = d.embed(prompt)
         neg = d.embed_negative([""] * batch) if guidance != 1.0 else None
+
+    def loop(capture: bool, readout: str = "image_to_text"):
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         shape = (d.denoiser.in_channels, d.latent_size, d.latent_size)
         return synthesize_latents(
-            d.denoiser, d.sampler, shape, cond, weights, gens, steps, guidance, neg, probe_t0, capture
+            d.denoiser,
+            d.sampler,
+            shape,
+            cond,
+            weights,
+            gens,
+            steps,
+            guidance,
+            neg,
+            probe_t0,
+            capture,
+            readout=readouts[readout],
         )
 
     def encode_write(triplets):
@@ -227,6 +253,11 @@ def bench(
         "triplet": lambda: d.synthesize(specs),
     }
     loops = {"loop_on": lambda: loop(True), "loop_off": lambda: loop(False)}
+    for name in readouts:
+        if name != "image_to_text":
+            loops[f"loop_{name}"] = lambda name=name: loop(True, name)
+    if capture_only:
+        runs = {}
     times: dict[str, list[float]] = {k: [] for k in [*runs, *loops]}
     first: dict[str, float] = {}
     with torch.inference_mode():
@@ -247,8 +278,19 @@ def bench(
         # the capture overhead is a few percent at most: its two loops alternate on their own, twice per
         # repeat (on, off, off, on, ...), so that the difference is not lost in the machine's drift
         for i in range(2 * repeats):
-            for k in ("loop_on", "loop_off") if i % 2 == 0 else ("loop_off", "loop_on"):
+            for k in list(loops) if i % 2 == 0 else list(loops)[::-1]:
                 times[k].append(_timed(loops[k], dev)[0])
+        if capture_only:
+            med = {k: statistics.median(v) for k, v in times.items()}
+            return {
+                "machine": _machine(dev),
+                "settings": _settings(
+                    d, model, concept, steps, probe_t0, steps, guidance, batch, repeats, scheduler
+                )
+                | {"arch_overrides": arch_overrides or {}, "capture_only": True},
+                "capture": _capture(med, batch, readouts),
+                "raw_s": times,
+            }
         enc = []
         for _ in range(repeats):
             enc.append(_timed(lambda: encode_write(triplets), torch.device("cpu"))[0])
@@ -303,34 +345,11 @@ def bench(
         throughput["mfu"] = flop_counts["triplet_per_sample"] / triplet_s / throughput["peak_flops"]
     per_sample_bytes = sum(t.nbytes for t in triplets) / batch
     return {
-        "machine": {
-            "device": str(dev),
-            "device_name": name,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "settings": {
-            "model": model,
-            "family": d.family.name,
-            "unet_params": sum(p.numel() for p in d.family.denoiser_module.parameters()),
-            "resolution": res,
-            "steps": steps,
-            "probe_t0": probe_t0,
-            "inpaint_steps": inpaint_steps,
-            "guidance": guidance,
-            "batch": batch,
-            "repeats": repeats,
-            "scheduler": scheduler,
-            "dtype": str(d.dtype).removeprefix("torch."),
-            "compile": compile,
-            "channels_last": channels_last,
-            "concept": concept,
-        },
+        "machine": _machine(dev),
+        "settings": _settings(
+            d, model, concept, steps, probe_t0, inpaint_steps, guidance, batch, repeats, scheduler
+        )
+        | {"arch_overrides": arch_overrides or {}},
         "load_s": t_load,
         "plain_s_per_image": med["plain"] / batch,
         "plain_cfg_s_per_image": med["plain_cfg"] / batch,
@@ -339,11 +358,7 @@ def bench(
         "stages_s_per_sample": stages,
         "actor_cpu_s_per_sample": stages.get("prelim_s", 0.0) + stages.get("draft_s", 0.0),
         "writer_refine_s_per_sample": stages.get("refine_s", 0.0),
-        "capture": {
-            "loop_on_s": med["loop_on"] / batch,
-            "loop_off_s": med["loop_off"] / batch,
-            "overhead": med["loop_on"] / med["loop_off"] - 1,
-        },
+        "capture": _capture(med, batch, readouts),
         "encode_write_s_per_sample": enc_s,
         "encode_write_share": enc_s / (triplet_s + enc_s),
         "edges": {"on": d.config.edges, "s_per_sample": edges_s, "share": edges_s / triplet_s},
@@ -360,31 +375,67 @@ def bench(
     }
 
 
+def _machine(dev: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def _settings(d, model, concept, steps, probe_t0, inpaint_steps, guidance, batch, repeats, scheduler) -> dict:
+    c = d.config
+    return {
+        "model": model,
+        "family": d.family.name,
+        "unet_params": sum(p.numel() for p in d.family.denoiser_module.parameters()),
+        "resolution": d.resolution,
+        "steps": steps,
+        "probe_t0": probe_t0,
+        "inpaint_steps": inpaint_steps,
+        "guidance": guidance,
+        "batch": batch,
+        "repeats": repeats,
+        "scheduler": scheduler,
+        "dtype": str(d.dtype).removeprefix("torch."),
+        "compile": c.compile,
+        "channels_last": c.channels_last,
+        "concept": concept,
+    }
+
+
+def _capture(med: dict, batch: int, readouts: dict) -> dict:
+    """The synthesis loop with the default readout's capture on and off; `overhead` = on / off - 1, and
+    each other readout's the same way (`by_readout`)."""
+    by = {"image_to_text": med["loop_on"] / med["loop_off"] - 1}
+    by |= {n: med[f"loop_{n}"] / med["loop_off"] - 1 for n in readouts if n != "image_to_text"}
+    return {
+        "loop_on_s": med["loop_on"] / batch,
+        "loop_off_s": med["loop_off"] / batch,
+        "overhead": by["image_to_text"],
+        "by_readout": by,
+    }
+
+
 def format_table(r: dict) -> str:
-    s, m = r["settings"], r["machine"]
+    if r["settings"].get("capture_only"):
+        return _table(_head_rows(r) + _capture_rows(r))
     rows = [
-        (
-            "machine",
-            f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} threads",
-        ),
-        ("versions", f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}"),
-        (
-            "settings",
-            f"{s['model']} ({s['unet_params'] / 1e6:.1f}M {'MMDiT' if s.get('family') == 'sd3' else 'UNet'}) "
-            f"{s['resolution']} px, {s['dtype']}, "
-            f"{s['scheduler']} {s['steps']} + {s['inpaint_steps']} steps, guidance {s['guidance']}, "
-            f"batch {s['batch']}, {s['repeats']} repeats, compile {s['compile']}, channels_last "
-            f"{s['channels_last']}",
-        ),
+        *_head_rows(r),
         ("plain diffusers", f"{r['plain_s_per_image']:.3f} s/image"),
         ("plain, guidance 7.5", f"{r['plain_cfg_s_per_image']:.3f} s/image"),
         ("triplet", f"{r['triplet_s_per_sample']:.3f} s/sample"),
         ("triplet / plain", f"{r['triplet_over_plain']:.3f}x (equal steps and guidance)"),
-        (
-            "capture overhead",
-            f"{100 * r['capture']['overhead']:+.2f}% ({r['capture']['loop_on_s']:.3f} vs "
-            f"{r['capture']['loop_off_s']:.3f} s/sample)",
-        ),
+        *_capture_rows(r),
         ("stages", ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["stages_s_per_sample"].items()) + " s/sample"),
         (
             "actor CPU work",
@@ -431,8 +482,47 @@ def format_table(r: dict) -> str:
     )
     if r["compile_s"]:
         rows.append(("compile", ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items())))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _head_rows(r: dict) -> list[tuple[str, str]]:
+    s, m = r["settings"], r["machine"]
+    kind = {"sd3": "MMDiT", "flux": "FLUX transformer"}.get(s.get("family"), "UNet")
+    overrides = s.get("arch_overrides") or {}
+    return [
+        (
+            "machine",
+            f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} threads",
+        ),
+        ("versions", f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}"),
+        (
+            "settings",
+            f"{s['model']} ({s['unet_params'] / 1e6:.1f}M {kind}) "
+            + (f"with {overrides} " if overrides else "")
+            + f"{s['resolution']} px, {s['dtype']}, "
+            f"{s['scheduler']} {s['steps']} + {s['inpaint_steps']} steps, guidance {s['guidance']}, "
+            f"batch {s['batch']}, {s['repeats']} repeats, compile {s['compile']}, channels_last "
+            f"{s['channels_last']}",
+        ),
+    ]
+
+
+def _capture_rows(r: dict) -> list[tuple[str, str]]:
+    c = r["capture"]
+    rows = [
+        (
+            "capture overhead",
+            f"{100 * c['overhead']:+.2f}% ({c['loop_on_s']:.3f} vs {c['loop_off_s']:.3f} s/sample)",
+        )
+    ]
+    for name, overhead in c.get("by_readout", {}).items():
+        rows.append((f"  readout {name}", f"{100 * overhead:+.2f}% of the synthesis loop"))
+    return rows
 
 
 def summary_table(folder: str | Path) -> str:
@@ -485,8 +575,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="reuse this model and setting's FLOP counts from FILE (JSON), or count them and add them",
     )
+    p.add_argument(
+        "--arch-set",
+        action="append",
+        default=[],
+        metavar="COMPONENT.KEY=VALUE",
+        help="change a shipped architecture's config (repeatable), e.g. a depth-reduced FLUX on the CPU: "
+        "--arch-set transformer.num_layers=2 --arch-set text_encoder_2.num_layers=1",
+    )
+    p.add_argument(
+        "--capture-only",
+        action="store_true",
+        help="only the synthesis loop with each readout's capture and without (no plain pipeline, triplet, "
+        "FLOPs): for a model too large for the rest on this machine",
+    )
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     p.add_argument("--summarize", default=None, metavar="DIR", help="only print a table of DIR's bench JSONs")
+
+
+def arch_overrides(sets: list[str]) -> dict[str, dict]:
+    """{component: {key: value}} from `--arch-set COMPONENT.KEY=VALUE` (values read as YAML scalars)."""
+    import yaml
+
+    from factory.errors import UserError
+
+    out: dict[str, dict] = {}
+    for item in sets:
+        path, sep, value = item.partition("=")
+        component, dot, key = path.partition(".")
+        if not (sep and dot and component and key):
+            raise UserError(
+                f"--arch-set takes COMPONENT.KEY=VALUE, e.g. transformer.num_layers=2; got {item!r}"
+            )
+        out.setdefault(component, {})[key] = yaml.safe_load(value)
+    return out
 
 
 def main(a: argparse.Namespace) -> int:
@@ -515,6 +637,8 @@ def main(a: argparse.Namespace) -> int:
         a.concept,
         not a.no_flops,
         a.flops_cache,
+        arch_overrides(a.arch_set),
+        a.capture_only,
     )
     print(format_table(r))
     if a.out:

@@ -70,18 +70,19 @@ def test_the_map_equals_a_naive_full_computation(flux):
         assert ((got > 0) & (got < 1)).all() and got.std() > 0.01  # a softmax over three words, not flat
 
 
-def test_the_image_is_unchanged_and_the_model_restored(flux):
+def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(flux):
     family = detect_family(flux)
     denoiser = family.denoiser()
     module = denoiser.module
     processors = dict(module.attn_processors)
     cond = family.encode(["a photo of a star"])
     weights = family.token_weights(["a photo of a star"], [["star"]])
-    readout = Readout("concept_output", streams=_streams(family, [["star"]]))
     runs = {}
-    for capture in (True, False):
+    readouts = {"off": None, "image_to_text": Readout(), "concept_output": None}
+    readouts["concept_output"] = Readout("concept_output", streams=_streams(family, [["star"]]))
+    for name, readout in readouts.items():
         gens = [torch.Generator().manual_seed(3)]
-        runs[capture] = synthesize_latents(
+        runs[name] = synthesize_latents(
             denoiser,
             make_scheduler("ddim", family.schedule_config(family.pipe.scheduler, 32)),
             shape=(4, 16, 16),
@@ -90,11 +91,13 @@ def test_the_image_is_unchanged_and_the_model_restored(flux):
             generators=gens,
             num_inference_steps=4,
             capture_t0=2,
-            capture=capture,
+            capture=readout is not None,
             readout=readout,
         )
-    assert torch.equal(runs[True][0], runs[False][0]), "the image with the capture is the image without"
-    assert runs[True][1].shape == (1, 16, 16) and runs[False][1] is None
+    for name in ("image_to_text", "concept_output"):
+        assert torch.equal(runs[name][0], runs["off"][0]), f"{name}: the image is the image without capture"
+        assert runs[name][1].shape == (1, 16, 16)
+    assert runs["off"][1] is None and not torch.equal(runs["image_to_text"][1], runs["concept_output"][1])
     assert dict(module.attn_processors) == processors  # the same processor objects back
     hooked = [module, *[b.attn.to_out[0] for b in module.transformer_blocks]]
     assert not any(m._forward_pre_hooks for m in hooked), "no hook left behind"
@@ -171,3 +174,49 @@ def test_the_job_config_and_the_preflight_take_the_readout(tmp_path):
         check_model(cfg)  # toyworld is SD-like: refused before Ray starts
     with pytest.raises(ConfigError, match="readout"):
         load_config("configs/toyworld.yaml", [*base, "sampler.readout=daam"])
+
+
+# A FLUX.1-dev architecture shrunk to test size by `--arch-set`-style overrides: what `factory bench
+# --model flux-arch --capture-only` runs, depth-reduced only, on a CPU (docs/benchmarks.md).
+TINY_FLUX_ARCH = {
+    "transformer": {
+        "num_layers": 2,
+        "num_single_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "axes_dims_rope": [4, 4, 8],
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+    },
+    "text_encoder_2": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16},
+    "vae": {
+        "block_out_channels": [8, 8],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+    },
+}
+
+
+def test_the_bench_times_each_readouts_capture_on_flux_arch():
+    from factory.bench import arch_overrides, bench, format_table
+
+    r = bench(
+        "flux-arch", steps=2, repeats=1, resolution=32, arch_overrides=TINY_FLUX_ARCH, capture_only=True
+    )
+    assert r["settings"]["family"] == "flux" and r["settings"]["arch_overrides"] == TINY_FLUX_ARCH
+    assert set(r["capture"]["by_readout"]) == {"image_to_text", "concept_output"}
+    assert r["capture"]["overhead"] == r["capture"]["by_readout"]["image_to_text"]
+    assert len(r["raw_s"]["loop_concept_output"]) == len(r["raw_s"]["loop_off"]) == 2
+    assert "readout concept_output" in format_table(r) and "plain" not in format_table(r)
+    assert arch_overrides(["transformer.num_layers=2", "transformer.axes_dims_rope=[4, 4, 8]"]) == {
+        "transformer": {"num_layers": 2, "axes_dims_rope": [4, 4, 8]}
+    }

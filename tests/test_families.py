@@ -366,11 +366,13 @@ def test_a_generate_job_per_family(tmp_path, local_ray):
         ("sd15-arch", "sd", 859_520_964, 512),  # the published parameter counts of the real models
         ("sdxl-arch", "sdxl", 2_567_463_684, 1024),
         ("sd3-arch", "sd3", 2_028_328_000, 1024),  # SD3 Medium's MMDiT
+        ("flux-arch", "flux", 11_901_408_320, 1024),  # FLUX.1-dev's transformer
     ],
 )
 def test_the_shipped_architectures_are_the_real_ones(arch, family, denoiser_params, resolution):
     from factory.method.loading import (
         ARCHITECTURES,
+        ModelLoadError,
         build_random_pipeline,
         model_geometry,
         read_model_configs,
@@ -383,6 +385,21 @@ def test_the_shipped_architectures_are_the_real_ones(arch, family, denoiser_para
     assert sum(p.numel() for p in fam.denoiser_module.parameters()) == denoiser_params
     if family == "sdxl":
         assert sum(p.numel() for p in pipe.text_encoder_2.parameters()) == 694_659_840  # OpenCLIP bigG
+    if family == "flux":
+        assert sum(p.numel() for p in pipe.text_encoder_2.parameters()) == 4_762_310_656  # T5-v1.1-XXL
+        small = build_random_pipeline(
+            str(ARCHITECTURES[arch]),
+            device="meta",
+            overrides={"transformer": {"num_layers": 2}, "text_encoder_2": {"num_layers": 1}},
+        )  # the CPU bench's depth-reduced variant: FLUX.1-dev's width
+        assert len(small.transformer.transformer_blocks) == 2 and small.text_encoder_2.config.num_layers == 1
+        assert (
+            small.transformer.config.attention_head_dim * small.transformer.config.num_attention_heads == 3072
+        )
+        with pytest.raises(ModelLoadError, match="no key num_blocks"):
+            build_random_pipeline(
+                str(ARCHITECTURES[arch]), device="meta", overrides={"vae": {"num_blocks": 1}}
+            )
     assert fam.token_weights(["a photo of a star"], [["star"]]).sum() >= 1
 
 

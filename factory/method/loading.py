@@ -29,6 +29,7 @@ ARCHITECTURES: dict[str, Path] = {
     "sd15-arch": MODELS_DIR / "sd15-arch",
     "sdxl-arch": MODELS_DIR / "sdxl-arch",
     "sd3-arch": MODELS_DIR / "sd3-arch",
+    "flux-arch": MODELS_DIR / "flux-arch",  # FLUX.1-dev (T5's tokenizer: a CLIP vocabulary stands in)
 }
 
 
@@ -116,7 +117,12 @@ def quiet_model_libraries(verbose: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+def load_pipeline(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    arch_overrides: dict[str, dict] | None = None,
+):
     """Load a text-to-image latent diffusion pipeline of a served family, ready for `Distiller`.
 
     Args:
@@ -155,8 +161,13 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: str | t
             "fp16 on the CPU is not supported by most kernels; use fp32 (or bf16) on the CPU"
         )
     source = resolve_model(model)
-    if model in ARCHITECTURES:
-        pipe = build_random_pipeline(source, device, torch_dtype)  # on the shipped noise schedule
+    if arch_overrides and model not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture overrides apply to the shipped architectures ({', '.join(ARCHITECTURES)}), not to "
+            f"{model!r}"
+        )
+    if model in ARCHITECTURES:  # on the shipped noise schedule
+        pipe = build_random_pipeline(source, device, torch_dtype, overrides=arch_overrides)
     else:
         pipe = _from_pretrained(model, source, torch_dtype)
     if not is_flow(pipe.scheduler):
@@ -206,17 +217,36 @@ def _check_components(model: str, pipeline: str, family, present: set[str]) -> N
 
 
 def build_random_pipeline(
-    source: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    source: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    overrides: dict[str, dict] | None = None,
 ):
     """The pipeline of the architecture whose config files are in `source` (`model_index.json` and one
     folder per component), with random weights (seeded): each component is built from its config as
-    diffusers' fast tests build theirs, and the pipeline class is the one `model_index.json` names."""
+    diffusers' fast tests build theirs, and the pipeline class is the one `model_index.json` names.
+
+    overrides: {component: {config key: value}} changed before building, e.g. a depth-reduced FLUX for the
+    CPU, `{"transformer": {"num_layers": 2}, "text_encoder_2": {"num_layers": 1}}` (`factory bench
+    --arch-set`); an unknown component or key is an error, not a silent no-op."""
     import json
 
     import diffusers
     import transformers
 
     index = json.loads((Path(source) / "model_index.json").read_text())
+    overrides = overrides or {}
+    unknown = [c for c in overrides if not isinstance(index.get(c), list) or index[c][1] is None]
+    if unknown:
+        raise ModelLoadError(f"no component {', '.join(unknown)} in {source} to override")
+
+    def overridden(name: str, config: dict) -> dict:
+        missing = [k for k in overrides.get(name, {}) if k not in config]
+        if missing:
+            raise ModelLoadError(f"{name}'s config has no key {', '.join(missing)} to override")
+        return {**config, **overrides.get(name, {})}
+
     torch.manual_seed(seed)
     components = {}
     for name, entry in index.items():
@@ -232,10 +262,12 @@ def build_random_pipeline(
         elif name == "scheduler":
             components[name] = cls.from_config(cls.load_config(source, subfolder=name))
         elif library == "diffusers":
+            config = overridden(name, dict(cls.load_config(source, subfolder=name)))
             with torch.device(device):  # initialise where the weights will live (seconds on a GPU)
-                components[name] = cls.from_config(cls.load_config(source, subfolder=name))
+                components[name] = cls.from_config(config)
         else:
             config = transformers.AutoConfig.from_pretrained(source, subfolder=name)
+            config = type(config).from_dict(overridden(name, config.to_dict()))
             with torch.device(device):
                 components[name] = cls(config)
         if isinstance(components[name], torch.nn.Module):
