@@ -13,7 +13,8 @@
 # least-noisy, guidance 1; batch 1, 8 and 32; compile off. By its loops' arithmetic: 6 rows of about 25
 # denoising loops each (warm-up, repeats, the capture on/off pairs), the largest 32 x 50 UNet calls per loop.
 # Optional run (OPTIONAL=1, at most OPTIONAL_BUDGET_S): compile on for sd15-arch at batch 8 and 32, then
-# sdxl-arch and sd3-arch at 1024 px, batch 1 and 4 (flux-arch once the project ships it).
+# sdxl-arch and sd3-arch at 1024 px, batch 1 and 4; then flux-arch (FLUX.1-dev's 12B transformer) at 1024
+# px, batch 1, the synthesis loop alone with each readout's capture and without (--capture-only).
 #
 # FLOPs are counted once per model and setting, by the first row of each model (batch 1, compile off), into
 # $OUT/flops.json; every later row reads them from there, so every row reports MFU (FLOPs per triplet do
@@ -44,6 +45,8 @@ COMPILE_MODELS=${COMPILE_MODELS-sd15-arch}
 COMPILE_BATCHES=${COMPILE_BATCHES:-8 32}
 LARGE_MODELS=${LARGE_MODELS-sdxl-arch sd3-arch}
 LARGE_BATCHES=${LARGE_BATCHES:-1 4}
+FLUX_MODELS=${FLUX_MODELS-flux-arch}
+FLUX_STEPS=${FLUX_STEPS:-28}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 case "$SETUP" in
@@ -98,6 +101,9 @@ if [ "$OPTIONAL" = 1 ]; then
     for batch in $LARGE_BATCHES; do
       row "$model-$DTYPE-b$batch-compile_off" "$opt_end" --model "$model" --batch "$batch"
     done
+  done
+  for model in $FLUX_MODELS; do  # --steps again: the last one given wins
+    row "$model-$DTYPE-b1-capture" "$opt_end" --model "$model" --batch 1 --capture-only --steps "$FLUX_STEPS"
   done
 fi
 # shellcheck disable=SC2086

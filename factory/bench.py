@@ -536,7 +536,16 @@ def summary_table(folder: str | Path) -> str:
         r = json.loads(f.read_text())
         if not isinstance(r, dict) or "settings" not in r:
             continue  # not a bench row (the --flops-cache file, say)
-        s, t = r["settings"], r["throughput"]
+        s = r["settings"]
+        if s.get("capture_only"):  # the capture loops alone: their overhead, nothing else
+            by = ", ".join(f"{n} {100 * v:+.1f}%" for n, v in r["capture"].get("by_readout", {}).items())
+            device = r["machine"]["device_name"]
+            lines.append(
+                f"| {f.stem} | {s['model']} | {device} | {s['dtype']} | {s['scheduler']} {s['steps']} "
+                f"| {s['batch']} | {s['compile']} | - | - | - | {by} | - | - |"
+            )
+            continue
+        t = r["throughput"]
         mfu = f"{100 * t['mfu']:.1f}%" if t.get("mfu") is not None else "-"
         lines.append(
             f"| {f.stem} | {s['model']} | {r['machine']['device_name']} | {s['dtype']} | {s['scheduler']} "

@@ -38,7 +38,7 @@ def run_script(out: Path, **env) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_the_gpu_bench_script_runs_end_to_end_and_counts_flops_once(tmp_path):
     out = tmp_path / "bench"
-    p = run_script(out, OPTIONAL="1", COMPILE_MODELS="", LARGE_MODELS="")
+    p = run_script(out, OPTIONAL="1", COMPILE_MODELS="", LARGE_MODELS="", FLUX_MODELS="")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [json.loads((out / f"toyworld-fp32-r64-b{b}-compile_off.json").read_text()) for b in (1, 2)]
     assert [r["settings"]["batch"] for r in rows] == [1, 2]

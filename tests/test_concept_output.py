@@ -206,8 +206,10 @@ TINY_FLUX_ARCH = {
 }
 
 
-def test_the_bench_times_each_readouts_capture_on_flux_arch():
-    from factory.bench import arch_overrides, bench, format_table
+def test_the_bench_times_each_readouts_capture_on_flux_arch(tmp_path):
+    import json
+
+    from factory.bench import arch_overrides, bench, format_table, summary_table
 
     r = bench(
         "flux-arch", steps=2, repeats=1, resolution=32, arch_overrides=TINY_FLUX_ARCH, capture_only=True
@@ -217,6 +219,9 @@ def test_the_bench_times_each_readouts_capture_on_flux_arch():
     assert r["capture"]["overhead"] == r["capture"]["by_readout"]["image_to_text"]
     assert len(r["raw_s"]["loop_concept_output"]) == len(r["raw_s"]["loop_off"]) == 2
     assert "readout concept_output" in format_table(r) and "plain" not in format_table(r)
+    (tmp_path / "flux-arch-capture.json").write_text(json.dumps(r))
+    [row] = summary_table(tmp_path).splitlines()[2:]
+    assert row.startswith("| flux-arch-capture | flux-arch |") and "concept_output" in row
     assert arch_overrides(["transformer.num_layers=2", "transformer.axes_dims_rope=[4, 4, 8]"]) == {
         "transformer": {"num_layers": 2, "axes_dims_rope": [4, 4, 8]}
     }
