@@ -93,3 +93,19 @@ def test_students_train_in_bf16_on_a_gpu_and_sum_their_loss_without_host_syncs(m
         s.add(torch.tensor(v, requires_grad=True) * 1)
     monkeypatch.undo()
     assert s.n == 3 and s.mean() == 3.0
+
+
+def test_cpu_fine_tuning_does_not_compile_deepspeeds_inference_allreduce():
+    """The shared-memory all-reduce op is DeepSpeed's for tensor-parallel inference only; building it cost
+    every fresh environment 30-60 s in the first fine-tuning run. Skipped on the CPU, untouched on a GPU."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    from trainers.devices import skip_inference_allreduce_build
+
+    before = dict(deepspeed.ops.__compatible_ops__)
+    skip_inference_allreduce_build(torch.device("cuda", 0))
+    assert deepspeed.ops.__compatible_ops__ == before
+    skip_inference_allreduce_build(torch.device("cpu"))
+    assert build_shm_op() is None  # DeepSpeed's own check: nothing is built
+    deepspeed.ops.__compatible_ops__.update(before)

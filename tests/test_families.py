@@ -156,7 +156,7 @@ class OracleDenoiser:
         self.implied.append(eps)
         return eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x
 
-    def capture(self, weights, size, rows=None):
+    def capture(self, weights, size, rows=None, readout=None):
         import contextlib
 
         self.acc = AttentionAccumulator(weights, size, rows)

@@ -133,8 +133,8 @@ def _train_workers() -> list[psutil.Process]:
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     cfg = ft_config(
         work,
-        "train.max_steps=20",
-        "checkpoint.every=5",
+        "train.max_steps=14",
+        "checkpoint.every=4",
         "output.name=killed",
         "checkpoint.grid_images=0",
         "scaling.max_failures=1",
@@ -155,4 +155,4 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     thread.join(timeout=600)
     assert not thread.is_alive() and result, "training did not finish after the worker was killed"
     state = result["state"]
-    assert state["step"] == 20 and state["resumed_from"] is not None and 5 <= state["resumed_from"] < 20
+    assert state["step"] == 14 and state["resumed_from"] is not None and 4 <= state["resumed_from"] < 14

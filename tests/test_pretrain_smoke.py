@@ -152,6 +152,7 @@ def test_continue_from_an_exported_model(tmp_path):
         init_from=str(tmp_path / "m1"),
         loss_weighting="v",
         sample_every=4,  # one grid during training (step 4) and the final one
+        sample_steps=4,
         lr_schedule="cosine",
     )
     info = pretrain(cont, command="trainers pretrain-toyworld (second)")

@@ -44,6 +44,20 @@ def deepspeed_args(device: torch.device) -> argparse.Namespace | None:
     return argparse.Namespace(device_rank=device.index if device.index is not None else 0)
 
 
+def skip_inference_allreduce_build(device: torch.device) -> None:
+    """On the CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (`deepspeed_shm_comm`)
+    when its communication backend starts. Only `inference_all_reduce` (DeepSpeed's tensor-parallel
+    inference) calls that op; ZeRO training reduces through torch.distributed (gloo here), with or without
+    it. The compile took 30-60 s in every fresh environment (each CI run, each new virtualenv path), inside
+    the first fine-tuning run. Marked incompatible, DeepSpeed leaves it unbuilt, as on a machine without a
+    compiler. GPUs are untouched (their accelerator has no such op)."""
+    if device.type != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a dict DeepSpeed keeps and reads
+
+
 def check_engine_device(engine_device: torch.device | str, device: torch.device) -> None:
     """Raises RuntimeError if DeepSpeed's engine is not on the worker's device (the data goes there)."""
     import torch

@@ -227,8 +227,8 @@ def capture(module, token_weights, size: int, record_rows=None, readout: Readout
 
 
 def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser | FluxDenoiser:
-    """A denoiser from one (anything with `__call__(z, t, cond)`, `capture(...)` and `in_channels`, as the
-    two classes above), or from a bare UNet (SD-style) or SD3 transformer."""
+    """A denoiser from one (anything with `__call__(z, t, cond)`, `capture(weights, size, rows, readout=)`
+    and `in_channels`, as the classes above), or from a bare UNet (SD-style), SD3 or FLUX transformer."""
     if hasattr(model, "capture") and hasattr(model, "in_channels"):
         return model
     if hasattr(model.config, "num_single_layers"):

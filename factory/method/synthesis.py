@@ -53,7 +53,7 @@ def synthesize_latents(
     if guided:
         weights = torch.cat([torch.zeros_like(weights), weights])
     rows = slice(b, 2 * b) if guided else None
-    with denoiser.capture(weights, shape[-1], rows, readout) as acc:
+    with denoiser.capture(weights, shape[-1], rows, readout=readout) as acc:
         for i, t in enumerate(timesteps):
             acc.enabled = i >= first_recorded
             model_in = scale_model_input(scheduler, torch.cat([z, z]) if guided else z, t)

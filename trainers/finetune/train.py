@@ -50,7 +50,12 @@ from factory.dataset.shards import decode_sample
 from factory.dataset.sources import storage_path
 from factory.errors import UserError
 from factory.method.loading import quiet_model_libraries
-from trainers.devices import all_reduce, check_engine_device, deepspeed_args
+from trainers.devices import (
+    all_reduce,
+    check_engine_device,
+    deepspeed_args,
+    skip_inference_allreduce_build,
+)
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
 from trainers.finetune.worker import (
     EMA_FILE,
@@ -127,6 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    skip_inference_allreduce_build(device)
     engine, _, _, _ = deepspeed.initialize(
         args=deepspeed_args(device), model=unet, optimizer=optimizer, config=ds_config
     )

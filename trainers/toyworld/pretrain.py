@@ -27,6 +27,7 @@ docs/toyworld.md ("The pretraining recipe's options"):
     --freeze-text-encoder            with --init-from: train the UNet alone under the exported text encoder
     --text-encoder-from DIR          with --init-from: take the text encoder from another model
     --sample-every N                 write a grid of samples to the work dir every N steps
+    --sample-steps N                 the grids' sampler steps (default 50)
 
     trainers pretrain-toyworld --out factory/models/toyworld --work-dir runs/toyworld-pretrain
     trainers pretrain-toyworld --init-from toyworld --freeze-text-encoder --loss-weighting eps \
@@ -86,6 +87,7 @@ class PretrainConfig:
     lr_schedule: str = "constant"
     max_weight: float = 20.0
     sample_every: int | None = None
+    sample_steps: int = 50  # the sampler steps of each --sample-every grid
     device: str = "cpu"
     unet_channels: str | None = None  # e.g. "64,128,128"; default: factory.toyworld.model.UNET_CHANNELS
     unet_layers: int = 1
@@ -478,6 +480,7 @@ def train_unet(
                 build_pipeline(vae, eval_text, tokenizer, eval_unet),
                 work / f"samples-{step:06d}.png",
                 per_concept=6,
+                steps=cfg.sample_steps,
             )
         if step % cfg.ckpt_every == 0 or reached:
             save()
@@ -583,7 +586,10 @@ def pretrain(cfg: PretrainConfig, command: str | None = None) -> dict:
     export_pipeline(Path(cfg.out), vae, text_encoder, tokenizer, unet)  # save_pretrained copies to the CPU
     if cfg.sample_every:
         sample_grid(
-            build_pipeline(vae, text_encoder, tokenizer, unet), work / "samples-final.png", per_concept=6
+            build_pipeline(vae, text_encoder, tokenizer, unet),
+            work / "samples-final.png",
+            per_concept=6,
+            steps=cfg.sample_steps,
         )
     info.pop("loss_curve")
     hardware = hardware_name(cfg.device)  # runs before this field: 2 CPU cores
