@@ -172,6 +172,59 @@ class JointConceptAttnProcessor:
         return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
+def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
+    """diffusers' `FluxAttnProcessor.__call__` (0.42.1) step for step, the same operations in the same order
+    (so the same output bits), calling ``seen(query, key, value, out)`` with the block's own tensors: the
+    [text; image] queries, keys and values after the RMS norms and the rotary turn, (b, tokens, heads, d),
+    and the attention output before the output projections, (b, tokens, heads * d). A readout reads what the
+    block computes anyway instead of projecting anything a second time. `fast` is the `FluxAttnProcessor`
+    whose attention backend is used."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+        encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        backend=fast._attention_backend,
+        parallel_config=fast._parallel_config,
+    )
+    hidden_states = hidden_states.flatten(2, 3)
+    hidden_states = hidden_states.to(query.dtype)
+    seen(query, key, value, hidden_states)
+    if encoder_hidden_states is not None:
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        hidden_states = attn.to_out[0](hidden_states.contiguous())
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+    return hidden_states
+
+
 class FluxConceptAttnProcessor:
     """An attention processor for FLUX's blocks that records the image-to-text attention of the concept
     tokens, while its output stays diffusers' `FluxAttnProcessor`'s.
@@ -179,13 +232,12 @@ class FluxConceptAttnProcessor:
     A double-stream block's attention gets the image tokens as `hidden_states` and the text tokens as
     `encoder_hidden_states` (their own projections); a single-stream block's gets one sequence, [text;
     image], whose first `token_weights.shape[1]` tokens are the text. On recorded steps it runs
-    `FluxAttnProcessor`'s own steps (diffusers 0.42.1), the same operations in the same order, so the output
-    is the same bits, and between the rotary turn and the attention call it records
-    ``softmax(Q_image K_text^T / sqrt(d))`` over the text keys from the queries and keys the block has just
-    formed, as for SD3 (`JointConceptAttnProcessor`). Nothing is projected twice: per FLUX.1 block at
-    1024 px the record adds the image-by-text product, ~13 GFLOP against the block's ~1,170 (counted by
-    hand; recomputing the image queries and text keys, as the first version did, added ~100 more).
-    Unrecorded steps call `FluxAttnProcessor` itself."""
+    `FluxAttnProcessor`'s own steps (`flux_attention`) and records ``softmax(Q_image K_text^T / sqrt(d))``
+    over the text keys from the queries and keys the block has formed (projections, RMS norms, the rotary
+    turn of the joint positions), as for SD3 (`JointConceptAttnProcessor`). Nothing is projected twice: per
+    FLUX.1 block at 1024 px the record adds the image-by-text product, ~13 GFLOP against the block's ~1,170
+    (counted by hand; recomputing the image queries and text keys, as the first version did, added ~100
+    more). Unrecorded steps call `FluxAttnProcessor` itself."""
 
     def __init__(self, accumulator: AttentionAccumulator):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -198,61 +250,21 @@ class FluxConceptAttnProcessor:
     ):
         if not self.acc.enabled:
             return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        # 1. FluxAttnProcessor's projections, RMS norms, [text; image] concatenation and rotary turn.
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # 2. The record: image queries over the text keys (the text comes first in both streams' layout).
+        # the text comes first in both blocks' layout
         n_text = (
             encoder_hidden_states.shape[1]
             if encoder_hidden_states is not None
             else self.acc.token_weights.shape[1]
         )
-        scores = torch.einsum("bqhd,bkhd->bhqk", query[:, n_text:], key[:, :n_text]) * attn.head_dim**-0.5
-        b, h, n_img, _ = scores.shape
-        self.acc.add(scores.softmax(-1).reshape(b * h, n_img, n_text), h)
-        # 3. FluxAttnProcessor's attention call and output projections.
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self.fast._attention_backend,
-            parallel_config=self.fast._parallel_config,
+
+        def record(query, key, value, out):
+            scores = torch.einsum("bqhd,bkhd->bhqk", query[:, n_text:], key[:, :n_text]) * attn.head_dim**-0.5
+            b, h, n_img, _ = scores.shape
+            self.acc.add(scores.softmax(-1).reshape(b * h, n_img, n_text), h)
+
+        return flux_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, self.fast, record
         )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
-                dim=1,
-            )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
 
 
 def cross_attention_names(model) -> list[str]:

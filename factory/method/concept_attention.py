@@ -8,8 +8,8 @@ weights: its modulation (on a time embedding whose pooled CLIP vector is zero), 
 q/k RMS norms, output projection and MLP. In each block the word queries attend one way to [words; image]
 keys (position ids zero, so no rotary turn for the words; the image keys turned as the block turns them);
 the image and text tokens never attend to the words, so the image the model makes is unchanged: the block's
-own attention runs as diffusers' `FluxAttnProcessor` does, and only its image output before the output
-projection is read (a hook on ``to_out[0]``).
+own attention runs `FluxAttnProcessor`'s steps (`attention.flux_attention`), whose image keys, values and
+attention output (before the output projection) the words then use: nothing is projected twice.
 
 On a recorded block and step the map is ``softmax_words(o_word . o_image)`` at the concept, where ``o`` are
 the attention outputs before the output projection with the heads flattened; a word of several tokens
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from factory.method.attention import AttentionAccumulator
+from factory.method.attention import AttentionAccumulator, flux_attention
 from factory.method.readouts import CONCEPT_OUTPUT_LAST_BLOCKS, Readout
 
 
@@ -77,7 +77,6 @@ class _WordStreams:
         self.rows = rows
         self.hidden: torch.Tensor | None = None  # (b, N, inner) the words' residual stream
         self.temb: torch.Tensor | None = None
-        self.image_out: torch.Tensor | None = None  # the block's image attention output, before to_out
 
     def key_mask(self, b: int, n_img: int) -> torch.Tensor:
         """(b, 1, 1, N + n_img): the words' tokens and every image token are keys, padding is not."""
@@ -86,8 +85,10 @@ class _WordStreams:
 
 
 class ConceptOutputProcessor:
-    """On a double-stream block: diffusers' `FluxAttnProcessor` for the image and text, then (on recorded
-    steps) one step of the word streams through this block, recording the map if `record`."""
+    """On a double-stream block: diffusers' `FluxAttnProcessor`'s steps for the image and text
+    (`attention.flux_attention`, the same output bits), then (on recorded steps) one step of the word
+    streams through this block from the image keys, values and attention output the block has just formed,
+    recording the map if `record`."""
 
     def __init__(self, block, state: _WordStreams, record: bool):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -100,45 +101,48 @@ class ConceptOutputProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
     ):
-        out = self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         s = self.state
-        if s.acc.enabled:
-            self._advance_words(attn, hidden_states[s.rows], encoder_hidden_states.shape[1], image_rotary_emb)
-        return out
+        if not s.acc.enabled:
+            return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        n_text = encoder_hidden_states.shape[1]
+        image = {}
 
-    def _advance_words(self, attn, image, n_text: int, rotary) -> None:
-        from diffusers.models.embeddings import apply_rotary_emb
+        def keep(query, key, value, out):  # the image's part, rows recorded
+            image.update(key=key[s.rows, n_text:], value=value[s.rows, n_text:], out=out[s.rows, n_text:])
 
+        result = flux_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, self.fast, keep
+        )
+        self._advance_words(attn, **image)
+        return result
+
+    def _advance_words(self, attn, key, value, out) -> None:
         s, block = self.state, self.block
 
         def heads(x):
             return x.unflatten(-1, (-1, attn.head_dim))  # (b, tokens, heads, head_dim)
 
-        # 1. The words through the text stream's modulation and projections.
+        # 1. The words through the text stream's modulation, projections and RMS norms (position ids zero:
+        # no rotary turn).
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(s.hidden, emb=s.temb)
         wq = attn.norm_added_q(heads(attn.add_q_proj(normed)))
         wk = attn.norm_added_k(heads(attn.add_k_proj(normed)))
         wv = heads(attn.add_v_proj(normed))
-        # 2. The image keys and values as the block forms them (its rotary turn at the image positions).
-        ik = attn.norm_k(heads(attn.to_k(image)))
-        iv = heads(attn.to_v(image))
-        if rotary is not None:
-            cos, sin = rotary
-            ik = apply_rotary_emb(ik, (cos[n_text:], sin[n_text:]), sequence_dim=1)
-        # 3. Word queries over [words; image] keys, padding words masked out.
-        keys = torch.cat([wk, ik], 1).transpose(1, 2)
-        values = torch.cat([wv, iv], 1).transpose(1, 2)
-        b, n_img = image.shape[:2]
+        # 2. Word queries over [words; image] keys (the block's own image keys, turned, and values), padding
+        # words masked out.
+        keys = torch.cat([wk, key], 1).transpose(1, 2)
+        values = torch.cat([wv, value], 1).transpose(1, 2)
+        b, n_img = out.shape[:2]
         words_out = F.scaled_dot_product_attention(
             wq.transpose(1, 2), keys, values, attn_mask=s.key_mask(b, n_img)
         )
         words_out = words_out.transpose(1, 2).flatten(2, 3)  # (b, N, inner): before the output projection
-        # 4. The map: word outputs . image outputs, a word's tokens averaged, softmax over the words.
+        # 3. The map: word outputs . image outputs, a word's tokens averaged, softmax over the words.
         if self.record:
-            scores = torch.einsum("bnd,bpd->bnp", words_out.float(), s.image_out[s.rows].float())
+            scores = torch.einsum("bnd,bpd->bnp", words_out.float(), out.float())
             per_word = torch.einsum("bnp,bnw->bwp", scores, s.streams.groups.float())
             s.acc.add_map(per_word.softmax(1)[:, 0])
-        # 5. The words' residual update, as the text stream's.
+        # 4. The words' residual update, as the text stream's.
         hidden = s.hidden + gate_msa.unsqueeze(1) * attn.to_add_out(words_out.to(s.hidden.dtype))
         normed = block.norm2_context(hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         s.hidden = hidden + gate_mlp.unsqueeze(1) * block.ff_context(normed)
@@ -180,20 +184,11 @@ def capture_concept_output(
             state.temb = module.time_text_embed(timestep, guidance[rows].to(dtype) * 1000, pooled)
         state.hidden = module.context_embedder(streams.tokens.to(dtype))
 
-    def keep_image_output(module, args):
-        if acc.enabled:
-            state.image_out = args[0]
-
-    hooks = [transformer.register_forward_pre_hook(start_words, with_kwargs=True)]
-    hooks += [
-        transformer.transformer_blocks[i].attn.to_out[0].register_forward_pre_hook(keep_image_output)
-        for i in range(blocks[-1] + 1)
-    ]
+    hook = transformer.register_forward_pre_hook(start_words, with_kwargs=True)
     transformer.set_attn_processor({n: processors.get(n, p) for n, p in original.items()})
     try:
         yield acc
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
         transformer.set_attn_processor(original)
-        state.hidden = state.temb = state.image_out = None
+        state.hidden = state.temb = None
