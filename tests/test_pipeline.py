@@ -243,11 +243,11 @@ def test_the_progress_bar_moves_per_committed_part(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_a_cpu_actor_refines_its_own_samples_and_a_gpu_actor_hands_on_drafts(tmp_path):
-    """Who runs Steps 5-6 (`GenerateShard.finish_in_actor`): a CPU actor finishes its triplets itself (its
-    writers share its cores, and finishing in each writer process cost it scikit-learn's and OpenCV's
-    imports: the demo ran ~20% longer); a GPU actor hands drafts on (its GPU waits for no refined mask).
-    The writer takes either, and both give the same encoded samples."""
+def test_a_cpu_actor_refines_and_writes_its_own_samples_and_a_gpu_actor_hands_on_drafts(tmp_path):
+    """Who runs Steps 5-6 and the write (`GenerateShard.finish_in_actor`): a CPU actor finishes its triplets
+    and commits its parts itself (writer processes would share its cores: the demo ran ~15-20% longer); a
+    GPU actor hands drafts to writer tasks (its GPU waits for no refined mask). The writer takes either, and
+    both give the same encoded samples."""
     from factory.dataset.pipeline import GenerateShard
     from factory.dataset.specs import generation_shards
     from factory.dataset.writers import as_triplet
@@ -261,15 +261,17 @@ def test_a_cpu_actor_refines_its_own_samples_and_a_gpu_actor_hands_on_drafts(tmp
     class Writer:  # stands in for the Ray task: keeps what the actor hands on
         @staticmethod
         def remote(job, shard, part, records, *rest):
-            handed.append(records)
+            handed.append(("task", records))
             return ray.put({})
 
     actor.write_part = Writer
+    actor.commit_part = lambda job, shard, part, records, *rest: handed.append(("actor", records))
     task = generation_shards(cfg)[0]
     actor._shard(task)
     actor.finish_in_actor = False  # what a GPU actor does
     actor._shard(task)
-    triplets, drafts = handed
+    assert [where for where, _ in handed] == ["actor", "task"]  # committed in the CPU actor; a GPU's task
+    triplets, drafts = (records for _, records in handed)
     assert all("mask" in r and "settings" not in r for r in triplets)  # finished in the actor
     assert all("settings" in r and "mask" not in r for r in drafts)  # handed on unfinished
     for t, d in zip(triplets, drafts, strict=True):

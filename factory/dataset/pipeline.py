@@ -93,12 +93,16 @@ class GenerateShard:
         self.min_side = MIN_LATENT_CELLS * self.distiller.vae_factor if self.user_error is None else 0
         self.store = ShardStore(self.cfg.output.uri, self.cfg.output.storage_options)
         self.write_part = ray.remote(num_cpus=self.cfg.resources.writer_num_cpus)(write_part)
+        self.commit_part = write_part  # the same function, in this process (a CPU actor's parts)
         self.progress = progress  # the driver's PartProgress, or None
-        # Who runs Steps 5-6 (the refined mask: CPU work). A GPU actor hands its drafts to the writer tasks,
-        # so that the GPU waits for no refined mask. A CPU actor finishes them itself: its writer tasks run
-        # on the same cores, and finishing there cost each writer process the imports of scikit-learn and
-        # OpenCV besides (the demo's refine took 0.17-0.40 s a sample in the writers against 0.015 in the
-        # actor, and the job ~20% more wall time than when the actor refined; issue 31).
+        # Who runs Steps 5-6 (the refined mask: CPU work) and writes the parts. A GPU actor hands its drafts
+        # to writer tasks, so that the GPU waits for no refined mask and no encoding. A CPU actor finishes
+        # and commits its parts itself: writer tasks would run on its own cores, and cost more there than
+        # the work (issue 31, the demo, 2 actors on 2 cores): finishing in each writer process paid the
+        # imports of scikit-learn and OpenCV (refine 0.17-0.40 s a sample against 0.015 in the actor), and
+        # Ray started a fresh worker process for most part writes (10 of the 12 that ran the demo's 21
+        # writes ran one each: idle workers beyond the CPU count are stopped after a second), which slowed
+        # the actors' own stages by ~15% (generate 0.85 s a sample against 0.72 with the writes at the end).
         self.finish_in_actor = self.user_error is None and self.distiller.device.type == "cpu"
 
     def _run(self, samples: list[dict]) -> tuple[list, dict]:
@@ -149,8 +153,8 @@ class GenerateShard:
                 ray.get(pending)
                 crash_point("MID_SHARD")
             t0 = time.perf_counter()
-            # the samples' drafts (Steps 1-4, the model calls), finished (Steps 5-6) by whoever has the CPU
-            # to spare (`finish_in_actor`)
+            # the samples' drafts (Steps 1-4, the model calls), finished (Steps 5-6) and written by whoever
+            # has the CPU to spare (`finish_in_actor`)
             drafts, errors = self._run(task.samples(self.cfg, a, b))
             items = [d.finish() for d in drafts] if self.finish_in_actor else drafts
             records = [  # a Draft's or a Triplet's fields; the meta gains where it was made
@@ -159,11 +163,11 @@ class GenerateShard:
             max_bytes = max(max_bytes, sum(t.nbytes for t in items))  # what Ray stores for the write
             generate_s = time.perf_counter() - t0
             origin = {"node": self.node, "pid": os.getpid()}
-            pending.append(
-                self.write_part.remote(
-                    self.job, task.name, name, records, errors, origin, generate_s, self.progress
-                )
-            )
+            args = (self.job, task.name, name, records, errors, origin, generate_s, self.progress)
+            if self.finish_in_actor:  # a CPU actor: committed here, before the next call
+                self.commit_part(*args)
+            else:
+                pending.append(self.write_part.remote(*args))
             del records, drafts, items  # the object store holds them now
             generated += 1
             if len(pending) > WRITES_IN_FLIGHT:  # bounded: never more than this many calls in memory

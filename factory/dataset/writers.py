@@ -32,9 +32,10 @@ def write_part(
     gen_s: float,
     progress=None,
 ):
-    """Ray task: one call's records, filtered and encoded, committed as one part of `shard`. A GPU actor's
-    records are drafts, finished here (the refined mask: CPU work, here rather than in the GPU actor); a CPU
-    actor's are triplets already (`GenerateShard.finish_in_actor`).
+    """One call's records, filtered and encoded, committed as one part of `shard`: a Ray task beside a GPU
+    actor, whose records are drafts, finished here (the refined mask: CPU work, here rather than in the GPU
+    actor); called in the actor by a CPU actor, whose records are triplets already
+    (`GenerateShard.finish_in_actor`).
 
     `origin` names the actor that generated them ({"node", "pid"}); the shard's stats keep it per part.
     `progress`: the driver's `PartProgress`, told the part's samples once it is committed."""
