@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[test,students]'
 	touch $@
 
-demo: venv ## the main job on the embedded toyworld default (local Ray, CPU, ~6 min)
+demo: venv ## the main job on the embedded toyworld default (local Ray, CPU, ~5 min)
 	$(VENV)/bin/factory generate configs/toyworld.yaml
 
 test: venv lint ## lint, then the default test suite: what CI runs (~18 min on 2 cores)
