@@ -261,7 +261,9 @@ class ShardStore:
             self.fs.rm(folder, recursive=True)
 
     def remove_parts_folder_if_empty(self) -> None:
-        """After a complete run: no shard is in the making, so `_parts/` goes too."""
+        """After a complete run: no shard is in the making, so `_parts/` goes too (after the parts of
+        committed shards that a late writer left there)."""
+        self.remove_committed_parts()
         folder = self.path(PARTS)
         self.fs.invalidate_cache(folder)
         if self.fs.exists(folder) and not self.fs.ls(folder, detail=False):
@@ -291,19 +293,29 @@ class ShardStore:
         stale = [p for p in self.fs.ls(self.root, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
         for p in stale:
             self.fs.rm(p)
+        stale += self.remove_committed_parts()
         if self.fs.exists(self.path(PARTS)):
-            committed = self.committed()
             for folder in self.fs.ls(self.path(PARTS), detail=False):
-                shard = folder.rstrip("/").rsplit("/", 1)[-1]
-                if shard in committed:
-                    self.remove_parts(shard)
-                    stale.append(folder)
-                else:  # a part's temporary file, left by a crash inside its commit
-                    for p in self.fs.ls(folder, detail=False):
-                        if ".tmp-" in p.rsplit("/", 1)[-1]:
-                            self.fs.rm(p)
-                            stale.append(p)
+                for p in self.fs.ls(folder, detail=False):  # a part's temporary file, left by a crash
+                    if ".tmp-" in p.rsplit("/", 1)[-1]:
+                        self.fs.rm(p)
+                        stale.append(p)
         return len(stale)
+
+    def remove_committed_parts(self) -> list[str]:
+        """Remove the part folders of shards that are committed: left when a crash came between a shard's
+        commit and its parts' removal, or written late by an actor that Ray had already given up (its node
+        removed while it committed a part, and the shard assembled from a retry's). Returns them."""
+        folder = self.path(PARTS)
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
+            return []
+        committed, removed = self.committed(), []
+        for sub in self.fs.ls(folder, detail=False):
+            if sub.rstrip("/").rsplit("/", 1)[-1] in committed:
+                self.fs.rm(sub, recursive=True)
+                removed.append(sub)
+        return removed
 
     def write_manifest(self, expected: list[str], job: dict) -> dict:
         """Rebuild manifest.json from every committed shard's stats."""
