@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 demo: venv ## the main job on the embedded toyworld default (local Ray, CPU, ~5 min)
 	$(VENV)/bin/factory generate configs/toyworld.yaml
 
-test: venv lint ## lint, then the default test suite: what CI runs (~18 min on 2 cores)
+test: venv lint ## lint, then the default test suite: what CI runs (~16-18 min on 2 cores)
 	$(PY) -m pytest -q
 
 test-fast: venv ## the fast lane: no training (Ray Train, DeepSpeed, Tune), no whole jobs (~2 min)
