@@ -290,11 +290,9 @@ def cross_attention_names(model) -> list[str]:
     (``...attn2.processor``), an SD3 transformer's joint attention (``transformer_blocks.N.attn...``), or
     every attention of a FLUX transformer's double- and single-stream blocks."""
     processors = model.attn_processors
-    if _layout(model) == "flux":  # every double- and single-stream block's attention
+    if denoiser_layout(model) == "flux":  # every double- and single-stream block's attention
         names = [n for n in processors if n.endswith(".attn.processor")]
-    elif (
-        _layout(model) == "joint"
-    ):  # SD3.5's blocks also have an `attn2`: image-only self-attention, not read
+    elif denoiser_layout(model) == "joint":  # SD3.5's blocks also have an image-only `attn2`, not read
         names = [
             n for n in processors if n.startswith("transformer_blocks.") and n.endswith(".attn.processor")
         ]
@@ -308,7 +306,7 @@ def cross_attention_names(model) -> list[str]:
     return names
 
 
-def _layout(model) -> str:
+def denoiser_layout(model) -> str:
     """ "flux" (double- and single-stream blocks), "joint" (SD3's MMDiT) or "unet", from the model's config
     (also when torch.compile'd)."""
     if hasattr(model.config, "num_single_layers"):
@@ -318,7 +316,7 @@ def _layout(model) -> str:
 
 def _capture_processor(model, acc: AttentionAccumulator):
     processor = {"flux": FluxConceptAttnProcessor, "joint": JointConceptAttnProcessor}
-    return processor.get(_layout(model), ConceptAttnProcessor)(acc)
+    return processor.get(denoiser_layout(model), ConceptAttnProcessor)(acc)
 
 
 CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor, FluxConceptAttnProcessor)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from factory.errors import UserError
-from factory.method.attention import capture_concept_attention
+from factory.method.attention import capture_concept_attention, denoiser_layout
 from factory.method.prompts import ConceptTokenError, encode_prompts, token_weight_matrix
 from factory.method.readouts import READOUTS, Readout
 from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
@@ -219,7 +219,7 @@ def capture(module, token_weights, size: int, record_rows=None, readout: Readout
     if readout is not None and readout.name == "concept_output":
         from factory.method.concept_attention import capture_concept_output
 
-        if not hasattr(module.config, "num_single_layers"):
+        if denoiser_layout(module) != "flux":
             raise ValueError("the concept_output readout reads FLUX's double-stream blocks only")
         return capture_concept_output(module, readout, size, record_rows)
     layers = readout.layers if readout is not None else None
@@ -231,11 +231,8 @@ def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser | FluxDenoiser:
     and `in_channels`, as the classes above), or from a bare UNet (SD-style), SD3 or FLUX transformer."""
     if hasattr(model, "capture") and hasattr(model, "in_channels"):
         return model
-    if hasattr(model.config, "num_single_layers"):
-        return FluxDenoiser(model)
-    if hasattr(model.config, "joint_attention_dim"):
-        return TransformerDenoiser(model)
-    return UNetDenoiser(model)
+    denoiser = {"flux": FluxDenoiser, "joint": TransformerDenoiser}
+    return denoiser.get(denoiser_layout(model), UNetDenoiser)(model)
 
 
 @register_family
