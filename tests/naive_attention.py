@@ -102,6 +102,39 @@ class StoreFluxAttention:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
 
 
+class StoreZImageAttention:
+    """Naive reference for Z-Image's main layers: the whole [image; caption] x [image; caption] probability
+    tensor computed explicitly (the batch padding masked), with the rotary turn; its image-to-caption block
+    renormalized over the caption's keys is kept, zero-padded to `width` keys (the token weights' width).
+    The image is the first `n_img` tokens; the caption starts at `start` (the image padded to 32)."""
+
+    def __init__(self, store, n_img: int, start: int, width: int):
+        self.store, self.n_img, self.start, self.width = store, n_img, start, width
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        def heads(x):
+            return x.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+
+        def rotate(x):  # complex rotation by freqs_cis, written out
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)
+
+        q, k = rotate(q), rotate(k)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (b, heads, tokens, d)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1)
+        image_to_caption = probs[:, :, : self.n_img, self.start :]
+        kept = image_to_caption / image_to_caption.sum(-1, keepdim=True)
+        self.store.append(F.pad(kept, (0, self.width - kept.shape[-1]))[..., : self.width])
+        out = (probs @ v).transpose(1, 2).flatten(2)
+        return attn.to_out[0](out)
+
+
 def naive_map(store, weights, size):
     maps = []
     for probs in store:  # (b, heads, queries, tokens)

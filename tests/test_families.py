@@ -9,11 +9,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from naive_attention import StoreCrossAttention, StoreFluxAttention, StoreJointAttention, naive_map
+from naive_attention import (
+    StoreCrossAttention,
+    StoreFluxAttention,
+    StoreJointAttention,
+    StoreZImageAttention,
+    naive_map,
+)
 from tiny_models import BUILDERS, FAMILY_OF
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
-from factory.method.attention import AttentionAccumulator, cross_attention_names
+from factory.method.attention import (
+    AttentionAccumulator,
+    attention_processors,
+    cross_attention_names,
+    set_attention_processors,
+)
 from factory.method.families import (
     FAMILIES,
     UnsupportedFamilyError,
@@ -53,31 +64,70 @@ def test_capture_equals_naive_full_computation_and_keeps_the_output(tiny):
     got = acc.mean()
 
     module = family.denoiser_module
-    original = dict(module.attn_processors)
+    original = attention_processors(module)
     store = []
     if build == "flux":
         naive = StoreFluxAttention(store, n_text=w.shape[1])
+    elif build == "z_image":  # 8 x 8 image tokens (already a multiple of 32), then the caption
+        naive = StoreZImageAttention(store, n_img=64, start=64, width=w.shape[1])
     else:
         naive = StoreJointAttention(store) if is_flow(pipe.scheduler) else StoreCrossAttention(store)
     names = set(cross_attention_names(module))
-    module.set_attn_processor({n: (naive if n in names else p) for n, p in original.items()})
+    set_attention_processors(module, {n: (naive if n in names else p) for n, p in original.items()})
     try:
         with torch.no_grad():
             outs_naive = [denoiser(z, t, cond) for t in ts]
     finally:
-        module.set_attn_processor(dict(original))  # set_attn_processor empties the dict it is given
+        set_attention_processors(module, original)
     assert acc.count == len(store) == 2 * len(names) > 0
     torch.testing.assert_close(got, naive_map(store, w, 16), rtol=1e-5, atol=1e-7)
     for a, b in zip(outs, outs_naive, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert dict(module.attn_processors) == original  # restored, the same objects
+    assert attention_processors(module) == original  # restored, the same objects
+
+
+def test_z_image_capture_masks_the_batch_padding_of_captions_of_different_lengths():
+    """Z-Image pads each caption to a multiple of 32 tokens and the batch to the longest: a caption of over
+    32 tokens beside a short one makes the key mask, which the capture must apply as the model does."""
+    from tiny_models import z_image_pipeline
+
+    pipe = z_image_pipeline()
+    family = detect_family(pipe)
+    long = "a photo of a red ring on a striped background" + " on a dotted background" * 5
+    prompts, words = ["a photo of a star", long], [["star"], ["ring"]]
+    cond = family.encode(prompts)
+    assert cond.mask.sum(1).tolist()[0] <= 32 < cond.mask.sum(1).tolist()[1]  # two lengths after padding
+    w = family.token_weights(prompts, words)
+    denoiser = family.denoiser()
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), denoiser.capture(w, 16) as acc:
+        out = denoiser(z, torch.tensor(500.0), cond)
+    module, store = family.denoiser_module, []
+    original = attention_processors(module)
+    naive = StoreZImageAttention(store, n_img=64, start=64, width=w.shape[1])
+    names = set(cross_attention_names(module))
+    set_attention_processors(module, {n: (naive if n in names else p) for n, p in original.items()})
+    try:
+        with torch.no_grad():
+            out_naive = denoiser(z, torch.tensor(500.0), cond)
+    finally:
+        set_attention_processors(module, original)
+    torch.testing.assert_close(acc.mean(), naive_map(store, w, 16), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out, out_naive, rtol=1e-4, atol=1e-5)
+    # each sample's map is its own: alone in a batch it is the same
+    with torch.no_grad(), denoiser.capture(w[1:], 16) as alone:
+        denoiser(z[1:], torch.tensor(500.0), family.encode(prompts[1:]))
+    torch.testing.assert_close(alone.mean()[0], acc.mean()[1], rtol=1e-4, atol=1e-6)
+    assert prompts[0] == "a photo of a star"  # the pipeline templates the list it is given: ours is a copy
+    with pytest.raises(UnsupportedFamilyError, match="concept_output.*z_image model .it is for: flux"):
+        Distiller("tiny-z", pipeline=pipe, config=DistillConfig(readout="concept_output"))
 
 
 # --- synthesis and label mode end to end --------------------------------------------------------------
 def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
     build, pipe = tiny
     module = detect_family(pipe).denoiser_module
-    before = dict(module.attn_processors)
+    before = attention_processors(module)
     d = Distiller(build, pipeline=pipe, config=FAST)
     specs = [SampleSpec(Concept("star"), seed=s) for s in (1, 2)]
     out = d.synthesize(specs)
@@ -88,7 +138,7 @@ def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
         assert t.meta["family"] == FAMILY_OF[build] and t.meta["concept"] == "star"
     assert (
         out[0].meta["prediction_type"]
-        == {"sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}[build]
+        == {"sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow", "z_image": "flow"}[build]
     )
     # a sample depends on its seed, not on its batch
     (alone,) = d.synthesize(specs[1:])
@@ -99,17 +149,24 @@ def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
     photo = np.random.default_rng(0).integers(0, 255, (40, 24, 3), dtype=np.uint8)
     (lab,) = d.label([photo], Concept("ring"), seeds=[3])
     assert lab.image.shape == (40, 24, 3) and lab.mask.shape == (40, 24) and lab.meta["mode"] == "label"
-    assert dict(module.attn_processors) == before
+    assert attention_processors(module) == before
 
 
 def test_concept_tokens_are_found_in_every_tokenizer(tiny):
     build, pipe = tiny
     family = detect_family(pipe)
-    assert len(family.tokenizers) == {"sd2": 1, "sdxl": 2, "sd3": 2, "flux": 2}[build]
+    assert len(family.tokenizers) == {"sd2": 1, "sdxl": 2, "sd3": 2, "flux": 2, "z_image": 1}[build]
     w = family.token_weights(["a photo of a star"], [["star"]])
-    star = pipe.tokenizer("a photo of a star")["input_ids"].index(
-        pipe.tokenizer.convert_tokens_to_ids("star</w>")
-    )
+    if build == "z_image":  # Qwen's byte-level "Ġstar", in the chat-templated prompt
+        ids = pipe.tokenizer(family.templated("a photo of a star"))["input_ids"]
+        star = ids.index(pipe.tokenizer.convert_tokens_to_ids("\u0120star"))
+        assert w.shape[1] == family.sequence_length and ids[0] == pipe.tokenizer.convert_tokens_to_ids(
+            "<|im_start|>"
+        )
+    else:
+        star = pipe.tokenizer("a photo of a star")["input_ids"].index(
+            pipe.tokenizer.convert_tokens_to_ids("star</w>")
+        )
     assert w[0].nonzero().flatten().tolist() == [star]  # the same position, whatever the pad token
     if build == "sd3":
         assert w.shape[1] == pipe.tokenizer.model_max_length + family.max_sequence_length
@@ -278,7 +335,7 @@ def test_an_unsupported_family_is_refused_by_name(tmp_path):
     }
     with pytest.raises(UnsupportedFamilyError, match="Flux2Pipeline with a Flux2Transformer2DModel") as err:
         family_name_of_index(flux2)
-    for name in ("SDXL", "Stable Diffusion 3", "1.x/2.x", "FLUX.1"):
+    for name in ("SDXL", "Stable Diffusion 3", "1.x/2.x", "FLUX.1", "Z-Image"):
         assert name in str(err.value)
     (tmp_path / "flux2").mkdir()
     (tmp_path / "flux2" / "model_index.json").write_text(json.dumps(flux2))
@@ -288,7 +345,7 @@ def test_an_unsupported_family_is_refused_by_name(tmp_path):
     ):
         with pytest.raises(UnsupportedFamilyError, match="serves Stable Diffusion 1.x/2.x"):
             call()
-    assert FAMILIES.names() == ("sd", "sdxl", "sd3", "flux")
+    assert FAMILIES.names() == ("sd", "sdxl", "sd3", "flux", "z_image")
     # the preflight refuses it before Ray starts, as a one-line user error
     from factory.dataset.config import load_config
     from factory.dataset.preflight import check_model
@@ -336,7 +393,7 @@ def test_a_generate_job_per_family(tmp_path, local_ray):
                 "concepts=[{name: star, samples: 2}]",
                 "sampler.steps=4",
                 "sampler.probe_t0=3",
-                "sampler.resolution=32",  # the tiny FLUX's pipeline would say 256 (tiny_models.py)
+                "sampler.resolution=32",  # the tiny models' VAEs say 32 too
                 "inpaint.steps=4",
                 "output.samples_per_shard=2",
                 "resources.actors=1",

@@ -1,7 +1,9 @@
 """Tiny random-weight pipelines of every family the factory serves, built as diffusers' own fast tests build
 theirs (a few thousand parameters, 32 px): SD 2.x-style (v-prediction, linear projections, an OpenCLIP-style
-pad token), SDXL, SD3 and FLUX.1. The tokenizer is toyworld's (no hub here); toyworld's own pipeline is the
-SD 1.x case. Their images and masks are noise: they check code paths and shapes, not quality.
+pad token), SDXL, SD3, FLUX.1 and Z-Image. The CLIP tokenizer is toyworld's (no hub here); Z-Image's Qwen3
+tokenizer is a byte-level BPE trained here on the grammar's words, with Qwen3's chat template; toyworld's
+own pipeline is the SD 1.x case. Their images and masks are noise: they check code paths and shapes, not
+quality.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
 )
 
 from factory.method.loading import SHORT_NAMES
 
-FAMILY_BUILDS = ("sd2", "sdxl", "sd3", "flux")  # toyworld is the SD 1.x case
+FAMILY_BUILDS = ("sd2", "sdxl", "sd3", "flux", "z_image")  # toyworld is the SD 1.x case
 
 
 def tokenizer(openclip_pad: bool = False) -> CLIPTokenizer:
@@ -231,8 +238,87 @@ def flux_pipeline(num_layers: int = 1) -> FluxPipeline:
     return _ready(pipe)
 
 
-BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
-FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+# Qwen3's chat template, as far as ZImagePipeline uses it: one user turn, the generation prompt, and the
+# empty thinking block when thinking is off
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def qwen_tokenizer() -> Qwen2TokenizerFast:
+    """A Qwen-style byte-level BPE (Qwen3's special tokens and chat template) trained on the toyworld
+    grammar's words: a word after a space is one "Ġword" token, as in Qwen's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from factory.toyworld.world import vocabulary
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" " + " ".join(vocabulary())] * 4 + [" user assistant fire truck"] * 2, trainer)
+    qwen = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    qwen.chat_template = QWEN3_CHAT_TEMPLATE
+    return qwen
+
+
+def z_image_pipeline() -> ZImagePipeline:
+    """Z-Image-shaped: a single-stream transformer (one noise refiner, one context refiner, two main layers
+    over [image; caption], 2 x 2 patches, 3-axis rotary positions), a Qwen3 text encoder read at its
+    penultimate layer through the chat template, a shifted VAE, Z-Image-Turbo's flow scheduler (shift 3)."""
+    torch.manual_seed(0)
+    tok = qwen_tokenizer()
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 32, 32],
+    )
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    return _ready(pipe)
+
+
+BUILDERS = {
+    "sd2": sd2_pipeline,
+    "sdxl": sdxl_pipeline,
+    "sd3": sd3_pipeline,
+    "flux": flux_pipeline,
+    "z_image": z_image_pipeline,
+}
+FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "z_image": "z_image"}
 
 
 def _ready(pipe):

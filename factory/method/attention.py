@@ -22,6 +22,12 @@ FLUX.1's transformer has double-stream blocks (image and text tokens with their 
 attention) and single-stream blocks (one [text; image] sequence). `FluxConceptAttnProcessor` goes on every
 block's ``attn`` and records the same image-to-text map there, the rotary embedding applied as the block
 applies it; the output stays diffusers' `FluxAttnProcessor`'s.
+
+Z-Image's transformer is single-stream: after refiner blocks that see the image alone and the caption alone,
+its main `layers` run one attention over [image; caption] per sample (each part padded to a multiple of 32
+tokens, the batch padded with a key mask). `ZImageConceptAttnProcessor` goes on those layers' attention and
+records the image-to-caption map there, over the caption's part of the sequence (its tokens and the pad
+tokens that fill it), as FLUX's map is taken over T5's whole padded sequence.
 """
 
 from __future__ import annotations
@@ -67,21 +73,28 @@ class AttentionAccumulator:
         sel = torch.einsum("bhqt,bt->bq", p, w).float() / heads  # mean over heads
         self.add_map(sel)
 
-    def add_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
+    def add_attention(
+        self, query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> None:
         """query: (recorded rows, image tokens, heads, d), key: (recorded rows, text tokens, heads, d), as a
-        FLUX block forms them. Adds the same map as `add` does for ``softmax(Q K^T / sqrt(d))`` at the
-        concept's tokens, computed by the fused attention kernel instead of forming the probabilities:
-        attention with every value column the token weights gives each query's weighted probability mass,
-        ``softmax(Q K^T / sqrt(d)) @ w``. Measured on the CPU (1024 x 512 x 24 heads): 26 ms against 61
-        for the probabilities written out; the value's width is the head dimension, which keeps the fused
-        kernel (a one-column value fell back to the unfused path, 71 ms)."""
-        b, _, heads, d = query.shape
-        values = self._values.get((heads, d, query.dtype))
+        FLUX block forms them; `key_mask` (recorded rows, text tokens), True where a key is read. The token
+        weights are read over the keys (zero-padded or cut to their number). Adds the same map as `add` does
+        for ``softmax(Q K^T / sqrt(d))`` at the concept's tokens, computed by the fused attention kernel
+        instead of forming the probabilities: attention with every value column the token weights gives each
+        query's weighted probability mass, ``softmax(Q K^T / sqrt(d)) @ w``. Measured on the CPU (1024 x 512 x
+        24 heads): 26 ms against 61 for the probabilities written out; the value's width is the head
+        dimension, which keeps the fused kernel (a one-column value fell back to the unfused path, 71 ms)."""
+        b, n_keys, heads, d = query.shape[0], key.shape[1], query.shape[2], query.shape[3]
+        values = self._values.get((heads, d, n_keys, query.dtype))
         if values is None:
             w = self.token_weights[self.record_rows].to(query.dtype)
-            values = w[:, None, :, None].expand(b, heads, w.shape[1], d).contiguous()
-            self._values[(heads, d, query.dtype)] = values
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), values)
+            w = F.pad(w, (0, max(0, n_keys - w.shape[1])))[:, :n_keys]  # the weights over these keys
+            values = w[:, None, :, None].expand(b, heads, n_keys, d).contiguous()
+            self._values[(heads, d, n_keys, query.dtype)] = values
+        mask = key_mask[:, None, None, :] if key_mask is not None else None
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), values, attn_mask=mask
+        )
         self.add_map(out[..., 0].float().mean(1))  # every column is the same; the mean over heads
 
     def add_map(self, maps: torch.Tensor) -> None:
@@ -285,13 +298,113 @@ class FluxConceptAttnProcessor:
         )
 
 
+Z_IMAGE_SEQ_MULTIPLE = 32  # Z-Image pads the image's and the caption's tokens each to a multiple of this
+
+
+def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen):
+    """diffusers' `ZSingleStreamAttnProcessor.__call__` (0.42.1) step for step, the same operations in the
+    same order, calling ``seen(query, key, mask)`` with the queries and keys after the RMS norms and the
+    rotary turn, (b, tokens, heads, d), and the (b, tokens) key mask (None: every key)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+    key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    def apply_rotary_emb(x_in, freqs):  # the processor's own closure, as it is
+        with torch.amp.autocast("cuda", enabled=False):
+            x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
+            return torch.view_as_real(x * freqs.unsqueeze(2)).flatten(3).type_as(x_in)
+
+    if freqs_cis is not None:
+        query = apply_rotary_emb(query, freqs_cis)
+        key = apply_rotary_emb(key, freqs_cis)
+    dtype = query.dtype
+    query, key = query.to(dtype), key.to(dtype)
+    seen(query, key, attention_mask)
+    if attention_mask is not None and attention_mask.ndim == 2:
+        attention_mask = attention_mask[:, None, None, :]
+    assert isinstance(fast, ZSingleStreamAttnProcessor)
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=0.0,
+        is_causal=False,
+        backend=fast._attention_backend,
+        parallel_config=fast._parallel_config,
+    )
+    hidden_states = hidden_states.flatten(2, 3).to(dtype)
+    output = attn.to_out[0](hidden_states)
+    if len(attn.to_out) > 1:
+        output = attn.to_out[1](output)
+    return output
+
+
+class ZImageConceptAttnProcessor:
+    """An attention processor for Z-Image's main (single-stream) layers that records the image-to-caption
+    attention of the concept tokens, while its output stays diffusers' `ZSingleStreamAttnProcessor`'s.
+
+    A main layer's sequence is, per sample, [image tokens, padded to a multiple of 32; caption tokens,
+    padded likewise], the batch padded after them (the key mask). The image has ``(size / 2)^2`` tokens
+    (2 x 2 patches of the `size` x `size` latents); the caption's part starts after the padded image. The
+    map is ``softmax(Q_image K_caption^T / sqrt(d))`` over the caption's part, at the concept's tokens
+    (`AttentionAccumulator.add_attention`, the fused kernel, with the batch padding masked)."""
+
+    def __init__(self, accumulator: AttentionAccumulator):
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        self.acc = accumulator
+        self.fast = ZSingleStreamAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        if not self.acc.enabled:
+            return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        n_img = (self.acc.size // 2) ** 2
+        start = -(-n_img // Z_IMAGE_SEQ_MULTIPLE) * Z_IMAGE_SEQ_MULTIPLE
+
+        def record(query, key, mask):
+            rows = self.acc.record_rows
+            key_mask = mask[rows, start:].bool() if mask is not None else None
+            self.acc.add_attention(query[rows, :n_img], key[rows, start:], key_mask)
+
+        return z_image_attention(attn, hidden_states, attention_mask, freqs_cis, self.fast, record)
+
+
+def attention_processors(model) -> dict:
+    """{name: processor} of every attention of `model`: diffusers' `attn_processors`, or (a model without
+    it, as Z-Image's transformer) each `Attention` module's processor under ``<module>.processor``."""
+    if hasattr(model, "attn_processors"):
+        return dict(model.attn_processors)
+    from diffusers.models.attention_processor import Attention
+
+    return {f"{n}.processor": m.processor for n, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def set_attention_processors(model, processors: dict) -> None:
+    """Install `processors` ({name: processor}, every attention's) on `model`; see `attention_processors`."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it is given
+        return
+    for name, processor in processors.items():
+        model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
 def cross_attention_names(model) -> list[str]:
     """Processor names of the layers where a concept map is read: a UNet's cross-attention layers
     (``...attn2.processor``), an SD3 transformer's joint attention (``transformer_blocks.N.attn...``), or
-    every attention of a FLUX transformer's double- and single-stream blocks."""
-    processors = model.attn_processors
+    every attention of a FLUX transformer's double- and single-stream blocks, or Z-Image's main layers."""
+    processors = attention_processors(model)
     if denoiser_layout(model) == "flux":  # every double- and single-stream block's attention
         names = [n for n in processors if n.endswith(".attn.processor")]
+    elif denoiser_layout(model) == "z_image":  # the main layers over [image; caption], not the refiners
+        names = [n for n in processors if n.startswith("layers.")]
     elif denoiser_layout(model) == "joint":  # SD3.5's blocks also have an image-only `attn2`, not read
         names = [
             n for n in processors if n.startswith("transformer_blocks.") and n.endswith(".attn.processor")
@@ -307,19 +420,30 @@ def cross_attention_names(model) -> list[str]:
 
 
 def denoiser_layout(model) -> str:
-    """ "flux" (double- and single-stream blocks), "joint" (SD3's MMDiT) or "unet", from the model's config
-    (also when torch.compile'd)."""
+    """ "flux" (double- and single-stream blocks), "z_image" (single-stream), "joint" (SD3's MMDiT) or
+    "unet", from the model's config (also when torch.compile'd)."""
     if hasattr(model.config, "num_single_layers"):
         return "flux"
+    if hasattr(model.config, "n_refiner_layers"):
+        return "z_image"
     return "joint" if hasattr(model.config, "joint_attention_dim") else "unet"
 
 
 def _capture_processor(model, acc: AttentionAccumulator):
-    processor = {"flux": FluxConceptAttnProcessor, "joint": JointConceptAttnProcessor}
+    processor = {
+        "flux": FluxConceptAttnProcessor,
+        "z_image": ZImageConceptAttnProcessor,
+        "joint": JointConceptAttnProcessor,
+    }
     return processor.get(denoiser_layout(model), ConceptAttnProcessor)(acc)
 
 
-CAPTURE_PROCESSORS = (ConceptAttnProcessor, JointConceptAttnProcessor, FluxConceptAttnProcessor)
+CAPTURE_PROCESSORS = (
+    ConceptAttnProcessor,
+    JointConceptAttnProcessor,
+    FluxConceptAttnProcessor,
+    ZImageConceptAttnProcessor,
+)
 
 
 @contextlib.contextmanager
@@ -337,7 +461,7 @@ def capture_concept_attention(
     size: output resolution (the latent side); every layer is upsampled nearest to it.
     layers: indices into `cross_attention_names(unet)` to record; None: every one.
     """
-    original = dict(unet.attn_processors)
+    original = attention_processors(unet)
     names = cross_attention_names(unet)
     if layers is not None and max(layers) >= len(names):
         raise ValueError(
@@ -358,11 +482,11 @@ def capture_concept_attention(
         return
     acc = AttentionAccumulator(token_weights, size, record_rows)
     capture = _capture_processor(unet, acc)
-    unet.set_attn_processor({n: (capture if n in cross else p) for n, p in original.items()})
+    set_attention_processors(unet, {n: (capture if n in cross else p) for n, p in original.items()})
     try:
         yield acc
     finally:
-        unet.set_attn_processor(original)
+        set_attention_processors(unet, original)
 
 
 def install_capture(unet) -> None:
@@ -373,4 +497,6 @@ def install_capture(unet) -> None:
     capture = _capture_processor(unet, AttentionAccumulator(weights, 1))
     capture.acc.enabled = False
     cross = set(cross_attention_names(unet))
-    unet.set_attn_processor({n: (capture if n in cross else p) for n, p in unet.attn_processors.items()})
+    set_attention_processors(
+        unet, {n: (capture if n in cross else p) for n, p in attention_processors(unet).items()}
+    )

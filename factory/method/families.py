@@ -1,6 +1,7 @@
-"""Model families: what differs between SD 1.x/2.x, SDXL and SD3 pipelines, and only that, in one place.
+"""Model families: what differs between SD 1.x/2.x, SDXL, SD3, FLUX.1 and Z-Image pipelines, and only that,
+in one place.
 
-    family = detect_family(pipe)              # SDFamily, SDXLFamily, SD3Family or FluxFamily
+    family = detect_family(pipe)              # SDFamily, SDXLFamily, SD3Family, FluxFamily, ZImageFamily
     cond = family.encode(["a photo of a bird"])            # a Conditioning: text tokens (+ pooled)
     weights = family.token_weights(prompts, [["bird"]])    # 1 at the concept's tokens of the text stream
     denoiser = family.denoiser()                           # eps / v / flow prediction for (z, t, cond)
@@ -25,6 +26,9 @@ The families, how each is detected, called, conditioned and read:
 - `flux`: a `FluxTransformer2DModel` (FLUX.1): double- and single-stream blocks over 2 x 2-packed latents;
   the text is T5's tokens (CLIP gives the pooled vector); the concept map comes from the image-to-text
   attention of every block; rectified flow with a resolution-dependent shift.
+- `z_image`: a `ZImageTransformer2DModel` (Z-Image, Z-Image-Turbo): single-stream layers over [image;
+  caption]; the caption is Qwen3's hidden states of the chat-templated prompt; the concept map comes from
+  the image-to-caption attention of the main layers; rectified flow.
 
 The prediction type (epsilon, v) is the scheduler config's, so every sampler step, the probe's noising and
 the blending of the inpainting follow it without code of their own here. Text embeddings are computed by
@@ -40,7 +44,12 @@ import torch
 
 from factory.errors import UserError
 from factory.method.attention import capture_concept_attention, denoiser_layout
-from factory.method.prompts import ConceptTokenError, encode_prompts, token_weight_matrix
+from factory.method.prompts import (
+    ConceptTokenError,
+    concept_token_indices,
+    encode_prompts,
+    token_weight_matrix,
+)
 from factory.method.readouts import READOUTS, Readout
 from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from factory.registry import Registry, first_match
@@ -88,22 +97,25 @@ def family_name_of_index(index: dict, model: str = "the model") -> str:
 
 @dataclass
 class Conditioning:
-    """What the denoiser is conditioned on: the text tokens (B, T, D) and, for SDXL and SD3, the pooled text
-    embedding (B, P)."""
+    """What the denoiser is conditioned on: the text tokens (B, T, D), for SDXL, SD3 and FLUX the pooled text
+    embedding (B, P), and for Z-Image, whose captions keep only their own tokens, the mask (B, T) of the
+    tokens each caption has (the rest is zero padding)."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def to(self, dtype: torch.dtype) -> Conditioning:
         pooled = self.pooled.to(dtype) if self.pooled is not None else None
-        return Conditioning(self.hidden.to(dtype), pooled)
+        return Conditioning(self.hidden.to(dtype), pooled, self.mask)
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
-        pooled = [p.pooled for p in parts]
+        pooled, masks = [p.pooled for p in parts], [p.mask for p in parts]
         return Conditioning(
             torch.cat([p.hidden for p in parts]),
             torch.cat(pooled) if pooled[0] is not None else None,
+            torch.cat(masks) if masks[0] is not None else None,
         )
 
 
@@ -213,6 +225,22 @@ class FluxDenoiser(Denoiser):
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+class ZImageDenoiser(Denoiser):
+    """A `ZImageTransformer2DModel` behind the same call, as `ZImagePipeline` calls it: each sample's latents
+    as a (C, 1, h, w) frame and its caption's own tokens (the `Conditioning` mask), the timestep as
+    ``(1000 - t) / 1000``, and the prediction negated: the flow prediction for (z, t, cond)."""
+
+    def __init__(self, transformer):
+        self.module = transformer
+        self.in_channels = transformer.config.in_channels
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        timestep = (1000 - t.to(z.device).reshape(-1).expand(z.shape[0]).to(z.dtype)) / 1000
+        captions = [h[m] for h, m in zip(cond.hidden, cond.mask.bool(), strict=True)]
+        out = self.module(list(z.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+
 def capture(module, token_weights, size: int, record_rows=None, readout: Readout | None = None):
     """The capture of `readout` (default: `image_to_text` on every layer) on a denoiser module: a context
     manager yielding the `AttentionAccumulator` whose `enabled` chooses the recorded steps."""
@@ -226,12 +254,13 @@ def capture(module, token_weights, size: int, record_rows=None, readout: Readout
     return capture_concept_attention(module, token_weights, size, record_rows, layers)
 
 
-def as_denoiser(model) -> UNetDenoiser | TransformerDenoiser | FluxDenoiser:
+def as_denoiser(model) -> Denoiser:
     """A denoiser from one (anything with `__call__(z, t, cond)`, `capture(weights, size, rows, readout=)`
-    and `in_channels`, as the classes above), or from a bare UNet (SD-style), SD3 or FLUX transformer."""
+    and `in_channels`, as the classes above), or from a bare UNet (SD-style), SD3, FLUX or Z-Image
+    transformer."""
     if hasattr(model, "capture") and hasattr(model, "in_channels"):
         return model
-    denoiser = {"flux": FluxDenoiser, "joint": TransformerDenoiser}
+    denoiser = {"flux": FluxDenoiser, "joint": TransformerDenoiser, "z_image": ZImageDenoiser}
     return denoiser.get(denoiser_layout(model), UNetDenoiser)(model)
 
 
@@ -477,7 +506,14 @@ class FluxFamily(SDFamily):
         return FluxDenoiser(module if module is not None else self.denoiser_module, self.guidance)
 
     def native_resolution(self) -> int:
-        return getattr(self.pipe, "default_sample_size", 128) * self.vae_factor
+        """The VAE config's `sample_size` (1024 for FLUX.1's, as `FluxPipeline`'s default 128 x 8; 64 for the
+        toyworld DiT), else the pipeline's default."""
+        size = getattr(self.pipe.vae.config, "sample_size", None) if self.pipe.vae is not None else None
+        return (
+            size
+            if isinstance(size, int)
+            else getattr(self.pipe, "default_sample_size", 128) * self.vae_factor
+        )
 
     @property
     def resolution_multiple(self) -> int:
@@ -554,6 +590,77 @@ class FluxFamily(SDFamily):
         with torch.no_grad():
             states = encoder(torch.tensor([full], device=encoder.device))[0]
         return states[0, at : at + len(ids)]
+
+
+@register_family
+class ZImageFamily(FluxFamily):
+    """Z-Image (Tongyi-MAI's Z-Image and Z-Image-Turbo): a single-stream rectified-flow transformer over 2 x 2
+    patches of FLUX.1's VAE latents. Refiner blocks see the image alone and the caption alone, then the main
+    layers run one attention over [image; caption] per sample (`ZImageDenoiser`). The caption is Qwen3's
+    penultimate hidden states of the prompt in Qwen3's chat template (user turn, generation prompt), only
+    the tokens it has; the concept's tokens are found in that templated prompt. The concept map is the
+    image-to-caption attention of the main layers (`factory.method.attention.ZImageConceptAttnProcessor`).
+    Its flow schedule and canvas rules are FLUX's (`FluxFamily`: the shift if dynamic, 2 x 2 patches).
+
+    Not served: the `concept_output` readout (its streams reuse FLUX's text-stream weights; Z-Image's main
+    layers have one set of weights for every token, and no port of ConceptAttention to it has been
+    measured)."""
+
+    name = "z_image"
+    description = "Z-Image"
+    denoiser_class = "ZImageTransformer2DModel"
+    required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    readouts = ("image_to_text",)
+    tokenizer_names = ("tokenizer",)
+    max_sequence_length = 512  # the pipeline's default
+
+    @property
+    def sequence_length(self) -> int:
+        return self.max_sequence_length
+
+    def denoiser(self, module=None) -> ZImageDenoiser:
+        return ZImageDenoiser(module if module is not None else self.denoiser_module)
+
+    def templated(self, prompt: str) -> str:
+        """`prompt` as `ZImagePipeline` hands it to Qwen3: in the chat template, thinking enabled."""
+        return self.pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The pipeline's caption embeddings, each its own length, zero-padded to the longest with a mask."""
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(
+                list(prompts),  # a copy: the pipeline writes the templated prompts into the list it is given
+                device=self.pipe.text_encoder.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.sequence_length,
+            )
+        hidden = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.sequence_length - hidden.shape[1]))
+        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for row, e in enumerate(embeds):
+            mask[row, : len(e)] = True
+        return Conditioning(hidden, None, mask)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        """(B, caption tokens): 1 at the concept words' tokens in the templated prompt."""
+        w = torch.zeros(len(prompts), self.sequence_length)
+        for row, (prompt, ws) in enumerate(zip(prompts, words, strict=True)):
+            at = concept_token_indices(self.pipe.tokenizer, self.templated(prompt), ws)
+            if at[-1] >= self.sequence_length:
+                raise ConceptTokenError(
+                    f"the concept's tokens in {prompt!r} are beyond Z-Image's {self.sequence_length} caption "
+                    "tokens; shorten the prompt"
+                )
+            w[row, at] = 1.0
+        return w
+
+    def concept_streams(self, words, background):
+        raise UnsupportedFamilyError("the concept_output readout is not served for a Z-Image model")
 
 
 def detect_family(pipe) -> SDFamily:

@@ -329,7 +329,7 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
             name), "vae".
 
     Returns:
-        {"model_index": ..., "family": "sd" | "sdxl" | "sd3", "denoiser": ..., "vae": ...}
+        {"model_index": ..., "family": a `FAMILIES` name, "denoiser": ..., "vae": ...}
 
     Raises:
         ModelLoadError: the model cannot be found, or lacks a component its family needs.
@@ -382,5 +382,8 @@ def model_geometry(model: str) -> tuple[int, int]:
     """(native resolution in pixels, VAE downsampling factor) from the model's configs alone, no weights."""
     configs = read_model_configs(model)
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    # FLUX's transformer config has no sample_size: its pipeline's default_sample_size is 128 latent cells
-    return int(configs["denoiser"].get("sample_size", 128)) * factor, factor
+    if "sample_size" in configs["denoiser"]:  # a UNet's or SD3 transformer's, in latent cells
+        return int(configs["denoiser"]["sample_size"]) * factor, factor
+    # FLUX's and Z-Image's transformers have none: the VAE's (FluxFamily.native_resolution), else the
+    # pipeline's default of 128 latent cells
+    return int(configs["vae"].get("sample_size") or 128 * factor), factor

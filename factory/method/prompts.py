@@ -38,6 +38,10 @@ def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> lis
         if not piece:
             raise ConceptTokenError(f"concept word {word!r} produces no tokens with this tokenizer")
         starts = [i for i in range(len(ids) - len(piece) + 1) if ids[i : i + len(piece)] == piece]
+        if not starts:  # a byte-level BPE (Qwen's, Mistral's) spells a word after a space otherwise
+            spaced = _encode(tokenizer, " " + word, special=False)
+            starts = [i for i in range(len(ids) - len(spaced) + 1) if ids[i : i + len(spaced)] == spaced]
+            piece = spaced if starts else piece
         if not starts:
             raise ConceptTokenError(
                 f"concept word {word!r} occurs in {prompt!r} but not as its own tokens {piece} in "
