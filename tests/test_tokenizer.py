@@ -41,3 +41,26 @@ def test_concept_is_token_five_as_in_sd(tokenizer):
 def test_unknown_words_still_tokenize(tokenizer):
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("bird", add_special_tokens=False).input_ids)
     assert "".join(pieces).replace("</w>", "") == "bird"
+
+
+# --- the toyworld DiT's T5 tokenizer ------------------------------------------------------------------------
+def test_the_t5_tokenizer_spells_each_grammar_word_as_one_piece_and_refuses_others(tmp_path):
+    from transformers import T5TokenizerFast
+
+    from factory.toyworld.tokenizer import write_t5_tokenizer
+
+    tok = T5TokenizerFast.from_pretrained(write_t5_tokenizer(tmp_path / "t5", vocabulary(), 16))
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)  # T5's special ids
+    assert len(tok) == 3 + len(vocabulary()) and tok.model_max_length == 16
+    ids = tok("a photo of a star").input_ids
+    assert tok.convert_ids_to_tokens(ids) == [
+        "\u2581a",
+        "\u2581photo",
+        "\u2581of",
+        "\u2581a",
+        "\u2581star",
+        "</s>",
+    ]
+    for word in vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    assert tok("unicorn", add_special_tokens=False).input_ids == [tok.unk_token_id]

@@ -1,6 +1,7 @@
 """`trainers`: the training entry points of Concept Factory.
 
 trainers pretrain-toyworld [...]   pretrain the toyworld foundation model (CPU recipe)
+trainers pretrain-toyworld-dit [...] pretrain the toyworld DiT (FLUX.1 architecture, CPU recipe)
 trainers toyworld-quality [...]    measure the toyworld model's attention probe against ground truth
 trainers toyworld-classifier [...] concept accuracy of the toyworld model's samples (shape classifier)
 trainers evaluate-masks [...]      score the method's masks (M_pre, refined M, attention AUC) on a split
@@ -9,6 +10,7 @@ trainers students CONFIG [...]     timm-backbone students (paper Step 6), every 
 trainers evaluate [...]            score a student, a mask folder or GrabCut on a labelled set (ACC/IoU/mIoU)
 trainers toyworld-tables [...]     the paper's Tables 1 and 2 end to end in toyworld (one command)
 trainers scheduler-sweep [...]     refined-mask IoU per Step-4 sampler and step count on a split
+trainers readout-sweep [...]       AUC, M_pre and refined M per concept-map readout and window on a split
 
 Model-loading bars and library log lines are off; --verbose (finetune, students) or CF_VERBOSE=1 brings
 them back. A mistake of the user's is one line, `trainers CMD: error: ...` (exit 2); --debug shows the
@@ -21,6 +23,7 @@ import sys
 
 COMMANDS = {
     "pretrain-toyworld": ("trainers.toyworld.pretrain", "pretrain the toyworld foundation model"),
+    "pretrain-toyworld-dit": ("trainers.toyworld.pretrain_dit", "pretrain the toyworld DiT (FLUX.1)"),
     "toyworld-quality": ("trainers.toyworld.quality", "measure the toyworld model against ground truth"),
     "toyworld-classifier": ("trainers.toyworld.classifier", "concept accuracy of toyworld samples"),
     "evaluate-masks": ("trainers.evaluate.method_masks", "score the method's masks on a labelled split"),
@@ -29,6 +32,7 @@ COMMANDS = {
     "evaluate": ("trainers.evaluate.score", "score a student or mask source on a labelled set"),
     "toyworld-tables": ("trainers.toyworld.tables", "the paper's tables in toyworld"),
     "scheduler-sweep": ("trainers.toyworld.scheduler_sweep", "mask IoU per Step-4 sampler and step count"),
+    "readout-sweep": ("trainers.toyworld.readout_sweep", "masks per concept-map readout and window"),
 }
 
 

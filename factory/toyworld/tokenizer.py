@@ -1,4 +1,5 @@
-"""A CLIP-format BPE vocabulary for the toyworld caption grammar.
+"""Tokenizers for the toyworld caption grammar: a CLIP-format BPE vocabulary (the SD model's and the DiT's
+CLIP) and a T5-format one (the DiT's T5).
 
 The files written here (vocab.json + merges.txt) have exactly the layout of OpenAI CLIP's tokenizer:
 256 byte symbols, the same 256 with the end-of-word marker ``</w>``, then one entry per merge, then
@@ -6,6 +7,11 @@ The files written here (vocab.json + merges.txt) have exactly the layout of Open
 it loads Stable Diffusion's tokenizer. The merges are learned by plain BPE on the grammar's words until
 every word is a single token, so "a photo of a star" tokenizes like CLIP does ("star" at index 5). Any
 other English word still tokenizes, as a sequence of character-level pieces.
+
+The T5 tokenizer (`write_t5_tokenizer`) is what T5's SentencePiece tokenizer is: a Unigram model over
+"\u2581word" pieces with T5's special tokens (<pad> 0, </s> 1, <unk> 2) and "</s>" appended, saved as a
+`tokenizer.json` that `transformers.T5TokenizerFast.from_pretrained(dir)` loads. Each grammar word is one
+piece; a word outside the grammar is <unk>, so a concept T5 cannot spell is refused as in a real FLUX.
 """
 
 from __future__ import annotations
@@ -87,4 +93,30 @@ def write_clip_tokenizer(out_dir: str | Path, words: list[str], model_max_length
     (out / "special_tokens_map.json").write_text(
         json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2)
     )
+    return out
+
+
+def write_t5_tokenizer(out_dir: str | Path, words: list[str], model_max_length: int) -> Path:
+    """Write a T5 tokenizer (tokenizer.json + its config) over `words`; see the module docstring."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        ("\u2581" + w, -1.0) for w in sorted(set(words))
+    ]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    out = Path(out_dir)
+    T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    ).save_pretrained(out)
     return out

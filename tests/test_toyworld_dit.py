@@ -1,0 +1,58 @@
+"""The toyworld DiT (FLUX.1 architecture): its pretraining recipe for a few steps (finite loss, a checkpoint
+that resumes, an export that `FluxPipeline` loads and the `flux` family serves at 64 px)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.families import detect_family
+from trainers.toyworld.pretrain_dit import DiTPretrainConfig, pretrain_dit
+
+
+@pytest.mark.training
+def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
+    torch.set_num_threads(2)
+    cfg = DiTPretrainConfig(
+        out=str(tmp_path / "model"),
+        work_dir=str(tmp_path / "work"),
+        pool_size=64,
+        steps=6,
+        batch=4,
+        warmup=2,
+        eval_every=6,
+        eval_images=2,
+        ckpt_every=3,
+        width=32,
+        heads=2,
+        double_layers=1,
+        single_layers=1,
+    )
+    info = pretrain_dit(cfg, command="first")
+    assert info["steps"] == 6 and len(info["history"]) == 1
+    assert np.isfinite(info["history"][0]["loss"]) and 0.0 <= info["history"][0]["auc"] <= 1.0
+    ckpt = torch.load(tmp_path / "work" / "dit_ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["done"]
+    cfg.steps = 8  # resume: continues from step 6
+    info2 = pretrain_dit(cfg, command="second")
+    assert info2["steps"] == 8 and [h["step"] for h in info2["history"]] == [6, 8]
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["commands"] == ["first", "second"]
+
+    pipe = FluxPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    family = detect_family(pipe)
+    assert family.name == "flux" and family.native_resolution() == 64 and pipe.vae.config.shift_factor == 0.0
+    assert not pipe.transformer.config.guidance_embeds
+    # the parent's CLIP is kept as it was (frozen): FLUX's pooled vector
+    parent = detect_family(pipe).pipe.text_encoder.state_dict()
+    from transformers import CLIPTextModel
+
+    from factory.method.loading import SHORT_NAMES
+
+    shipped = CLIPTextModel.from_pretrained(SHORT_NAMES["toyworld"] / "text_encoder").state_dict()
+    assert all(torch.equal(parent[k], shipped[k]) for k in shipped)
+    d = Distiller(str(tmp_path / "model"), config=DistillConfig(4, 3, inpaint_steps=4))
+    [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.image.shape == (64, 64, 3) and t.meta["family"] == "flux"

@@ -1,0 +1,324 @@
+"""Pretrain the toyworld DiT: a FLUX.1-architecture text-to-image model, from scratch on toyworld renders.
+
+The model (`factory.toyworld.model`, "the toyworld DiT") is what `FluxPipeline` loads and the `flux` family
+serves, at toyworld's size: 64x64 images, 16x16x4 latents packed into 64 tokens of 2 x 2 patches. The recipe:
+
+1. render the pool (the SD model's: seeds 0..pool_size-1) and encode it once with the VAE of `--vae-from`
+   (the shipped toyworld model's by default: the DiT shares its latent space);
+2. CLIP, FLUX's pooled vector, is that model's text encoder, frozen (FLUX.1's text encoders are frozen);
+3. the T5 encoder (a new 2-layer one over the grammar's vocabulary) and the transformer are trained jointly
+   with the rectified-flow objective of SD3 and FLUX: x_s = (1 - s) x0 + s noise, the target is
+   noise - x0, s drawn logit-normal (mean 0, std 1), 10% caption dropout, an EMA copy. CLIP's pooled vector
+   is dropped (the empty caption's) for half the samples on its own, as SD3 drops each text encoder
+   independently: with it always there, the pooled vector alone told the model the shape (a trained
+   CLIP from the first step; the T5 tokens and their attention were not used by step 3000, the concept map's
+   AUC stayed below 0.5);
+4. every `eval_every` steps the EMA model's concept-map AUC is measured through the Distiller's own probe
+   (`image_to_text`, the paper's 40 of 50 steps) on held-out renders, and the run checkpoints;
+5. the EMA model is exported as a diffusers `FluxPipeline` directory.
+
+Departures from FLUX.1, each forced by toyworld: the T5 is trained with the transformer (no pretrained T5
+of the grammar exists; FLUX's T5-XXL is frozen), and the model has no guidance embedding (it is not
+guidance-distilled, like FLUX.1-schnell).
+
+A run resumes from its work dir's checkpoint (model, EMA, optimizer, step, RNG) when run again.
+
+    trainers pretrain-toyworld-dit --out factory/models/toyworld-dit --work-dir runs/dit --max-minutes 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from factory.toyworld import model as tw_model
+from factory.toyworld.tokenizer import write_t5_tokenizer
+from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
+from trainers.ema import EMA
+from trainers.toyworld.pretrain import EVAL_SEED_BASE, _atomic_save, encode_pool, render_pool
+
+
+@dataclass
+class DiTPretrainConfig:
+    out: str = "factory/models/toyworld-dit"
+    work_dir: str = "runs/toyworld-dit"
+    vae_from: str = "toyworld"  # the VAE and the (frozen) CLIP text encoder of this exported model
+    seed: int = 0
+    pool_size: int = 24000
+    steps: int = 100000
+    batch: int = 32
+    lr: float = 3e-4
+    warmup: int = 500
+    caption_dropout: float = 0.1
+    pooled_dropout: float = 0.5  # CLIP's pooled vector alone, as SD3's independent text-encoder dropout
+    ema_decay: float = 0.999
+    eval_every: int = 1000
+    eval_images: int = 32
+    ckpt_every: int = 500
+    max_minutes: float | None = None
+    threads: int | None = None
+    width: int = tw_model.DIT_WIDTH
+    heads: int = tw_model.DIT_HEADS
+    double_layers: int = tw_model.DIT_DOUBLE
+    single_layers: int = tw_model.DIT_SINGLE
+    device: str = "cpu"
+
+
+@torch.no_grad()
+def concept_map_auc(pipe, n_images: int, seed: int = 0) -> tuple[float, dict[str, float]]:
+    """The pixel AUC-ROC of the Distiller's concept maps (`image_to_text`, the paper's probe: 40 of 50 steps,
+    "a photo of a {concept}") on held-out renders, pooled and per concept."""
+    from factory.method.distiller import Distiller
+    from factory.method.settings import Concept, DistillConfig, SampleSpec
+    from trainers.evaluate.metrics import pixel_auc, pixel_auc_by_group
+
+    samples = [render(EVAL_SEED_BASE + i, background_only=False) for i in range(n_images)]
+    distiller = Distiller("toyworld-dit", pipeline=pipe, config=DistillConfig(micro_batch=n_images))
+    specs = [SampleSpec(Concept(s.concept), seed + i) for i, s in enumerate(samples)]
+    maps = distiller.probe([s.image for s in samples], specs).attention
+    up = F.interpolate(maps[:, None].float().cpu(), size=samples[0].image.shape[0], mode="nearest")[:, 0]
+    gts = [s.mask for s in samples]
+    return pixel_auc(list(up.numpy()), gts), pixel_auc_by_group(
+        list(up.numpy()), gts, [s.concept for s in samples]
+    )
+
+
+def build_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(
+        scheduler=tw_model.build_flow_scheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_parent(cfg: DiTPretrainConfig):
+    """The VAE (with FLUX's `shift_factor`, 0) and the frozen CLIP text encoder + tokenizer of `vae_from`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from factory.method.loading import resolve_model
+
+    src = Path(resolve_model(cfg.vae_from))
+    vae = AutoencoderKL.from_pretrained(src / "vae")
+    if vae.config.get("shift_factor") is None:
+        vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scale + shift
+    clip = CLIPTextModel.from_pretrained(src / "text_encoder")
+    clip_tokenizer = CLIPTokenizer.from_pretrained(src / "tokenizer")
+    for module in (vae, clip):
+        module.requires_grad_(False).eval().to(cfg.device)
+    return vae, clip, clip_tokenizer
+
+
+def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
+    """Stage 2 of the recipe above for the DiT (steps 1-5 of the module docstring)."""
+    from transformers import T5TokenizerFast
+
+    from factory.method.families import Conditioning, FluxDenoiser
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    # 1. The pool's latents, encoded once by the parent's VAE.
+    vae, clip, clip_tokenizer = load_parent(cfg)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(
+        write_t5_tokenizer(work / "tokenizer_2", vocabulary(), tw_model.MAX_TOKENS)
+    )
+    pool = render_pool(cfg.pool_size, 0, "render pool")
+    lat_mean, lat_std = encode_pool(vae, np.stack([s.image for s in pool]))
+    sf, shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    # 2. Pooled CLIP vectors (frozen), cached per caption.
+    pooled_cache: dict[str, torch.Tensor] = {}
+
+    def pooled(captions: list[str]) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in pooled_cache})
+        if missing:
+            ids = clip_tokenizer(
+                missing,
+                padding="max_length",
+                max_length=clip_tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(cfg.device)
+            with torch.no_grad():
+                out = clip(ids).pooler_output
+            pooled_cache.update(zip(missing, out, strict=True))
+        return torch.stack([pooled_cache[c] for c in captions])
+
+    # 3. The trained models, optimizer, EMA; resume.
+    torch.manual_seed(cfg.seed + 1)
+    transformer = tw_model.build_flux_transformer(
+        cfg.width, cfg.heads, cfg.double_layers, cfg.single_layers
+    ).to(cfg.device)
+    t5 = tw_model.build_t5_encoder(t5_tokenizer).to(cfg.device)
+    params = list(transformer.parameters()) + list(t5.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = EMA(params, cfg.ema_decay)
+    rng = np.random.default_rng(cfg.seed + 2)
+    step, history, elapsed_before, commands = 0, [], 0.0, []
+    ckpt_path = work / "dit_ckpt.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
+        transformer.load_state_dict(state["transformer"])
+        t5.load_state_dict(state["t5"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
+        step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
+        commands = state.get("commands", [])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        print(f"[dit] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
+    if command:
+        commands = [*commands, command]
+    eval_transformer, eval_t5 = copy.deepcopy(transformer).eval(), copy.deepcopy(t5).eval()
+    eval_params = list(eval_transformer.parameters()) + list(eval_t5.parameters())
+    denoiser = FluxDenoiser(transformer)
+    t_start = time.time()
+
+    def save(done: bool = False) -> None:
+        _atomic_save(
+            {
+                "transformer": transformer.state_dict(),
+                "t5": t5.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.shadow,
+                "ema_updates": ema.updates,
+                "step": step,
+                "history": history,
+                "elapsed": elapsed_before + time.time() - t_start,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "done": done,
+                "config": asdict(cfg),
+                "commands": commands,
+            },
+            ckpt_path,
+        )
+
+    def eval_pipe():
+        ema.copy_to(eval_params)
+        return build_pipeline(vae, clip, clip_tokenizer, eval_t5, t5_tokenizer, eval_transformer)
+
+    # 4. Train: rectified flow, logit-normal noise levels.
+    bar = tqdm(total=cfg.steps, initial=step, desc="dit", mininterval=5)
+    losses: list[float] = []
+    while step < cfg.steps:
+        transformer.train()
+        t5.train()
+        idx = rng.integers(len(pool), size=cfg.batch)
+        x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx]) - shift) * sf
+        captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
+        ids = t5_tokenizer(
+            captions,
+            padding="max_length",
+            max_length=t5_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(cfg.device)
+        sigma = torch.sigmoid(torch.randn(cfg.batch, device=cfg.device))
+        noise = torch.randn_like(x0)
+        s = sigma[:, None, None, None]
+        clip_captions = ["" if rng.random() < cfg.pooled_dropout else c for c in captions]
+        cond = Conditioning(t5(ids)[0], pooled(clip_captions))
+        pred = denoiser((1 - s) * x0 + s * noise, sigma * 1000, cond)
+        loss = F.mse_loss(pred, noise - x0)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        # 5. Evaluate, checkpoint, stop at the deadline.
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            auc, by_concept = concept_map_auc(eval_pipe(), cfg.eval_images)
+            worst = min(by_concept, key=by_concept.get)
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(losses[-cfg.eval_every :])),
+                    "auc": auc,
+                    "auc_per_concept": by_concept,
+                    "minutes": (elapsed_before + time.time() - t_start) / 60,
+                }
+            )
+            tqdm.write(
+                f"[dit] step {step}: loss {history[-1]['loss']:.4f}, concept-map AUC {auc:.3f} "
+                f"(lowest: {worst} {by_concept[worst]:.3f}), {history[-1]['minutes']:.1f} min"
+            )
+        if step % cfg.ckpt_every == 0:
+            save()
+        if deadline is not None and time.time() > deadline:
+            tqdm.write("[dit] time budget reached: checkpointing and stopping (re-run to resume)")
+            break
+    bar.close()
+    save(done=step >= cfg.steps)
+
+    # 6. Export the EMA model.
+    out = Path(cfg.out)
+    eval_pipe().save_pretrained(out, safe_serialization=True)
+    info = {
+        "steps": step,
+        "history": history,
+        "commands": commands,
+        "train_minutes": (elapsed_before + time.time() - t_start) / 60,
+        "config": asdict(cfg),
+        "wall_minutes_this_run": (time.time() - t0) / 60,
+        "hardware": f"{torch.get_num_threads()} CPU threads" if cfg.device == "cpu" else cfg.device,
+        "concepts": list(CONCEPTS),
+        "parameters": {
+            "transformer": sum(p.numel() for p in transformer.parameters()),
+            "text_encoder_2": sum(p.numel() for p in t5.parameters()),
+        },
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    print(f"[done] exported to {out}; {step} steps, {info['train_minutes']:.1f} min of training")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="trainers pretrain-toyworld-dit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, default in asdict(DiTPretrainConfig()).items():
+        typ = type(default) if default is not None else (int if name == "threads" else float)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+    args = p.parse_args(argv)
+    pretrain_dit(
+        DiTPretrainConfig(**vars(args)),
+        command=shlex.join(["trainers", "pretrain-toyworld-dit", *(sys.argv[1:] if argv is None else argv)]),
+    )
+
+
+if __name__ == "__main__":
+    main()
