@@ -169,12 +169,60 @@ class ConceptAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def joint_attention(attn, hidden_states, encoder_hidden_states, seen):
+    """diffusers' `JointAttnProcessor2_0.__call__` (0.42.1) for SD3's joint attention, step for step (the same
+    output bits), calling ``seen(query, key)`` with the block's own [image; text] queries and keys after the
+    RMS norms, (b, heads, tokens, d)."""
+    residual = hidden_states
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    context_query = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+    context_key = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+    context_value = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+    context_query, context_key, context_value = (
+        x.transpose(1, 2) for x in (context_query, context_key, context_value)
+    )
+    if attn.norm_added_q is not None:
+        context_query = attn.norm_added_q(context_query)
+    if attn.norm_added_k is not None:
+        context_key = attn.norm_added_k(context_key)
+    query = torch.cat([query, context_query], dim=2)
+    key = torch.cat([key, context_key], dim=2)
+    value = torch.cat([value, context_value], dim=2)
+    seen(query, key)
+    hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    hidden_states = hidden_states.to(query.dtype)
+    hidden_states, encoder_hidden_states = (
+        hidden_states[:, : residual.shape[1]],
+        hidden_states[:, residual.shape[1] :],
+    )
+    if not attn.context_pre_only:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class JointConceptAttnProcessor:
     """An attention processor for SD3's joint attention that records the image-to-text attention of the
     concept tokens (see the module docstring), while its output stays diffusers' `JointAttnProcessor2_0`'s.
 
     The text tokens are the last ``encoder_hidden_states.shape[1]`` of the joint sequence, as diffusers
-    concatenates them.
+    concatenates them. On recorded steps it runs `JointAttnProcessor2_0`'s own steps (`joint_attention`) and
+    records from the queries and keys the block forms, through the fused kernel
+    (`AttentionAccumulator.add_attention`), as FLUX's processor does: nothing is projected twice.
     """
 
     def __init__(self, accumulator: AttentionAccumulator):
@@ -186,21 +234,17 @@ class JointConceptAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
             raise RuntimeError("JointConceptAttnProcessor must only be installed on joint attention")
-        if self.acc.enabled:
-            b, n_img = hidden_states.shape[:2]
-            heads = attn.heads
-            query = attn.to_q(hidden_states)
-            head_dim = query.shape[-1] // heads
-            query = query.view(b, -1, heads, head_dim).transpose(1, 2)
-            key = attn.add_k_proj(encoder_hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_added_k is not None:
-                key = attn.norm_added_k(key)
-            scores = query @ key.transpose(-1, -2) * attn.scale  # (b, heads, image tokens, text tokens)
-            probs = scores.softmax(-1)
-            self.acc.add(probs.reshape(b * heads, n_img, -1), heads)
-        return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if not self.acc.enabled:
+            return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        n_img = hidden_states.shape[1]
+
+        def record(query, key):  # (b, heads, tokens, d) -> add_attention's (b, tokens, heads, d)
+            rows = self.acc.record_rows
+            self.acc.add_attention(
+                query[rows, :, :n_img].transpose(1, 2), key[rows, :, n_img:].transpose(1, 2)
+            )
+
+        return joint_attention(attn, hidden_states, encoder_hidden_states, record)
 
 
 def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
