@@ -40,6 +40,7 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
     info2 = pretrain_dit(cfg, command="second")
     assert info2["steps"] == 8 and [h["step"] for h in info2["history"]] == [6, 8]
     assert json.loads((tmp_path / "model" / "training.json").read_text())["commands"] == ["first", "second"]
+    assert "FLUX.1-architecture" in (tmp_path / "model" / "README.md").read_text()  # its model card
 
     pipe = FluxPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
     family = detect_family(pipe)
