@@ -57,3 +57,17 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
     d = Distiller(str(tmp_path / "model"), config=DistillConfig(4, 3, inpaint_steps=4))
     [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
     assert t.image.shape == (64, 64, 3) and t.meta["family"] == "flux"
+
+    # both readouts side by side on a labelled split (trainers readout-sweep), one row per setting
+    from factory.toyworld.world import write_split
+    from trainers.toyworld.readout_sweep import markdown, sweep
+
+    split = write_split(tmp_path / "split", range(3000000000, 3000000003))
+    grid = ["sampler.readout=image_to_text", "sampler.readout=concept_output;sampler.readout_layers=[0]"]
+    fast = ["sampler.steps=4", "sampler.probe_t0=3", "inpaint.steps=4"]
+    rows = sweep(str(tmp_path / "model"), str(split), grid, fast, batch=3)
+    assert [r["setting"] for r in rows] == grid and all(0 <= r["attention_auc"] <= 1 for r in rows)
+    assert rows[1]["config"]["readout"] == "concept_output" and tuple(
+        rows[1]["config"]["readout_layers"]
+    ) == (0,)
+    assert markdown(rows).count("\n") == 2 + len(grid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from factory.dataset.config import method_config
@@ -31,7 +32,11 @@ def sweep(
 ) -> list[dict]:
     """One `evaluate_distiller` result per setting, with the setting's `--set` items under "setting"."""
     pipe = load_pipeline(model)
-    configs = [method_config([*shared, *[s for s in g.split(";") if s]]) for g in grid]  # all checked first
+    # every setting checked before any model work; `batch` samples per model call (a sample depends on its
+    # seed, not on its batch: the same masks as one at a time, faster on the CPU)
+    configs = [
+        replace(method_config([*shared, *[s for s in g.split(";") if s]]), micro_batch=batch) for g in grid
+    ]
     rows = []
     for g, cfg in zip(grid, configs, strict=True):
         t0 = time.time()
