@@ -71,3 +71,24 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
         rows[1]["config"]["readout_layers"]
     ) == (0,)
     assert markdown(rows).count("\n") == 2 + len(grid)
+
+
+def test_the_shipped_dit_loads_as_flux_and_draws_at_64_px():
+    from factory.method.loading import SHORT_NAMES, load_pipeline, model_geometry
+
+    path = SHORT_NAMES["toyworld-dit"]
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 60e6  # the bound for a shipped model
+    pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+    assert load_pipeline("toyworld-dit").transformer.config == pipe.transformer.config
+    family = detect_family(pipe)
+    assert family.name == "flux" and family.native_resolution() == 64 and model_geometry("toyworld-dit") == (64, 4)
+    # every concept is one T5 token; a word outside the grammar is refused for the concept_output streams
+    w = family.token_weights(["a photo of a heart"], [["heart"]])
+    assert w.sum() == 1 and w[0, 4] == 1
+    from factory.method.prompts import ConceptTokenError
+
+    with pytest.raises(ConceptTokenError, match="unicorn"):
+        family.concept_streams([["unicorn"]], ("background",))
+    card = (path / "README.md").read_text()
+    assert "## Measured" in card and "concept_output" in card

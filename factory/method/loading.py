@@ -22,7 +22,10 @@ import torch
 from factory.errors import UserError
 
 MODELS_DIR = Path(__file__).parent.parent / "models"  # factory/models: the shipped weights
-SHORT_NAMES: dict[str, Path] = {"toyworld": MODELS_DIR / "toyworld"}
+SHORT_NAMES: dict[str, Path] = {
+    "toyworld": MODELS_DIR / "toyworld",  # SD architecture
+    "toyworld-dit": MODELS_DIR / "toyworld-dit",  # FLUX.1 architecture (family flux)
+}
 # Architectures without weights (config files only): built with random weights at load time, for speed and
 # memory measurements (`factory bench`); their images and masks are noise.
 ARCHITECTURES: dict[str, Path] = {
@@ -64,7 +67,7 @@ def resolve_model(name_or_path: str) -> str:
             raise ModelLoadError(
                 f"the {name_or_path!r} model's weights are missing from {path}. They ship with the "
                 f"repository; restore them with `git checkout -- {path}` or retrain with "
-                "`trainers pretrain-toyworld`."
+                f"`trainers pretrain-{name_or_path}`."
             )
         return str(path)
     path = Path(os.path.expanduser(name_or_path))
