@@ -82,7 +82,11 @@ def test_the_shipped_dit_loads_as_flux_and_draws_at_64_px():
     pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
     assert load_pipeline("toyworld-dit").transformer.config == pipe.transformer.config
     family = detect_family(pipe)
-    assert family.name == "flux" and family.native_resolution() == 64 and model_geometry("toyworld-dit") == (64, 4)
+    assert (
+        family.name == "flux"
+        and family.native_resolution() == 64
+        and model_geometry("toyworld-dit") == (64, 4)
+    )
     # every concept is one T5 token; a word outside the grammar is refused for the concept_output streams
     w = family.token_weights(["a photo of a heart"], [["heart"]])
     assert w.sum() == 1 and w[0, 4] == 1

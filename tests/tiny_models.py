@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from factory.method.loading import SHORT_NAMES
+from factory.toyworld.model import FLUX_SCHEDULE
 
 FAMILY_BUILDS = ("sd2", "sdxl", "sd3", "flux", "z_image")  # toyworld is the SD 1.x case
 
@@ -217,14 +218,7 @@ def flux_pipeline(num_layers: int = 1) -> FluxPipeline:
         axes_dims_rope=(4, 4, 8),
     )
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE)  # FLUX.1's, as the toyworld DiT's
     pipe = FluxPipeline(
         transformer=transformer,
         scheduler=scheduler,

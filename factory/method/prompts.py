@@ -65,14 +65,20 @@ def token_weight_matrix(tokenizer, prompts: list[str], words: list[list[str]]) -
     return w
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings exactly as StableDiffusionPipeline computes them (last hidden state, padded)."""
-    ids = tokenizer(
-        prompts,
+def padded_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """(B, model_max_length) token ids, padded and truncated to the tokenizer's length, as the pipelines
+    tokenize prompts."""
+    return tokenizer(
+        texts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline computes them (last hidden state, padded)."""
+    ids = padded_ids(tokenizer, prompts)
     with torch.no_grad():
         return text_encoder(ids.to(text_encoder.device))[0]

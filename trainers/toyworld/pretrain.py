@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from factory.method.prompts import padded_ids
 from factory.toyworld import model as tw_model
 from factory.toyworld.tokenizer import write_clip_tokenizer
 from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
@@ -151,6 +152,41 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_run(
+    path: Path, models: dict, opt, ema, step: int, history: list, elapsed: float, rng, **extra
+) -> None:
+    """A training run's checkpoint, written atomically: the models' state dicts under their names, the
+    optimizer, the EMA, the step, the history, the training minutes so far, both RNGs, and `extra` (done,
+    config, commands)."""
+    _atomic_save(
+        {
+            **{name: m.state_dict() for name, m in models.items()},
+            "opt": opt.state_dict(),
+            "ema": ema.shadow,
+            "ema_updates": ema.updates,
+            "step": step,
+            "history": history,
+            "elapsed": elapsed,
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            **extra,
+        },
+        path,
+    )
+
+
+def load_run(state: dict, models: dict, opt, ema, rng) -> tuple[int, list, float, list]:
+    """Restore a `save_run` checkpoint (loaded with `torch.load`) into the models, optimizer, EMA and RNGs;
+    returns (step, history, elapsed seconds, commands)."""
+    for name, m in models.items():
+        m.load_state_dict(state[name])
+    opt.load_state_dict(state["opt"])
+    ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state["step"], state["history"], state["elapsed"], state.get("commands", [])
 
 
 # ----------------------------------------------------------------------------- stage 1: the VAE
@@ -368,14 +404,8 @@ def train_unet(
                 f"{ckpt_path} was trained {'with' if was_frozen else 'without'} "
                 f"--freeze-text-encoder: resume it the same way, or use a new --work-dir"
             )
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
-        step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
-        commands = state.get("commands", [])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
+        models = {"unet": unet, "text_encoder": text_encoder}
+        step, history, elapsed_before, commands = load_run(state, models, opt, ema, rng)
         print(f"[unet] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
 
     if command:
@@ -385,23 +415,20 @@ def train_unet(
     eval_params = trained_params(eval_unet, eval_text)
 
     def save(done: bool = False):
-        _atomic_save(
-            {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "opt": opt.state_dict(),
-                "ema": ema.shadow,
-                "ema_updates": ema.updates,
-                "step": step,
-                "history": history,
-                "elapsed": elapsed_before + time.time() - t_start,
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "done": done,
-                "config": asdict(cfg),
-                "commands": commands,
-            },
+        models = {"unet": unet, "text_encoder": text_encoder}
+        elapsed = elapsed_before + time.time() - t_start
+        save_run(
             ckpt_path,
+            models,
+            opt,
+            ema,
+            step,
+            history,
+            elapsed,
+            rng,
+            done=done,
+            config=asdict(cfg),
+            commands=commands,
         )
 
     t_start = time.time()
@@ -427,13 +454,7 @@ def train_unet(
         idx = rng.integers(len(pool), size=cfg.batch)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * sf
         captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(cfg.device)
+        ids = padded_ids(tokenizer, captions).to(cfg.device)
         noise = torch.randn_like(z0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(cfg.device)
         with torch.set_grad_enabled(not cfg.freeze_text_encoder):

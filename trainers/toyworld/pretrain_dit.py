@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from factory.method.prompts import padded_ids
 from factory.toyworld import model as tw_model
 from factory.toyworld.tokenizer import write_t5_tokenizer
 from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
 from trainers.ema import EMA
-from trainers.toyworld.pretrain import EVAL_SEED_BASE, _atomic_save, encode_pool, render_pool
+from trainers.toyworld.pretrain import EVAL_SEED_BASE, encode_pool, load_run, render_pool, save_run
 
 
 @dataclass
@@ -156,13 +157,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
     def pooled(captions: list[str]) -> torch.Tensor:
         missing = sorted({c for c in captions if c not in pooled_cache})
         if missing:
-            ids = clip_tokenizer(
-                missing,
-                padding="max_length",
-                max_length=clip_tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(cfg.device)
+            ids = padded_ids(clip_tokenizer, missing).to(cfg.device)
             with torch.no_grad():
                 out = clip(ids).pooler_output
             pooled_cache.update(zip(missing, out, strict=True))
@@ -174,6 +169,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
         cfg.width, cfg.heads, cfg.double_layers, cfg.single_layers
     ).to(cfg.device)
     t5 = tw_model.build_t5_encoder(t5_tokenizer).to(cfg.device)
+    models = {"transformer": transformer, "t5": t5}
     params = list(transformer.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = EMA(params, cfg.ema_decay)
@@ -182,14 +178,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
     ckpt_path = work / "dit_ckpt.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True, map_location=cfg.device)
-        transformer.load_state_dict(state["transformer"])
-        t5.load_state_dict(state["t5"])
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict({"shadow": state["ema"], "updates": state["ema_updates"]})
-        step, history, elapsed_before = state["step"], state["history"], state["elapsed"]
-        commands = state.get("commands", [])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
+        step, history, elapsed_before, commands = load_run(state, models, opt, ema, rng)
         print(f"[dit] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
     if command:
         commands = [*commands, command]
@@ -199,23 +188,19 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
     t_start = time.time()
 
     def save(done: bool = False) -> None:
-        _atomic_save(
-            {
-                "transformer": transformer.state_dict(),
-                "t5": t5.state_dict(),
-                "opt": opt.state_dict(),
-                "ema": ema.shadow,
-                "ema_updates": ema.updates,
-                "step": step,
-                "history": history,
-                "elapsed": elapsed_before + time.time() - t_start,
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "done": done,
-                "config": asdict(cfg),
-                "commands": commands,
-            },
+        elapsed = elapsed_before + time.time() - t_start
+        save_run(
             ckpt_path,
+            models,
+            opt,
+            ema,
+            step,
+            history,
+            elapsed,
+            rng,
+            done=done,
+            config=asdict(cfg),
+            commands=commands,
         )
 
     def eval_pipe():
@@ -231,13 +216,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
         idx = rng.integers(len(pool), size=cfg.batch)
         x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx]) - shift) * sf
         captions = ["" if rng.random() < cfg.caption_dropout else caption_variants(pool[i], rng) for i in idx]
-        ids = t5_tokenizer(
-            captions,
-            padding="max_length",
-            max_length=t5_tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(cfg.device)
+        ids = padded_ids(t5_tokenizer, captions).to(cfg.device)
         sigma = torch.sigmoid(torch.randn(cfg.batch, device=cfg.device))
         noise = torch.randn_like(x0)
         s = sigma[:, None, None, None]
