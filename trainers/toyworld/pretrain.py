@@ -177,6 +177,26 @@ def save_run(
     )
 
 
+def record_eval(
+    history: list, tag: str, step: int, losses: list, auc: float, by_concept: dict, minutes: float
+):
+    """Append one evaluation (mean loss since the last, AUC, AUC per concept) to `history`; print it."""
+    history.append(
+        {
+            "step": step,
+            "loss": float(np.mean(losses)),
+            "auc": auc,
+            "auc_per_concept": by_concept,
+            "minutes": minutes,
+        }
+    )
+    worst = min(by_concept, key=by_concept.get)
+    tqdm.write(
+        f"[{tag}] step {step}: loss {history[-1]['loss']:.4f}, concept-map AUC {auc:.3f} "
+        f"(lowest concept: {worst} {by_concept[worst]:.3f}), {minutes:.1f} min"
+    )
+
+
 def load_run(state: dict, models: dict, opt, ema, rng) -> tuple[int, list, float, list]:
     """Restore a `save_run` checkpoint (loaded with `torch.load`) into the models, optimizer, EMA and RNGs;
     returns (step, history, elapsed seconds, commands)."""
@@ -479,20 +499,8 @@ def train_unet(
         if step % cfg.eval_every == 0 or step == cfg.unet_steps:
             ema.copy_to(eval_params)
             auc, by_concept = attention_auc(eval_unet, eval_text, tokenizer, vae, ddim, cfg.eval_images)
-            worst = min(by_concept, key=by_concept.get)
-            history.append(
-                {
-                    "step": step,
-                    "loss": float(np.mean(losses[-cfg.eval_every :])),
-                    "auc": auc,
-                    "auc_per_concept": by_concept,
-                    "minutes": (elapsed_before + time.time() - t_start) / 60,
-                }
-            )
-            tqdm.write(
-                f"[unet] step {step}: loss {history[-1]['loss']:.4f}, attention AUC {auc:.3f} "
-                f"(lowest concept: {worst} {by_concept[worst]:.3f}), {history[-1]['minutes']:.1f} min"
-            )
+            minutes = (elapsed_before + time.time() - t_start) / 60
+            record_eval(history, "unet", step, losses[-cfg.eval_every :], auc, by_concept, minutes)
             if cfg.target_auc is not None and auc >= cfg.target_auc:
                 reached = True
         if cfg.sample_every and step % cfg.sample_every == 0:

@@ -47,7 +47,14 @@ from factory.toyworld import model as tw_model
 from factory.toyworld.tokenizer import write_t5_tokenizer
 from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabulary
 from trainers.ema import EMA
-from trainers.toyworld.pretrain import EVAL_SEED_BASE, encode_pool, load_run, render_pool, save_run
+from trainers.toyworld.pretrain import (
+    EVAL_SEED_BASE,
+    encode_pool,
+    load_run,
+    record_eval,
+    render_pool,
+    save_run,
+)
 
 
 @dataclass
@@ -239,20 +246,8 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
         # 5. Evaluate, checkpoint, stop at the deadline.
         if step % cfg.eval_every == 0 or step == cfg.steps:
             auc, by_concept = concept_map_auc(eval_pipe(), cfg.eval_images)
-            worst = min(by_concept, key=by_concept.get)
-            history.append(
-                {
-                    "step": step,
-                    "loss": float(np.mean(losses[-cfg.eval_every :])),
-                    "auc": auc,
-                    "auc_per_concept": by_concept,
-                    "minutes": (elapsed_before + time.time() - t_start) / 60,
-                }
-            )
-            tqdm.write(
-                f"[dit] step {step}: loss {history[-1]['loss']:.4f}, concept-map AUC {auc:.3f} "
-                f"(lowest: {worst} {by_concept[worst]:.3f}), {history[-1]['minutes']:.1f} min"
-            )
+            minutes = (elapsed_before + time.time() - t_start) / 60
+            record_eval(history, "dit", step, losses[-cfg.eval_every :], auc, by_concept, minutes)
         if step % cfg.ckpt_every == 0:
             save()
         if deadline is not None and time.time() > deadline:
