@@ -41,3 +41,11 @@ def test_word_beyond_the_token_window_is_an_error(tok):
     prompt = "a photo of a " + "very " * 20 + "star"
     with pytest.raises(ConceptTokenError, match="beyond the tokenizer's 16 positions"):
         concept_token_indices(tok, prompt, "star")
+
+
+def test_a_weight_width_bounds_the_concept_positions(tok):
+    """`width`: the text positions a model reads (Z-Image's caption), below the tokenizer's own length."""
+    w = token_weight_matrix(tok, ["a photo of a star"], [["star"]], width=8)
+    assert w.shape == (1, 8) and w[0].nonzero().flatten().tolist() == [5]
+    with pytest.raises(ConceptTokenError, match="beyond the model's 5 text positions"):
+        token_weight_matrix(tok, ["a photo of a star"], [["star"]], width=5)

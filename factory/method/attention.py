@@ -350,7 +350,6 @@ def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen
     same order, calling ``seen(query, key, mask)`` with the queries and keys after the RMS norms and the
     rotary turn, (b, tokens, heads, d), and the (b, tokens) key mask (None: every key)."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
     query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
     key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -373,7 +372,6 @@ def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen
     seen(query, key, attention_mask)
     if attention_mask is not None and attention_mask.ndim == 2:
         attention_mask = attention_mask[:, None, None, :]
-    assert isinstance(fast, ZSingleStreamAttnProcessor)
     hidden_states = dispatch_attention_fn(
         query,
         key,

@@ -44,12 +44,7 @@ import torch
 
 from factory.errors import UserError
 from factory.method.attention import capture_concept_attention, denoiser_layout
-from factory.method.prompts import (
-    ConceptTokenError,
-    concept_token_indices,
-    encode_prompts,
-    token_weight_matrix,
-)
+from factory.method.prompts import ConceptTokenError, encode_prompts, token_weight_matrix
 from factory.method.readouts import READOUTS, Readout
 from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from factory.registry import Registry, first_match
@@ -641,23 +636,14 @@ class ZImageFamily(FluxFamily):
             )
         hidden = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
         hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.sequence_length - hidden.shape[1]))
-        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        for row, e in enumerate(embeds):
-            mask[row, : len(e)] = True
+        lengths = torch.tensor([len(e) for e in embeds], device=hidden.device)
+        mask = torch.arange(self.sequence_length, device=hidden.device) < lengths[:, None]
         return Conditioning(hidden, None, mask)
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
         """(B, caption tokens): 1 at the concept words' tokens in the templated prompt."""
-        w = torch.zeros(len(prompts), self.sequence_length)
-        for row, (prompt, ws) in enumerate(zip(prompts, words, strict=True)):
-            at = concept_token_indices(self.pipe.tokenizer, self.templated(prompt), ws)
-            if at[-1] >= self.sequence_length:
-                raise ConceptTokenError(
-                    f"the concept's tokens in {prompt!r} are beyond Z-Image's {self.sequence_length} caption "
-                    "tokens; shorten the prompt"
-                )
-            w[row, at] = 1.0
-        return w
+        templated = [self.templated(p) for p in prompts]
+        return token_weight_matrix(self.pipe.tokenizer, templated, words, self.sequence_length)
 
     def concept_streams(self, words, background):
         raise UnsupportedFamilyError("the concept_output readout is not served for a Z-Image model")

@@ -23,13 +23,20 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
 
 
-def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> list[int]:
-    """Positions (in the padded, special-token-prefixed sequence) of the tokens of each concept word."""
+def concept_token_indices(
+    tokenizer, prompt: str, words: list[str] | str, width: int | None = None
+) -> list[int]:
+    """Positions (in the padded, special-token-prefixed sequence) of the tokens of each concept word; a
+    position at or beyond `width` (default: the tokenizer's `model_max_length`) is an error."""
     words = [words] if isinstance(words, str) else list(words)
     if not words:
         raise ConceptTokenError("no concept words given")
     ids = _encode(tokenizer, prompt, special=True)
-    max_len = tokenizer.model_max_length
+    max_len = tokenizer.model_max_length if width is None else width
+
+    def starts_of(piece: list[int]) -> list[int]:
+        return [i for i in range(len(ids) - len(piece) + 1) if ids[i : i + len(piece)] == piece]
+
     found: list[int] = []
     for word in words:
         if not re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", prompt.lower()):
@@ -37,10 +44,10 @@ def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> lis
         piece = _encode(tokenizer, word, special=False)
         if not piece:
             raise ConceptTokenError(f"concept word {word!r} produces no tokens with this tokenizer")
-        starts = [i for i in range(len(ids) - len(piece) + 1) if ids[i : i + len(piece)] == piece]
+        starts = starts_of(piece)
         if not starts:  # a byte-level BPE (Qwen's, Mistral's) spells a word after a space otherwise
             spaced = _encode(tokenizer, " " + word, special=False)
-            starts = [i for i in range(len(ids) - len(spaced) + 1) if ids[i : i + len(spaced)] == spaced]
+            starts = starts_of(spaced)
             piece = spaced if starts else piece
         if not starts:
             raise ConceptTokenError(
@@ -49,19 +56,22 @@ def concept_token_indices(tokenizer, prompt: str, words: list[str] | str) -> lis
             )
         pos = list(range(starts[0], starts[0] + len(piece)))
         if pos[-1] >= max_len:
+            window = f"the tokenizer's {max_len}" if width is None else f"the model's {max_len} text"
             raise ConceptTokenError(
-                f"concept word {word!r} is at token {pos[-1]}, beyond the tokenizer's {max_len} positions; "
-                "shorten the prompt"
+                f"concept word {word!r} is at token {pos[-1]}, beyond {window} positions; shorten the prompt"
             )
         found.extend(pos)
     return sorted(set(found))
 
 
-def token_weight_matrix(tokenizer, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
-    """(batch, model_max_length) float weights: 1 at each prompt's concept tokens, else 0."""
-    w = torch.zeros(len(prompts), tokenizer.model_max_length)
+def token_weight_matrix(
+    tokenizer, prompts: list[str], words: list[list[str]], width: int | None = None
+) -> torch.Tensor:
+    """(batch, width) float weights, 1 at each prompt's concept tokens, else 0; `width` defaults to the
+    tokenizer's `model_max_length` (a concept beyond it is an error, `concept_token_indices`)."""
+    w = torch.zeros(len(prompts), tokenizer.model_max_length if width is None else width)
     for row, (prompt, ws) in enumerate(zip(prompts, words, strict=True)):
-        w[row, concept_token_indices(tokenizer, prompt, ws)] = 1.0
+        w[row, concept_token_indices(tokenizer, prompt, ws, width)] = 1.0
     return w
 
 
