@@ -102,6 +102,38 @@ class StoreFluxAttention:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
 
 
+class StoreFlux2Attention:
+    """Naive reference for FLUX.2's attention: a double-stream block's as FLUX.1's (`StoreFluxAttention`),
+    a single-stream block's from its one fused projection (queries, keys, values and the MLP's input) and
+    its one output projection over [attention; MLP]; the whole probability tensor written out."""
+
+    def __init__(self, store, n_text: int):
+        self.store = store
+        self.double = StoreFluxAttention(store, n_text)
+        self.n_text = n_text
+
+    def __call__(self, attn, hidden_states, *args):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention
+
+        if not isinstance(attn, Flux2ParallelSelfAttention):
+            encoder_hidden_states, attention_mask, image_rotary_emb = args
+            return self.double(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        _, image_rotary_emb = args
+        qkv_dim = 3 * attn.inner_dim
+        fused = attn.to_qkv_mlp_proj(hidden_states)
+        q, k, v = (x.unflatten(-1, (attn.heads, -1)) for x in fused[..., :qkv_dim].chunk(3, -1))
+        q = apply_rotary_emb(attn.norm_q(q), image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(attn.norm_k(k), image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        n = self.n_text
+        image_to_text = probs[:, :, n:, :n]
+        self.store.append(image_to_text / image_to_text.sum(-1, keepdim=True))
+        out = (probs @ v).transpose(1, 2).flatten(2)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(fused[..., qkv_dim:])], -1))
+
+
 class StoreZImageAttention:
     """Naive reference for Z-Image's main layers: the whole [image; caption] x [image; caption] probability
     tensor computed explicitly (the batch padding masked), with the rotary turn; its image-to-caption block

@@ -84,7 +84,7 @@ def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(flux
         gens = [torch.Generator().manual_seed(3)]
         runs[name] = synthesize_latents(
             denoiser,
-            make_scheduler("ddim", family.schedule_config(family.pipe.scheduler, 32)),
+            make_scheduler("ddim", family.schedule_config(family.pipe.scheduler, 32, 4)),
             shape=(4, 16, 16),
             cond_emb=cond,
             token_weights=weights,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from naive_attention import (
     StoreCrossAttention,
+    StoreFlux2Attention,
     StoreFluxAttention,
     StoreJointAttention,
     StoreZImageAttention,
@@ -72,6 +73,8 @@ def test_capture_equals_naive_full_computation_and_keeps_the_output(tiny):
     store = []
     if build == "flux":
         naive = StoreFluxAttention(store, n_text=w.shape[1])
+    elif build.startswith("flux2"):
+        naive = StoreFlux2Attention(store, n_text=w.shape[1])
     elif build == "z_image":  # 8 x 8 image tokens (already a multiple of 32), then the caption
         naive = StoreZImageAttention(store, n_img=64, start=64, width=w.shape[1])
     else:
@@ -127,6 +130,56 @@ def test_z_image_capture_masks_the_batch_padding_of_captions_of_different_length
         Distiller("tiny-z", pipeline=pipe, config=DistillConfig(readout="concept_output"))
 
 
+@pytest.mark.parametrize("build", ["flux2_klein", "flux2_dev"])
+def test_flux2_calls_its_transformer_and_vae_as_its_pipeline_does(build):
+    """FLUX.2's denoiser is the pipeline's packing, four-axis ids and timestep, bit for bit; the method's
+    latents are the pipeline's batch-norm-normalized patches laid out as cells; the shift is the pipeline's
+    `compute_empirical_mu` for each sampler's own step count."""
+    import math
+
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    pipe = BUILDERS[build]()
+    family = detect_family(pipe)
+    # FLUX.2-dev's guidance embedding gets the pipeline's default guidance_scale; klein has none
+    guidance = torch.full([2], 4.0) if build == "flux2_dev" else None
+    assert pipe.transformer.config.guidance_embeds == (guidance is not None)
+    prompts = ["a photo of a star", "a photo of a red ring on a striped background"]
+    cond = family.encode(prompts)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        got = family.denoiser()(z, t, cond)
+        patches = pipe._patchify_latents(z)
+        ids = pipe._prepare_latent_ids(patches)
+        _, text_ids = pipe.encode_prompt(prompts, device="cpu")
+        out = pipe.transformer(
+            hidden_states=pipe._pack_latents(patches),
+            timestep=t.expand(2) / 1000,
+            guidance=guidance,
+            encoder_hidden_states=cond.hidden,
+            txt_ids=text_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        want = pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, ids))
+        assert torch.equal(got, want)
+        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        vae = family.method_vae()
+        cells = vae.encode(x).latent_dist.mode()
+        torch.testing.assert_close(pipe._patchify_latents(cells), pipe._encode_vae_image(x, None))
+        assert cells.abs().mean() != pipe.vae.encode(x).latent_dist.mode().abs().mean()  # the stats count
+        torch.testing.assert_close(vae.denormalize(cells), pipe.vae.encode(x).latent_dist.mode())
+    d = Distiller(
+        "tiny-flux2", pipeline=pipe, config=DistillConfig(num_inference_steps=6, probe_t0=4, inpaint_steps=20)
+    )
+    tokens = (32 // 2 // 2) ** 2
+    assert d.sampler.config.shift == pytest.approx(math.exp(compute_empirical_mu(tokens, 6)))
+    assert d.inpaint_sampler.config.shift == pytest.approx(math.exp(compute_empirical_mu(tokens, 20)))
+    with pytest.raises(UnsupportedFamilyError, match="concept_output.*flux2 model .it is for: flux"):
+        Distiller("tiny-flux2", pipeline=pipe, config=DistillConfig(readout="concept_output"))
+
+
 # --- synthesis and label mode end to end --------------------------------------------------------------
 def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
     build, pipe = tiny
@@ -140,9 +193,8 @@ def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
         assert t.image.shape == (32, 32, 3) and t.mask.shape == (32, 32) and t.prelim.shape == (16, 16)
         assert np.isfinite(t.attention.astype(np.float32)).all() and t.attention.max() > 0
         assert t.meta["family"] == FAMILY_OF[build] and t.meta["concept"] == "star"
-    assert (
-        out[0].meta["prediction_type"]
-        == {"sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow", "z_image": "flow"}[build]
+    assert out[0].meta["prediction_type"] == {"sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow"}.get(
+        build, "flow"
     )
     # a sample depends on its seed, not on its batch
     (alone,) = d.synthesize(specs[1:])
@@ -159,14 +211,27 @@ def test_synthesis_and_label_mode_run_and_restore_the_processors(tiny):
 def test_concept_tokens_are_found_in_every_tokenizer(tiny):
     build, pipe = tiny
     family = detect_family(pipe)
-    assert len(family.tokenizers) == {"sd2": 1, "sdxl": 2, "sd3": 2, "flux": 2, "z_image": 1}[build]
+    assert len(family.tokenizers) == {"sdxl": 2, "sd3": 2, "flux": 2}.get(build, 1)
     w = family.token_weights(["a photo of a star"], [["star"]])
-    if build == "z_image":  # Qwen's byte-level "Ġstar", in the chat-templated prompt
+    if build in ("z_image", "flux2_klein"):  # Qwen's byte-level "Ġstar", in the chat-templated prompt
         ids = pipe.tokenizer(family.templated("a photo of a star"))["input_ids"]
         star = ids.index(pipe.tokenizer.convert_tokens_to_ids("\u0120star"))
         assert w.shape[1] == family.sequence_length and ids[0] == pipe.tokenizer.convert_tokens_to_ids(
             "<|im_start|>"
         )
+    elif build == "flux2_dev":  # the ids Flux2Pipeline gives Mistral-3: the system turn, then the prompt
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        ids = pipe.tokenizer.apply_chat_template(
+            format_input(["a photo of a star"], system_message=pipe.system_message),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            max_length=512,
+        )["input_ids"][0].tolist()
+        star = ids.index(pipe.tokenizer.tokenizer.convert_tokens_to_ids("\u0120star"))
+        assert ids[:2] == pipe.tokenizer.tokenizer.convert_tokens_to_ids(["<s>", "[SYSTEM_PROMPT]"])
     else:
         star = pipe.tokenizer("a photo of a star")["input_ids"].index(
             pipe.tokenizer.convert_tokens_to_ids("star</w>")
@@ -331,34 +396,34 @@ def test_a_named_vae_replaces_the_models_own_for_the_method_only(tmp_path):
 def test_an_unsupported_family_is_refused_by_name(tmp_path):
     from factory.method.loading import load_pipeline, read_model_configs
 
-    flux2 = {  # FLUX.2: a Mistral text encoder and a transformer of its own (not served yet)
-        "_class_name": "Flux2Pipeline",
-        "transformer": ["diffusers", "Flux2Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLFlux2"],
-        "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+    qwen = {  # Qwen-Image: a Qwen2.5-VL text encoder and an MMDiT of its own (not served yet)
+        "_class_name": "QwenImagePipeline",
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
     }
-    with pytest.raises(UnsupportedFamilyError, match="Flux2Pipeline with a Flux2Transformer2DModel") as err:
-        family_name_of_index(flux2)
-    for name in ("SDXL", "Stable Diffusion 3", "1.x/2.x", "FLUX.1", "Z-Image"):
+    with pytest.raises(
+        UnsupportedFamilyError, match="QwenImagePipeline with a QwenImageTransformer2DModel"
+    ) as err:
+        family_name_of_index(qwen)
+    for name in ("SDXL", "Stable Diffusion 3", "1.x/2.x", "FLUX.1", "Z-Image", "FLUX.2"):
         assert name in str(err.value)
-    (tmp_path / "flux2").mkdir()
-    (tmp_path / "flux2" / "model_index.json").write_text(json.dumps(flux2))
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "model_index.json").write_text(json.dumps(qwen))
     for call in (
-        lambda: read_model_configs(str(tmp_path / "flux2")),
-        lambda: load_pipeline(str(tmp_path / "flux2")),
+        lambda: read_model_configs(str(tmp_path / "qwen")),
+        lambda: load_pipeline(str(tmp_path / "qwen")),
     ):
         with pytest.raises(UnsupportedFamilyError, match="serves Stable Diffusion 1.x/2.x"):
             call()
-    assert FAMILIES.names() == ("sd", "sdxl", "sd3", "flux", "z_image")
+    assert FAMILIES.names() == ("sd", "sdxl", "sd3", "flux", "z_image", "flux2")
     # the preflight refuses it before Ray starts, as a one-line user error
     from factory.dataset.config import load_config
     from factory.dataset.preflight import check_model
     from factory.errors import UserError
 
-    cfg = load_config(
-        "configs/toyworld.yaml", [f"model={tmp_path / 'flux2'}", f"output.uri={tmp_path / 'o'}"]
-    )
-    with pytest.raises(UserError, match="Flux2Pipeline.*the factory serves"):
+    cfg = load_config("configs/toyworld.yaml", [f"model={tmp_path / 'qwen'}", f"output.uri={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="QwenImagePipeline.*the factory serves"):
         check_model(cfg)
 
 

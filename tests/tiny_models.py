@@ -1,9 +1,9 @@
 """Tiny random-weight pipelines of every family the factory serves, built as diffusers' own fast tests build
 theirs (a few thousand parameters, 32 px): SD 2.x-style (v-prediction, linear projections, an OpenCLIP-style
-pad token), SDXL, SD3, FLUX.1 and Z-Image. The CLIP tokenizer is toyworld's (no hub here); Z-Image's Qwen3
-tokenizer is a byte-level BPE trained here on the grammar's words, with Qwen3's chat template; toyworld's
-own pipeline is the SD 1.x case. Their images and masks are noise: they check code paths and shapes, not
-quality.
+pad token), SDXL, SD3, FLUX.1, Z-Image, FLUX.2 klein and FLUX.2-dev. The CLIP tokenizer is toyworld's (no hub
+here); the Qwen3 tokenizer (Z-Image, klein) and the Mistral-3 one (FLUX.2-dev) are byte-level BPEs trained
+here on the grammar's words, with their models' chat templates; toyworld's own pipeline is the SD 1.x case.
+Their images and masks are noise: they check code paths and shapes, not quality.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -29,8 +33,16 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    PixtralVisionConfig,
+    PreTrainedTokenizerFast,
     Qwen2TokenizerFast,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -39,7 +51,15 @@ from transformers import (
 from factory.method.loading import SHORT_NAMES
 from factory.toyworld.model import FLUX_SCHEDULE
 
-FAMILY_BUILDS = ("sd2", "sdxl", "sd3", "flux", "z_image")  # toyworld is the SD 1.x case
+FAMILY_BUILDS = (
+    "sd2",
+    "sdxl",
+    "sd3",
+    "flux",
+    "z_image",
+    "flux2_klein",
+    "flux2_dev",
+)  # toyworld is the SD 1.x case
 
 
 def tokenizer(openclip_pad: bool = False) -> CLIPTokenizer:
@@ -305,14 +325,181 @@ def z_image_pipeline() -> ZImagePipeline:
     return _ready(pipe)
 
 
+# Mistral-3's chat template, as far as Flux2Pipeline uses it: the BOS, the system turn, the user turn; a
+# message's content is a list of text parts
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['content'] is string %}"
+    "{%- set text = message['content'] %}{%- else %}{%- set text = message['content'] | "
+    "selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}{%- endif %}{%- endfor %}"
+)
+
+
+def mistral3_processor() -> PixtralProcessor:
+    """A Mistral-3-style processor: a byte-level BPE trained on the grammar's words with Mistral's special
+    tokens, which prefixes the BOS when asked for special tokens (as Mistral's tokenizer does; the chat
+    template writes one itself), and Pixtral's image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from factory.toyworld.world import vocabulary
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    specials += ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" " + " ".join(vocabulary())] * 4 + [" fire truck"] * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(),
+        tokenizer=fast,
+        patch_size=4,
+        spatial_merge_size=1,
+        chat_template=MISTRAL3_CHAT_TEMPLATE,
+    )
+
+
+def flux2_transformer(joint_attention_dim: int, guidance_embeds: bool) -> Flux2Transformer2DModel:
+    """One double-stream and one single-stream FLUX.2 block, four-axis rotary positions, over 2 x 2-packed
+    latents of 4 channels."""
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2 x 2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def flux2_vae() -> AutoencoderKLFlux2:
+    """A two-level FLUX.2 VAE, its batch-norm statistics set away from (0, 1) so that their use shows."""
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return vae
+
+
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.2's flow-matching scheduler: the dynamic shift (the pipelines pass `mu`)."""
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+    )
+
+
+def flux2_klein_pipeline() -> Flux2KleinPipeline:
+    """FLUX.2-klein-shaped: the FLUX.2 blocks without a guidance embedding, a Qwen3 causal LM read at
+    layers 9, 18 and 27 (the pipeline's) through the chat template with thinking off."""
+    torch.manual_seed(0)
+    tok = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=27,  # the pipeline stacks hidden states 9, 18 and 27
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=flux2_scheduler(),
+        vae=flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        transformer=flux2_transformer(joint_attention_dim=48, guidance_embeds=False),  # 3 layers of 16
+    )
+    return _ready(pipe)
+
+
+def flux2_dev_pipeline() -> Flux2Pipeline:
+    """FLUX.2-dev-shaped: the FLUX.2 blocks with the guidance embedding, a Mistral-3 (Pixtral vision tower,
+    Mistral text model) read at layers 10, 20 and 30 (the pipeline's) of the prompt in its chat template
+    with FLUX.2's system message."""
+    torch.manual_seed(0)
+    processor = mistral3_processor()
+    tok = processor.tokenizer
+    text = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=30,  # the pipeline stacks hidden states 10, 20 and 30
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32
+    )
+    vision.patch_size, vision.head_dim = 4, 8
+    encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+            spatial_merge_size=1,
+        )
+    )
+    pipe = Flux2Pipeline(
+        scheduler=flux2_scheduler(),
+        vae=flux2_vae(),
+        text_encoder=encoder,
+        tokenizer=processor,
+        transformer=flux2_transformer(joint_attention_dim=48, guidance_embeds=True),
+    )
+    return _ready(pipe)
+
+
 BUILDERS = {
     "sd2": sd2_pipeline,
     "sdxl": sdxl_pipeline,
     "sd3": sd3_pipeline,
     "flux": flux_pipeline,
     "z_image": z_image_pipeline,
+    "flux2_klein": flux2_klein_pipeline,
+    "flux2_dev": flux2_dev_pipeline,
 }
-FAMILY_OF = {"sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "z_image": "z_image"}
+FAMILY_OF = {
+    "sd2": "sd",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "flux": "flux",
+    "z_image": "z_image",
+    "flux2_klein": "flux2",
+    "flux2_dev": "flux2",
+}
 
 
 def _ready(pipe):

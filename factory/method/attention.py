@@ -23,6 +23,10 @@ attention) and single-stream blocks (one [text; image] sequence). `FluxConceptAt
 block's ``attn`` and records the same image-to-text map there, the rotary embedding applied as the block
 applies it; the output stays diffusers' `FluxAttnProcessor`'s.
 
+FLUX.2's transformer has the same two kinds of block; a single-stream block's attention computes its
+queries, keys, values and MLP input in one projection. `Flux2ConceptAttnProcessor` serves both kinds and
+records the same image-to-text map; the output stays diffusers' FLUX.2 processors'.
+
 Z-Image's transformer is single-stream: after refiner blocks that see the image alone and the caption alone,
 its main `layers` run one attention over [image; caption] per sample (each part padded to a multiple of 32
 tokens, the batch padded with a key mask). `ZImageConceptAttnProcessor` goes on those layers' attention and
@@ -247,18 +251,13 @@ class JointConceptAttnProcessor:
         return joint_attention(attn, hidden_states, encoder_hidden_states, record)
 
 
-def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
-    """diffusers' `FluxAttnProcessor.__call__` (0.42.1) step for step, the same operations in the same order
-    (so the same output bits), calling ``seen(query, key, value, out)`` with the block's own tensors: the
-    [text; image] queries, keys and values after the RMS norms and the rotary turn, (b, tokens, heads, d),
-    and the attention output before the output projections, (b, tokens, heads * d). A readout reads what the
-    block computes anyway instead of projecting anything a second time. `fast` is the `FluxAttnProcessor`
-    whose attention backend is used."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+def flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, projections):
+    """The [text; image] queries, keys and values of a FLUX.1 or FLUX.2 attention, (b, tokens, heads, d),
+    as both processors form them (`projections`: the model's `_get_qkv_projections`): per-head RMS norms,
+    the text's own projections and norms in a double-stream block, then the rotary turn."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+    query, key, value, encoder_query, encoder_key, encoder_value = projections(
         attn, hidden_states, encoder_hidden_states
     )
     query = query.unflatten(-1, (-1, attn.head_dim))
@@ -278,6 +277,22 @@ def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, i
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
+    """diffusers' `FluxAttnProcessor.__call__` (0.42.1) step for step, the same operations in the same order
+    (so the same output bits), calling ``seen(query, key, value, out)`` with the block's own tensors: the
+    [text; image] queries, keys and values after the RMS norms and the rotary turn, (b, tokens, heads, d),
+    and the attention output before the output projections, (b, tokens, heads * d). A readout reads what the
+    block computes anyway instead of projecting anything a second time. `fast` is the `FluxAttnProcessor`
+    whose attention backend is used."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    query, key, value = flux_qkv(
+        attn, hidden_states, encoder_hidden_states, image_rotary_emb, _get_qkv_projections
+    )
     hidden_states = dispatch_attention_fn(
         query,
         key,
@@ -338,6 +353,105 @@ class FluxConceptAttnProcessor:
             self.acc.add_attention(query[rows, n_text:], key[rows, :n_text])
 
         return flux_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, self.fast, record
+        )
+
+
+def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
+    """diffusers' FLUX.2 processors (0.42.1) step for step, the same operations in the same order, calling
+    ``seen(query, key)`` with the [text; image] queries and keys after the RMS norms and the rotary turn,
+    (b, tokens, heads, d): `Flux2AttnProcessor` for a double-stream block's `Flux2Attention`,
+    `Flux2ParallelSelfAttnProcessor` for a single-stream block's `Flux2ParallelSelfAttention` (one fused
+    projection gives the queries, keys, values and the MLP's input; one output projection takes the
+    attention and the MLP together). `fast` holds the two processors whose attention backends are used."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2ParallelSelfAttention,
+        _get_qkv_projections,
+    )
+
+    single = isinstance(attn, Flux2ParallelSelfAttention)
+    processor = fast[1] if single else fast[0]
+    if single:
+        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp_hidden_states = torch.split(
+            hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1
+        )
+        query, key, value = qkv.chunk(3, dim=-1)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    else:
+        query, key, value = flux_qkv(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, _get_qkv_projections
+        )
+    seen(query, key)
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+    hidden_states = hidden_states.flatten(2, 3)
+    hidden_states = hidden_states.to(query.dtype)
+    if single:
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
+    if encoder_hidden_states is not None:
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if encoder_hidden_states is not None:
+        return hidden_states, encoder_hidden_states
+    return hidden_states
+
+
+class Flux2ConceptAttnProcessor:
+    """An attention processor for FLUX.2's blocks (double-stream `Flux2Attention`, single-stream
+    `Flux2ParallelSelfAttention`: one object serves both, as their modules call it) that records the
+    image-to-text attention of the concept tokens, while its output stays diffusers' processors'. The text
+    comes first in both layouts, `token_weights.shape[1]` tokens of it in a single-stream block. On recorded
+    steps it runs the processors' own steps (`flux2_attention`) and records ``softmax(Q_image K_text^T /
+    sqrt(d))`` from the block's queries and keys, as `FluxConceptAttnProcessor` does for FLUX.1."""
+
+    def __init__(self, accumulator: AttentionAccumulator):
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2AttnProcessor,
+            Flux2ParallelSelfAttnProcessor,
+        )
+
+        self.acc = accumulator
+        self.fast = (Flux2AttnProcessor(), Flux2ParallelSelfAttnProcessor())
+
+    def __call__(self, attn, hidden_states, *args):
+        from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention
+
+        single = isinstance(attn, Flux2ParallelSelfAttention)
+        # the two modules call their processor with different positional arguments
+        encoder_hidden_states, attention_mask, image_rotary_emb = (None, *args) if single else args
+        if not self.acc.enabled:
+            if single:
+                return self.fast[1](attn, hidden_states, attention_mask, image_rotary_emb)
+            return self.fast[0](attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        n_text = self.acc.token_weights.shape[1] if single else encoder_hidden_states.shape[1]
+
+        def record(query, key):
+            rows = self.acc.record_rows
+            self.acc.add_attention(query[rows, n_text:], key[rows, :n_text])
+
+        return flux2_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, self.fast, record
         )
 
@@ -443,7 +557,7 @@ def cross_attention_names(model) -> list[str]:
     (``...attn2.processor``), an SD3 transformer's joint attention (``transformer_blocks.N.attn...``), or
     every attention of a FLUX transformer's double- and single-stream blocks, or Z-Image's main layers."""
     processors = attention_processors(model)
-    if denoiser_layout(model) == "flux":  # every double- and single-stream block's attention
+    if denoiser_layout(model) in ("flux", "flux2"):  # every double- and single-stream block's attention
         names = [n for n in processors if n.endswith(".attn.processor")]
     elif denoiser_layout(model) == "z_image":  # the main layers over [image; caption], not the refiners
         names = [n for n in processors if n.startswith("layers.")]
@@ -462,10 +576,10 @@ def cross_attention_names(model) -> list[str]:
 
 
 def denoiser_layout(model) -> str:
-    """ "flux" (double- and single-stream blocks), "z_image" (single-stream), "joint" (SD3's MMDiT) or
-    "unet", from the model's config (also when torch.compile'd)."""
+    """ "flux" (FLUX.1's double- and single-stream blocks), "flux2" (FLUX.2's), "z_image" (single-stream),
+    "joint" (SD3's MMDiT) or "unet", from the model's config (also when torch.compile'd)."""
     if hasattr(model.config, "num_single_layers"):
-        return "flux"
+        return "flux2" if hasattr(model.config, "timestep_guidance_channels") else "flux"
     if hasattr(model.config, "n_refiner_layers"):
         return "z_image"
     return "joint" if hasattr(model.config, "joint_attention_dim") else "unet"
@@ -474,6 +588,7 @@ def denoiser_layout(model) -> str:
 def _capture_processor(model, acc: AttentionAccumulator):
     processor = {
         "flux": FluxConceptAttnProcessor,
+        "flux2": Flux2ConceptAttnProcessor,
         "z_image": ZImageConceptAttnProcessor,
         "joint": JointConceptAttnProcessor,
     }
@@ -484,6 +599,7 @@ CAPTURE_PROCESSORS = (
     ConceptAttnProcessor,
     JointConceptAttnProcessor,
     FluxConceptAttnProcessor,
+    Flux2ConceptAttnProcessor,
     ZImageConceptAttnProcessor,
 )
 

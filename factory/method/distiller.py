@@ -155,10 +155,14 @@ class Distiller:
                 f"VAE factor {self.vae_factor} times the {self.family.name} denoiser's patch size)"
             )
         self.latent_size = self.resolution // self.vae_factor
-        schedule = self.family.schedule_config(p.scheduler, self.resolution)
+        # (FLUX.2's shift depends on the step count too: the inpainting's schedule is for its own steps)
+        schedule = self.family.schedule_config(p.scheduler, self.resolution, self.config.num_inference_steps)
+        inpaint_schedule = self.family.schedule_config(
+            p.scheduler, self.resolution, self.config.inpaint_steps
+        )
         self.probe_scheduler = make_scheduler("ddim", schedule)
         self.sampler = make_scheduler(self.config.scheduler, schedule)
-        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, schedule)
+        self.inpaint_sampler = make_scheduler(self.config.inpaint_scheduler, inpaint_schedule)
         denoiser = self.family.denoiser_module
         if self.config.channels_last:
             for module in {id(m): m for m in (denoiser, self.inpaint_unet, self.vae)}.values():

@@ -1,7 +1,7 @@
-"""Model families: what differs between SD 1.x/2.x, SDXL, SD3, FLUX.1 and Z-Image pipelines, and only that,
-in one place.
+"""Model families: what differs between SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image and FLUX.2 pipelines, and only
+that, in one place.
 
-    family = detect_family(pipe)              # SDFamily, SDXLFamily, SD3Family, FluxFamily, ZImageFamily
+    family = detect_family(pipe)              # SDFamily, ..., FluxFamily, ZImageFamily, Flux2Family
     cond = family.encode(["a photo of a bird"])            # a Conditioning: text tokens (+ pooled)
     weights = family.token_weights(prompts, [["bird"]])    # 1 at the concept's tokens of the text stream
     denoiser = family.denoiser()                           # eps / v / flow prediction for (z, t, cond)
@@ -29,6 +29,10 @@ The families, how each is detected, called, conditioned and read:
 - `z_image`: a `ZImageTransformer2DModel` (Z-Image, Z-Image-Turbo): single-stream layers over [image;
   caption]; the caption is Qwen3's hidden states of the chat-templated prompt; the concept map comes from
   the image-to-caption attention of the main layers; rectified flow.
+- `flux2`: a `Flux2Transformer2DModel` (FLUX.2 dev, klein): FLUX.1's block layout over 2 x 2-packed,
+  batch-normalized VAE latents; the text is three stacked hidden layers of Mistral-3 (dev) or Qwen3 (klein)
+  over the chat-templated prompt; the concept map comes from the image-to-text attention of every block;
+  rectified flow with a shift fitted to the token and step counts.
 
 The prediction type (epsilon, v) is the scheduler config's, so every sampler step, the probe's noising and
 the blending of the inpainting follow it without code of their own here. Text embeddings are computed by
@@ -44,7 +48,12 @@ import torch
 
 from factory.errors import UserError
 from factory.method.attention import capture_concept_attention, denoiser_layout
-from factory.method.prompts import ConceptTokenError, encode_prompts, token_weight_matrix
+from factory.method.prompts import (
+    ConceptTokenError,
+    chat_templated,
+    encode_prompts,
+    token_weight_matrix,
+)
 from factory.method.readouts import READOUTS, Readout
 from factory.method.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 from factory.registry import Registry, first_match
@@ -83,8 +92,8 @@ def family_name_of_index(index: dict, model: str = "the model") -> str:
         pipeline = index.get("_class_name", "pipeline")
         denoiser = classes.get("transformer") or classes.get("unet") or classes.get("prior") or "no denoiser"
         raise UnsupportedFamilyError(
-            f"{model} is a {pipeline} with a {denoiser}; the factory serves {supported()}. A FLUX.2, "
-            "Z-Image, PixArt or Kandinsky pipeline is not served yet: its concept maps need a capture of "
+            f"{model} is a {pipeline} with a {denoiser}; the factory serves {supported()}. A Qwen-Image, "
+            "Chroma, PixArt or Kandinsky pipeline is not served yet: its concept maps need a capture of "
             "their own."
         )
     return name
@@ -207,17 +216,46 @@ class FluxDenoiser(Denoiser):
         guidance = None
         if self.module.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance, device=z.device, dtype=torch.float32)
-        out = self.module(
+        out = self.transformer(packed, timestep, guidance, cond, h // 2, w // 2)
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def transformer(self, packed, timestep, guidance, cond: Conditioning, h: int, w: int) -> torch.Tensor:
+        """The transformer's call on packed tokens of an h x w grid, as `FluxPipeline` makes it."""
+        return self.module(
             hidden_states=packed,
             timestep=timestep,
             guidance=guidance,
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.hidden,
-            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=z.device, dtype=z.dtype),
-            img_ids=self.image_ids(h // 2, w // 2, z.device, z.dtype),
+            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=packed.device, dtype=packed.dtype),
+            img_ids=self.image_ids(h, w, packed.device, packed.dtype),
             return_dict=False,
         )[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class Flux2Denoiser(FluxDenoiser):
+    """A `Flux2Transformer2DModel` (FLUX.2 dev and klein) behind the same call, as `Flux2Pipeline` and
+    `Flux2KleinPipeline` call it: the same 2 x 2 packing, four-axis rotary positions (time, row, column,
+    sequence: the image at (0, row, column, 0), the text at (0, 0, 0, i)), no pooled vector, the guidance
+    embedding where the checkpoint has one (FLUX.2-dev)."""
+
+    def transformer(self, packed, timestep, guidance, cond: Conditioning, h: int, w: int) -> torch.Tensor:
+        device = packed.device
+        image_ids = torch.cartesian_prod(
+            torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)
+        ).to(device)
+        text_ids = torch.cartesian_prod(
+            torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(cond.hidden.shape[1])
+        ).to(device)
+        return self.module(
+            hidden_states=packed,
+            encoder_hidden_states=cond.hidden,
+            timestep=timestep,
+            img_ids=image_ids,
+            txt_ids=text_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
 
 
 class ZImageDenoiser(Denoiser):
@@ -255,7 +293,12 @@ def as_denoiser(model) -> Denoiser:
     transformer."""
     if hasattr(model, "capture") and hasattr(model, "in_channels"):
         return model
-    denoiser = {"flux": FluxDenoiser, "joint": TransformerDenoiser, "z_image": ZImageDenoiser}
+    denoiser = {
+        "flux": FluxDenoiser,
+        "flux2": Flux2Denoiser,
+        "joint": TransformerDenoiser,
+        "z_image": ZImageDenoiser,
+    }
     return denoiser.get(denoiser_layout(model), UNetDenoiser)(model)
 
 
@@ -341,9 +384,9 @@ class SDFamily:
     def native_resolution(self) -> int:
         return self.denoiser_module.config.sample_size * self.vae_factor
 
-    def schedule_config(self, scheduler, resolution: int) -> dict:
+    def schedule_config(self, scheduler, resolution: int, steps: int) -> dict:
         """The config of the model's `scheduler` (with its class) as the method samples with it at
-        `resolution`: FLUX fixes its resolution-dependent shift here."""
+        `resolution` in `steps` steps: FLUX fixes its resolution-dependent shift here."""
         return {**scheduler.config, "_class_name": type(scheduler).__name__}
 
     @property
@@ -514,17 +557,22 @@ class FluxFamily(SDFamily):
     def resolution_multiple(self) -> int:
         return 2 * self.vae_factor  # latents are packed in 2 x 2 patches
 
-    def schedule_config(self, scheduler, resolution: int) -> dict:
+    def schedule_config(self, scheduler, resolution: int, steps: int) -> dict:
         import math
 
-        config = super().schedule_config(scheduler, resolution)
+        config = super().schedule_config(scheduler, resolution, steps)
         if config.get("use_dynamic_shifting"):
             tokens = (resolution // self.vae_factor // 2) ** 2
-            lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-            slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (hi - lo)
-            mu = tokens * slope + config.get("base_shift", 0.5) - slope * lo  # FluxPipeline's calculate_shift
-            config.update(use_dynamic_shifting=False, shift=math.exp(mu))  # exp(mu): the same sigmas
-        return config
+            config.update(use_dynamic_shifting=False, shift=math.exp(self.shift_mu(config, tokens, steps)))
+        return config  # exp(mu) as a fixed shift: the same sigmas as the dynamic shift with mu
+
+    @staticmethod
+    def shift_mu(config: dict, tokens: int, steps: int) -> float:
+        """The dynamic shift's mu for `tokens` image tokens: `FluxPipeline`'s `calculate_shift`, linear in
+        the token count between the config's base and max shifts."""
+        lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (hi - lo)
+        return tokens * slope + config.get("base_shift", 0.5) - slope * lo
 
     def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
@@ -616,14 +664,12 @@ class ZImageFamily(FluxFamily):
     def denoiser(self, module=None) -> ZImageDenoiser:
         return ZImageDenoiser(module if module is not None else self.denoiser_module)
 
+    enable_thinking = True  # ZImagePipeline's chat template call
+
     def templated(self, prompt: str) -> str:
-        """`prompt` as `ZImagePipeline` hands it to Qwen3: in the chat template, thinking enabled."""
-        return self.pipe.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
+        """`prompt` as the pipeline hands it to Qwen3: one user turn in the chat template, the generation
+        prompt, thinking as the pipeline sets it (`enable_thinking`)."""
+        return chat_templated(self.pipe.tokenizer, prompt, self.enable_thinking)
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """The pipeline's caption embeddings, each its own length, zero-padded to the longest with a mask."""
@@ -647,6 +693,96 @@ class ZImageFamily(FluxFamily):
 
     def concept_streams(self, words, background):
         raise UnsupportedFamilyError("the concept_output readout is not served for a Z-Image model")
+
+
+@register_family
+class Flux2Family(FluxFamily):
+    """FLUX.2 (dev, and the klein models with their base variants): a rectified-flow transformer of
+    double- and single-stream blocks as FLUX.1's (`Flux2Transformer2DModel`: wider MLPs, no biases, the
+    modulation shared across blocks), over 2 x 2-packed latents of FLUX.2's VAE with four-axis rotary
+    positions (`Flux2Denoiser`). The text stream is one encoder's hidden states from three of its layers,
+    stacked per token, of the prompt in the encoder's chat template padded to 512 tokens: Mistral-3 with
+    FLUX.2's system message (`Flux2Pipeline`), or Qwen3 with thinking off (`Flux2KleinPipeline`); the
+    concept's tokens are found in that templated prompt. No pooled vector. The concept map is the
+    image-to-text attention of every block (`factory.method.attention.Flux2ConceptAttnProcessor`).
+
+    FLUX.2's VAE latents are normalized by the VAE's batch-norm statistics (`PatchNormedVAE`). The flow's
+    shift depends on the image's token count and the step count (`Flux2Pipeline`'s `compute_empirical_mu`);
+    each sampler's schedule is computed for its own steps. The sigma grid is the scheduler's own, as for
+    FLUX.1 (the same departure). The guidance embedding of FLUX.2-dev is given the pipeline's default 4.0;
+    klein has none.
+
+    Not served: the `concept_output` readout (not ported to FLUX.2's blocks or measured); reference-image
+    conditioning (the pipelines' `image=`), which the method does not use."""
+
+    name = "flux2"
+    description = "FLUX.2 (dev, klein)"
+    denoiser_class = "Flux2Transformer2DModel"
+    required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    readouts = ("image_to_text",)
+    tokenizer_names = ("tokenizer",)
+    max_sequence_length = 512  # the pipelines' default
+    guidance = 4.0  # Flux2Pipeline's default guidance_scale, which it gives the guidance embedding
+
+    @property
+    def sequence_length(self) -> int:
+        return self.max_sequence_length
+
+    @property
+    def klein(self) -> bool:
+        """A Qwen3-encoded klein pipeline (else FLUX.2-dev's Mistral-3 one)."""
+        return not hasattr(self.pipe.tokenizer, "tokenizer")  # dev's is a processor around its tokenizer
+
+    @property
+    def text_tokenizer(self):
+        return self.pipe.tokenizer if self.klein else self.pipe.tokenizer.tokenizer
+
+    def denoiser(self, module=None) -> Flux2Denoiser:
+        return Flux2Denoiser(module if module is not None else self.denoiser_module, self.guidance)
+
+    def method_vae(self, vae=None):
+        from factory.method.latents import PatchNormedVAE
+
+        return PatchNormedVAE(super().method_vae(vae))
+
+    @staticmethod
+    def shift_mu(config: dict, tokens: int, steps: int) -> float:
+        """`Flux2Pipeline`'s `compute_empirical_mu`: fitted to the token and the step count."""
+        a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+        if tokens > 4300:
+            return a2 * tokens + b2
+        m_200, m_10 = a2 * tokens + b2, a1 * tokens + b1
+        a = (m_200 - m_10) / 190.0
+        return a * steps + m_200 - 200.0 * a
+
+    def templated(self, prompt: str) -> str:
+        """`prompt` as the pipeline hands it to its encoder, in the encoder's chat template."""
+        if self.klein:  # Flux2KleinPipeline: Qwen3, thinking off
+            return chat_templated(self.pipe.tokenizer, prompt, enable_thinking=False)
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        (messages,) = format_input([prompt], system_message=self.pipe.system_message)
+        return self.pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(
+                list(prompts), device=self.pipe.text_encoder.device, max_sequence_length=self.sequence_length
+            )
+        return Conditioning(embeds)
+
+    def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
+        """(B, text tokens): 1 at the concept words' tokens in the templated prompt."""
+        templated = [self.templated(p) for p in prompts]
+        tokenizer = self.text_tokenizer
+        # FLUX.2-dev's processor tokenizes a templated prompt that starts with the BOS without special
+        # tokens (transformers' `ProcessorMixin.apply_chat_template`); klein's tokenizer is called plainly
+        bos = tokenizer.bos_token
+        special = self.klein or not (bos and templated[0].startswith(bos))
+        return token_weight_matrix(tokenizer, templated, words, self.sequence_length, special)
+
+    def concept_streams(self, words, background):
+        raise UnsupportedFamilyError("the concept_output readout is not served for a FLUX.2 model")
 
 
 def detect_family(pipe) -> SDFamily:

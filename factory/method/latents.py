@@ -71,3 +71,62 @@ def decode_latents(vae, z: torch.Tensor) -> np.ndarray:
     return np.concatenate(
         [to_uint8(vae.decode(zi / vae.config.scaling_factor + shift).sample) for zi in pieces]
     )
+
+
+class PatchNormedVAE(torch.nn.Module):
+    """FLUX.2's VAE (`AutoencoderKLFlux2`) as the method reads it: its latents normalized by the VAE's own
+    batch-norm statistics, which `Flux2Pipeline` applies over 2 x 2 patches of latent cells (128 channels
+    for FLUX.2's 32). The method keeps latents as (C, h, w) cells, as for FLUX.1 (`FluxDenoiser` packs the
+    patches), so the statistics are applied here per channel and position in the patch: the same numbers as
+    the pipeline's `(patchify(z) - mean) / std`, laid out as cells. `encode` and `decode` speak that
+    normalized space; `config` says scaling 1 and no shift, so `encode_images` and `decode_latents` take it
+    as any VAE."""
+
+    def __init__(self, vae):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.vae = vae
+        self.config = SimpleNamespace(
+            scaling_factor=1.0,
+            shift_factor=0.0,
+            block_out_channels=vae.config.block_out_channels,
+            force_upcast=getattr(vae.config, "force_upcast", False),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch-norm mean and std laid out over (C, 2, 2) patch positions, as `z`'s cells see them."""
+        bn, c = self.vae.bn, z.shape[1]
+        std = torch.sqrt(bn.running_var + self.vae.config.batch_norm_eps)
+        shape = (1, c, 1, 2, 1, 2)
+        return bn.running_mean.view(shape).to(z), std.view(shape).to(z)
+
+    def normalize(self, z: torch.Tensor, shift: bool = True) -> torch.Tensor:
+        """Raw VAE latents (B, C, h, w) -> the normalized cells; `shift=False` scales only (a std)."""
+        b, c, h, w = z.shape
+        mean, std = self._stats(z)
+        cells = z.view(b, c, h // 2, 2, w // 2, 2)
+        return ((cells - mean if shift else cells) / std).view(b, c, h, w)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        mean, std = self._stats(z)
+        return (z.view(b, c, h // 2, 2, w // 2, 2) * std + mean).view(b, c, h, w)
+
+    def encode(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        dist = self.vae.encode(x).latent_dist
+        mean, std = self.normalize(dist.mean), self.normalize(dist.std, shift=False)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=std, mode=lambda: mean))
+
+    def decode(self, z: torch.Tensor):
+        return self.vae.decode(self.denormalize(z))

@@ -24,14 +24,16 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
 
 
 def concept_token_indices(
-    tokenizer, prompt: str, words: list[str] | str, width: int | None = None
+    tokenizer, prompt: str, words: list[str] | str, width: int | None = None, special: bool = True
 ) -> list[int]:
-    """Positions (in the padded, special-token-prefixed sequence) of the tokens of each concept word; a
-    position at or beyond `width` (default: the tokenizer's `model_max_length`) is an error."""
+    """Positions (in the padded, special-token-prefixed sequence; `special=False`: a sequence tokenized
+    without the tokenizer's special tokens, as a processor tokenizes a chat-templated prompt that writes its
+    own) of the tokens of each concept word; a position at or beyond `width` (default: the tokenizer's
+    `model_max_length`) is an error."""
     words = [words] if isinstance(words, str) else list(words)
     if not words:
         raise ConceptTokenError("no concept words given")
-    ids = _encode(tokenizer, prompt, special=True)
+    ids = _encode(tokenizer, prompt, special=special)
     max_len = tokenizer.model_max_length if width is None else width
 
     def starts_of(piece: list[int]) -> list[int]:
@@ -65,14 +67,25 @@ def concept_token_indices(
 
 
 def token_weight_matrix(
-    tokenizer, prompts: list[str], words: list[list[str]], width: int | None = None
+    tokenizer, prompts: list[str], words: list[list[str]], width: int | None = None, special: bool = True
 ) -> torch.Tensor:
     """(batch, width) float weights, 1 at each prompt's concept tokens, else 0; `width` defaults to the
     tokenizer's `model_max_length` (a concept beyond it is an error, `concept_token_indices`)."""
     w = torch.zeros(len(prompts), tokenizer.model_max_length if width is None else width)
     for row, (prompt, ws) in enumerate(zip(prompts, words, strict=True)):
-        w[row, concept_token_indices(tokenizer, prompt, ws, width)] = 1.0
+        w[row, concept_token_indices(tokenizer, prompt, ws, width, special)] = 1.0
     return w
+
+
+def chat_templated(tokenizer, prompt: str, enable_thinking: bool) -> str:
+    """`prompt` as one user turn in a chat model's template with the generation prompt (what the Qwen3-encoded
+    pipelines, Z-Image and FLUX.2 klein, hand their encoder), thinking on or off as the pipeline sets it."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
 
 
 def padded_ids(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -72,7 +72,7 @@ from trainers.finetune.worker import (
 
 
 class FinetuneFamilyError(UserError):
-    """The model is of a family whose fine-tuning is not served (SDXL, SD3)."""
+    """The model is of a family whose fine-tuning is not served (SDXL, SD3, FLUX.1/2, Z-Image)."""
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -312,7 +312,7 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
     family = read_model_configs(cfg.model, components=())["family"]
     if family != "sd":
         raise FinetuneFamilyError(
-            f"model {cfg.model!r} is an {family} model; fine-tuning (paper Step 3) serves the sd family "
+            f"model {cfg.model!r} is of the {family} family; fine-tuning (paper Step 3) serves the sd family "
             "(SD 1.x, 2.x, toyworld) so far. Label and generate with it without inpaint.model: the "
             "pretrained model inpaints the backgrounds."
         )
