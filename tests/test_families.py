@@ -244,6 +244,20 @@ def test_concept_tokens_are_found_in_every_tokenizer(tiny):
     # a concept of several words counts every word's tokens, in every tokenizer
     two = family.token_weights(["a photo of a fire truck"], [["fire", "truck"]])
     assert two.sum().item() >= 2 and two.shape == w.shape
+    # a concept past the text tokens that reach the model is an error, in every tokenizer, never dropped
+    from factory.method.prompts import ConceptTokenError
+
+    far = ["a photo of a " + "red " * 600 + "star"]
+    with pytest.raises(ConceptTokenError, match="beyond"):
+        family.token_weights(far, [["star"]])
+    if build == "flux":  # a T5 tokenizer longer than the 512 tokens FLUX reads: the window is FLUX's
+        pipe.tokenizer_2.model_max_length = 1024
+        try:
+            assert family.sequence_length == 512
+            with pytest.raises(ConceptTokenError, match="beyond the model's 512"):
+                family.token_weights(far, [["star"]])
+        finally:
+            pipe.tokenizer_2.model_max_length = 77
 
 
 # --- v-prediction and the flow are followed ------------------------------------------------------------

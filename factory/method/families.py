@@ -498,10 +498,8 @@ class SD3Family(SDFamily):
         if self.pipe.tokenizer_3 is None:  # no T5: its tokens are zeros, never a concept's
             t5 = torch.zeros(len(prompts), self.max_sequence_length)
         else:
-            tok = self.pipe.tokenizer_3
-            t5 = token_weight_matrix(tok, prompts, words)
-            width = self.max_sequence_length
-            t5 = torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
+            # T5's first 256 tokens reach the model: a concept beyond them is an error, not dropped
+            t5 = token_weight_matrix(self.pipe.tokenizer_3, prompts, words, self.max_sequence_length)
         return torch.cat([clip, t5], 1)
 
 
@@ -586,9 +584,8 @@ class FluxFamily(SDFamily):
 
     def token_weights(self, prompts: list[str], words: list[list[str]]) -> torch.Tensor:
         """(B, T5 tokens): 1 at the concept words' T5 tokens (every piece of a word the tokenizer splits)."""
-        t5 = token_weight_matrix(self.pipe.tokenizer_2, prompts, words)
-        width = self.sequence_length
-        return torch.nn.functional.pad(t5, (0, max(0, width - t5.shape[1])))[:, :width]
+        # the T5 tokens that reach the model: a concept beyond them is an error, not dropped
+        return token_weight_matrix(self.pipe.tokenizer_2, prompts, words, self.sequence_length)
 
     def concept_streams(self, words: list[list[str]], background: tuple[str, ...]):
         """The `concept_output` readout's word streams of a batch (`ConceptStreams`): each sample's concept
