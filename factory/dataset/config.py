@@ -20,10 +20,27 @@ from factory.method.schedulers import SchedulerName
 from factory.method.settings import AttentionSource, Concept, DistillConfig
 from factory.yaml_config import ConfigError, StrictConfig, load_yaml_config, validate_config
 
+MAX_PROMPTS = 100_000  # expanded prompts per concept: the preflight tokenizes every one
+
 
 class ConceptConfig(StrictConfig):
+    """One concept. Its prompt is `template` ("a photo of a {concept}"); for prompt variety in generate
+    mode, `templates` (several, with fields such as {color}) and `attributes` (each field's values), or a
+    plain list of `prompts`: each sample's prompt is drawn from them by its seed
+    (`factory.dataset.prompt_variety`)."""
+
     name: str = Field(min_length=1)
     template: str = "a photo of a {concept}"
+    templates: list[str] = Field(
+        default_factory=list,
+        description="generate mode: one per sample, drawn by its seed; fields {concept} and the attributes'",
+    )
+    attributes: dict[str, list[str]] = Field(
+        default_factory=dict, description="generate mode: each template field's values, one drawn per sample"
+    )
+    prompts: list[str] = Field(
+        default_factory=list, description="generate mode: whole prompts, one drawn per sample (no fields)"
+    )
     words: list[str] = Field(
         default_factory=list, description="words whose attention is summed; default [name]"
     )
@@ -36,8 +53,56 @@ class ConceptConfig(StrictConfig):
             raise ValueError("the only template field is {concept}")
         return v
 
+    @model_validator(mode="after")
+    def _variety(self) -> ConceptConfig:
+        import math
+        import string
+
+        if self.prompts and (self.templates or self.attributes):
+            raise ValueError("give either prompts or templates (with attributes), not both")
+        if self.attributes and not self.templates:
+            raise ValueError("attributes fill the fields of `templates`; give templates too")
+        for name, values in self.attributes.items():
+            if name == "concept" or not name.isidentifier():
+                raise ValueError(f"attribute {name!r}: a name such as color (not 'concept')")
+            if not values or any(not v.strip() for v in values):
+                raise ValueError(f"attribute {name!r} needs one or more non-empty values")
+        used = set()
+        for t in self.templates:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+            except ValueError as err:
+                raise ValueError(f"template {t!r}: {err}") from err
+            unknown = fields - {"concept", *self.attributes}
+            if unknown:
+                raise ValueError(
+                    f"template {t!r} has fields {sorted(unknown)} that are not in attributes "
+                    f"({sorted(self.attributes) or 'none'}) or {{concept}}"
+                )
+            used |= fields
+        unused = set(self.attributes) - used
+        if unused:
+            raise ValueError(f"attributes {sorted(unused)} appear in no template")
+        for prompt in self.prompts:
+            if "{" in prompt or "}" in prompt:
+                raise ValueError(f"prompt {prompt!r}: a plain prompt has no fields (use templates)")
+        n = len(self.prompts) + sum(
+            math.prod(len(self.attributes[f]) for f in _fields(t) if f != "concept") for t in self.templates
+        )
+        if n > MAX_PROMPTS:
+            raise ValueError(f"{n} expanded prompts; at most {MAX_PROMPTS} (the preflight checks every one)")
+        return self
+
     def to_concept(self) -> Concept:
+        """The concept with its one `template` (label mode; generate mode without prompt variety)."""
         return Concept(self.name, self.template, tuple(self.words))
+
+
+def _fields(template: str) -> list[str]:
+    """The distinct fields of a format template, in order of first appearance."""
+    import string
+
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f is not None))
 
 
 class SamplerConfig(StrictConfig):

@@ -111,12 +111,17 @@ class GenerateShard:
         for i in range(0, len(samples), bs):
             chunk = samples[i : i + bs]
             if self.mode == "generate":
+                from factory.dataset.prompt_variety import concept_for_sample
                 from factory.method.settings import SampleSpec
 
+                drawn = [concept_for_sample(self.cfg.concepts[s["concept"]], s["seed"]) for s in chunk]
                 drafts = self.distiller.synthesize(
-                    [SampleSpec(self.concepts[s["concept"]], s["seed"], s["key"]) for s in chunk],
+                    [SampleSpec(c, s["seed"], s["key"]) for (c, _), s in zip(drawn, chunk, strict=True)],
                     finish=False,
                 )
+                for t, (_, values) in zip(drafts, drawn, strict=True):
+                    if values:  # the prompt itself is in every sample's metadata already
+                        t.meta["prompt_attributes"] = values
             else:
                 images, ok = [], []
                 for s in chunk:

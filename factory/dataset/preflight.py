@@ -95,18 +95,20 @@ def check_model(cfg: JobConfig) -> None:
 
 
 def check_prompts(cfg: JobConfig) -> None:
-    """Every concept's prompt holds its concept words' tokens, with each of the model's tokenizers."""
+    """Every concept's prompt holds its concept words' tokens, with each of the model's tokenizers: every
+    expansion of its templates and attributes, or each of its listed prompts (`prompt_variety`)."""
+    from factory.dataset.prompt_variety import every_prompt
     from factory.method.loading import load_tokenizers
     from factory.method.prompts import ConceptTokenError, concept_token_indices
 
     tokenizers = load_tokenizers(cfg.model)
     for c in cfg.concepts:
-        concept = c.to_concept()
-        for tokenizer in tokenizers:
-            try:
-                concept_token_indices(tokenizer, concept.prompt, concept.token_words)
-            except ConceptTokenError as err:
-                raise PromptError(f"concept {c.name!r}: {err}") from err
+        for concept in every_prompt(c):  # each template with each attribute value, or each listed prompt
+            for tokenizer in tokenizers:
+                try:
+                    concept_token_indices(tokenizer, concept.prompt, concept.token_words)
+                except ConceptTokenError as err:
+                    raise PromptError(f"concept {c.name!r}: {err}") from err
 
 
 class PromptError(UserError):
