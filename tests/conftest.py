@@ -25,6 +25,24 @@ def fast_config():
     return DistillConfig(num_inference_steps=8, probe_t0=6, inpaint_steps=8)
 
 
+@pytest.fixture(scope="session")
+def short_job():
+    """`--set` overrides of a short generate job that keeps every sample: 4 steps, one actor on one CPU, no
+    area or edge filter (random or toyworld weights at 4 steps may draw masks a filter rejects; the filters
+    have tests of their own), no report samples."""
+    return [
+        "sampler.steps=4",
+        "sampler.probe_t0=3",
+        "inpaint.steps=4",
+        "resources.actors=1",
+        "resources.num_cpus_per_actor=1",
+        "filters.min_area=0.0",
+        "filters.max_area=1.0",
+        "filters.reject_edgeless=false",
+        "output.report_samples=0",
+    ]
+
+
 # --- One local Ray for the tests that need one --------------------------------------------------------------
 # Starting Ray and its first workers (each imports torch) takes seconds on 2 cores, once per module that asked
 # for its own. Where isolation is not the point, tests share this one: 2 CPUs, started on first use, shut down

@@ -459,7 +459,7 @@ def test_an_sdxl_nine_channel_inpainting_unet_labels_with_its_added_conditioning
 
 # --- a factory generate job per family -----------------------------------------------------------------
 @pytest.mark.integration
-def test_a_generate_job_per_family(tmp_path, local_ray):
+def test_a_generate_job_per_family(tmp_path, local_ray, short_job):
 
     from factory.dataset.config import load_config
     from factory.dataset.pipeline import run_job
@@ -474,19 +474,11 @@ def test_a_generate_job_per_family(tmp_path, local_ray):
                 f"model={model}",
                 f"output.uri={tmp_path / ('out-' + build)}",
                 "concepts=[{name: star, samples: 2}]",
-                "sampler.steps=4",
-                "sampler.probe_t0=3",
                 "sampler.resolution=32",  # the tiny models' VAEs say 32 too
-                "inpaint.steps=4",
                 "output.samples_per_shard=2",
-                "resources.actors=1",
-                "resources.num_cpus_per_actor=1",
-                "filters.min_area=0.0",
-                "filters.max_area=1.0",
                 # random weights draw noise, whose refined mask the edge snap may find edgeless (the tiny
-                # FLUX's did): this test counts every sample; the filter has tests of its own
-                "filters.reject_edgeless=false",
-                "output.report_samples=0",
+                # FLUX's did): this test counts every sample
+                *short_job,
             ],
         )
         summary = run_job(cfg, "generate", progress=False)

@@ -79,7 +79,7 @@ def test_the_preflight_checks_every_expanded_prompt(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_generate_job_draws_each_samples_prompt_and_records_it(tmp_path, local_ray):
+def test_a_generate_job_draws_each_samples_prompt_and_records_it(tmp_path, local_ray, short_job):
     from factory.dataset.pipeline import run_job
     from factory.dataset.shards import ShardStore
 
@@ -89,16 +89,8 @@ def test_a_generate_job_draws_each_samples_prompt_and_records_it(tmp_path, local
         [
             f"output.uri={tmp_path / 'out'}",
             f"concepts=[{json.dumps(concept)}]",
-            "sampler.steps=4",
-            "sampler.probe_t0=3",
-            "inpaint.steps=4",
             "output.samples_per_shard=4",
-            "resources.actors=1",
-            "resources.num_cpus_per_actor=1",
-            "filters.min_area=0.0",
-            "filters.max_area=1.0",
-            "filters.reject_edgeless=false",
-            "output.report_samples=0",
+            *short_job,
         ],
     )
     assert run_job(cfg, "generate", progress=False)["complete"]

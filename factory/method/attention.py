@@ -280,6 +280,22 @@ def flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, proje
     return query, key, value
 
 
+def fused_attention(query, key, value, attention_mask, processor) -> torch.Tensor:
+    """The FLUX.1 / FLUX.2 processors' attention call: diffusers' dispatch on `processor`'s backend, the
+    heads flattened, (b, tokens, heads * d) in the queries' dtype."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+    return hidden_states.flatten(2, 3).to(query.dtype)
+
+
 def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
     """diffusers' `FluxAttnProcessor.__call__` (0.42.1) step for step, the same operations in the same order
     (so the same output bits), calling ``seen(query, key, value, out)`` with the block's own tensors: the
@@ -287,22 +303,12 @@ def flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask, i
     and the attention output before the output projections, (b, tokens, heads * d). A readout reads what the
     block computes anyway instead of projecting anything a second time. `fast` is the `FluxAttnProcessor`
     whose attention backend is used."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     query, key, value = flux_qkv(
         attn, hidden_states, encoder_hidden_states, image_rotary_emb, _get_qkv_projections
     )
-    hidden_states = dispatch_attention_fn(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        backend=fast._attention_backend,
-        parallel_config=fast._parallel_config,
-    )
-    hidden_states = hidden_states.flatten(2, 3)
-    hidden_states = hidden_states.to(query.dtype)
+    hidden_states = fused_attention(query, key, value, attention_mask, fast)
     seen(query, key, value, hidden_states)
     if encoder_hidden_states is not None:
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -364,7 +370,6 @@ def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     `Flux2ParallelSelfAttnProcessor` for a single-stream block's `Flux2ParallelSelfAttention` (one fused
     projection gives the queries, keys, values and the MLP's input; one output projection takes the
     attention and the MLP together). `fast` holds the two processors whose attention backends are used."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux2 import (
         Flux2ParallelSelfAttention,
@@ -393,16 +398,7 @@ def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
             attn, hidden_states, encoder_hidden_states, image_rotary_emb, _get_qkv_projections
         )
     seen(query, key)
-    hidden_states = dispatch_attention_fn(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        backend=processor._attention_backend,
-        parallel_config=processor._parallel_config,
-    )
-    hidden_states = hidden_states.flatten(2, 3)
-    hidden_states = hidden_states.to(query.dtype)
+    hidden_states = fused_attention(query, key, value, attention_mask, processor)
     if single:
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
