@@ -492,7 +492,13 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def _head_rows(r: dict) -> list[tuple[str, str]]:
     s, m = r["settings"], r["machine"]
-    kind = {"sd3": "MMDiT", "flux": "FLUX transformer"}.get(s.get("family"), "UNet")
+    kinds = {
+        "sd3": "MMDiT",
+        "flux": "FLUX transformer",
+        "flux2": "FLUX.2 transformer",
+        "z_image": "Z-Image DiT",
+    }
+    kind = kinds.get(s.get("family"), "UNet")
     overrides = s.get("arch_overrides") or {}
     return [
         (
