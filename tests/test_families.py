@@ -128,6 +128,8 @@ def test_z_image_capture_masks_the_batch_padding_of_captions_of_different_length
     assert prompts[0] == "a photo of a star"  # the pipeline templates the list it is given: ours is a copy
     with pytest.raises(UnsupportedFamilyError, match="concept_output.*z_image model .it is for: flux"):
         Distiller("tiny-z", pipeline=pipe, config=DistillConfig(readout="concept_output"))
+    with pytest.raises(UnsupportedFamilyError, match="concept_output.*z_image model .it is for: flux"):
+        family.concept_streams([["star"]], ("background",))  # FLUX's streams are not inherited
 
 
 @pytest.mark.parametrize("build", ["flux2_klein", "flux2_dev"])
@@ -178,6 +180,8 @@ def test_flux2_calls_its_transformer_and_vae_as_its_pipeline_does(build):
     assert d.inpaint_sampler.config.shift == pytest.approx(math.exp(compute_empirical_mu(tokens, 20)))
     with pytest.raises(UnsupportedFamilyError, match="concept_output.*flux2 model .it is for: flux"):
         Distiller("tiny-flux2", pipeline=pipe, config=DistillConfig(readout="concept_output"))
+    with pytest.raises(UnsupportedFamilyError, match="concept_output.*flux2 model .it is for: flux"):
+        family.concept_streams([["star"]], ("background",))
 
 
 # --- synthesis and label mode end to end --------------------------------------------------------------

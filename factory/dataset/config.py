@@ -56,7 +56,6 @@ class ConceptConfig(StrictConfig):
     @model_validator(mode="after")
     def _variety(self) -> ConceptConfig:
         import math
-        import string
 
         if self.prompts and (self.templates or self.attributes):
             raise ValueError("give either prompts or templates (with attributes), not both")
@@ -70,7 +69,7 @@ class ConceptConfig(StrictConfig):
         used = set()
         for t in self.templates:
             try:
-                fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+                fields = set(_fields(t))
             except ValueError as err:
                 raise ValueError(f"template {t!r}: {err}") from err
             unknown = fields - {"concept", *self.attributes}

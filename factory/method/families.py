@@ -240,13 +240,10 @@ class Flux2Denoiser(FluxDenoiser):
     embedding where the checkpoint has one (FLUX.2-dev)."""
 
     def transformer(self, packed, timestep, guidance, cond: Conditioning, h: int, w: int) -> torch.Tensor:
-        device = packed.device
-        image_ids = torch.cartesian_prod(
-            torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)
-        ).to(device)
-        text_ids = torch.cartesian_prod(
-            torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(cond.hidden.shape[1])
-        ).to(device)
+        def ids(*sizes: int) -> torch.Tensor:  # built on the device: no host copy per step
+            return torch.cartesian_prod(*(torch.arange(n, device=packed.device) for n in sizes))
+
+        image_ids, text_ids = ids(1, h, w, 1), ids(1, 1, 1, cond.hidden.shape[1])
         return self.module(
             hidden_states=packed,
             encoder_hidden_states=cond.hidden,
@@ -594,6 +591,7 @@ class FluxFamily(SDFamily):
         tokenizer can only spell with its unknown token, raises ConceptTokenError."""
         from factory.method.concept_attention import ConceptStreams
 
+        self.check_readout("concept_output")  # families built on this one that do not serve it refuse here
         tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
         rows = []
         for concept_words in words:
@@ -688,9 +686,6 @@ class ZImageFamily(FluxFamily):
         templated = [self.templated(p) for p in prompts]
         return token_weight_matrix(self.pipe.tokenizer, templated, words, self.sequence_length)
 
-    def concept_streams(self, words, background):
-        raise UnsupportedFamilyError("the concept_output readout is not served for a Z-Image model")
-
 
 @register_family
 class Flux2Family(FluxFamily):
@@ -777,9 +772,6 @@ class Flux2Family(FluxFamily):
         bos = tokenizer.bos_token
         special = self.klein or not (bos and templated[0].startswith(bos))
         return token_weight_matrix(tokenizer, templated, words, self.sequence_length, special)
-
-    def concept_streams(self, words, background):
-        raise UnsupportedFamilyError("the concept_output readout is not served for a FLUX.2 model")
 
 
 def detect_family(pipe) -> SDFamily:

@@ -413,6 +413,7 @@ def train_unet(
     ddim = tw_model.build_scheduler()
     rng = np.random.default_rng(cfg.seed + 2)
     step, history, elapsed_before, commands = 0, [], 0.0, []
+    models = {"unet": unet, "text_encoder": text_encoder}  # what a checkpoint holds, by name
 
     # 3. Resume.
     ckpt_path = work / "unet_ckpt.pt"
@@ -424,7 +425,6 @@ def train_unet(
                 f"{ckpt_path} was trained {'with' if was_frozen else 'without'} "
                 f"--freeze-text-encoder: resume it the same way, or use a new --work-dir"
             )
-        models = {"unet": unet, "text_encoder": text_encoder}
         step, history, elapsed_before, commands = load_run(state, models, opt, ema, rng)
         print(f"[unet] resumed from step {step} ({elapsed_before / 60:.1f} min trained so far)")
 
@@ -435,7 +435,6 @@ def train_unet(
     eval_params = trained_params(eval_unet, eval_text)
 
     def save(done: bool = False):
-        models = {"unet": unet, "text_encoder": text_encoder}
         elapsed = elapsed_before + time.time() - t_start
         save_run(
             ckpt_path,
