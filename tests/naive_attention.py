@@ -246,3 +246,72 @@ def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, gu
             block.norm2_context(words) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         )
     return torch.stack(maps).mean(0)
+
+
+def naive_concept_output_flux2(transformer, block_inputs, tokens, groups, positions, layers):
+    """The same naive reference for a FLUX.2 transformer, written out from ConceptAttention's FLUX.2
+    `ModifiedDoubleStreamBlock` (`concept_attention/flux2/dit_block.py`): the words take the text stream's
+    modulation (each block's own `temb_mod_txt` input here), LayerNorm, projections, RMS norms, output
+    projection and SwiGLU MLP; their queries and keys turn by their text positions (0, 0, 0, position).
+    Returns the (b, image tokens) map of word 0, averaged over `layers`."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+    words = transformer.context_embedder(tokens)
+    keep = groups.sum(-1) > 0
+    ids = torch.zeros(*positions.shape, 4, dtype=torch.long)
+    ids[..., 3] = positions
+    word_rotary = [transformer.pos_embed(row) for row in ids]
+    maps = []
+    for i in range(max(layers) + 1):
+        block, inputs = transformer.transformer_blocks[i], block_inputs[i]
+        attn, rotary = block.attn, inputs["image_rotary_emb"]
+        (shift, scale, _), _ = Flux2Modulation.split(inputs["temb_mod_img"], 2)
+        (c_shift, c_scale, c_gate), (m_shift, m_scale, m_gate) = Flux2Modulation.split(
+            inputs["temb_mod_txt"], 2
+        )
+
+        def project(linear, x, norm=None, heads=attn.heads):
+            y = linear(x).unflatten(-1, (heads, -1))
+            return norm(y) if norm is not None else y
+
+        def attend(q, k, v):
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+        img = block.norm1(inputs["hidden_states"]) * (1 + scale) + shift
+        txt = block.norm1_context(inputs["encoder_hidden_states"]) * (1 + c_scale) + c_shift
+        n_text = txt.shape[1]
+        q = torch.cat(
+            [project(attn.add_q_proj, txt, attn.norm_added_q), project(attn.to_q, img, attn.norm_q)], 1
+        )
+        k_img = project(attn.to_k, img, attn.norm_k)
+        k = torch.cat([project(attn.add_k_proj, txt, attn.norm_added_k), k_img], 1)
+        v_img = project(attn.to_v, img)
+        v = torch.cat([project(attn.add_v_proj, txt), v_img], 1)
+        q, k = (apply_rotary_emb(x, rotary, sequence_dim=1) for x in (q, k))
+        image_out = attend(q, k, v)[:, n_text:]
+        k_img = k[:, n_text:]
+
+        normed = block.norm1_context(words) * (1 + c_scale) + c_shift
+        wq = project(attn.add_q_proj, normed, attn.norm_added_q)
+        wk = project(attn.add_k_proj, normed, attn.norm_added_k)
+        wv = project(attn.add_v_proj, normed)
+        rows = []
+        for r in range(wq.shape[0]):
+            turn = word_rotary[r]
+            qr, kr = (apply_rotary_emb(x[r : r + 1], turn, sequence_dim=1) for x in (wq, wk))
+            rows.append(
+                attend(
+                    qr,
+                    torch.cat([kr[:, keep[r]], k_img[r : r + 1]], 1),
+                    torch.cat([wv[r : r + 1, keep[r]], v_img[r : r + 1]], 1),
+                )
+            )
+        words_out = torch.cat(rows)
+        if i in layers:
+            dots = words_out @ image_out.transpose(1, 2)
+            maps.append((groups.transpose(1, 2) @ dots).softmax(1)[:, 0])
+        words = words + c_gate * attn.to_add_out(words_out)
+        words = words + m_gate * block.ff_context(block.norm2_context(words) * (1 + m_scale) + m_shift)
+    return torch.stack(maps).mean(0)

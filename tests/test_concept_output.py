@@ -1,14 +1,17 @@
-"""The `concept_output` readout (ConceptAttention) on a tiny random FLUX pipeline with two double-stream
-blocks (`tests/tiny_models.py`): it equals a naive full computation, leaves the image bit for bit as it is,
-records only the chosen blocks and the recorded steps, restores the model, finds multi-word concepts, and is
-refused where it is not served, before any model work."""
+"""The `concept_output` readout (ConceptAttention) on tiny random FLUX.1 and FLUX.2 (klein, dev) pipelines
+with two double-stream blocks (`tests/tiny_models.py`): it equals a naive full computation, leaves the image
+bit for bit as it is, records only the chosen blocks and the recorded steps, restores the model, finds
+multi-word concepts, and is refused where it is not served, before any model work."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
-from naive_attention import naive_concept_output
-from tiny_models import flux_pipeline
+from naive_attention import naive_concept_output, naive_concept_output_flux2
+from tiny_models import BUILDERS, flux_pipeline
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.concept_attention import recorded_blocks
 from factory.method.families import UnsupportedFamilyError, detect_family
 from factory.method.prompts import ConceptTokenError
 from factory.method.readouts import Readout
@@ -24,12 +27,17 @@ def flux():
     return flux_pipeline(num_layers=2)
 
 
+@pytest.fixture(scope="module", params=["flux", "flux2_klein", "flux2_dev"])
+def tiny(request, flux):
+    return flux if request.param == "flux" else BUILDERS[request.param](num_layers=2)
+
+
 def _streams(family, words, background=("background", "floor")):
     return family.concept_streams(words, background)
 
 
-def test_the_map_equals_a_naive_full_computation(flux):
-    family = detect_family(flux)
+def test_the_map_equals_a_naive_full_computation(tiny):
+    family = detect_family(tiny)
     denoiser = family.denoiser()
     prompts = ["a photo of a fire truck", "a photo of a star"]
     cond = family.encode(prompts)
@@ -54,15 +62,25 @@ def test_the_map_equals_a_naive_full_computation(flux):
         try:
             with torch.no_grad():
                 denoiser(z, t, cond)
-                ref = naive_concept_output(
-                    family.denoiser_module,
-                    inputs,
-                    streams.tokens,
-                    streams.groups,
-                    timestep=torch.full((2,), 0.7),
-                    guidance=torch.full((2,), family.guidance),
-                    layers=layers,
-                )
+                if family.name == "flux":
+                    ref = naive_concept_output(
+                        family.denoiser_module,
+                        inputs,
+                        streams.tokens,
+                        streams.groups,
+                        timestep=torch.full((2,), 0.7),
+                        guidance=torch.full((2,), family.guidance),
+                        layers=layers,
+                    )
+                else:
+                    ref = naive_concept_output_flux2(
+                        family.denoiser_module,
+                        inputs,
+                        streams.tokens,
+                        streams.groups,
+                        streams.positions,
+                        layers,
+                    )
         finally:
             for h in hooks:
                 h.remove()
@@ -70,8 +88,8 @@ def test_the_map_equals_a_naive_full_computation(flux):
         assert ((got > 0) & (got < 1)).all() and got.std() > 0.01  # a softmax over three words, not flat
 
 
-def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(flux):
-    family = detect_family(flux)
+def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(tiny):
+    family = detect_family(tiny)
     denoiser = family.denoiser()
     module = denoiser.module
     processors = dict(module.attn_processors)
@@ -116,14 +134,42 @@ def test_multi_word_concepts_keep_every_token(flux):
     assert streams.groups[0, :, 1].sum().item() == pytest.approx(1.0)
     assert int(streams.key_mask[0].sum()) == n_fire_truck + n_background
     assert int(streams.key_mask[1].sum()) < int(streams.key_mask[0].sum())  # the shorter row is padded
+    assert streams.positions is None  # FLUX.1's text positions are all zero
 
 
-def test_the_distiller_makes_triplets_with_it_and_refuses_it_where_not_served(flux, toyworld_pipe):
-    [t] = Distiller("tiny-flux", pipeline=flux, config=FAST).synthesize([SampleSpec(Concept("star"), 0)])
+@pytest.mark.parametrize("build", ["flux2_klein", "flux2_dev"])
+def test_flux2_words_keep_their_tokens_and_text_positions(build):
+    family = detect_family(BUILDERS[build](num_layers=2))
+    streams = _streams(family, [["fire", "truck"], ["star"]], background=("background",))
+    for r, words in enumerate([["fire", "truck"], ["star"]]):
+        at = 0
+        for w, group in enumerate([words, ["background"]]):
+            for word in group:
+                # the word's tokens and positions in its own templated prompt, as the prompt's are found
+                where = family.token_weights([word], [[word]])[0].nonzero()[:, 0]
+                assert torch.equal(streams.positions[r, at : at + len(where)], where)
+                assert (streams.groups[r, at : at + len(where), w] > 0).all()
+                at += len(where)
+        assert int(streams.key_mask[r].sum()) == at and at > 0
+    assert streams.positions[streams.key_mask].min() > 0  # after the chat template's opening tokens
+    # the default blocks: the last three double-stream blocks (5-7 of FLUX.2-dev's eight), all of two here
+    dev = SimpleNamespace(
+        transformer_blocks=[None] * 8,
+        config=SimpleNamespace(num_single_layers=48, timestep_guidance_channels=1),
+    )
+    assert recorded_blocks(dev, Readout("concept_output")) == [5, 6, 7]
+    assert recorded_blocks(family.denoiser_module, Readout("concept_output")) == [0, 1]
+
+
+def test_the_distiller_makes_triplets_with_it(tiny):
+    [t] = Distiller("tiny", pipeline=tiny, config=FAST).synthesize([SampleSpec(Concept("star"), 0)])
     assert t.image.shape == (32, 32, 3) and t.mask.shape == (32, 32)
     plain = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4)
-    [u] = Distiller("tiny-flux", pipeline=flux, config=plain).synthesize([SampleSpec(Concept("star"), 0)])
+    [u] = Distiller("tiny", pipeline=tiny, config=plain).synthesize([SampleSpec(Concept("star"), 0)])
     assert (t.image == u.image).all(), "the readout changes the map, never the image"
+
+
+def test_it_is_refused_where_not_served(flux, toyworld_pipe):
     with pytest.raises(UnsupportedFamilyError, match="readout 'concept_output' is not served for a sd model"):
         Distiller("toyworld", pipeline=toyworld_pipe, config=FAST)
     with pytest.raises(ConceptTokenError, match="no tokens of its own"):

@@ -370,13 +370,15 @@ def mistral3_processor() -> PixtralProcessor:
     )
 
 
-def flux2_transformer(joint_attention_dim: int, guidance_embeds: bool) -> Flux2Transformer2DModel:
-    """One double-stream and one single-stream FLUX.2 block, four-axis rotary positions, over 2 x 2-packed
-    latents of 4 channels."""
+def flux2_transformer(
+    joint_attention_dim: int, guidance_embeds: bool, num_layers: int = 1
+) -> Flux2Transformer2DModel:
+    """`num_layers` double-stream and one single-stream FLUX.2 block, four-axis rotary positions, over
+    2 x 2-packed latents of 4 channels."""
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels x a 2 x 2 patch
-        num_layers=1,
+        num_layers=num_layers,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
@@ -416,7 +418,7 @@ def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def flux2_klein_pipeline() -> Flux2KleinPipeline:
+def flux2_klein_pipeline(num_layers: int = 1) -> Flux2KleinPipeline:
     """FLUX.2-klein-shaped: the FLUX.2 blocks without a guidance embedding, a Qwen3 causal LM read at
     layers 9, 18 and 27 (the pipeline's) through the chat template with thinking off."""
     torch.manual_seed(0)
@@ -438,12 +440,12 @@ def flux2_klein_pipeline() -> Flux2KleinPipeline:
         vae=flux2_vae(),
         text_encoder=text_encoder,
         tokenizer=tok,
-        transformer=flux2_transformer(joint_attention_dim=48, guidance_embeds=False),  # 3 layers of 16
+        transformer=flux2_transformer(48, guidance_embeds=False, num_layers=num_layers),  # 3 layers of 16
     )
     return _ready(pipe)
 
 
-def flux2_dev_pipeline() -> Flux2Pipeline:
+def flux2_dev_pipeline(num_layers: int = 1) -> Flux2Pipeline:
     """FLUX.2-dev-shaped: the FLUX.2 blocks with the guidance embedding, a Mistral-3 (Pixtral vision tower,
     Mistral text model) read at layers 10, 20 and 30 (the pipeline's) of the prompt in its chat template
     with FLUX.2's system message."""
@@ -477,7 +479,7 @@ def flux2_dev_pipeline() -> Flux2Pipeline:
         vae=flux2_vae(),
         text_encoder=encoder,
         tokenizer=processor,
-        transformer=flux2_transformer(joint_attention_dim=48, guidance_embeds=True),
+        transformer=flux2_transformer(48, guidance_embeds=True, num_layers=num_layers),
     )
     return _ready(pipe)
 

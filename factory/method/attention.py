@@ -365,11 +365,13 @@ class FluxConceptAttnProcessor:
 
 def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
     """diffusers' FLUX.2 processors (0.42.1) step for step, the same operations in the same order, calling
-    ``seen(query, key)`` with the [text; image] queries and keys after the RMS norms and the rotary turn,
-    (b, tokens, heads, d): `Flux2AttnProcessor` for a double-stream block's `Flux2Attention`,
-    `Flux2ParallelSelfAttnProcessor` for a single-stream block's `Flux2ParallelSelfAttention` (one fused
-    projection gives the queries, keys, values and the MLP's input; one output projection takes the
-    attention and the MLP together). `fast` holds the two processors whose attention backends are used."""
+    ``seen(query, key, value, out)`` as `flux_attention` does: the [text; image] queries, keys and values
+    after the RMS norms and the rotary turn, (b, tokens, heads, d), and the attention output before the
+    output projection, (b, tokens, heads * d). `Flux2AttnProcessor` for a double-stream block's
+    `Flux2Attention`, `Flux2ParallelSelfAttnProcessor` for a single-stream block's
+    `Flux2ParallelSelfAttention` (one fused projection gives the queries, keys, values and the MLP's input;
+    one output projection takes the attention and the MLP together). `fast` holds the two processors whose
+    attention backends are used."""
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux2 import (
         Flux2ParallelSelfAttention,
@@ -397,8 +399,8 @@ def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
         query, key, value = flux_qkv(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb, _get_qkv_projections
         )
-    seen(query, key)
     hidden_states = fused_attention(query, key, value, attention_mask, processor)
+    seen(query, key, value, hidden_states)
     if single:
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
@@ -443,7 +445,7 @@ class Flux2ConceptAttnProcessor:
             return self.fast[0](attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         n_text = self.acc.token_weights.shape[1] if single else encoder_hidden_states.shape[1]
 
-        def record(query, key):
+        def record(query, key, value, out):
             rows = self.acc.record_rows
             self.acc.add_attention(query[rows, n_text:], key[rows, :n_text])
 

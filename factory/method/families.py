@@ -277,8 +277,10 @@ def capture(module, token_weights, size: int, record_rows=None, readout: Readout
     if readout is not None and readout.name == "concept_output":
         from factory.method.concept_attention import capture_concept_output
 
-        if denoiser_layout(module) != "flux":
-            raise ValueError("the concept_output readout reads FLUX's double-stream blocks only")
+        if denoiser_layout(module) not in ("flux", "flux2"):
+            raise ValueError(
+                "the concept_output readout reads FLUX.1's and FLUX.2's double-stream blocks only"
+            )
         return capture_concept_output(module, readout, size, record_rows)
     layers = readout.layers if readout is not None else None
     return capture_concept_attention(module, token_weights, size, record_rows, layers)
@@ -586,38 +588,43 @@ class FluxFamily(SDFamily):
 
     def concept_streams(self, words: list[list[str]], background: tuple[str, ...]):
         """The `concept_output` readout's word streams of a batch (`ConceptStreams`): each sample's concept
-        words (one concept: all their tokens) and the background words, each word encoded by T5 alone, as
-        ConceptAttention embeds them; every token of a word is kept. A word with no tokens, or one that T5's
-        tokenizer can only spell with its unknown token, raises ConceptTokenError."""
+        words (one concept: all their tokens) and the background words, each word encoded alone, as
+        ConceptAttention embeds them (`word_states`); every token of a word is kept. A word with no tokens,
+        or one that the tokenizer can only spell with its unknown token, raises ConceptTokenError."""
         from factory.method.concept_attention import ConceptStreams
 
         self.check_readout("concept_output")  # families built on this one that do not serve it refuse here
-        tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
         rows = []
         for concept_words in words:
-            entries = []  # (word index, T5 states of its tokens)
+            entries = []  # (word index, states of its tokens, their positions)
             for w, group in enumerate([list(concept_words), *[[b] for b in background]]):
                 for word in group:
-                    entries.append((w, self._t5_word(tokenizer, encoder, word)))
+                    entries.append((w, *self.word_states(word)))
             rows.append(entries)
-        n = max(sum(len(e) for _, e in entries) for entries in rows)
+        n = max(sum(len(e[1]) for e in entries) for entries in rows)
         n_words = 1 + len(background)
-        tokens = torch.zeros(len(rows), n, encoder.config.d_model, device=encoder.device, dtype=encoder.dtype)
-        groups = torch.zeros(len(rows), n, n_words, device=encoder.device)
+        first = rows[0][0][1]
+        tokens = torch.zeros(len(rows), n, first.shape[-1], device=first.device, dtype=first.dtype)
+        groups = torch.zeros(len(rows), n, n_words, device=first.device)
+        positions = torch.zeros(len(rows), n, dtype=torch.long, device=first.device)
         for r, entries in enumerate(rows):
             at = 0
             counts = torch.zeros(n_words)
-            for w, states in entries:
+            for w, states, _ in entries:
                 counts[w] += len(states)
-            for w, states in entries:
+            for w, states, where in entries:
                 tokens[r, at : at + len(states)] = states
                 groups[r, at : at + len(states), w] = 1.0 / counts[w]
+                if where is not None:
+                    positions[r, at : at + len(states)] = where
                 at += len(states)
-        return ConceptStreams(tokens=tokens, groups=groups)
+        has_positions = rows[0][0][2] is not None
+        return ConceptStreams(tokens=tokens, groups=groups, positions=positions if has_positions else None)
 
-    @staticmethod
-    def _t5_word(tokenizer, encoder, word: str) -> torch.Tensor:
-        """(tokens, D): T5's states of `word` encoded alone (its special tokens run with it, not kept)."""
+    def word_states(self, word: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, D) T5's states of `word` encoded alone (its special tokens run with it, not kept), and
+        no positions: FLUX.1's text positions are all zero."""
+        tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
             raise ConceptTokenError(
@@ -627,7 +634,7 @@ class FluxFamily(SDFamily):
         at = next(i for i in range(len(full)) if full[i : i + len(ids)] == ids)
         with torch.no_grad():
             states = encoder(torch.tensor([full], device=encoder.device))[0]
-        return states[0, at : at + len(ids)]
+        return states[0, at : at + len(ids)], None
 
 
 @register_family
@@ -696,7 +703,10 @@ class Flux2Family(FluxFamily):
     stacked per token, of the prompt in the encoder's chat template padded to 512 tokens: Mistral-3 with
     FLUX.2's system message (`Flux2Pipeline`), or Qwen3 with thinking off (`Flux2KleinPipeline`); the
     concept's tokens are found in that templated prompt. No pooled vector. The concept map is the
-    image-to-text attention of every block (`factory.method.attention.Flux2ConceptAttnProcessor`).
+    image-to-text attention of every block (`factory.method.attention.Flux2ConceptAttnProcessor`), or
+    ConceptAttention's `concept_output` on the double-stream blocks (`factory.method.concept_attention`;
+    each word encoded alone in the chat template, its tokens kept with their text positions; default
+    blocks: the last three, 5-7 of FLUX.2-dev's 8, ConceptAttention's FLUX.2 default).
 
     FLUX.2's VAE latents are normalized by the VAE's batch-norm statistics (`PatchNormedVAE`). The flow's
     shift depends on the image's token count and the step count (`Flux2Pipeline`'s `compute_empirical_mu`);
@@ -704,14 +714,13 @@ class Flux2Family(FluxFamily):
     FLUX.1 (the same departure). The guidance embedding of FLUX.2-dev is given the pipeline's default 4.0;
     klein has none.
 
-    Not served: the `concept_output` readout (not ported to FLUX.2's blocks or measured); reference-image
-    conditioning (the pipelines' `image=`), which the method does not use."""
+    Not served: reference-image conditioning (the pipelines' `image=`), which the method does not use."""
 
     name = "flux2"
     description = "FLUX.2 (dev, klein)"
     denoiser_class = "Flux2Transformer2DModel"
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    readouts = ("image_to_text",)
+    readouts = ("image_to_text", "concept_output")
     tokenizer_names = ("tokenizer",)
     max_sequence_length = 512  # the pipelines' default
     guidance = 4.0  # Flux2Pipeline's default guidance_scale, which it gives the guidance embedding
@@ -719,6 +728,10 @@ class Flux2Family(FluxFamily):
     @property
     def sequence_length(self) -> int:
         return self.max_sequence_length
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._words: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # `word_states`, per word
 
     @property
     def klein(self) -> bool:
@@ -772,6 +785,16 @@ class Flux2Family(FluxFamily):
         bos = tokenizer.bos_token
         special = self.klein or not (bos and templated[0].startswith(bos))
         return token_weight_matrix(tokenizer, templated, words, self.sequence_length, special)
+
+    def word_states(self, word: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, D) the text states of `word`'s tokens in its own templated prompt (the word alone in
+        the chat template, as `encode` makes a prompt's), and their positions there. Kept per word: the
+        encoder is large and a job has a few words."""
+        if word not in self._words:
+            at = self.token_weights([word], [[word]])[0].nonzero()[:, 0]
+            states = self.encode([word]).hidden[0]
+            self._words[word] = (states[at], at.to(states.device))
+        return self._words[word]
 
 
 def detect_family(pipe) -> SDFamily:

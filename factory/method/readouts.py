@@ -12,8 +12,9 @@
   each become a token stream of their own that reuses the text stream's weights and attends one way to
   [concepts; image], so the image is unchanged; the map is the concept's attention output dotted with the
   image tokens' attention outputs, a softmax over the words, averaged over the chosen double-stream blocks
-  and the recorded steps (`factory.method.concept_attention`). FLUX families only. Default layers: the last
-  four double-stream blocks (15-18 of FLUX.1's 19, the paper's choice).
+  and the recorded steps (`factory.method.concept_attention`). FLUX.1 and FLUX.2. Default layers: the last
+  four double-stream blocks of FLUX.1 (15-18 of 19, the paper's choice), the last three of FLUX.2 (5-7 of
+  8, ConceptAttention's FLUX.2 default).
 
 The recorded steps are the sampler's T0 least-noisy ones (`sampler.probe_t0`) for either readout. This
 module imports no torch: a job YAML is validated against the names without loading a model.
@@ -35,11 +36,13 @@ READOUTS.register(
 READOUTS.register(
     "concept_output",
     "ConceptAttention: concept-word streams attending one way to the image; their attention outputs dotted "
-    "with the image's, softmax over the concept and background words (FLUX double-stream blocks)",
+    "with the image's, softmax over the concept and background words (FLUX.1 / FLUX.2 double-stream blocks)",
 )
 
 DEFAULT_BACKGROUND_WORDS = ("background",)
-CONCEPT_OUTPUT_LAST_BLOCKS = 4  # default layers of `concept_output`: the last four double-stream blocks
+# default layers of `concept_output`, per transformer layout: its last few double-stream blocks (FLUX.1:
+# 15-18 of 19, the paper's; FLUX.2: 5-7 of 8, ConceptAttention's FLUX.2 default)
+CONCEPT_OUTPUT_LAST_BLOCKS = {"flux": 4, "flux2": 3}
 
 
 @dataclass(frozen=True)
