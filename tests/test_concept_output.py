@@ -179,6 +179,8 @@ def test_it_is_refused_where_not_served(flux, toyworld_pipe):
     with pytest.raises(ValueError, match="beyond this transformer's 2 double-stream blocks"):
         cfg = DistillConfig(num_inference_steps=4, probe_t0=3, readout="concept_output", readout_layers=(2,))
         Distiller("tiny-flux", pipeline=flux, config=cfg).synthesize([SampleSpec(Concept("star"), 0)])
+    with pytest.raises(ValueError, match="compile: true serves the image_to_text readout only"):
+        Distiller("tiny-flux", pipeline=flux, config=DistillConfig(readout="concept_output", compile=True))
     with pytest.raises(UnknownChoiceError, match="choose one of image_to_text, concept_output"):
         DistillConfig(readout="daam")
 

@@ -199,7 +199,7 @@ def test_bench_summarize_tables_the_json_files(tmp_path, capsys):
     assert main(["bench", "--summarize", str(tmp_path)]) == 0 and "18,000" in capsys.readouterr().out
 
 
-def test_the_capture_runs_compiled_over_16_recorded_steps_without_recompiling(toyworld_pipe, monkeypatch):
+def test_the_capture_runs_compiled_over_16_recorded_steps_without_recompiling(monkeypatch):
     """resources.compile with many recorded steps (issue 30; the paper records 40 of 50): the capture's
     bookkeeping must not change a value dynamo guards on, or each recorded step recompiles until the
     recompile limit and the job runs eager. Dynamo's graph capture is what recompiles, so a counting backend
@@ -210,23 +210,64 @@ def test_the_capture_runs_compiled_over_16_recorded_steps_without_recompiling(to
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
+    from factory.method.loading import load_pipeline
+
     counter = CompileCounter()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     # 16 recorded steps of 20: each recorded step used to add a recompile, past the limit of 8
     cfg = DistillConfig(num_inference_steps=20, probe_t0=16, inpaint_steps=20, compile=True)
-    d = Distiller("toyworld", pipeline=toyworld_pipe, config=cfg)
+    # a pipeline of its own: compiling replaces the pipeline's UNet (the shared one stays eager)
+    d = Distiller("toyworld", pipeline=load_pipeline("toyworld"), config=cfg)
     try:
-        [a] = d.synthesize([SampleSpec(Concept("star"), seed=1)])
-        [b] = d.synthesize([SampleSpec(Concept("ring"), seed=2)])  # a new batch and concept
-        [c] = d.label([a.image], Concept("star"), seeds=[0])  # the probe's 16 recorded steps
+        # (config.patch, not monkeypatch: undoing a monkeypatch deletes the entry from dynamo's config)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            [a] = d.synthesize([SampleSpec(Concept("star"), seed=1)])
+            [b] = d.synthesize([SampleSpec(Concept("ring"), seed=2)])  # a new batch and concept
+            [c] = d.label([a.image], Concept("star"), seeds=[0])  # the probe's 16 recorded steps
     finally:
         torch._dynamo.reset()
     # one graph with the capture off (unrecorded steps, inpainting), one with it on
     assert 1 <= counter.frame_count <= 4, counter.frame_count
     assert np.isfinite(a.attention).all() and a.attention.max() > 0 and c.mask.shape == a.mask.shape
     assert b.meta["concept"] == "ring"
+
+
+def test_compile_records_the_chosen_readout_layers_without_recompiling(monkeypatch):
+    """resources.compile with `sampler.readout_layers` (refused until issue 32's follow-up): the capture is
+    installed for good on the chosen layers only, so the compiled model records them and nothing else, and
+    a second batch reuses the graphs. The counting backend stands in for inductor, as above. A pipeline of
+    its own: compiling replaces the pipeline's UNet."""
+    import dataclasses
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from factory.method.loading import load_pipeline
+
+    toyworld_pipe = load_pipeline("toyworld")
+
+    spec = [SampleSpec(Concept("star"), seed=1)]
+    cfg = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4, readout_layers=(0, 3))
+    [eager] = Distiller("toyworld", pipeline=toyworld_pipe, config=cfg).synthesize(spec)
+    [every] = Distiller(
+        "toyworld", pipeline=toyworld_pipe, config=dataclasses.replace(cfg, readout_layers=None)
+    ).synthesize(spec)
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    torch._dynamo.reset()
+    d = Distiller("toyworld", pipeline=toyworld_pipe, config=dataclasses.replace(cfg, compile=True))
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            [a] = d.synthesize(spec)
+            frames = counter.frame_count
+            d.synthesize([SampleSpec(Concept("ring"), seed=2)])
+        assert counter.frame_count == frames, "a later batch recompiled"
+    finally:
+        torch._dynamo.reset()
+    np.testing.assert_allclose(a.attention.astype(np.float32), eager.attention.astype(np.float32), atol=1e-3)
+    assert np.abs(a.attention.astype(np.float32) - every.attention.astype(np.float32)).max() > 1e-2
 
 
 def test_a_long_list_on_a_gpu_goes_through_the_model_in_bounded_batches(toyworld_pipe, monkeypatch):

@@ -208,7 +208,7 @@ class ResourcesConfig(StrictConfig):
     compile: bool = Field(
         False,
         description="torch.compile each actor's UNet (speed only; the first batch pays the compile time, "
-        "minutes, once per actor)",
+        "minutes, once per actor; the image_to_text readout, on every layer or sampler.readout_layers)",
     )
     channels_last: bool = Field(False, description="UNet and VAE in channels_last memory format (speed only)")
     wait_for_actors_s: int | None = Field(

@@ -573,6 +573,20 @@ def cross_attention_names(model) -> list[str]:
     return names
 
 
+def recorded_layer_names(model, layers: tuple[int, ...] | None) -> set[str]:
+    """The processor names of the layers a capture records: `layers` (indices into
+    `cross_attention_names`), or every one."""
+    names = cross_attention_names(model)
+    if layers is None:
+        return set(names)
+    if max(layers) >= len(names):
+        raise ValueError(
+            f"readout layers {list(layers)} are beyond this model's {len(names)} attention layers "
+            f"(indices 0-{len(names) - 1})"
+        )
+    return {names[i] for i in layers}
+
+
 def denoiser_layout(model) -> str:
     """ "flux" (FLUX.1's double- and single-stream blocks), "flux2" (FLUX.2's), "z_image" (single-stream),
     "joint" (SD3's MMDiT) or "unet", from the model's config (also when torch.compile'd)."""
@@ -618,18 +632,12 @@ def capture_concept_attention(
     layers: indices into `cross_attention_names(unet)` to record; None: every one.
     """
     original = attention_processors(unet)
-    names = cross_attention_names(unet)
-    if layers is not None and max(layers) >= len(names):
-        raise ValueError(
-            f"readout layers {list(layers)} are beyond this model's {len(names)} attention layers "
-            f"(indices 0-{len(names) - 1})"
-        )
-    cross = set(names) if layers is None else {names[i] for i in layers}
-    installed = {p for n, p in original.items() if n in cross and isinstance(p, CAPTURE_PROCESSORS)}
-    if len(installed) == 1:  # `install_capture` put one for good (torch.compile): reuse its accumulator
-        if layers is not None:
-            raise ValueError("readout layers cannot be chosen with compile: true (its capture is everywhere)")
-        acc = installed.pop().acc
+    cross = recorded_layer_names(unet, layers)
+    installed = {n: p for n, p in original.items() if isinstance(p, CAPTURE_PROCESSORS)}
+    if set(installed) == cross and len(set(installed.values())) == 1:
+        # `install_capture` put one on these layers for good (compile): reuse its accumulator. (Installed on
+        # other layers, it is a disabled pass-through, and the processors are swapped below as without it.)
+        acc = next(iter(installed.values())).acc
         acc.reset(token_weights, size, record_rows)
         try:
             yield acc
@@ -645,14 +653,17 @@ def capture_concept_attention(
         set_attention_processors(unet, original)
 
 
-def install_capture(unet) -> None:
-    """Install one capture processor on every attn2 for good, disabled until `capture_concept_attention`
-    enables it. For a UNet that is then `torch.compile`d: swapping processors per batch would recompile it
-    each time, while one processor object whose accumulator is reset keeps the compiled graphs."""
+def install_capture(unet, layers: tuple[int, ...] | None = None) -> None:
+    """Install one capture processor for good on every cross- or joint-attention layer (or on `layers`,
+    indices as `capture_concept_attention` takes them), disabled until `capture_concept_attention` enables
+    it. For a model that is then `torch.compile`d: swapping processors per batch would recompile it each
+    time, while one processor object whose accumulator is reset keeps the compiled graphs."""
     weights = torch.zeros(1, 1, device=unet.device)
     capture = _capture_processor(unet, AttentionAccumulator(weights, 1))
     capture.acc.enabled = False
-    cross = set(cross_attention_names(unet))
-    set_attention_processors(
-        unet, {n: (capture if n in cross else p) for n, p in attention_processors(unet).items()}
-    )
+    cross = recorded_layer_names(unet, layers)
+    current = attention_processors(unet)
+    for earlier in {id(p): p for p in current.values() if isinstance(p, CAPTURE_PROCESSORS)}.values():
+        current.update(getattr(earlier, "replaced", {}))  # an earlier install's layers get theirs back
+    capture.replaced = {n: current[n] for n in cross}
+    set_attention_processors(unet, {n: (capture if n in cross else p) for n, p in current.items()})

@@ -143,8 +143,11 @@ class Distiller:
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
         # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)
         self.family.check_readout(self.config.readout)
-        if self.config.compile and (self.config.readout != "image_to_text" or self.config.readout_layers):
-            raise ValueError("compile: true records every layer's image_to_text map; drop readout options")
+        if self.config.compile and self.config.readout != "image_to_text":
+            raise ValueError(
+                "compile: true serves the image_to_text readout only: concept_output installs its word "
+                "streams per batch, which would recompile the model each time; run it without compile"
+            )
         if self.config.readout == "concept_output":  # its words are checked before any model work
             self.family.concept_streams([[]], self.config.background_words)
         self.vae_factor = self.family.vae_factor
@@ -170,7 +173,7 @@ class Distiller:
         if self.config.compile:
             from factory.method.attention import install_capture
 
-            install_capture(denoiser)
+            install_capture(denoiser, self.config.readout_layers)
             shared = self.inpaint_unet is denoiser
             # the pipeline's own denoiser is replaced: plain generation with it is compiled too
             self.family.denoiser_module = torch.compile(denoiser)
