@@ -570,3 +570,35 @@ def test_the_preflight_refuses_a_sampler_the_family_does_not_serve(tmp_path):
     check_model(load_config("configs/toyworld.yaml", over))  # ddim: the flow's Euler sampler
     with pytest.raises(UnsupportedFamilyError, match="'unipc' is not served for a sd3 model"):
         check_model(load_config("configs/toyworld.yaml", [*over, "inpaint.scheduler=unipc"]))
+
+
+def test_the_preflight_finds_the_concept_as_the_loaded_family_does(tmp_path):
+    """The preflight checks prompts with the family over the model's tokenizers alone: the same positions
+    as the loaded pipeline's family, for every family; a concept that the chat template (FLUX.2-dev's system
+    turn, Z-Image's user turn) pushes past the 512 text tokens that reach the model is refused before Ray
+    starts (the raw tokenizers, as checked before, have no such window)."""
+    from factory.dataset.config import load_config
+    from factory.dataset.preflight import PromptError, check_prompts
+    from factory.method.families import FAMILIES
+    from factory.method.loading import load_tokenizers
+
+    prompts, words = ["a photo of a star", "a red fire truck on grass"], [["star"], ["fire", "truck"]]
+    for build, make in BUILDERS.items():
+        pipe = make()
+        pipe.save_pretrained(tmp_path / build)
+        text = FAMILIES[FAMILY_OF[build]].over_tokenizers(load_tokenizers(str(tmp_path / build)))
+        assert torch.equal(
+            text.token_weights(prompts, words), detect_family(pipe).token_weights(prompts, words)
+        )
+        if build in ("flux2_dev", "z_image"):
+            late = "a photo of " + "a " * 530 + "star"  # past 512 in the templated prompt
+            over = [f"model={tmp_path / build}", f"output.uri={tmp_path / 'out'}"]
+            cfg = load_config(
+                "configs/toyworld.yaml", [*over, f"concepts=[{{name: star, template: '{late}'}}]"]
+            )
+            with pytest.raises(PromptError, match="beyond the model's 512 text positions"):
+                check_prompts(cfg)
+            ok = "a photo of " + "a " * 300 + "star"
+            check_prompts(
+                load_config("configs/toyworld.yaml", [*over, f"concepts=[{{name: star, template: '{ok}'}}]"])
+            )

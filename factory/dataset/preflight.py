@@ -95,20 +95,23 @@ def check_model(cfg: JobConfig) -> None:
 
 
 def check_prompts(cfg: JobConfig) -> None:
-    """Every concept's prompt holds its concept words' tokens, with each of the model's tokenizers: every
-    expansion of its templates and attributes, or each of its listed prompts (`prompt_variety`)."""
+    """Every concept's prompt holds its concept words' tokens within the text tokens that reach the model,
+    found as the model's family finds them (`token_weights`, over the model's tokenizers alone: each of
+    them, in the chat-templated prompt where the family templates it): every expansion of its templates and
+    attributes, or each of its listed prompts (`prompt_variety`)."""
     from factory.dataset.prompt_variety import every_prompt
-    from factory.method.loading import load_tokenizers
-    from factory.method.prompts import ConceptTokenError, concept_token_indices
+    from factory.method.families import FAMILIES
+    from factory.method.loading import load_tokenizers, read_model_configs
+    from factory.method.prompts import ConceptTokenError
 
-    tokenizers = load_tokenizers(cfg.model)
+    family = FAMILIES[read_model_configs(cfg.model, components=())["family"]]
+    text = family.over_tokenizers(load_tokenizers(cfg.model))
     for c in cfg.concepts:
         for concept in every_prompt(c):  # each template with each attribute value, or each listed prompt
-            for tokenizer in tokenizers:
-                try:
-                    concept_token_indices(tokenizer, concept.prompt, concept.token_words)
-                except ConceptTokenError as err:
-                    raise PromptError(f"concept {c.name!r}: {err}") from err
+            try:
+                text.token_weights([concept.prompt], [list(concept.token_words)])
+            except ConceptTokenError as err:
+                raise PromptError(f"concept {c.name!r}: {err}") from err
 
 
 class PromptError(UserError):

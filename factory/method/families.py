@@ -324,6 +324,18 @@ class SDFamily:
         self.pipe = pipe
 
     @classmethod
+    def over_tokenizers(cls, tokenizers: dict) -> SDFamily:
+        """This family over a model's tokenizers alone ({component name: tokenizer}, no weights:
+        `loading.load_tokenizers`): its `token_weights` finds a concept's tokens as with the loaded
+        pipeline, in the prompt as the encoder receives it (a chat template included) and within the text
+        tokens that reach the model. What the preflight checks prompts with."""
+        from types import SimpleNamespace
+
+        return cls(
+            SimpleNamespace(**{**dict.fromkeys(("tokenizer", "tokenizer_2", "tokenizer_3")), **tokenizers})
+        )
+
+    @classmethod
     def matches(cls, classes: dict[str, str]) -> bool:
         """Whether a pipeline with these component classes ({name: class}) is of this family."""
         return classes.get("unet") == cls.denoiser_class and "text_encoder_2" not in classes
@@ -764,9 +776,12 @@ class Flux2Family(FluxFamily):
         """`prompt` as the pipeline hands it to its encoder, in the encoder's chat template."""
         if self.klein:  # Flux2KleinPipeline: Qwen3, thinking off
             return chat_templated(self.pipe.tokenizer, prompt, enable_thinking=False)
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
 
-        (messages,) = format_input([prompt], system_message=self.pipe.system_message)
+        # (a pipeline's own system message; the tokenizers alone, as the preflight has them: the default)
+        (messages,) = format_input(
+            [prompt], system_message=getattr(self.pipe, "system_message", SYSTEM_MESSAGE)
+        )
         return self.pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
     def encode(self, prompts: list[str]) -> Conditioning:

@@ -367,16 +367,22 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
     return out
 
 
-def load_tokenizers(model: str) -> list:
-    """The model's tokenizers alone (no weights), as many as its family has: what the preflight checks the
-    prompts with."""
-    from transformers import AutoTokenizer
+def load_tokenizers(model: str) -> dict:
+    """The model's tokenizers alone (no weights), {component name: tokenizer}, each of the class its
+    `model_index.json` names (FLUX.2-dev's is a processor around its tokenizer): what the preflight checks
+    the prompts with (`families.SDFamily.over_tokenizers`)."""
+    import transformers
 
     configs = read_model_configs(model, components=())
     index = configs["model_index"]
     names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if n in index and None not in index[n]]
     try:
-        return [AutoTokenizer.from_pretrained(resolve_model(model), subfolder=n) for n in names]
+        return {
+            n: getattr(transformers, index[n][1], transformers.AutoTokenizer).from_pretrained(
+                resolve_model(model), subfolder=n
+            )
+            for n in names
+        }
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not read the tokenizers of model {model!r}: {err}") from err
 
