@@ -156,3 +156,39 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     assert not thread.is_alive() and result, "training did not finish after the worker was killed"
     state = result["state"]
     assert state["step"] == 14 and state["resumed_from"] is not None and 4 <= state["resumed_from"] < 14
+
+
+def test_an_sdxl_model_fine_tunes_and_its_export_inpaints(work, fast_config):
+    """Step 3 for SDXL (issue 34): the same run on a tiny random SDXL pipeline, its UNet conditioned as the
+    family's pipeline conditions it (both CLIPs' tokens, the pooled embedding and the size ids), both text
+    encoders and the VAE frozen; its EMA export inpaints in the Distiller as the fine-tuned m'."""
+    from tiny_models import sdxl_pipeline
+
+    base = sdxl_pipeline()
+    base.save_pretrained(work / "tiny-sdxl")
+    summary = run_finetune(
+        ft_config(
+            work,
+            f"model={work / 'tiny-sdxl'}",
+            "train.max_steps=30",
+            "train.lr=1e-3",
+            "output.name=sdxl",
+            f"output.export={work / 'export-sdxl'}",
+        )
+    )
+    m = summary["state"]["metrics"]
+    assert summary["state"]["step"] == 30 and m["probe_loss"] < 0.8 * m["probe_loss_initial"]
+    pipe = load_pipeline(summary["export"])
+    assert any(
+        not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)
+    )
+    for a, b in [
+        (pipe.vae, base.vae),
+        (pipe.text_encoder, base.text_encoder),
+        (pipe.text_encoder_2, base.text_encoder_2),
+    ]:
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)), "frozen"
+    d = Distiller("tiny-sdxl", pipeline=base, config=fast_config, inpaint_model=summary["export"])
+    [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.meta["inpaint_model"] == "export-sdxl" and t.mask.shape == t.image.shape[:2]
+    assert (Path(summary["checkpoint"]) / "samples.png").exists()

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from factory.method.geometry import Canvas, to_canvas
 from factory.toyworld.world import write_split
 from trainers.evaluate.score import box_iou, evaluate, folder_predictor, grabcut_predictor, labelled_set
-from trainers.students.config import load_students_config
+from trainers.students.config import StudentsConfig, load_students_config
 from trainers.students.data import (
     augment_pair,
     prepare_rows,
@@ -21,7 +22,7 @@ from trainers.students.data import (
     to_student_examples,
 )
 from trainers.students.export import load_student
-from trainers.students.model import PretrainedWeightsError, build_student, student_loss
+from trainers.students.model import PretrainedWeightsError, boundary_band, build_student, student_loss
 from trainers.students.tune import run_students
 
 TINY = {"decoder_channels": [32, 16, 16, 8, 8]}
@@ -149,6 +150,55 @@ def test_student_losses():
     ).item() == pytest.approx(np.log(3), rel=1e-5)
 
 
+def test_the_ignore_band_leaves_the_labels_boundary_out_of_the_loss():
+    target = torch.zeros(1, 8, 8)
+    target[0, 2:6, 2:6] = 1.0  # a 4 x 4 square
+    band = boundary_band(target, 1)
+    ring = torch.zeros(8, 8, dtype=torch.bool)
+    ring[1:7, 1:7] = True
+    ring[3:5, 3:5] = False  # one pixel each side of the square's edge
+    assert torch.equal(band[0], ring)
+    logits = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    keep = ~ring
+    by_hand = F.binary_cross_entropy_with_logits(logits[0, 0][keep], target[0][keep])
+    assert student_loss(logits, target, ignore_band=1).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # what the band holds does not count: the same loss whatever the student says there
+    moved = logits.clone()
+    moved[0, 0][ring] = 50.0
+    assert student_loss(moved, target, ignore_band=1).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert student_loss(moved, target).item() > by_hand.item()
+    classes = target.long() * 2  # a multi-class label: the band is ignored there too
+    ce = F.cross_entropy(torch.zeros(1, 3, 8, 8), classes.masked_fill(ring[None], -100), ignore_index=-100)
+    assert student_loss(torch.zeros(1, 3, 8, 8), classes, multiclass=True, ignore_band=1).item() == (
+        pytest.approx(ce.item())
+    )
+
+
+def test_the_ema_teacher_follows_the_student_and_blends_the_target():
+    from trainers.students.loop import EMATeacher
+
+    student = build_student(
+        "mobilenetv3_small_100", 1, "Unet", None, {"decoder_channels": [32, 16, 16, 8, 8]}
+    )
+    teacher = EMATeacher(student, decay=0.75)
+    before = [p.clone() for p in teacher.model.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)
+    teacher.update(student)
+    for t, b in zip(teacher.model.parameters(), before, strict=True):
+        torch.testing.assert_close(t, b + 0.0025)  # a quarter of the way to the student
+    x, target = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.ones(2, 64, 64)
+    p = torch.sigmoid(teacher.model(x)[:, 0])
+    assert torch.isfinite(p).all() and p.std() > 0
+    torch.testing.assert_close(teacher.blend(x, target, 0.3), 0.7 * target + 0.3 * p)
+    assert not any(q.requires_grad for q in teacher.model.parameters())
+    with pytest.raises(ValueError, match="train.teacher serves binary students"):
+        StudentsConfig.model_validate(
+            {"data": {"shards": ["x"]}, "train": {"teacher": 0.3}, "multiclass": True}
+        )
+
+
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     d = tmp_path_factory.mktemp("split")
@@ -271,7 +321,11 @@ def test_several_seeds_train_in_one_run(students):
 @pytest.mark.training
 @pytest.mark.parametrize(
     "extra",
-    [("data.cache=false",), ("scaling.workers=2", "scaling.cpus_per_worker=0.25")],
+    [
+        ("data.cache=false",),
+        # with the noisy-label options: the teacher follows the DDP-wrapped student
+        ("scaling.workers=2", "scaling.cpus_per_worker=0.25", "train.ignore_band=1", "train.teacher=0.3"),
+    ],
     ids=["streamed-every-epoch", "cached-two-workers"],
 )
 def test_the_streamed_path_and_two_workers_train_and_export(students, extra):

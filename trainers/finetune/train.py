@@ -3,16 +3,19 @@
     trainers finetune configs/finetune-toyworld.yaml [--set KEY=VALUE ...]
     trainers finetune CONFIG --export-only          # re-export the EMA pipeline of the latest checkpoint
 
-The UNet of a Stable-Diffusion-family model becomes the paper's m': it keeps painting "a photo of a
+The UNet of an SD 1.x / 2.x or SDXL model becomes the paper's m': it keeps painting "a photo of a
 {concept}" and learns to paint a clean "a photo of a background" inside background rectangles. The data
 are the user's unlabeled images with their preliminary masks, as written by `factory label` (WebDataset
 shards, any fsspec URL), streamed through Ray Data (`trainers.finetune.data`).
 
 One training step on each worker, top to bottom:
   batch of examples (image, prompt, loss mask) from the worker's Ray Data shard
-  -> z0 = VAE.encode(x).sample() * scaling      (frozen VAE; the text encoder is frozen too)
+  -> z0 = VAE.encode(x).sample() * scaling      (frozen VAE, fp32 where the family's pipeline upcasts it;
+                                                 the text encoders are frozen too)
   -> z_t = add_noise(z0, eps, t), t ~ U{0..T-1}  (the model's own training schedule)
-  -> loss = mean((mask * (unet(z_t, t, text(prompt)) - eps))^2)   (not normalised by mask area, as the paper;
+  -> loss = mean((mask * (unet(z_t, t, text(prompt)) - eps))^2)   (the family's call and conditioning:
+                                                                   SDXL's pooled embedding and size ids;
+                                                                   not normalised by mask area, as the paper;
                                                                    `train.normalize_loss` divides per sample;
                                                                    a v-prediction model (SD 2.x 768) is
                                                                    trained on v, its own target)
@@ -28,9 +31,12 @@ loads.
 Departures from the paper (method.md Step 3): AdamW with a constant lr and no 1-step warm-up; the
 rectangle limits scale with the latent grid (`trainers.finetune.rectangles`); both tasks' images are clamped.
 
-Families (`factory.method.families`): fine-tuning serves the `sd` family (SD 1.x, 2.x and toyworld). SDXL and
-SD3 models label and generate without a fine-tuned m' (the pretrained model inpaints); their fine-tuning
-(added conditioning, a flow-matching loss) is not built yet, and is refused before Ray starts.
+Families (`factory.method.families`): fine-tuning serves the families whose m' may inpaint
+(`finetuned_inpainting`): `sd` (SD 1.x, 2.x and toyworld) and `sdxl` (its UNet conditioned as
+`StableDiffusionXLPipeline` conditions it: both CLIPs' tokens, the pooled embedding, the size ids of the
+whole canvas). SD3, FLUX.1/2 and Z-Image label and generate without a fine-tuned m' (the pretrained model
+inpaints); their fine-tuning (a flow-matching loss, packed latents) is not built yet, and is refused before
+Ray starts.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from trainers.finetune.worker import (
     FixedBatch,
     LossWindow,
     PromptEmbeddings,
+    encode_latents,
     full_parameters,
     masked_mse,
     training_target,
@@ -94,6 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from diffusers import DDPMScheduler
 
+    from factory.method.families import detect_family
     from factory.method.loading import load_pipeline
     from trainers.ema import EMA
 
@@ -110,17 +118,20 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.train.seed * 1000 + rank)
 
-    # 2. The model.
+    # 2. The model: its family's denoiser trained; the VAE (the method's, fp32 where the family's pipeline
+    # upcasts it) and every text encoder frozen.
     pipe = load_pipeline(cfg.model, str(device), "fp32")
-    unet, vae = pipe.unet, pipe.vae
-    vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    family = detect_family(pipe)
+    unet, vae = family.denoiser_module, family.method_vae()
+    for frozen in (vae, *(getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2"))):
+        if frozen is not None:
+            frozen.requires_grad_(False)
     unet.requires_grad_(True)
     unet.train()
     if cfg.checkpointing():
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    embed = PromptEmbeddings(pipe)
+    embed = PromptEmbeddings(family)
 
     # 3. DeepSpeed and the EMA.
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -137,6 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
         args=deepspeed_args(device), model=unet, optimizer=optimizer, config=ds_config
     )
     check_engine_device(engine.device, device)  # DeepSpeed would go by LOCAL_RANK (trainers.devices)
+    # the family's call (SDXL: its added conditioning), built on the module (its config), through the engine
+    denoiser = family.denoiser(engine.module)
+    denoiser.module = engine
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     ema = None
@@ -146,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 4. Resume.
     validation = validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
-    checkpoints = Checkpoints(cfg, engine, ema, names, rank, world, pipe, validation)
+    checkpoints = Checkpoints(cfg, engine, ema, names, rank, world, family, validation)
     state = checkpoints.resume()
 
     # 5. Train.
@@ -168,18 +182,18 @@ def train_loop_per_worker(config: dict) -> None:
             x = torch.from_numpy(batch["pixel_values"]).to(device)
             mask = torch.from_numpy(batch["loss_mask"]).to(device)
             with torch.no_grad():
-                z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+                z0 = encode_latents(vae, x)
                 emb = embed(list(batch["prompt"]))
             if fixed is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
                 fixed = FixedBatch.draw(noise_scheduler, z0, emb, mask, seed=cfg.train.seed + 7 * rank)
-                fixed_initial = fixed.loss(engine.module, compute_dtype, cfg.train.normalize_loss)
+                fixed_initial = fixed.loss(
+                    family.denoiser(engine.module), compute_dtype, cfg.train.normalize_loss
+                )
             noise = torch.randn_like(z0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
             z_t = noise_scheduler.add_noise(z0, noise, t)
             target = training_target(noise_scheduler, z0, noise, t)
-            pred = engine(
-                z_t.to(compute_dtype), t, encoder_hidden_states=emb.to(compute_dtype)
-            ).sample.float()
+            pred = denoiser(z_t.to(compute_dtype), t, emb.to(compute_dtype)).float()
             loss = masked_mse(pred, target, mask, cfg.train.normalize_loss)
             engine.backward(loss)
             engine.step()
@@ -202,7 +216,10 @@ def train_loop_per_worker(config: dict) -> None:
                 totals = window.reduce()
                 dt = time.time() - t_window
                 fixed_losses = torch.tensor(
-                    [fixed.loss(engine.module, compute_dtype, cfg.train.normalize_loss), fixed_initial],
+                    [
+                        fixed.loss(family.denoiser(engine.module), compute_dtype, cfg.train.normalize_loss),
+                        fixed_initial,
+                    ],
                     dtype=torch.float64,
                     device=device,
                 )
@@ -242,6 +259,22 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 
+def check_family(model: str) -> None:
+    """Fine-tuning serves the families whose fine-tuned m' may inpaint (`finetuned_inpainting`: SD 1.x /
+    2.x, toyworld, SDXL); the others are refused from their configs alone, before Ray starts."""
+    from factory.method.families import FAMILIES
+    from factory.method.loading import read_model_configs
+
+    family = FAMILIES[read_model_configs(model, components=())["family"]]
+    if not family.finetuned_inpainting:
+        served = ", ".join(n for n, f in FAMILIES.items() if f.finetuned_inpainting)
+        raise FinetuneFamilyError(
+            f"model {model!r} is of the {family.name} family; fine-tuning (paper Step 3) serves the "
+            f"families {served} so far. Label and generate with it without inpaint.model: the pretrained "
+            "model inpaints the backgrounds."
+        )
+
+
 def latest_checkpoint(cfg: FinetuneConfig):
     """The newest complete checkpoint of this run (by training step), or None."""
     import fsspec
@@ -268,20 +301,22 @@ def latest_checkpoint(cfg: FinetuneConfig):
 
 
 def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
-    """The base model with the checkpoint's EMA UNet, saved as a diffusers pipeline directory (local or any
-    fsspec URL)."""
+    """The base model with the checkpoint's EMA denoiser, saved as a diffusers pipeline directory (local or
+    any fsspec URL)."""
     import fsspec
     from safetensors.torch import load_file
 
+    from factory.method.families import detect_family
     from factory.method.loading import load_pipeline
 
     pipe = load_pipeline(model, "cpu", "fp32")
+    module = detect_family(pipe).denoiser_module
     shadow = load_file(str(Path(checkpoint_dir) / EMA_FILE))
-    missing, unexpected = pipe.unet.load_state_dict(shadow, strict=False)
-    trainable = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    missing, unexpected = module.load_state_dict(shadow, strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
         raise RuntimeError(
-            f"the EMA weights do not fit {model!r}'s UNet (missing {sorted(missing)[:3]}, "
+            f"the EMA weights do not fit {model!r}'s denoiser (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}): was the run trained from another model?"
         )
     state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
@@ -304,18 +339,12 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
     from ray.train.torch import TorchTrainer
 
     from factory.dataset.sources import list_shards
-    from factory.method.loading import model_geometry, read_model_configs
+    from factory.method.loading import model_geometry
     from trainers.finetune.data import to_examples
 
     verbose = verbose_from_env() if verbose is None else verbose
     quiet_model_libraries(verbose)  # the driver loads the model too, to export it
-    family = read_model_configs(cfg.model, components=())["family"]
-    if family != "sd":
-        raise FinetuneFamilyError(
-            f"model {cfg.model!r} is of the {family} family; fine-tuning (paper Step 3) serves the sd family "
-            "(SD 1.x, 2.x, toyworld) so far. Label and generate with it without inpaint.model: the "
-            "pretrained model inpaints the backgrounds."
-        )
+    check_family(cfg.model)
     urls = [u for src in cfg.data.shards for u in list_shards(src)]
     resume = latest_checkpoint(cfg)
     if export_only:

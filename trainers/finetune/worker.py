@@ -1,6 +1,6 @@
 """The pieces of one fine-tuning worker that outlive a step, as small objects with named fields:
 
-    embed = PromptEmbeddings(pipe)                 # prompt -> text embedding, each prompt encoded once
+    embed = PromptEmbeddings(family)               # prompt -> the family's conditioning, encoded once
     fixed = FixedBatch.draw(...)                   # the worker's first batch with fixed noise: a steady loss
     window = LossWindow(device); window.add(...)   # per-sample losses summed on the device
     totals = window.reduce()                       # -> LossTotals (all workers), named sums
@@ -53,18 +53,30 @@ def masked_mse(
 
 
 class PromptEmbeddings:
-    """Prompt -> the frozen text encoder's embedding, each distinct prompt encoded once (a run has a few)."""
+    """Prompt -> the frozen text encoders' conditioning as the model's family encodes it (SD: CLIP's
+    tokens; SDXL: both CLIPs' tokens and the pooled embedding), each distinct prompt encoded once (a run
+    has a few)."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.cache: dict[str, torch.Tensor] = {}
+    def __init__(self, family):
+        self.family = family
+        self.cache: dict = {}
 
-    def __call__(self, prompts) -> torch.Tensor:
-        from factory.method.prompts import encode_prompts
+    def __call__(self, prompts):
+        from factory.method.families import Conditioning
 
         for p in set(prompts) - self.cache.keys():
-            self.cache[p] = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [p])[0]
-        return torch.stack([self.cache[p] for p in prompts])
+            self.cache[p] = self.family.encode([p])
+        return Conditioning.cat([self.cache[p] for p in prompts])
+
+
+def encode_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, S, S) in [-1, 1] -> latents sampled from the frozen VAE's posterior, scaled as the
+    method scales them (`factory.method.latents.encode_images`); the noise drawn from torch's generator,
+    which the worker seeds and its checkpoints keep."""
+    from factory.method.latents import encode_images
+
+    seeds = torch.randint(0, 2**62, (x.shape[0],)).tolist()
+    return encode_images(vae, x, [torch.Generator().manual_seed(s) for s in seeds])
 
 
 @dataclass
@@ -74,7 +86,7 @@ class FixedBatch:
 
     z_t: torch.Tensor
     t: torch.Tensor
-    emb: torch.Tensor
+    emb: object  # the batch's `Conditioning`
     mask: torch.Tensor
     target: torch.Tensor
 
@@ -88,14 +100,15 @@ class FixedBatch:
         return cls(
             z_t=noise_scheduler.add_noise(z0, noise, t),
             t=t,
-            emb=emb.repeat(repeats, 1, 1),
+            emb=type(emb).cat([emb] * repeats),
             mask=mask.repeat(repeats, 1, 1),
             target=training_target(noise_scheduler, z0, noise, t),
         )
 
     @torch.no_grad()
-    def loss(self, unet, dtype: torch.dtype, normalize: bool) -> float:
-        pred = unet(self.z_t.to(dtype), self.t, encoder_hidden_states=self.emb.to(dtype)).sample.float()
+    def loss(self, denoiser, dtype: torch.dtype, normalize: bool) -> float:
+        """The masked loss of `denoiser` (the family's call around the trained module) on this batch."""
+        pred = denoiser(self.z_t.to(dtype), self.t, self.emb.to(dtype)).float()
         return float(masked_mse(pred, self.target, self.mask, normalize))
 
 
@@ -178,13 +191,13 @@ class TrainingState:
 
 class Checkpoints:
     """This worker's checkpoints: every rank writes its DeepSpeed shards and RNG state; rank 0 adds the EMA
-    weights, `state.json` and a sample grid of the EMA UNet; each reports its folder to Ray Train, which
+    weights, `state.json` and a sample grid of the EMA denoiser; each reports its folder to Ray Train, which
     merges them into one checkpoint. `resume` reads Ray Train's latest one back, if any."""
 
-    def __init__(self, cfg, engine, ema, names: list[str], rank: int, world: int, pipe, validation: list):
+    def __init__(self, cfg, engine, ema, names: list[str], rank: int, world: int, family, validation: list):
         self.cfg, self.engine, self.ema, self.names = cfg, engine, ema, names
-        self.rank, self.world, self.pipe, self.validation = rank, world, pipe, validation
-        self.eval_unet = None  # rank 0's UNet for the sample grids, built at the first checkpoint
+        self.rank, self.world, self.family, self.validation = rank, world, family, validation
+        self.eval_module = None  # rank 0's denoiser for the sample grids, built at the first checkpoint
 
     def resume(self) -> TrainingState:
         import ray.train
@@ -234,17 +247,15 @@ class Checkpoints:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def sample_grid(self):
-        """The validation images through the EMA UNet (`sample_grid`)."""
-        if self.eval_unet is None:
-            from diffusers import UNet2DConditionModel
-
-            unet = self.pipe.unet
-            self.eval_unet = UNet2DConditionModel.from_config(unet.config).to(unet.device).eval()
-        self.ema.copy_to([p for p in self.eval_unet.parameters() if p.requires_grad])
+        """The validation images through the EMA denoiser (`sample_grid`)."""
+        if self.eval_module is None:
+            module = self.engine.module
+            self.eval_module = type(module).from_config(module.config).to(module.device).eval()
+        self.ema.copy_to([p for p in self.eval_module.parameters() if p.requires_grad])
         cfg = self.cfg
         return sample_grid(
-            self.pipe,
-            self.eval_unet,
+            self.family,
+            self.eval_module,
             cfg.model,
             self.validation,
             cfg.data.background_prompt,
@@ -266,24 +277,25 @@ def validation_images(urls: list[str], n: int) -> list[tuple[np.ndarray, str, di
     return out
 
 
-def sample_grid(pipe, unet, model: str, validation, background_prompt: str, steps: int):
-    """Rows: a validation image, m's M_pre, the inpainted background, refined M (all with the EMA UNet),
-    then text-to-image samples of "a photo of a {concept}" and of the background prompt."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def sample_grid(family, module, model: str, validation, background_prompt: str, steps: int):
+    """Rows: a validation image, m's M_pre, the inpainted background, refined M (all with the EMA
+    denoiser `module`), then text-to-image samples of "a photo of a {concept}" and of the background prompt,
+    through the model's own pipeline class with `module` in place of its denoiser."""
+    from diffusers import DDIMScheduler
 
     from factory.dataset.report import contact_sheet
     from factory.method.distiller import Distiller
     from factory.method.settings import Concept, DistillConfig
 
-    ema_pipe = StableDiffusionPipeline(
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = family.pipe
+    ema_pipe = type(pipe)(
+        **{
+            **pipe.components,
+            family.denoiser_name: module,
+            "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
+            # (SD's pipelines ask for a safety checker; the base model was loaded without one)
+            **({"requires_safety_checker": False} if "requires_safety_checker" in pipe.config else {}),
+        }
     )
     ema_pipe.set_progress_bar_config(disable=True)
     d = Distiller(

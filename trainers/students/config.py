@@ -48,6 +48,23 @@ class TrainConfig(StrictConfig):
     batch: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     loss: str = Field("bce", pattern="^(bce|bce\\+dice)$")
+    ignore_band: int = Field(
+        0,
+        ge=0,
+        description="learning from noisy labels: pixels within this many (at model.resolution) of a label's "
+        "boundary, on either side, count for nothing in the loss (0: off; docs/students.md)",
+    )
+    teacher: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="learning from noisy labels: from train.teacher_start on, the target is "
+        "(1 - teacher) * label + teacher * an EMA teacher's probability (0: off; binary students)",
+    )
+    teacher_decay: float = Field(0.99, gt=0.0, lt=1.0, description="the EMA teacher's decay per step")
+    teacher_start: float = Field(
+        0.5, ge=0.0, le=1.0, description="the fraction of train.steps after which the teacher's share counts"
+    )
     seed: int = 0
     seeds: list[int] = Field(
         default_factory=list,
@@ -115,6 +132,8 @@ class StudentsConfig(StrictConfig):
     def _check(self) -> StudentsConfig:
         if self.multiclass and self.data.target == "attention":
             raise ValueError("a multi-class student needs binary targets (refined or prelim), not attention")
+        if self.multiclass and self.train.teacher:
+            raise ValueError("train.teacher serves binary students; a multi-class student trains without it")
         return self
 
 

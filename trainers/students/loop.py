@@ -38,6 +38,31 @@ def is_validation_row(key: str, every: int) -> bool:
     return zlib.crc32(key.encode()) % every == 0
 
 
+class EMATeacher:
+    """The student's exponential moving average (`train.teacher_decay` per step), whose probabilities
+    take `train.teacher` of the target from `train.teacher_start` on: the labels' errors that the student
+    has not memorised yet are corrected by what it predicts on average (a mean teacher; cf. bootstrapping,
+    Reed et al. 2015)."""
+
+    def __init__(self, student: torch.nn.Module, decay: float):
+        import copy
+
+        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
+            t.lerp_(s.detach(), 1 - self.decay)
+        for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
+            t.copy_(s)  # batch-norm statistics: the student's
+
+    @torch.no_grad()
+    def blend(self, x: torch.Tensor, target: torch.Tensor, share: float) -> torch.Tensor:
+        """(1 - share) * target + share * the teacher's foreground probability on x."""
+        return torch.lerp(target, torch.sigmoid(self.model(x)[:, 0].float()), share)
+
+
 class LossSum:
     """The training losses since the last report, summed on the device: `.item()` once per report, not a
     host sync every step."""
@@ -76,6 +101,8 @@ def student_train_loop(config: dict) -> None:
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = ray.train.torch.prepare_model(model.to(memory_format=layout))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    teacher = EMATeacher(unwrap(model), cfg.train.teacher_decay) if cfg.train.teacher else None
+    teacher_from = int(cfg.train.teacher_start * cfg.train.steps)
     step, best, history = 0, None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -84,6 +111,8 @@ def student_train_loop(config: dict) -> None:
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             step, best, history = state["step"], state["best"], state["history"]
+            if teacher is not None:
+                teacher.model.load_state_dict(state["teacher"])
     val = config["val"]
     val_x = torch.from_numpy(val["image"]).to(device, memory_format=layout) if len(val["image"]) else None
     val_y = torch.from_numpy(val["target"]).to(device) if len(val["image"]) else None
@@ -109,12 +138,18 @@ def student_train_loop(config: dict) -> None:
             seen = True
             model.train()
             x = batch["image"].contiguous(memory_format=layout)
+            target = batch["target"]
+            if teacher is not None and step >= teacher_from:
+                with autocast(device, cfg.train.precision):
+                    target = teacher.blend(x, target, cfg.train.teacher)
             with autocast(device, cfg.train.precision):
                 logits = model(x)
-            loss = student_loss(logits.float(), batch["target"], cfg.train.loss, multiclass)
+            loss = student_loss(logits.float(), target, cfg.train.loss, multiclass, cfg.train.ignore_band)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if teacher is not None:
+                teacher.update(unwrap(model))
             step += 1
             window.add(loss)  # on the device: no host sync per step
             last = step >= cfg.train.steps
@@ -153,6 +188,7 @@ def student_train_loop(config: dict) -> None:
                                 "step": step,
                                 "best": best,
                                 "history": history,
+                                **({"teacher": teacher.model.state_dict()} if teacher is not None else {}),
                             },
                             Path(d) / "state.pt",
                         )

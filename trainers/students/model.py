@@ -67,15 +67,43 @@ def build_student(
     return model
 
 
-def student_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce", multiclass: bool = False):
+def boundary_band(target: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, S, S) True within `width` pixels of the label's boundary, on either side: where the label's
+    dilation and erosion by a (2 width + 1) square differ. Foreground: target >= 0.5 (binary), > 0 (class
+    indices)."""
+    fg = (target >= 0.5 if target.is_floating_point() else target > 0).float()[:, None]
+    k = 2 * width + 1
+    dilated = F.max_pool2d(fg, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-fg, k, stride=1, padding=width)
+    return (dilated != eroded)[:, 0]
+
+
+def student_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "bce",
+    multiclass: bool = False,
+    ignore_band: int = 0,
+) -> torch.Tensor:
+    """BCE [+ Dice] of a binary student, softmax cross-entropy of a multi-class one. `ignore_band`: the
+    pixels within that many of the label's boundary count for nothing (the pseudo-label's uncertain band,
+    as Dataset Diffusion ignores the pixels between its two thresholds); the loss is the mean over the
+    rest."""
+    keep = ~boundary_band(target, ignore_band) if ignore_band else None
     if multiclass:
-        return F.cross_entropy(logits, target.long())
+        labels = target.long()
+        if keep is not None:
+            labels = labels.masked_fill(~keep, -100)
+        return F.cross_entropy(logits, labels, ignore_index=-100)
     logits = logits[:, 0]
-    loss = F.binary_cross_entropy_with_logits(logits, target)
+    weight = keep.float() if keep is not None else torch.ones_like(target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+    loss = bce / weight.sum().clamp(min=1.0)
     if kind == "bce+dice":
-        p = torch.sigmoid(logits)
-        inter = (p * target).flatten(1).sum(1)
-        dice = 1 - (2 * inter + 1) / (p.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+        p = torch.sigmoid(logits) * weight
+        t = target * weight
+        inter = (p * t).flatten(1).sum(1)
+        dice = 1 - (2 * inter + 1) / (p.flatten(1).sum(1) + t.flatten(1).sum(1) + 1)
         loss = loss + dice.mean()
     return loss
 
