@@ -119,6 +119,24 @@ def test_running_the_same_config_again_resumes_the_stopped_run(trained, work):
     assert summary["state"]["resumed_from"] == 30 and summary["state"]["step"] == 40
 
 
+def test_a_run_resumes_at_another_world_size_and_refuses_a_zero3_change(trained, work):
+    # the checkpoint of the run above (2 workers, ZeRO-2): one worker takes its weights, EMA and step, with
+    # the optimizer afresh (DeepSpeed#2898: its partitions are per world size); ZeRO-3 partitions the weights
+    # too, so a change to it is refused before Ray starts, saying what to do
+    from trainers.finetune.worker import ResumeError
+
+    with pytest.raises(ResumeError, match="resumes only as it was written.*scaling.workers=2"):
+        run_finetune(ft_config(work, "train.max_steps=44", "output.name=run", "deepspeed.stage=3"))
+    summary = run_finetune(
+        ft_config(
+            work, "train.max_steps=44", "output.name=run", "scaling.workers=1", "checkpoint.grid_images=0"
+        )
+    )
+    state = summary["state"]
+    assert state["resumed_from"] == 40 and state["step"] == 44 and state["world_size"] == 1
+    assert state["zero_stage"] == 2 and math.isfinite(state["metrics"]["loss"])
+
+
 def _train_workers() -> list[psutil.Process]:
     """This test's Ray Train worker processes (descendants of this process's local Ray, whatever else
     runs)."""
@@ -158,37 +176,74 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
     assert state["step"] == 14 and state["resumed_from"] is not None and 4 <= state["resumed_from"] < 14
 
 
-def test_an_sdxl_model_fine_tunes_and_its_export_inpaints(work, fast_config):
-    """Step 3 for SDXL (issue 34): the same run on a tiny random SDXL pipeline, its UNet conditioned as the
-    family's pipeline conditions it (both CLIPs' tokens, the pooled embedding and the size ids), both text
-    encoders and the VAE frozen; its EMA export inpaints in the Distiller as the fine-tuned m'."""
-    from tiny_models import sdxl_pipeline
+def fine_tune_a_family(work, build: str, *extra, name: str | None = None) -> None:
+    """Step 3 for another family (issue 34) on its tiny random pipeline: 30 steps on 2 DeepSpeed workers,
+    the denoiser conditioned and called as the family's pipeline does it (SDXL's pooled embedding and size
+    ids; SD3's and FLUX's flow-matching velocity at logit-normal sigmas, FLUX's packed latents and guidance
+    embedding), every text encoder and the VAE frozen; the fixed-batch loss falls, and the EMA export
+    inpaints in the Distiller as the fine-tuned m'."""
+    from tiny_models import BUILDERS
 
-    base = sdxl_pipeline()
-    base.save_pretrained(work / "tiny-sdxl")
+    from factory.method.families import detect_family
+    from factory.method.settings import DistillConfig
+
+    base = BUILDERS[build]()
+    base.save_pretrained(work / f"tiny-{build}")
     summary = run_finetune(
         ft_config(
             work,
-            f"model={work / 'tiny-sdxl'}",
+            f"model={work / f'tiny-{build}'}",
             "train.max_steps=30",
             "train.lr=1e-3",
-            "output.name=sdxl",
-            f"output.export={work / 'export-sdxl'}",
+            f"output.name={name or build}",
+            f"output.export={work / f'export-{name or build}'}",
+            *extra,
         )
     )
     m = summary["state"]["metrics"]
-    assert summary["state"]["step"] == 30 and m["probe_loss"] < 0.8 * m["probe_loss_initial"]
+    # the fixed batch's loss fell (untrained, it stays where it was: fixed noise and timesteps): by a fifth
+    # for epsilon targets; by a tenth for a velocity target (noise - z0, variance about 2, keeps more that no
+    # model can predict from z_t) and for adapters on the attention alone (a tiny UNet's convolutions hold
+    # most of its weights)
+    lora = any(x.startswith("lora=") for x in extra)
+    fell = 0.9 if lora or build in ("sd3", "flux", "flux2_klein", "z_image") else 0.8
+    assert summary["state"]["step"] == 30 and m["probe_loss"] < fell * m["probe_loss_initial"], m
     pipe = load_pipeline(summary["export"])
-    assert any(
-        not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True)
-    )
-    for a, b in [
-        (pipe.vae, base.vae),
-        (pipe.text_encoder, base.text_encoder),
-        (pipe.text_encoder_2, base.text_encoder_2),
-    ]:
-        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)), "frozen"
-    d = Distiller("tiny-sdxl", pipeline=base, config=fast_config, inpaint_model=summary["export"])
+    family, base_family = detect_family(pipe), detect_family(base)
+    trained = zip(family.denoiser_module.parameters(), base_family.denoiser_module.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in trained)
+    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        a, b = getattr(pipe, part, None), getattr(base, part, None)
+        if b is not None:
+            assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)), part
+    config = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4, resolution=32)
+    d = Distiller(f"tiny-{build}", pipeline=base, config=config, inpaint_model=summary["export"])
     [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
-    assert t.meta["inpaint_model"] == "export-sdxl" and t.mask.shape == t.image.shape[:2]
+    assert t.meta["inpaint_model"] == f"export-{name or build}" and t.mask.shape == t.image.shape[:2]
     assert (Path(summary["checkpoint"]) / "samples.png").exists()
+
+
+def test_a_flux_model_fine_tunes_under_zero3_and_its_export_inpaints(work):
+    # ZeRO-3 partitions the transformer's parameters too: the EMA and the sample grid gather them
+    fine_tune_a_family(work, "flux", "deepspeed.stage=3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", ["flux", "sdxl"])
+def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build):
+    # LoRA (rank 16 on the attention projections, 10x the full run's rate as LoRA runs use): the base stays
+    # as it was in training; the export fuses the adapters into a full folder and keeps them in lora/
+    fine_tune_a_family(work, build, "lora={rank: 16}", "train.lr=1e-2", name=f"{build}-lora")
+    export = work / f"export-{build}-lora"
+    assert (export / "lora" / "pytorch_lora_weights.safetensors").exists()
+    from safetensors.torch import load_file
+
+    [checkpoint] = sorted((work / "runs" / f"{build}-lora").glob("checkpoint_*/ema_unet.safetensors"))[-1:]
+    ema = load_file(str(checkpoint))
+    assert ema and all(".lora_" in n for n in ema), "only the adapters were trained"
+
+
+@pytest.mark.slow  # ~40 s each: the default lane keeps FLUX's (above), `make test-slow` runs these
+@pytest.mark.parametrize("build", ["sdxl", "sd3", "flux2_klein", "z_image"])
+def test_the_other_families_fine_tune_and_their_exports_inpaint(work, build):
+    fine_tune_a_family(work, build)

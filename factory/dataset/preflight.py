@@ -66,7 +66,7 @@ def check_model(cfg: JobConfig) -> None:
     """The model's and the inpainting model's configs read, and they are of a family the factory serves
     (`factory.method.families`)."""
     from factory.method.families import FAMILIES
-    from factory.method.loading import ModelLoadError, read_model_configs
+    from factory.method.loading import ModelLoadError, check_inpaint_fits, read_model_configs
 
     configs = read_model_configs(cfg.model)
     family = FAMILIES[configs["family"]]
@@ -81,13 +81,7 @@ def check_model(cfg: JobConfig) -> None:
                 f"is served for the families {', '.join(served)}. Leave inpaint.model unset."
             )
         inpaint = read_model_configs(cfg.inpaint.model, components=("denoiser",))
-        if inpaint["unet"]["cross_attention_dim"] != configs["unet"]["cross_attention_dim"]:
-            raise ModelLoadError(
-                f"inpaint.model {cfg.inpaint.model!r} does not fit model {cfg.model!r}: its UNet's "
-                f"cross_attention_dim is {inpaint['unet']['cross_attention_dim']}, the model's text encoder "
-                f"gives {configs['unet']['cross_attention_dim']}. Fine-tune m' from this model (`trainers "
-                "finetune`), or name the model it was fine-tuned from."
-            )
+        check_inpaint_fits(cfg.model, cfg.inpaint.model, dict(configs["denoiser"]), dict(inpaint["denoiser"]))
     if cfg.vae is not None:
         from factory.method.loading import read_vae_config
 

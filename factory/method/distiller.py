@@ -106,7 +106,7 @@ class Distiller:
         inpaint_model: str | None = None,
         vae: str | None = None,
     ):
-        from factory.method.loading import ModelLoadError, load_vae, resolve_model
+        from factory.method.loading import ModelLoadError, check_inpaint_fits, load_vae, resolve_model
 
         self.config = config or DistillConfig()
         self.model = model
@@ -120,25 +120,23 @@ class Distiller:
         self.inpaint_model = inpaint_model
         self.inpaint_unet = self.family.denoiser_module
         if inpaint_model is not None:
-            from diffusers import UNet2DConditionModel
-
             if not self.family.finetuned_inpainting:
                 raise ModelLoadError(
                     f"inpaint.model (a fine-tuned m') is not served for a {self.family.name} model, which "
                     "inpaints with its own denoiser"
                 )
-            try:
-                self.inpaint_unet = UNet2DConditionModel.from_pretrained(
-                    resolve_model(inpaint_model), subfolder="unet", torch_dtype=p.unet.dtype
-                ).to(p.unet.device)
+            base, name = self.family.denoiser_module, self.family.denoiser_name
+            try:  # m' is a pipeline directory: its denoiser, of the model's denoiser's class
+                self.inpaint_unet = (
+                    type(base)
+                    .from_pretrained(resolve_model(inpaint_model), subfolder=name, torch_dtype=base.dtype)
+                    .to(base.device)
+                )
             except (OSError, ValueError) as err:
                 raise ModelLoadError(
-                    f"could not load the inpainting model {inpaint_model!r}'s UNet: {err}"
+                    f"could not load the inpainting model {inpaint_model!r}'s {name}: {err}"
                 ) from err
-            if self.inpaint_unet.config.cross_attention_dim != p.unet.config.cross_attention_dim:
-                raise ModelLoadError(
-                    f"the inpainting model {inpaint_model!r} does not fit {model!r}'s text encoder"
-                )
+            check_inpaint_fits(model, inpaint_model, dict(base.config), dict(self.inpaint_unet.config))
         # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
         # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)

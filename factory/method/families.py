@@ -480,7 +480,7 @@ class SD3Family(SDFamily):
         "scheduler",
     )  # T5 (text_encoder_3) is optional, as in the pipeline
     samplers = FLOW_SCHEDULERS  # rectified flow: both names are its flow-matching Euler sampler
-    finetuned_inpainting = False  # Step 3 serves the UNet families so far
+    finetuned_inpainting = True  # Step 3 trains its transformer on the flow-matching objective
     clip_tokenizer_names = ("tokenizer", "tokenizer_2")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     max_sequence_length = 256  # T5 tokens, the pipeline's default
@@ -536,7 +536,7 @@ class FluxFamily(SDFamily):
     required_components = SD3Family.required_components  # the same seven; T5 (text_encoder_2) included
     samplers = FLOW_SCHEDULERS
     readouts = ("image_to_text", "concept_output")
-    finetuned_inpainting = False
+    finetuned_inpainting = True
     tokenizer_names = ("tokenizer", "tokenizer_2")
     max_sequence_length = 512  # T5 tokens, the pipeline's default (at most the tokenizer's own length)
     guidance = 3.5  # the guidance embedding of a guidance-distilled checkpoint, the pipeline's default

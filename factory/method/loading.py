@@ -367,6 +367,24 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
     return out
 
 
+TEXT_WIDTH_KEYS = ("cross_attention_dim", "joint_attention_dim", "cap_feat_dim")  # UNet; SD3/FLUX; Z-Image
+
+
+def check_inpaint_fits(model: str, inpaint_model: str, base: dict, inpaint: dict) -> None:
+    """A fine-tuned m' (`inpaint.model`) fits the model when its denoiser (config `inpaint`) is of the same
+    class (where the configs name it: read from files, not from a loaded module) and reads text features as
+    wide as the model's denoiser (config `base`): the model's text encoders condition it."""
+    classes = base.get("_class_name"), inpaint.get("_class_name")
+    key = next((k for k in TEXT_WIDTH_KEYS if base.get(k) is not None), None)
+    if (None not in classes and classes[0] != classes[1]) or (key and inpaint.get(key) != base.get(key)):
+        raise ModelLoadError(
+            f"inpaint.model {inpaint_model!r} does not fit model {model!r}: its denoiser "
+            f"({classes[1] or 'loaded'}) reads text features of width {inpaint.get(key)}, the model's "
+            f"({classes[0] or 'loaded'}) {base.get(key)}. Fine-tune m' from this model (`trainers "
+            "finetune`), or name the model it was fine-tuned from."
+        )
+
+
 def load_tokenizers(model: str) -> dict:
     """The model's tokenizers alone (no weights), {component name: tokenizer}, each of the class its
     `model_index.json` names (FLUX.2-dev's is a processor around its tokenizer): what the preflight checks

@@ -48,6 +48,26 @@ class DeepSpeedConfig(StrictConfig):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of the optimizer state to the CPU")
 
 
+class LoraConfig(StrictConfig):
+    """LoRA adapters on the denoiser's attention projections (peft), trained in place of the whole
+    denoiser; the export fuses them into a full diffusers folder (what `inpaint.model` loads) and keeps the
+    adapter beside it (`lora/`, `load_lora_adapter`'s format)."""
+
+    rank: int = Field(16, ge=1, description="the adapters' rank r")
+    alpha: float | None = Field(None, gt=0.0, description="their scale numerator (lora_alpha); default: rank")
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="module names (peft target_modules): the attention projections by default, those "
+        "the model has",
+    )
+
+
+# the attention projections of every family's blocks: UNet and DiT queries, keys, values and outputs, and the
+# text stream's own in double-stream / joint blocks (diffusers' SD3 and FLUX LoRA scripts' attention targets)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 class CheckpointConfig(StrictConfig):
     every: int = Field(500, ge=1, description="steps between checkpoints (and sample grids)")
     keep: int = Field(2, ge=1)
@@ -90,6 +110,7 @@ class FinetuneConfig(StrictConfig):
     model: str = "toyworld"
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of the whole denoiser")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -132,6 +153,11 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
     zero = ds.setdefault("zero_optimization", {})
     if cfg.deepspeed.stage is not None:
         zero["stage"] = cfg.deepspeed.stage
+    if cfg.lora is not None and zero.get("stage") == 3:
+        raise ValueError(
+            "lora under ZeRO-3 is not served: the adapters are small enough for ZeRO-2, and ZeRO-3 would "
+            "partition the frozen base too; use deepspeed.stage 2 (configs/deepspeed/zero2.json)"
+        )
     if cfg.deepspeed.offload_optimizer:
         if zero.get("stage", 0) < 1:
             raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")

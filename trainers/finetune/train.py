@@ -3,40 +3,40 @@
     trainers finetune configs/finetune-toyworld.yaml [--set KEY=VALUE ...]
     trainers finetune CONFIG --export-only          # re-export the EMA pipeline of the latest checkpoint
 
-The UNet of an SD 1.x / 2.x or SDXL model becomes the paper's m': it keeps painting "a photo of a
-{concept}" and learns to paint a clean "a photo of a background" inside background rectangles. The data
-are the user's unlabeled images with their preliminary masks, as written by `factory label` (WebDataset
-shards, any fsspec URL), streamed through Ray Data (`trainers.finetune.data`).
+The denoiser of a model (any family: a UNet, or a DiT's transformer) becomes the paper's m': it keeps
+painting "a photo of a {concept}" and learns to paint a clean "a photo of a background" inside background
+rectangles. The data are the user's unlabeled images with their preliminary masks, as written by `factory
+label` (WebDataset shards, any fsspec URL), streamed through Ray Data (`trainers.finetune.data`).
 
 One training step on each worker, top to bottom:
   batch of examples (image, prompt, loss mask) from the worker's Ray Data shard
-  -> z0 = VAE.encode(x).sample() * scaling      (frozen VAE, fp32 where the family's pipeline upcasts it;
-                                                 the text encoders are frozen too)
-  -> z_t = add_noise(z0, eps, t), t ~ U{0..T-1}  (the model's own training schedule)
-  -> loss = mean((mask * (unet(z_t, t, text(prompt)) - eps))^2)   (the family's call and conditioning:
-                                                                   SDXL's pooled embedding and size ids;
-                                                                   not normalised by mask area, as the paper;
-                                                                   `train.normalize_loss` divides per sample;
-                                                                   a v-prediction model (SD 2.x 768) is
-                                                                   trained on v, its own target)
+  -> z0 = the family's VAE encoding of x        (frozen, fp32 where the family's pipeline upcasts it; the
+                                                 text encoders are frozen too)
+  -> t, z_t, target = the objective's           (`trainers.finetune.objectives`: epsilon or v on the DDPM
+                                                 schedule, t ~ U{0..T-1}; or the flow velocity noise - z0 at
+                                                 logit-normal sigmas for SD3, FLUX.1/2, Z-Image)
+  -> loss = mean((mask * (denoiser(z_t, t, cond(prompt)) - target))^2)
+                                                (the family's call and conditioning: SDXL's pooled embedding
+                                                 and size ids, FLUX's packing and guidance; not normalised by
+                                                 mask area, as the paper; `train.normalize_loss` divides per
+                                                 sample)
   -> DeepSpeed backward + step (ZeRO stage 2 by default; stage 3 and optimizer offload selectable)
   -> EMA update (rank 0 keeps the EMA; with ZeRO-3 the parameters are gathered for it)
 Every `checkpoint.every` steps all ranks write their DeepSpeed shards, rank 0 adds the EMA weights, the
 training state and a sample grid, and each reports its folder to Ray Train, which merges them into one
 checkpoint. A worker failure restarts the workers from the latest checkpoint (`scaling.max_failures`);
-running the same config again resumes a stopped run. At the end the driver exports the EMA UNet with the
-base model's other components as a diffusers pipeline directory that `factory generate --set model=DIR`
-loads.
+running the same config again resumes a stopped run (at another number of workers too, under ZeRO-1/2).
+At the end the driver exports the EMA denoiser with the base model's other components as a diffusers
+pipeline directory that `factory generate --set model=DIR` or `--set inpaint.model=DIR` loads.
 
 Departures from the paper (method.md Step 3): AdamW with a constant lr and no 1-step warm-up; the
 rectangle limits scale with the latent grid (`trainers.finetune.rectangles`); both tasks' images are clamped.
 
 Families (`factory.method.families`): fine-tuning serves the families whose m' may inpaint
-(`finetuned_inpainting`): `sd` (SD 1.x, 2.x and toyworld) and `sdxl` (its UNet conditioned as
-`StableDiffusionXLPipeline` conditions it: both CLIPs' tokens, the pooled embedding, the size ids of the
-whole canvas). SD3, FLUX.1/2 and Z-Image label and generate without a fine-tuned m' (the pretrained model
-inpaints); their fine-tuning (a flow-matching loss, packed latents) is not built yet, and is refused before
-Ray starts.
+(`finetuned_inpainting`: all of them). The step goes through the family: its conditioning (SDXL's pooled
+embedding and size ids), its denoiser call (FLUX's packing and guidance embedding), its VAE; what the
+denoiser learns is `trainers.finetune.objectives`' (epsilon / v on the DDPM schedule, or for SD3, FLUX.1/2
+and Z-Image the flow-matching velocity at logit-normal sigmas; departures in docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -63,17 +63,20 @@ from trainers.devices import (
     skip_inference_allreduce_build,
 )
 from trainers.finetune.config import FinetuneConfig, deepspeed_config, load_finetune_config
+from trainers.finetune.objectives import training_objective
 from trainers.finetune.worker import (
     EMA_FILE,
     STATE_FILE,
     Checkpoints,
+    EngineCall,
     FixedBatch,
     LossWindow,
     PromptEmbeddings,
+    add_lora,
+    check_resume,
     encode_latents,
     full_parameters,
     masked_mse,
-    training_target,
     validation_images,
 )
 
@@ -99,7 +102,6 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
-    from diffusers import DDPMScheduler
 
     from factory.method.families import detect_family
     from factory.method.loading import load_pipeline
@@ -123,14 +125,17 @@ def train_loop_per_worker(config: dict) -> None:
     pipe = load_pipeline(cfg.model, str(device), "fp32")
     family = detect_family(pipe)
     unet, vae = family.denoiser_module, family.method_vae()
-    for frozen in (vae, *(getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2"))):
+    for frozen in (vae, *(getattr(pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3"))):
         if frozen is not None:
             frozen.requires_grad_(False)
-    unet.requires_grad_(True)
+    # the whole denoiser, or (`lora`) its adapters alone: the base frozen, the adapters' parameters trained
+    unet.requires_grad_(cfg.lora is None)
+    if cfg.lora is not None:
+        add_lora(unet, cfg.lora)
     unet.train()
     if cfg.checkpointing():
         unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = training_objective(family, config["resolution"])  # DDPM epsilon / v, or flow matching
     embed = PromptEmbeddings(family)
 
     # 3. DeepSpeed and the EMA.
@@ -148,9 +153,8 @@ def train_loop_per_worker(config: dict) -> None:
         args=deepspeed_args(device), model=unet, optimizer=optimizer, config=ds_config
     )
     check_engine_device(engine.device, device)  # DeepSpeed would go by LOCAL_RANK (trainers.devices)
-    # the family's call (SDXL: its added conditioning), built on the module (its config), through the engine
-    denoiser = family.denoiser(engine.module)
-    denoiser.module = engine
+    # the family's call (SDXL's added conditioning, FLUX's packing and guidance) through the engine
+    denoiser = family.denoiser(EngineCall(engine))
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     ema = None
@@ -160,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 4. Resume.
     validation = validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
-    checkpoints = Checkpoints(cfg, engine, ema, names, rank, world, family, validation)
+    checkpoints = Checkpoints(cfg, engine, ema, names, rank, world, stage, family, validation)
     state = checkpoints.resume()
 
     # 5. Train.
@@ -185,14 +189,14 @@ def train_loop_per_worker(config: dict) -> None:
                 z0 = encode_latents(vae, x)
                 emb = embed(list(batch["prompt"]))
             if fixed is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
-                fixed = FixedBatch.draw(noise_scheduler, z0, emb, mask, seed=cfg.train.seed + 7 * rank)
+                fixed = FixedBatch.draw(objective, z0, emb, mask, seed=cfg.train.seed + 7 * rank)
                 fixed_initial = fixed.loss(
                     family.denoiser(engine.module), compute_dtype, cfg.train.normalize_loss
                 )
             noise = torch.randn_like(z0)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
-            z_t = noise_scheduler.add_noise(z0, noise, t)
-            target = training_target(noise_scheduler, z0, noise, t)
+            t = objective.sample_t(z0.shape[0], device)
+            z_t = objective.noisy(z0, noise, t)
+            target = objective.target(z0, noise, t)
             pred = denoiser(z_t.to(compute_dtype), t, emb.to(compute_dtype)).float()
             loss = masked_mse(pred, target, mask, cfg.train.normalize_loss)
             engine.backward(loss)
@@ -308,22 +312,30 @@ def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
 
     from factory.method.families import detect_family
     from factory.method.loading import load_pipeline
+    from trainers.finetune.config import LoraConfig
 
     pipe = load_pipeline(model, "cpu", "fp32")
     module = detect_family(pipe).denoiser_module
+    state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+    lora = LoraConfig.model_validate(state["lora"]) if state.get("lora") else None
+    if lora is not None:
+        add_lora(module, lora)
     shadow = load_file(str(Path(checkpoint_dir) / EMA_FILE))
     missing, unexpected = module.load_state_dict(shadow, strict=False)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    if unexpected or trainable & set(missing):
+    trained = {n for n in module.state_dict() if lora is None or ".lora_" in n}  # what the EMA holds
+    if unexpected or trained & set(missing):
         raise RuntimeError(
-            f"the EMA weights do not fit {model!r}'s denoiser (missing {sorted(missing)[:3]}, "
+            f"the EMA weights do not fit {model!r}'s denoiser (missing {sorted(trained & set(missing))[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}): was the run trained from another model?"
         )
-    state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
     fs, root = fsspec.core.url_to_fs(out)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(root) if local else Path(tmp) / "export"
+        if lora is not None:  # the adapter as it is, then fused into the denoiser for a full folder
+            module.save_lora_adapter(str(target / "lora"))
+            module.fuse_lora()
+            module.unload_lora()
         pipe.save_pretrained(target, safe_serialization=True)
         (target / "finetune.json").write_text(json.dumps({"base_model": model, **state}, indent=1))
         if (Path(checkpoint_dir) / "samples.png").exists():
@@ -355,6 +367,10 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
         result_checkpoint = resume
     else:
         ds_config = deepspeed_config(cfg)
+        if resume is not None:  # another world size or ZeRO stage: resumable, or a clear error now
+            with resume.as_directory() as d:
+                saved = json.loads((Path(d) / STATE_FILE).read_text())
+            check_resume(saved, cfg.scaling.workers, int(ds_config["zero_optimization"].get("stage", 0)))
         resolution, vae_factor = model_geometry(cfg.model)
         print(
             f"[finetune] {cfg.model}: {len(urls)} shards, {cfg.scaling.workers} workers "
@@ -389,6 +405,7 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
                 "job": cfg.model_dump(),
                 "deepspeed": ds_config,
                 "shard_urls": urls[:4],
+                "resolution": resolution,
                 "verbose": verbose,
             },
             scaling_config=ScalingConfig(

@@ -21,22 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from factory.errors import UserError
 from trainers.devices import all_reduce
 
 EMA_FILE = "ema_unet.safetensors"
 STATE_FILE = "state.json"
 DS_TAG = "deepspeed"
-
-
-def training_target(noise_scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon models), or v = sqrt(a) eps - sqrt(1 - a) z0 for a
-    v-prediction model, as its scheduler config says."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(z0, noise, t)
-    raise ValueError(f"fine-tuning does not serve prediction_type {kind!r}; epsilon and v_prediction are")
 
 
 def masked_mse(
@@ -69,6 +59,37 @@ class PromptEmbeddings:
         return Conditioning.cat([self.cache[p] for p in prompts])
 
 
+def add_lora(module, lora) -> None:
+    """LoRA adapters (peft, `lora`: a `config.LoraConfig`) on `module`'s target projections, its own
+    parameters trainable, the base's not: diffusers' `add_adapter`. Gaussian-initialised A, zero B: the
+    model is unchanged at step 0."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    module.add_adapter(
+        PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha or lora.rank,
+            target_modules=list(lora.targets),
+            init_lora_weights="gaussian",
+        )
+    )
+
+
+class EngineCall:
+    """The DeepSpeed engine with its module's face, for the family's denoiser (`families.Denoiser`): called,
+    it is the engine (whose forward runs the module, gathering ZeRO-3's partitions); read, it is the module
+    (its config, dtype, device)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine.module, name)
+
+
 def encode_latents(vae, x: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, S, S) in [-1, 1] -> latents sampled from the frozen VAE's posterior, scaled as the
     method scales them (`factory.method.latents.encode_images`); the noise drawn from torch's generator,
@@ -91,18 +112,19 @@ class FixedBatch:
     target: torch.Tensor
 
     @classmethod
-    def draw(cls, noise_scheduler, z0, emb, mask, seed: int, repeats: int = 4) -> FixedBatch:
+    def draw(cls, objective, z0, emb, mask, seed: int, repeats: int = 4) -> FixedBatch:
+        """`objective`: what the model learns (`trainers.finetune.objectives`)."""
         g = torch.Generator().manual_seed(seed)
         n = z0.shape[0] * repeats
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g).to(z0.device)
+        t = objective.sample_t(n, z0.device, generator=g)
         noise = torch.randn((n, *z0.shape[1:]), generator=g).to(z0.device)
         z0 = z0.repeat(repeats, 1, 1, 1)
         return cls(
-            z_t=noise_scheduler.add_noise(z0, noise, t),
+            z_t=objective.noisy(z0, noise, t),
             t=t,
             emb=type(emb).cat([emb] * repeats),
             mask=mask.repeat(repeats, 1, 1),
-            target=training_target(noise_scheduler, z0, noise, t),
+            target=objective.target(z0, noise, t),
         )
 
     @torch.no_grad()
@@ -180,6 +202,31 @@ def full_parameters(module, stage: int):
         yield
 
 
+def resumes_whole(saved: dict, world: int, stage: int) -> bool:
+    """Whether a checkpoint (its `state.json`) resumes with its optimizer partitions: written by as many
+    workers at the same ZeRO stage. (Checkpoints from before the stage was recorded were ZeRO-2's.)"""
+    return saved.get("world_size") == world and saved.get("zero_stage", 2) == stage
+
+
+class ResumeError(UserError, ValueError):
+    """A run's checkpoint cannot resume with this job's workers or ZeRO stage."""
+
+
+def check_resume(saved: dict, world: int, stage: int) -> None:
+    """A checkpoint that cannot resume at this world size or ZeRO stage raises, before Ray starts: ZeRO-3
+    partitions the weights themselves, so neither side of a change may be ZeRO-3 (DeepSpeed#2898)."""
+    if resumes_whole(saved, world, stage):
+        return
+    was = (saved.get("world_size"), saved.get("zero_stage", 2))
+    if 3 in (was[1], stage):
+        raise ResumeError(
+            f"this run's latest checkpoint was written by {was[0]} workers at ZeRO stage {was[1]}; under "
+            f"ZeRO-3 it resumes only as it was written (here: {world} workers, stage {stage}). Run it with "
+            f"scaling.workers={was[0]} and deepspeed.stage={was[1]}, or start a new run (another "
+            "output.name) from its export (--export-only, then model=THE_EXPORT)."
+        )
+
+
 @dataclass
 class TrainingState:
     """Where a run stands: what `state.json` records beside the DeepSpeed shards and the EMA."""
@@ -194,9 +241,17 @@ class Checkpoints:
     weights, `state.json` and a sample grid of the EMA denoiser; each reports its folder to Ray Train, which
     merges them into one checkpoint. `resume` reads Ray Train's latest one back, if any."""
 
-    def __init__(self, cfg, engine, ema, names: list[str], rank: int, world: int, family, validation: list):
+    def __init__(
+        self, cfg, engine, ema, names: list[str], rank: int, world: int, stage: int, family, validation: list
+    ):
         self.cfg, self.engine, self.ema, self.names = cfg, engine, ema, names
-        self.rank, self.world, self.family, self.validation = rank, world, family, validation
+        self.rank, self.world, self.stage, self.family, self.validation = (
+            rank,
+            world,
+            stage,
+            family,
+            validation,
+        )
         self.eval_module = None  # rank 0's denoiser for the sample grids, built at the first checkpoint
 
     def resume(self) -> TrainingState:
@@ -207,10 +262,17 @@ class Checkpoints:
         if not checkpoint:
             return TrainingState()
         with checkpoint.as_directory() as d:
-            self.engine.load_checkpoint(
-                d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
             saved = json.loads((Path(d) / STATE_FILE).read_text())
+            whole = resumes_whole(saved, self.world, self.stage)
+            # the same workers and ZeRO stage: every partition back; else (ZeRO-1/2 only, `check_resume`) the
+            # module's weights alone, which ZeRO-1/2 keep whole, and a fresh optimizer
+            self.engine.load_checkpoint(
+                d,
+                tag=DS_TAG,
+                load_optimizer_states=whole,
+                load_lr_scheduler_states=False,
+                load_module_only=not whole,
+            )
             state = TrainingState(saved["step"], saved["samples_seen"], resumed_from=saved["step"])
             if self.ema is not None:
                 shadow = load_file(str(Path(d) / EMA_FILE))
@@ -221,7 +283,17 @@ class Checkpoints:
             if rng.exists():
                 torch.set_rng_state(torch.load(rng, weights_only=True))
         if self.rank == 0:
-            print(f"[finetune] resumed from the checkpoint at step {state.step}", flush=True)
+            print(
+                f"[finetune] resumed from the checkpoint at step {state.step}"
+                + (
+                    ""
+                    if whole
+                    else f" (written by {saved.get('world_size')} workers at ZeRO stage "
+                    f"{saved.get('zero_stage', 2)}: its weights, EMA and step; the optimizer's moments start "
+                    "afresh)"
+                ),
+                flush=True,
+            )
         return state
 
     def save(self, state: TrainingState, metrics: dict) -> None:
@@ -238,8 +310,10 @@ class Checkpoints:
                     **asdict(state),
                     "ema_updates": self.ema.updates,
                     "world_size": self.world,
+                    "zero_stage": self.stage,
                     "metrics": metrics,
                     "model": self.cfg.model,
+                    "lora": self.cfg.lora.model_dump() if self.cfg.lora is not None else None,
                 }
                 (Path(d) / STATE_FILE).write_text(json.dumps(record, indent=1))
                 if self.validation:
@@ -249,8 +323,13 @@ class Checkpoints:
     def sample_grid(self):
         """The validation images through the EMA denoiser (`sample_grid`)."""
         if self.eval_module is None:
+            import copy
+
             module = self.engine.module
-            self.eval_module = type(module).from_config(module.config).to(module.device).eval()
+            if self.cfg.lora is not None:  # the frozen base with the adapters (ZeRO-2: the module is whole)
+                self.eval_module = copy.deepcopy(module).eval()
+            else:  # every parameter is the EMA's (under ZeRO-3 too, where the module is partitioned)
+                self.eval_module = type(module).from_config(module.config).to(module.device).eval()
         self.ema.copy_to([p for p in self.eval_module.parameters() if p.requires_grad])
         cfg = self.cfg
         return sample_grid(
@@ -286,13 +365,15 @@ def sample_grid(family, module, model: str, validation, background_prompt: str, 
     from factory.dataset.report import contact_sheet
     from factory.method.distiller import Distiller
     from factory.method.settings import Concept, DistillConfig
+    from trainers.finetune.objectives import is_flow
 
     pipe = family.pipe
+    sampler = type(pipe.scheduler) if is_flow(pipe.scheduler) else DDIMScheduler  # DDIM: the paper's
     ema_pipe = type(pipe)(
         **{
             **pipe.components,
             family.denoiser_name: module,
-            "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
+            "scheduler": sampler.from_config(pipe.scheduler.config),
             # (SD's pipelines ask for a safety checker; the base model was loaded without one)
             **({"requires_safety_checker": False} if "requires_safety_checker" in pipe.config else {}),
         }
@@ -316,8 +397,10 @@ def sample_grid(family, module, model: str, validation, background_prompt: str, 
         [t] = d.label([image], c, seeds=[i])
         gens = [torch.Generator().manual_seed(1000 + i) for _ in range(2)]
         with torch.no_grad():
-            samples = ema_pipe(
-                [meta["prompt"], background_prompt],
+            samples = ema_pipe(  # at the method's canvas (the pipelines' own default may be another)
+                prompt=[meta["prompt"], background_prompt],
+                height=d.resolution,
+                width=d.resolution,
                 num_inference_steps=steps,
                 guidance_scale=1.0,
                 generator=gens,
