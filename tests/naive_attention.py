@@ -176,6 +176,45 @@ def naive_map(store, weights, size):
     return torch.stack(maps).mean(0)
 
 
+def _project(attn, linear, x, norm=None):
+    """(b, tokens, heads, d) from a projection, RMS-normed if asked."""
+    y = linear(x).unflatten(-1, (attn.heads, -1))
+    return norm(y) if norm is not None else y
+
+
+def _attend(q, k, v):
+    """Explicit softmax attention: (b, tokens, heads, d) in, heads flattened out."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def _double_block_image(attn, img, txt, rotary):
+    """A FLUX.1 / FLUX.2 double-stream block's joint attention over [text; image] (the normed, modulated
+    streams), written out: the image tokens' attention output (b, image, inner), and their keys (turned)
+    and values, (b, image, heads, d)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    n_text = txt.shape[1]
+    q = torch.cat(
+        [
+            _project(attn, attn.add_q_proj, txt, attn.norm_added_q),
+            _project(attn, attn.to_q, img, attn.norm_q),
+        ],
+        1,
+    )
+    k = torch.cat(
+        [
+            _project(attn, attn.add_k_proj, txt, attn.norm_added_k),
+            _project(attn, attn.to_k, img, attn.norm_k),
+        ],
+        1,
+    )
+    v_img = _project(attn, attn.to_v, img)
+    v = torch.cat([_project(attn, attn.add_v_proj, txt), v_img], 1)
+    q, k = (apply_rotary_emb(x, rotary, sequence_dim=1) for x in (q, k))
+    return _attend(q, k, v)[:, n_text:], k[:, n_text:], v_img
+
+
 def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, guidance, layers):
     """Naive reference for the `concept_output` readout (ConceptAttention) of one FLUX transformer call.
 
@@ -185,7 +224,6 @@ def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, gu
     [words; image] keys and the text stream's weights, written out from ConceptAttention's
     `ModifiedDoubleStreamBlock` (not from our processor). Returns the (b, image tokens) map of word 0,
     averaged over `layers`."""
-    from diffusers.models.embeddings import apply_rotary_emb
 
     pooled = torch.zeros(tokens.shape[0], transformer.config.pooled_projection_dim)
     temb = transformer.time_text_embed(timestep * 1000, guidance * 1000, pooled)
@@ -195,35 +233,18 @@ def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, gu
     for i in range(max(layers) + 1):
         block, inputs = transformer.transformer_blocks[i], block_inputs[i]
         attn, rotary = block.attn, inputs["image_rotary_emb"]
-        split = attn.heads
-
-        def project(linear, x, norm=None, split=split):  # (b, tokens, heads, d), RMS-normed if asked
-            y = linear(x).unflatten(-1, (split, -1))
-            return norm(y) if norm is not None else y
-
-        def attend(q, k, v):  # explicit softmax attention, (b, tokens, heads, d) in, heads flattened out
-            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
-
         img, _, _, _, _ = block.norm1(inputs["hidden_states"], emb=inputs["temb"])
         txt, _, _, _, _ = block.norm1_context(inputs["encoder_hidden_states"], emb=inputs["temb"])
-        n_text = txt.shape[1]
-        q = torch.cat(
-            [project(attn.add_q_proj, txt, attn.norm_added_q), project(attn.to_q, img, attn.norm_q)], 1
-        )
-        k_img = project(attn.to_k, img, attn.norm_k)
-        k = torch.cat([project(attn.add_k_proj, txt, attn.norm_added_k), k_img], 1)
-        v_img = project(attn.to_v, img)
-        v = torch.cat([project(attn.add_v_proj, txt), v_img], 1)
-        q, k = (apply_rotary_emb(x, rotary, sequence_dim=1) for x in (q, k))
-        image_out = attend(q, k, v)[:, n_text:]
+        image_out, k_img, v_img = _double_block_image(attn, img, txt, rotary)
 
+        def project(linear, x, norm=None, attn=attn):
+            return _project(attn, linear, x, norm)
+
+        attend = _attend
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(words, emb=temb)
         wq = project(attn.add_q_proj, normed, attn.norm_added_q)
         wk = project(attn.add_k_proj, normed, attn.norm_added_k)
         wv = project(attn.add_v_proj, normed)
-        cos, sin = rotary
-        k_img = apply_rotary_emb(k_img, (cos[n_text:], sin[n_text:]), sequence_dim=1)
         n = wk.shape[1]
         # padding is no key: each sample attends over its own words' tokens and the image
         words_out = torch.cat(
@@ -271,27 +292,13 @@ def naive_concept_output_flux2(transformer, block_inputs, tokens, groups, positi
             inputs["temb_mod_txt"], 2
         )
 
-        def project(linear, x, norm=None, heads=attn.heads):
-            y = linear(x).unflatten(-1, (heads, -1))
-            return norm(y) if norm is not None else y
+        def project(linear, x, norm=None, attn=attn):
+            return _project(attn, linear, x, norm)
 
-        def attend(q, k, v):
-            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
-
+        attend = _attend
         img = block.norm1(inputs["hidden_states"]) * (1 + scale) + shift
         txt = block.norm1_context(inputs["encoder_hidden_states"]) * (1 + c_scale) + c_shift
-        n_text = txt.shape[1]
-        q = torch.cat(
-            [project(attn.add_q_proj, txt, attn.norm_added_q), project(attn.to_q, img, attn.norm_q)], 1
-        )
-        k_img = project(attn.to_k, img, attn.norm_k)
-        k = torch.cat([project(attn.add_k_proj, txt, attn.norm_added_k), k_img], 1)
-        v_img = project(attn.to_v, img)
-        v = torch.cat([project(attn.add_v_proj, txt), v_img], 1)
-        q, k = (apply_rotary_emb(x, rotary, sequence_dim=1) for x in (q, k))
-        image_out = attend(q, k, v)[:, n_text:]
-        k_img = k[:, n_text:]
+        image_out, k_img, v_img = _double_block_image(attn, img, txt, rotary)
 
         normed = block.norm1_context(words) * (1 + c_scale) + c_shift
         wq = project(attn.add_q_proj, normed, attn.norm_added_q)
