@@ -602,3 +602,18 @@ def test_the_preflight_finds_the_concept_as_the_loaded_family_does(tmp_path):
             check_prompts(
                 load_config("configs/toyworld.yaml", [*over, f"concepts=[{{name: star, template: '{ok}'}}]"])
             )
+
+
+def test_an_inpainting_model_must_fit_the_models_denoiser():
+    """`inpaint.model` (m'): the same denoiser class, reading text features as wide as the model's (the
+    preflight reads both from their configs; the Distiller checks the loaded one)."""
+    from factory.method.loading import ModelLoadError, check_inpaint_fits
+
+    unet = {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}
+    flux = {"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096}
+    check_inpaint_fits("m", "m-prime", unet, dict(unet))
+    check_inpaint_fits("m", "m-prime", flux, {"joint_attention_dim": 4096})  # a loaded module's config
+    with pytest.raises(ModelLoadError, match="reads text features of width 1024, the model's .* 768"):
+        check_inpaint_fits("m", "m-prime", unet, {**unet, "cross_attention_dim": 1024})
+    with pytest.raises(ModelLoadError, match="FluxTransformer2DModel"):
+        check_inpaint_fits("m", "m-prime", unet, flux)
