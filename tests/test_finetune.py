@@ -223,13 +223,37 @@ def fine_tune_a_family(work, build: str, *extra, name: str | None = None) -> Non
     assert (Path(summary["checkpoint"]) / "samples.png").exists()
 
 
-def test_a_flux_model_fine_tunes_under_zero3_and_its_export_inpaints(work):
+def test_a_flux_model_fine_tunes_under_zero3_and_its_export_inpaints(work, short_job):
     # ZeRO-3 partitions the transformer's parameters too: the EMA and the sample grid gather them
     fine_tune_a_family(work, "flux", "deepspeed.stage=3")
+    # the export as a `factory generate` job's inpaint.model: the preflight reads and fits it, the actors
+    # load it, the triplets record it
+    import json
+
+    from factory.dataset.shards import ShardStore
+
+    cfg = load_config(
+        "configs/toyworld.yaml",
+        [
+            f"model={work / 'tiny-flux'}",
+            f"inpaint.model={work / 'export-flux'}",
+            f"output.uri={work / 'job-flux'}",
+            "concepts=[{name: star, samples: 2}]",
+            "sampler.resolution=32",
+            "output.samples_per_shard=2",
+            *short_job,
+        ],
+    )
+    assert run_job(cfg, "generate", progress=False)["complete"]
+    [meta] = {
+        json.loads(r["json"])["inpaint_model"]
+        for r in ShardStore(str(work / "job-flux")).read_shard("shard-000000.tar")
+    }
+    assert meta == "export-flux"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["flux", "sdxl"])
+@pytest.mark.parametrize("build", ["flux", "sdxl", "sd3", "flux2_klein", "z_image"])
 def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build):
     # LoRA (rank 16 on the attention projections, 10x the full run's rate as LoRA runs use): the base stays
     # as it was in training; the export fuses the adapters into a full folder and keeps them in lora/
