@@ -148,20 +148,40 @@ def _train_workers() -> list[psutil.Process]:
     ]
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(work):
+@pytest.mark.parametrize(
+    "build, extra",
+    [
+        (None, ()),  # the SD family (the scratch toyworld model), ZeRO-2: the default lane
+        pytest.param("flux", ("deepspeed.stage=3",), marks=pytest.mark.slow),  # a DiT under ZeRO-3
+        pytest.param("sdxl", (), marks=pytest.mark.slow),
+        pytest.param("z_image", (), marks=pytest.mark.slow),
+    ],
+    ids=["sd", "flux-zero3", "sdxl", "z_image"],
+)
+def test_a_killed_worker_resumes_from_the_last_checkpoint(work, build, extra):
+    name = f"killed-{build or 'sd'}"
+    model = []
+    if build is not None:
+        from tiny_models import BUILDERS
+
+        if not (work / f"tiny-{build}").exists():
+            BUILDERS[build]().save_pretrained(work / f"tiny-{build}")
+        model = [f"model={work / f'tiny-{build}'}"]
     cfg = ft_config(
         work,
+        *model,
         "train.max_steps=14",
         "checkpoint.every=4",
-        "output.name=killed",
+        f"output.name={name}",
         "checkpoint.grid_images=0",
         "scaling.max_failures=1",
         "output.export=null",
+        *extra,
     )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_finetune(cfg)), daemon=True)
     thread.start()
-    run_dir = work / "runs" / "killed"
+    run_dir = work / "runs" / name
     deadline = time.time() + 300
     # Kill once the second checkpoint is on disk: by then the first is registered with Ray Train (a report
     # is a barrier across the workers), so the restart has a checkpoint to resume from.
