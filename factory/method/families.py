@@ -541,6 +541,10 @@ class FluxFamily(SDFamily):
     max_sequence_length = 512  # T5 tokens, the pipeline's default (at most the tokenizer's own length)
     guidance = 3.5  # the guidance embedding of a guidance-distilled checkpoint, the pipeline's default
 
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._words: dict = {}  # `concept_streams`' word -> `word_states(word)`
+
     @classmethod
     def matches(cls, classes: dict[str, str]) -> bool:
         return classes.get("transformer") == cls.denoiser_class
@@ -601,8 +605,9 @@ class FluxFamily(SDFamily):
     def concept_streams(self, words: list[list[str]], background: tuple[str, ...]):
         """The `concept_output` readout's word streams of a batch (`ConceptStreams`): each sample's concept
         words (one concept: all their tokens) and the background words, each word encoded alone, as
-        ConceptAttention embeds them (`word_states`); every token of a word is kept. A word with no tokens,
-        or one that the tokenizer can only spell with its unknown token, raises ConceptTokenError."""
+        ConceptAttention embeds them (`word_states`, each word encoded once per family: the text encoders are
+        large and a job has a few words); every token of a word is kept. A word with no tokens, or one that
+        the tokenizer can only spell with its unknown token, raises ConceptTokenError."""
         from factory.method.concept_attention import ConceptStreams
 
         self.check_readout("concept_output")  # families built on this one that do not serve it refuse here
@@ -611,7 +616,9 @@ class FluxFamily(SDFamily):
             entries = []  # (word index, states of its tokens, their positions)
             for w, group in enumerate([list(concept_words), *[[b] for b in background]]):
                 for word in group:
-                    entries.append((w, *self.word_states(word)))
+                    if word not in self._words:
+                        self._words[word] = self.word_states(word)
+                    entries.append((w, *self._words[word]))
             rows.append(entries)
         n = max(sum(len(e[1]) for e in entries) for entries in rows)
         n_words = 1 + len(background)
@@ -741,10 +748,6 @@ class Flux2Family(FluxFamily):
     def sequence_length(self) -> int:
         return self.max_sequence_length
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._words: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # `word_states`, per word
-
     @property
     def klein(self) -> bool:
         """A Qwen3-encoded klein pipeline (else FLUX.2-dev's Mistral-3 one)."""
@@ -803,13 +806,10 @@ class Flux2Family(FluxFamily):
 
     def word_states(self, word: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, D) the text states of `word`'s tokens in its own templated prompt (the word alone in
-        the chat template, as `encode` makes a prompt's), and their positions there. Kept per word: the
-        encoder is large and a job has a few words."""
-        if word not in self._words:
-            at = self.token_weights([word], [[word]])[0].nonzero()[:, 0]
-            states = self.encode([word]).hidden[0]
-            self._words[word] = (states[at], at.to(states.device))
-        return self._words[word]
+        the chat template, as `encode` makes a prompt's), and their positions there."""
+        at = self.token_weights([word], [[word]])[0].nonzero()[:, 0]
+        states = self.encode([word]).hidden[0]
+        return states[at], at.to(states.device)
 
 
 def detect_family(pipe) -> SDFamily:

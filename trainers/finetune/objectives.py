@@ -21,8 +21,18 @@ from __future__ import annotations
 
 import torch
 
+from factory.method.schedulers import add_noise, is_flow
 
-class DiffusionObjective:
+
+class _Objective:
+    scheduler = None  # the model's training schedule: a DDPMScheduler, or the flow's shifted scheduler
+
+    def noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z0 noised to t: the DDPM forward process, or the flow's straight path (`schedulers.add_noise`)."""
+        return add_noise(self.scheduler, z0, noise, t)
+
+
+class DiffusionObjective(_Objective):
     """Epsilon or v-prediction on the model's DDPM schedule (`noise_scheduler`, a DDPMScheduler)."""
 
     def __init__(self, noise_scheduler):
@@ -38,9 +48,6 @@ class DiffusionObjective:
             device
         )
 
-    def noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(z0, noise, t)
-
     def target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noise (epsilon models), or v = sqrt(a) eps - sqrt(1 - a) z0 for a v-prediction model."""
         if self.scheduler.config.prediction_type == "epsilon":
@@ -48,7 +55,7 @@ class DiffusionObjective:
         return self.scheduler.get_velocity(z0, noise, t)
 
 
-class FlowObjective:
+class FlowObjective(_Objective):
     """Rectified flow: the velocity eps - z0 at logit-normal sigmas of the shifted schedule.
 
     Args:
@@ -58,32 +65,22 @@ class FlowObjective:
     def __init__(self, config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, "use_dynamic_shifting": False})
-        self.sigmas = scheduler.sigmas.flip(0).float()  # the T shifted training sigmas, ascending
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            {**config, "use_dynamic_shifting": False}
+        )
+        self.sigmas = self.scheduler.sigmas.flip(0).float()  # the T shifted training sigmas, ascending
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         u = torch.sigmoid(torch.randn(n, generator=generator))  # logit-normal(0, 1)
         index = (u * len(self.sigmas)).long().clamp(max=len(self.sigmas) - 1)
         return (self.sigmas[index] * self.num_train_timesteps).to(device)
 
-    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return (t.float() / self.num_train_timesteps).view(-1, *[1] * (like.ndim - 1)).to(like.dtype)
-
-    def noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self.sigma(t, z0)
-        return (1 - s) * z0 + s * noise
-
     def target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - z0
 
 
 SHIFT_STEPS = 50  # the sampling steps FLUX.2's shift is computed for in training: its pipelines' default
-
-
-def is_flow(scheduler) -> bool:
-    """Whether a model's scheduler is a flow-matching one (SD3, FLUX.1/2, Z-Image)."""
-    return "FlowMatch" in type(scheduler).__name__
 
 
 def training_objective(family, resolution: int) -> DiffusionObjective | FlowObjective:

@@ -153,8 +153,10 @@ def train_loop_per_worker(config: dict) -> None:
         args=deepspeed_args(device), model=unet, optimizer=optimizer, config=ds_config
     )
     check_engine_device(engine.device, device)  # DeepSpeed would go by LOCAL_RANK (trainers.devices)
-    # the family's call (SDXL's added conditioning, FLUX's packing and guidance) through the engine
+    # the family's call (SDXL's added conditioning, FLUX's packing and guidance) through the engine, and on
+    # the module itself for the fixed batch's loss (no gradient, no DeepSpeed step)
     denoiser = family.denoiser(EngineCall(engine))
+    module_denoiser = family.denoiser(engine.module)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     ema = None
@@ -190,9 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
                 emb = embed(list(batch["prompt"]))
             if fixed is None:  # this worker's first batch, kept with fixed noise: a steady loss to watch
                 fixed = FixedBatch.draw(objective, z0, emb, mask, seed=cfg.train.seed + 7 * rank)
-                fixed_initial = fixed.loss(
-                    family.denoiser(engine.module), compute_dtype, cfg.train.normalize_loss
-                )
+                fixed_initial = fixed.loss(module_denoiser, compute_dtype, cfg.train.normalize_loss)
             noise = torch.randn_like(z0)
             t = objective.sample_t(z0.shape[0], device)
             z_t = objective.noisy(z0, noise, t)
@@ -220,10 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
                 totals = window.reduce()
                 dt = time.time() - t_window
                 fixed_losses = torch.tensor(
-                    [
-                        fixed.loss(family.denoiser(engine.module), compute_dtype, cfg.train.normalize_loss),
-                        fixed_initial,
-                    ],
+                    [fixed.loss(module_denoiser, compute_dtype, cfg.train.normalize_loss), fixed_initial],
                     dtype=torch.float64,
                     device=device,
                 )
@@ -264,8 +261,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def check_family(model: str) -> None:
-    """Fine-tuning serves the families whose fine-tuned m' may inpaint (`finetuned_inpainting`: SD 1.x /
-    2.x, toyworld, SDXL); the others are refused from their configs alone, before Ray starts."""
+    """Fine-tuning serves the families whose fine-tuned m' may inpaint (`finetuned_inpainting`: every
+    family served today); another is refused from its configs alone, before Ray starts."""
     from factory.method.families import FAMILIES
     from factory.method.loading import read_model_configs
 

@@ -245,13 +245,8 @@ class Checkpoints:
         self, cfg, engine, ema, names: list[str], rank: int, world: int, stage: int, family, validation: list
     ):
         self.cfg, self.engine, self.ema, self.names = cfg, engine, ema, names
-        self.rank, self.world, self.stage, self.family, self.validation = (
-            rank,
-            world,
-            stage,
-            family,
-            validation,
-        )
+        self.rank, self.world, self.stage = rank, world, stage
+        self.family, self.validation = family, validation
         self.eval_module = None  # rank 0's denoiser for the sample grids, built at the first checkpoint
 
     def resume(self) -> TrainingState:
@@ -364,8 +359,8 @@ def sample_grid(family, module, model: str, validation, background_prompt: str, 
 
     from factory.dataset.report import contact_sheet
     from factory.method.distiller import Distiller
+    from factory.method.schedulers import is_flow
     from factory.method.settings import Concept, DistillConfig
-    from trainers.finetune.objectives import is_flow
 
     pipe = family.pipe
     sampler = type(pipe.scheduler) if is_flow(pipe.scheduler) else DDIMScheduler  # DDIM: the paper's
