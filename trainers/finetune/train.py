@@ -319,7 +319,8 @@ def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
         add_lora(module, lora)
     shadow = load_file(str(Path(checkpoint_dir) / EMA_FILE))
     missing, unexpected = module.load_state_dict(shadow, strict=False)
-    trained = {n for n in module.state_dict() if lora is None or ".lora_" in n}  # what the EMA holds
+    # what the EMA holds: the trained parameters (not buffers such as SD3's positional table), or the adapters
+    trained = {n for n, _ in module.named_parameters() if lora is None or ".lora_" in n}
     if unexpected or trained & set(missing):
         raise RuntimeError(
             f"the EMA weights do not fit {model!r}'s denoiser (missing {sorted(trained & set(missing))[:3]}, "
