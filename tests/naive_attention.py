@@ -182,10 +182,59 @@ def _project(attn, linear, x, norm=None):
     return norm(y) if norm is not None else y
 
 
-def _attend(q, k, v):
-    """Explicit softmax attention: (b, tokens, heads, d) in, heads flattened out."""
+def _attend(q, k, v, mask=None):
+    """Explicit softmax attention: (b, tokens, heads, d) in, heads flattened out; `mask` (b, keys) False
+    at keys no query sees."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    return ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def _attend_words(wq, wk, wv, k_img, v_img, keep):
+    """The words' attention output: each sample's word queries over its own words' tokens (padding is no
+    key) and the image's keys, written out row by row."""
+    rows = [
+        _attend(
+            wq[r : r + 1],
+            torch.cat([wk[r : r + 1, keep[r]], k_img[r : r + 1]], 1),
+            torch.cat([wv[r : r + 1, keep[r]], v_img[r : r + 1]], 1),
+        )
+        for r in range(wq.shape[0])
+    ]
+    return torch.cat(rows)
+
+
+def _word_map(words_out, image_out, groups):
+    """(b, image) word 0's share of the softmax over the words of (word output . image output), each word's
+    tokens averaged."""
+    dots = words_out @ image_out.transpose(1, 2)  # (b, tokens, image)
+    return (groups.transpose(1, 2) @ dots).softmax(1)[:, 0]
+
+
+def _single_qkv(attn, x):
+    """A single-stream block's q (RMS-normed), k (RMS-normed), v of x, (b, tokens, heads, d): FLUX.1's
+    separate projections, FLUX.2's fused one (its first 3 x inner columns, then the MLP's) written out."""
+    if hasattr(attn, "to_qkv_mlp_proj"):
+        q, k, v = attn.to_qkv_mlp_proj(x)[..., : 3 * attn.inner_dim].chunk(3, -1)
+        q, k, v = (y.unflatten(-1, (attn.heads, -1)) for y in (q, k, v))
+        return attn.norm_q(q), attn.norm_k(k), v
+    return (
+        _project(attn, attn.to_q, x, attn.norm_q),
+        _project(attn, attn.to_k, x, attn.norm_k),
+        _project(attn, attn.to_v, x),
+    )
+
+
+def _single_block_image(attn, x, rotary, n_text):
+    """A single-stream block's attention over x = [text; image] (normed, modulated), written out: the image
+    tokens' attention output (b, image, inner) and their keys (turned) and values."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q, k, v = _single_qkv(attn, x)
+    q, k = (apply_rotary_emb(y, rotary, sequence_dim=1) for y in (q, k))
+    return _attend(q, k, v)[:, n_text:], k[:, n_text:], v[:, n_text:]
 
 
 def _double_block_image(attn, img, txt, rotary):
@@ -230,8 +279,24 @@ def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, gu
     words = transformer.context_embedder(tokens)
     keep = groups.sum(-1) > 0
     maps = []
+    n_double = len(transformer.transformer_blocks)
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     for i in range(max(layers) + 1):
-        block, inputs = transformer.transformer_blocks[i], block_inputs[i]
+        block, inputs = blocks[i], block_inputs[i]
+        if i >= n_double:  # a single-stream block: its one set of weights for the words too
+            txt, img = inputs["encoder_hidden_states"], inputs["hidden_states"]
+            normed, gate = block.norm(torch.cat([txt, img], 1), emb=inputs["temb"])
+            image_out, k_img, v_img = _single_block_image(
+                block.attn, normed, inputs["image_rotary_emb"], txt.shape[1]
+            )
+            normed, gate = block.norm(words, emb=temb)
+            wq, wk, wv = _single_qkv(block.attn, normed)
+            words_out = _attend_words(wq, wk, wv, k_img, v_img, keep)
+            if i in layers:
+                maps.append(_word_map(words_out, image_out, groups))
+            mlp = block.act_mlp(block.proj_mlp(normed))
+            words = words + gate[:, None] * block.proj_out(torch.cat([words_out, mlp], -1))
+            continue
         attn, rotary = block.attn, inputs["image_rotary_emb"]
         img, _, _, _, _ = block.norm1(inputs["hidden_states"], emb=inputs["temb"])
         txt, _, _, _, _ = block.norm1_context(inputs["encoder_hidden_states"], emb=inputs["temb"])
@@ -240,28 +305,13 @@ def naive_concept_output(transformer, block_inputs, tokens, groups, timestep, gu
         def project(linear, x, norm=None, attn=attn):
             return _project(attn, linear, x, norm)
 
-        attend = _attend
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(words, emb=temb)
         wq = project(attn.add_q_proj, normed, attn.norm_added_q)
         wk = project(attn.add_k_proj, normed, attn.norm_added_k)
         wv = project(attn.add_v_proj, normed)
-        n = wk.shape[1]
-        # padding is no key: each sample attends over its own words' tokens and the image
-        words_out = torch.cat(
-            [
-                attend(
-                    wq[r : r + 1],
-                    torch.cat([wk[r : r + 1, keep[r]], k_img[r : r + 1]], 1),
-                    torch.cat([wv[r : r + 1, keep[r]], v_img[r : r + 1]], 1),
-                )
-                for r in range(wq.shape[0])
-            ]
-        )
-        assert words_out.shape[1] == n
+        words_out = _attend_words(wq, wk, wv, k_img, v_img, keep)
         if i in layers:
-            dots = words_out @ image_out.transpose(1, 2)  # (b, tokens, image)
-            per_word = groups.transpose(1, 2) @ dots  # (b, words, image): each word's tokens averaged
-            maps.append(per_word.softmax(1)[:, 0])
+            maps.append(_word_map(words_out, image_out, groups))
         words = words + gate_msa[:, None] * attn.to_add_out(words_out)
         words = words + gate_mlp[:, None] * block.ff_context(
             block.norm2_context(words) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -283,9 +333,31 @@ def naive_concept_output_flux2(transformer, block_inputs, tokens, groups, positi
     ids = torch.zeros(*positions.shape, 4, dtype=torch.long)
     ids[..., 3] = positions
     word_rotary = [transformer.pos_embed(row) for row in ids]
+
+    def turned(x):  # each row's word queries or keys turned by its own text positions
+        return torch.cat(
+            [apply_rotary_emb(x[r : r + 1], word_rotary[r], sequence_dim=1) for r in range(len(x))]
+        )
+
     maps = []
+    n_double = len(transformer.transformer_blocks)
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     for i in range(max(layers) + 1):
-        block, inputs = transformer.transformer_blocks[i], block_inputs[i]
+        block, inputs = blocks[i], block_inputs[i]
+        if i >= n_double:  # a single-stream block: [text; image] in one stream, one modulation for all
+            ((shift, scale, gate),) = Flux2Modulation.split(inputs["temb_mod"], 1)
+            x = block.norm(inputs["hidden_states"]) * (1 + scale) + shift
+            n_text = inputs["hidden_states"].shape[1] - block_inputs[0]["hidden_states"].shape[1]
+            image_out, k_img, v_img = _single_block_image(block.attn, x, inputs["image_rotary_emb"], n_text)
+            normed = block.norm(words) * (1 + scale) + shift
+            wq, wk, wv = _single_qkv(block.attn, normed)
+            words_out = _attend_words(turned(wq), turned(wk), wv, k_img, v_img, keep)
+            if i in layers:
+                maps.append(_word_map(words_out, image_out, groups))
+            mlp = block.attn.to_qkv_mlp_proj(normed)[..., 3 * block.attn.inner_dim :]
+            both = torch.cat([words_out, block.attn.mlp_act_fn(mlp)], -1)
+            words = words + gate * block.attn.to_out(both)
+            continue
         attn, rotary = block.attn, inputs["image_rotary_emb"]
         (shift, scale, _), _ = Flux2Modulation.split(inputs["temb_mod_img"], 2)
         (c_shift, c_scale, c_gate), (m_shift, m_scale, m_gate) = Flux2Modulation.split(
@@ -295,30 +367,66 @@ def naive_concept_output_flux2(transformer, block_inputs, tokens, groups, positi
         def project(linear, x, norm=None, attn=attn):
             return _project(attn, linear, x, norm)
 
-        attend = _attend
         img = block.norm1(inputs["hidden_states"]) * (1 + scale) + shift
         txt = block.norm1_context(inputs["encoder_hidden_states"]) * (1 + c_scale) + c_shift
         image_out, k_img, v_img = _double_block_image(attn, img, txt, rotary)
 
         normed = block.norm1_context(words) * (1 + c_scale) + c_shift
-        wq = project(attn.add_q_proj, normed, attn.norm_added_q)
-        wk = project(attn.add_k_proj, normed, attn.norm_added_k)
+        wq = turned(project(attn.add_q_proj, normed, attn.norm_added_q))
+        wk = turned(project(attn.add_k_proj, normed, attn.norm_added_k))
         wv = project(attn.add_v_proj, normed)
-        rows = []
-        for r in range(wq.shape[0]):
-            turn = word_rotary[r]
-            qr, kr = (apply_rotary_emb(x[r : r + 1], turn, sequence_dim=1) for x in (wq, wk))
-            rows.append(
-                attend(
-                    qr,
-                    torch.cat([kr[:, keep[r]], k_img[r : r + 1]], 1),
-                    torch.cat([wv[r : r + 1, keep[r]], v_img[r : r + 1]], 1),
-                )
-            )
-        words_out = torch.cat(rows)
+        words_out = _attend_words(wq, wk, wv, k_img, v_img, keep)
         if i in layers:
-            dots = words_out @ image_out.transpose(1, 2)
-            maps.append((groups.transpose(1, 2) @ dots).softmax(1)[:, 0])
+            maps.append(_word_map(words_out, image_out, groups))
         words = words + c_gate * attn.to_add_out(words_out)
         words = words + m_gate * block.ff_context(block.norm2_context(words) * (1 + m_scale) + m_shift)
+    return torch.stack(maps).mean(0)
+
+
+def _z_qkv(attn, x, freqs):
+    """A Z-Image layer's queries and keys (RMS-normed, turned by the complex `freqs`, written out) and
+    values of x, (b, tokens, heads, d)."""
+
+    def rotate(y):
+        yc = torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2))
+        return torch.view_as_real(yc * freqs.unsqueeze(2)).flatten(3).type_as(y)
+
+    q, k, v = (_project(attn, f, x) for f in (attn.to_q, attn.to_k, attn.to_v))
+    return rotate(attn.norm_q(q)), rotate(attn.norm_k(k)), v
+
+
+def naive_concept_output_z_image(transformer, layer_inputs, tokens, groups, positions, n_img, layers):
+    """The naive reference for a Z-Image transformer (single-stream layers, ConceptAttention's one-way word
+    streams as its CogVideoX port takes a single-stream block's shared weights), written out from
+    `ZImageTransformerBlock`: the words embedded as a caption at their caption positions (1 + position, 0,
+    0), through the caption refiner (attending to the words), then each main layer's modulation (its input
+    time embedding), RMS norms, q/k/v, rotary turn, output projection and gated FFN, attending to [words;
+    image]. layer_inputs: each main layer's positional inputs (sequence, mask, freqs, time embedding) in a
+    plain run; the image is the first `n_img` tokens of the sequence. Returns word 0's (b, n_img) map,
+    averaged over `layers`."""
+    keep = groups.sum(-1) > 0
+    ids = torch.zeros(*positions.shape, 3, dtype=torch.long)
+    ids[..., 0] = positions + 1
+    word_freqs = torch.stack([transformer.rope_embedder(row) for row in ids])
+    words = transformer.cap_embedder(tokens)
+    for layer in transformer.context_refiner:  # no modulation: the words attend to the words
+        q, k, v = _z_qkv(layer.attention, layer.attention_norm1(words), word_freqs)
+        out = _attend(q, k, v, keep)
+        words = words + layer.attention_norm2(layer.attention.to_out[0](out))
+        words = words + layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(words)))
+    maps = []
+    for i in range(max(layers) + 1):
+        layer = transformer.layers[i]
+        x, mask, freqs, adaln = layer_inputs[i][:4]
+        attn = layer.attention
+        scale_msa, gate_msa, scale_mlp, gate_mlp = layer.adaLN_modulation(adaln)[:, None].chunk(4, -1)
+        q, k, v = _z_qkv(attn, layer.attention_norm1(x) * (1 + scale_msa), freqs)
+        image_out = _attend(q, k, v, mask)[:, :n_img]
+        wq, wk, wv = _z_qkv(attn, layer.attention_norm1(words) * (1 + scale_msa), word_freqs)
+        words_out = _attend_words(wq, wk, wv, k[:, :n_img], v[:, :n_img], keep)
+        if i in layers:
+            maps.append(_word_map(words_out, image_out, groups))
+        words = words + gate_msa.tanh() * layer.attention_norm2(attn.to_out[0](words_out))
+        ffn = layer.feed_forward(layer.ffn_norm1(words) * (1 + scale_mlp))
+        words = words + gate_mlp.tanh() * layer.ffn_norm2(ffn)
     return torch.stack(maps).mean(0)

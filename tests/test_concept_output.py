@@ -1,16 +1,18 @@
 """The `concept_output` readout (ConceptAttention) on tiny random FLUX.1 and FLUX.2 (klein, dev) pipelines
-with two double-stream blocks (`tests/tiny_models.py`): it equals a naive full computation, leaves the image
-bit for bit as it is, records only the chosen blocks and the recorded steps, restores the model, finds
-multi-word concepts, and is refused where it is not served, before any model work."""
+with two double-stream and two single-stream blocks (`tests/tiny_models.py`): it equals a naive full
+computation, leaves the image bit for bit as it is, records only the chosen blocks and the recorded steps,
+restores the model, finds multi-word concepts, and is refused where it is not served, before any model
+work."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from naive_attention import naive_concept_output, naive_concept_output_flux2
+from naive_attention import naive_concept_output, naive_concept_output_flux2, naive_concept_output_z_image
 from tiny_models import BUILDERS, flux_pipeline
 
 from factory import Concept, DistillConfig, Distiller, SampleSpec
+from factory.method.attention import attention_processors
 from factory.method.concept_attention import recorded_blocks
 from factory.method.families import UnsupportedFamilyError, detect_family
 from factory.method.prompts import ConceptTokenError
@@ -24,12 +26,14 @@ FAST = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4, readout
 
 @pytest.fixture(scope="module")
 def flux():
-    return flux_pipeline(num_layers=2)
+    return flux_pipeline(num_layers=2, num_single_layers=2)
 
 
-@pytest.fixture(scope="module", params=["flux", "flux2_klein", "flux2_dev"])
+@pytest.fixture(scope="module", params=["flux", "flux2_klein", "flux2_dev", "z_image"])
 def tiny(request, flux):
-    return flux if request.param == "flux" else BUILDERS[request.param](num_layers=2)
+    if request.param == "z_image":
+        return BUILDERS["z_image"](num_layers=4)
+    return flux if request.param == "flux" else BUILDERS[request.param](num_layers=2, num_single_layers=2)
 
 
 def _streams(family, words, background=("background", "floor")):
@@ -45,24 +49,38 @@ def test_the_map_equals_a_naive_full_computation(tiny):
     z = torch.randn(2, denoiser.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(700.0)
     weights = family.token_weights(prompts, [["fire", "truck"], ["star"]])
-    for layers in [(0, 1), (1,), (0,)]:
+    # the double-stream blocks (0, 1), then the single-stream ones (2, 3): the words run through every
+    # block up to the last recorded, each block's own weights for them
+    for layers in [(0, 1), (1,), (0,), (2,), (3,), (1, 2, 3)]:
         readout = Readout(
             "concept_output", layers=layers, background_words=("background", "floor"), streams=streams
         )
-        with torch.no_grad(), denoiser.capture(weights, 8, readout=readout) as acc:
+        # the map's size: FLUX's 8 x 8 tokens here; Z-Image's capture takes the latent side, as the
+        # Distiller gives it, and upsamples its tokens' map to it
+        size = 16 if family.name == "z_image" else 8
+        with torch.no_grad(), denoiser.capture(weights, size, readout=readout) as acc:
             denoiser(z, t, cond)
         assert acc.count == len(layers)
         got = acc.mean()
 
-        inputs = []
-        hooks = [
-            b.register_forward_pre_hook(lambda m, a, kw, keep=inputs: keep.append(kw), with_kwargs=True)
-            for b in family.denoiser_module.transformer_blocks
+        inputs, module = [], family.denoiser_module
+        blocks = (
+            module.layers
+            if family.name == "z_image"
+            else [*module.transformer_blocks, *module.single_transformer_blocks]
+        )
+        hooks = [  # each block's inputs: Z-Image's layers take them by position, FLUX's by keyword
+            b.register_forward_pre_hook(lambda m, a, kw, keep=inputs: keep.append(a or kw), with_kwargs=True)
+            for b in blocks
         ]
         try:
             with torch.no_grad():
                 denoiser(z, t, cond)
-                if family.name == "flux":
+                if family.name == "z_image":
+                    ref = naive_concept_output_z_image(
+                        module, inputs, streams.tokens, streams.groups, streams.positions, 64, layers
+                    )
+                elif family.name == "flux":
                     ref = naive_concept_output(
                         family.denoiser_module,
                         inputs,
@@ -84,15 +102,16 @@ def test_the_map_equals_a_naive_full_computation(tiny):
         finally:
             for h in hooks:
                 h.remove()
-        torch.testing.assert_close(got, ref.view(2, 8, 8), rtol=1e-4, atol=1e-6)
-        assert ((got > 0) & (got < 1)).all() and got.std() > 0.01  # a softmax over three words, not flat
+        ref = torch.nn.functional.interpolate(ref.view(2, 1, 8, 8), size=size, mode="nearest")[:, 0]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+        assert ((got > 0) & (got < 1)).all() and got.std() > 1e-3  # a softmax over three words, not flat
 
 
 def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(tiny):
     family = detect_family(tiny)
     denoiser = family.denoiser()
     module = denoiser.module
-    processors = dict(module.attn_processors)
+    processors = attention_processors(module)
     cond = family.encode(["a photo of a star"])
     weights = family.token_weights(["a photo of a star"], [["star"]])
     runs = {}
@@ -116,8 +135,8 @@ def test_either_readout_leaves_the_image_bit_for_bit_and_the_model_restored(tiny
         assert torch.equal(runs[name][0], runs["off"][0]), f"{name}: the image is the image without capture"
         assert runs[name][1].shape == (1, 16, 16)
     assert runs["off"][1] is None and not torch.equal(runs["image_to_text"][1], runs["concept_output"][1])
-    assert dict(module.attn_processors) == processors  # the same processor objects back
-    hooked = [module, *[b.attn.to_out[0] for b in module.transformer_blocks]]
+    assert attention_processors(module) == processors  # the same processor objects back
+    hooked = [module, *[b.attn.to_out[0] for b in getattr(module, "transformer_blocks", [])]]
     assert not any(m._forward_pre_hooks for m in hooked), "no hook left behind"
 
 
@@ -176,8 +195,8 @@ def test_it_is_refused_where_not_served(flux, toyworld_pipe):
         Distiller(
             "tiny-flux", pipeline=flux, config=DistillConfig(readout="concept_output", background_words=("",))
         )
-    with pytest.raises(ValueError, match="beyond this transformer's 2 double-stream blocks"):
-        cfg = DistillConfig(num_inference_steps=4, probe_t0=3, readout="concept_output", readout_layers=(2,))
+    with pytest.raises(ValueError, match="beyond this transformer's 2 double-stream and 2 single-stream"):
+        cfg = DistillConfig(num_inference_steps=4, probe_t0=3, readout="concept_output", readout_layers=(4,))
         Distiller("tiny-flux", pipeline=flux, config=cfg).synthesize([SampleSpec(Concept("star"), 0)])
     with pytest.raises(ValueError, match="compile: true serves the image_to_text readout only"):
         Distiller("tiny-flux", pipeline=flux, config=DistillConfig(readout="concept_output", compile=True))
@@ -192,13 +211,13 @@ def test_image_to_text_records_only_the_chosen_layers(flux):
     weights = family.token_weights(["a photo of a star"], [["star"]])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     maps = {}
-    for layers in [None, (0,), (1,), (2,)]:  # every block (2 double + 1 single), then each alone
+    for layers in [None, (0,), (1,), (2,), (3,)]:  # every block (2 double + 2 single), then each alone
         with torch.no_grad(), denoiser.capture(weights, 8, readout=Readout(layers=layers)) as acc:
             denoiser(z, torch.tensor(500.0), cond)
         maps[layers] = (int(acc.count), acc.mean())
-    assert [count for count, _ in maps.values()] == [3, 1, 1, 1]
+    assert [count for count, _ in maps.values()] == [4, 1, 1, 1, 1]
     assert not torch.allclose(maps[(0,)][1], maps[(2,)][1])
-    torch.testing.assert_close(maps[None][1], sum(maps[(i,)][1] for i in range(3)) / 3)
+    torch.testing.assert_close(maps[None][1], sum(maps[(i,)][1] for i in range(4)) / 4)
 
 
 def test_the_job_config_and_the_preflight_take_the_readout(tmp_path):

@@ -126,10 +126,11 @@ def test_z_image_capture_masks_the_batch_padding_of_captions_of_different_length
         denoiser(z[1:], torch.tensor(500.0), family.encode(prompts[1:]))
     torch.testing.assert_close(alone.mean()[0], acc.mean()[1], rtol=1e-4, atol=1e-6)
     assert prompts[0] == "a photo of a star"  # the pipeline templates the list it is given: ours is a copy
-    with pytest.raises(UnsupportedFamilyError, match="concept_output.*z_image model .it is for: flux"):
-        Distiller("tiny-z", pipeline=pipe, config=DistillConfig(readout="concept_output"))
-    with pytest.raises(UnsupportedFamilyError, match="concept_output.*z_image model .it is for: flux"):
-        family.concept_streams([["star"]], ("background",))  # FLUX's streams are not inherited
+    # the concept_output words: each word's own caption tokens, at their positions in its templated prompt
+    streams = family.concept_streams([["star"]], ("background",))
+    for w, word in enumerate(["star", "background"]):
+        where = family.token_weights([word], [[word]])[0].nonzero()[:, 0]
+        assert torch.equal(streams.positions[0][streams.groups[0, :, w] > 0], where)
 
 
 @pytest.mark.parametrize("build", ["flux2_klein", "flux2_dev"])

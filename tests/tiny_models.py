@@ -217,8 +217,8 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return _ready(pipe)
 
 
-def flux_pipeline(num_layers: int = 1) -> FluxPipeline:
-    """FLUX.1-dev-shaped: `num_layers` double-stream blocks and one single-stream block with rotary
+def flux_pipeline(num_layers: int = 1, num_single_layers: int = 1) -> FluxPipeline:
+    """FLUX.1-dev-shaped: `num_layers` double- and `num_single_layers` single-stream blocks with rotary
     positions over 2 x 2-packed latents, the guidance embedding, CLIP (pooled only) and a T5 encoder (its
     tokens; toyworld's CLIP tokenizer stands in for T5's, with a vocabulary to match), a shifted VAE, and
     FLUX.1-dev's flow-matching scheduler with the resolution-dependent shift. Native size 16 latent cells
@@ -229,7 +229,7 @@ def flux_pipeline(num_layers: int = 1) -> FluxPipeline:
         patch_size=1,
         in_channels=16,  # 4 latent channels x a 2 x 2 patch
         num_layers=num_layers,
-        num_single_layers=1,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,  # T5's d_model
@@ -284,10 +284,11 @@ def qwen_tokenizer() -> Qwen2TokenizerFast:
     return qwen
 
 
-def z_image_pipeline() -> ZImagePipeline:
-    """Z-Image-shaped: a single-stream transformer (one noise refiner, one context refiner, two main layers
-    over [image; caption], 2 x 2 patches, 3-axis rotary positions), a Qwen3 text encoder read at its
-    penultimate layer through the chat template, a shifted VAE, Z-Image-Turbo's flow scheduler (shift 3)."""
+def z_image_pipeline(num_layers: int = 2) -> ZImagePipeline:
+    """Z-Image-shaped: a single-stream transformer (one noise refiner, one context refiner, `num_layers`
+    main layers over [image; caption], 2 x 2 patches, 3-axis rotary positions), a Qwen3 text encoder read
+    at its penultimate layer through the chat template, a shifted VAE, Z-Image-Turbo's flow scheduler
+    (shift 3)."""
     torch.manual_seed(0)
     tok = qwen_tokenizer()
     text_encoder = Qwen3Model(
@@ -307,7 +308,7 @@ def z_image_pipeline() -> ZImagePipeline:
         all_f_patch_size=(1,),
         in_channels=4,
         dim=32,
-        n_layers=2,
+        n_layers=num_layers,
         n_refiner_layers=1,
         n_heads=2,
         n_kv_heads=2,
@@ -371,15 +372,15 @@ def mistral3_processor() -> PixtralProcessor:
 
 
 def flux2_transformer(
-    joint_attention_dim: int, guidance_embeds: bool, num_layers: int = 1
+    joint_attention_dim: int, guidance_embeds: bool, num_layers: int = 1, num_single_layers: int = 1
 ) -> Flux2Transformer2DModel:
-    """`num_layers` double-stream and one single-stream FLUX.2 block, four-axis rotary positions, over
-    2 x 2-packed latents of 4 channels."""
+    """`num_layers` double-stream and `num_single_layers` single-stream FLUX.2 blocks, four-axis rotary
+    positions, over 2 x 2-packed latents of 4 channels."""
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels x a 2 x 2 patch
         num_layers=num_layers,
-        num_single_layers=1,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=joint_attention_dim,
@@ -418,7 +419,7 @@ def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def flux2_klein_pipeline(num_layers: int = 1) -> Flux2KleinPipeline:
+def flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 1) -> Flux2KleinPipeline:
     """FLUX.2-klein-shaped: the FLUX.2 blocks without a guidance embedding, a Qwen3 causal LM read at
     layers 9, 18 and 27 (the pipeline's) through the chat template with thinking off."""
     torch.manual_seed(0)
@@ -440,12 +441,14 @@ def flux2_klein_pipeline(num_layers: int = 1) -> Flux2KleinPipeline:
         vae=flux2_vae(),
         text_encoder=text_encoder,
         tokenizer=tok,
-        transformer=flux2_transformer(48, guidance_embeds=False, num_layers=num_layers),  # 3 layers of 16
+        transformer=flux2_transformer(
+            48, guidance_embeds=False, num_layers=num_layers, num_single_layers=num_single_layers
+        ),  # 3 layers of 16
     )
     return _ready(pipe)
 
 
-def flux2_dev_pipeline(num_layers: int = 1) -> Flux2Pipeline:
+def flux2_dev_pipeline(num_layers: int = 1, num_single_layers: int = 1) -> Flux2Pipeline:
     """FLUX.2-dev-shaped: the FLUX.2 blocks with the guidance embedding, a Mistral-3 (Pixtral vision tower,
     Mistral text model) read at layers 10, 20 and 30 (the pipeline's) of the prompt in its chat template
     with FLUX.2's system message."""
@@ -479,7 +482,9 @@ def flux2_dev_pipeline(num_layers: int = 1) -> Flux2Pipeline:
         vae=flux2_vae(),
         text_encoder=encoder,
         tokenizer=processor,
-        transformer=flux2_transformer(48, guidance_embeds=True, num_layers=num_layers),
+        transformer=flux2_transformer(
+            48, guidance_embeds=True, num_layers=num_layers, num_single_layers=num_single_layers
+        ),
     )
     return _ready(pipe)
 

@@ -363,6 +363,24 @@ class FluxConceptAttnProcessor:
         )
 
 
+def flux2_parallel_projections(attn, hidden_states):
+    """A FLUX.2 single-stream block's fused input projection (`Flux2ParallelSelfAttnProcessor`'s steps):
+    the queries and keys (RMS-normed, not yet turned) and values, (b, tokens, heads, d), and the MLP's
+    input, (b, tokens, mlp)."""
+    hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+    qkv_dim = 3 * attn.inner_dim
+    mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+    local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+    qkv, mlp_hidden_states = torch.split(
+        hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1
+    )
+    query, key, value = qkv.chunk(3, dim=-1)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    return query, key, value, mlp_hidden_states
+
+
 def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, fast, seen):
     """diffusers' FLUX.2 processors (0.42.1) step for step, the same operations in the same order, calling
     ``seen(query, key, value, out)`` as `flux_attention` does: the [text; image] queries, keys and values
@@ -381,17 +399,7 @@ def flux2_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     single = isinstance(attn, Flux2ParallelSelfAttention)
     processor = fast[1] if single else fast[0]
     if single:
-        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
-        qkv_dim = 3 * attn.inner_dim
-        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
-        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
-        qkv, mlp_hidden_states = torch.split(
-            hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1
-        )
-        query, key, value = qkv.chunk(3, dim=-1)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
+        query, key, value, mlp_hidden_states = flux2_parallel_projections(attn, hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -457,10 +465,19 @@ class Flux2ConceptAttnProcessor:
 Z_IMAGE_SEQ_MULTIPLE = 32  # Z-Image pads the image's and the caption's tokens each to a multiple of this
 
 
+def z_image_rotary(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """`ZSingleStreamAttnProcessor`'s rotary turn (its closure, as it is): (b, tokens, heads, d) by the
+    complex (b, tokens, d / 2) `freqs`."""
+    with torch.amp.autocast("cuda", enabled=False):
+        x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
+        return torch.view_as_real(x * freqs.unsqueeze(2)).flatten(3).type_as(x_in)
+
+
 def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen):
     """diffusers' `ZSingleStreamAttnProcessor.__call__` (0.42.1) step for step, the same operations in the
-    same order, calling ``seen(query, key, mask)`` with the queries and keys after the RMS norms and the
-    rotary turn, (b, tokens, heads, d), and the (b, tokens) key mask (None: every key)."""
+    same order, calling ``seen(query, key, value, mask, out)`` with the queries and keys after the RMS norms
+    and the rotary turn and the values, (b, tokens, heads, d), the (b, tokens) key mask (None: every key),
+    and the attention output before the output projection, (b, tokens, heads * d)."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -471,17 +488,12 @@ def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen
     if attn.norm_k is not None:
         key = attn.norm_k(key)
 
-    def apply_rotary_emb(x_in, freqs):  # the processor's own closure, as it is
-        with torch.amp.autocast("cuda", enabled=False):
-            x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
-            return torch.view_as_real(x * freqs.unsqueeze(2)).flatten(3).type_as(x_in)
-
     if freqs_cis is not None:
-        query = apply_rotary_emb(query, freqs_cis)
-        key = apply_rotary_emb(key, freqs_cis)
+        query = z_image_rotary(query, freqs_cis)
+        key = z_image_rotary(key, freqs_cis)
     dtype = query.dtype
     query, key = query.to(dtype), key.to(dtype)
-    seen(query, key, attention_mask)
+    mask = attention_mask
     if attention_mask is not None and attention_mask.ndim == 2:
         attention_mask = attention_mask[:, None, None, :]
     hidden_states = dispatch_attention_fn(
@@ -495,6 +507,7 @@ def z_image_attention(attn, hidden_states, attention_mask, freqs_cis, fast, seen
         parallel_config=fast._parallel_config,
     )
     hidden_states = hidden_states.flatten(2, 3).to(dtype)
+    seen(query, key, value, mask, hidden_states)
     output = attn.to_out[0](hidden_states)
     if len(attn.to_out) > 1:
         output = attn.to_out[1](output)
@@ -523,7 +536,7 @@ class ZImageConceptAttnProcessor:
         n_img = (self.acc.size // 2) ** 2
         start = -(-n_img // Z_IMAGE_SEQ_MULTIPLE) * Z_IMAGE_SEQ_MULTIPLE
 
-        def record(query, key, mask):
+        def record(query, key, value, mask, out):
             rows = self.acc.record_rows
             key_mask = mask[rows, start:].bool() if mask is not None else None
             self.acc.add_attention(query[rows, :n_img], key[rows, start:], key_mask)

@@ -277,10 +277,8 @@ def capture(module, token_weights, size: int, record_rows=None, readout: Readout
     if readout is not None and readout.name == "concept_output":
         from factory.method.concept_attention import capture_concept_output
 
-        if denoiser_layout(module) not in ("flux", "flux2"):
-            raise ValueError(
-                "the concept_output readout reads FLUX.1's and FLUX.2's double-stream blocks only"
-            )
+        if denoiser_layout(module) not in ("flux", "flux2", "z_image"):
+            raise ValueError("the concept_output readout reads FLUX.1's, FLUX.2's and Z-Image's blocks only")
         return capture_concept_output(module, readout, size, record_rows)
     layers = readout.layers if readout is not None else None
     return capture_concept_attention(module, token_weights, size, record_rows, layers)
@@ -663,18 +661,18 @@ class ZImageFamily(FluxFamily):
     layers run one attention over [image; caption] per sample (`ZImageDenoiser`). The caption is Qwen3's
     penultimate hidden states of the prompt in Qwen3's chat template (user turn, generation prompt), only
     the tokens it has; the concept's tokens are found in that templated prompt. The concept map is the
-    image-to-caption attention of the main layers (`factory.method.attention.ZImageConceptAttnProcessor`).
-    Its flow schedule and canvas rules are FLUX's (`FluxFamily`: the shift if dynamic, 2 x 2 patches).
-
-    Not served: the `concept_output` readout (its streams reuse FLUX's text-stream weights; Z-Image's main
-    layers have one set of weights for every token, and no port of ConceptAttention to it has been
-    measured)."""
+    image-to-caption attention of the main layers (`factory.method.attention.ZImageConceptAttnProcessor`),
+    or ConceptAttention's `concept_output` ported to its single-stream layers
+    (`factory.method.concept_attention.ZImageConceptOutputProcessor`: each word encoded alone in the chat
+    template, through the caption embedder and refiner, then the main layers' shared weights; default: every
+    main layer, as ConceptAttention's SD3.5 default reads every MMDiT layer; no trained Z-Image has measured
+    it). Its flow schedule and canvas rules are FLUX's (`FluxFamily`: the shift if dynamic, 2 x 2 patches)."""
 
     name = "z_image"
     description = "Z-Image"
     denoiser_class = "ZImageTransformer2DModel"
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    readouts = ("image_to_text",)
+    readouts = ("image_to_text", "concept_output")
     tokenizer_names = ("tokenizer",)
     max_sequence_length = 512  # the pipeline's default
 
@@ -712,6 +710,13 @@ class ZImageFamily(FluxFamily):
         templated = [self.templated(p) for p in prompts]
         return token_weight_matrix(self.pipe.tokenizer, templated, words, self.sequence_length)
 
+    def word_states(self, word: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, D) the caption states of `word`'s tokens in its own templated prompt (the word alone in
+        the chat template, as `encode` makes a prompt's), and their positions there."""
+        at = self.token_weights([word], [[word]])[0].nonzero()[:, 0]
+        states = self.encode([word]).hidden[0]
+        return states[at], at.to(states.device)
+
 
 @register_family
 class Flux2Family(FluxFamily):
@@ -723,9 +728,9 @@ class Flux2Family(FluxFamily):
     FLUX.2's system message (`Flux2Pipeline`), or Qwen3 with thinking off (`Flux2KleinPipeline`); the
     concept's tokens are found in that templated prompt. No pooled vector. The concept map is the
     image-to-text attention of every block (`factory.method.attention.Flux2ConceptAttnProcessor`), or
-    ConceptAttention's `concept_output` on the double-stream blocks (`factory.method.concept_attention`;
-    each word encoded alone in the chat template, its tokens kept with their text positions; default
-    blocks: the last three, 5-7 of FLUX.2-dev's 8, ConceptAttention's FLUX.2 default).
+    ConceptAttention's `concept_output` (`factory.method.concept_attention`; each word encoded alone in the
+    chat template, its tokens kept with their text positions; default blocks: the last three double-stream
+    ones, 5-7 of FLUX.2-dev's 8, ConceptAttention's FLUX.2 default).
 
     FLUX.2's VAE latents are normalized by the VAE's batch-norm statistics (`PatchNormedVAE`). The flow's
     shift depends on the image's token count and the step count (`Flux2Pipeline`'s `compute_empirical_mu`);
@@ -804,12 +809,7 @@ class Flux2Family(FluxFamily):
         special = self.klein or not (bos and templated[0].startswith(bos))
         return token_weight_matrix(tokenizer, templated, words, self.sequence_length, special)
 
-    def word_states(self, word: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, D) the text states of `word`'s tokens in its own templated prompt (the word alone in
-        the chat template, as `encode` makes a prompt's), and their positions there."""
-        at = self.token_weights([word], [[word]])[0].nonzero()[:, 0]
-        states = self.encode([word]).hidden[0]
-        return states[at], at.to(states.device)
+    word_states = ZImageFamily.word_states  # the word alone in the chat template, its tokens' positions
 
 
 def detect_family(pipe) -> SDFamily:

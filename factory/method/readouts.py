@@ -9,12 +9,13 @@
   (`factory.method.attention`). Layers: every cross- or joint-attention layer, or the ones chosen by index
   (in `attention.cross_attention_names` order: FLUX's double-stream blocks, then its single-stream ones).
 - ``concept_output``: ConceptAttention (Helbling et al., ICML 2025): the concept and a few background words
-  each become a token stream of their own that reuses the text stream's weights and attends one way to
-  [concepts; image], so the image is unchanged; the map is the concept's attention output dotted with the
-  image tokens' attention outputs, a softmax over the words, averaged over the chosen double-stream blocks
-  and the recorded steps (`factory.method.concept_attention`). FLUX.1 and FLUX.2. Default layers: the last
-  four double-stream blocks of FLUX.1 (15-18 of 19, the paper's choice), the last three of FLUX.2 (5-7 of
-  8, ConceptAttention's FLUX.2 default).
+  each become a token stream of their own that reuses the text stream's weights (a single-stream block's
+  shared ones) and attends one way to [concepts; image], so the image is unchanged; the map is the
+  concept's attention output dotted with the image tokens' attention outputs, a softmax over the words,
+  averaged over the chosen blocks and the recorded steps (`factory.method.concept_attention`). FLUX.1,
+  FLUX.2 and Z-Image. Layers are numbered as above (double-stream, then single-stream blocks). Default
+  layers: the last four double-stream blocks of FLUX.1 (15-18 of 19, the paper's choice), the last three of
+  FLUX.2 (5-7 of 8, ConceptAttention's FLUX.2 default), every main layer of Z-Image.
 
 The recorded steps are the sampler's T0 least-noisy ones (`sampler.probe_t0`) for either readout. This
 module imports no torch: a job YAML is validated against the names without loading a model.
@@ -36,7 +37,7 @@ READOUTS.register(
 READOUTS.register(
     "concept_output",
     "ConceptAttention: concept-word streams attending one way to the image; their attention outputs dotted "
-    "with the image's, softmax over the concept and background words (FLUX.1 / FLUX.2 double-stream blocks)",
+    "with the image's, softmax over the concept and background words (FLUX.1, FLUX.2, Z-Image)",
 )
 
 DEFAULT_BACKGROUND_WORDS = ("background",)
