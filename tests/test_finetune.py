@@ -154,9 +154,11 @@ def _train_workers() -> list[psutil.Process]:
         (None, ()),  # the SD family (the scratch toyworld model), ZeRO-2: the default lane
         pytest.param("flux", ("deepspeed.stage=3",), marks=pytest.mark.slow),  # a DiT under ZeRO-3
         pytest.param("sdxl", (), marks=pytest.mark.slow),
+        pytest.param("sd3", (), marks=pytest.mark.slow),
+        pytest.param("flux2_klein", (), marks=pytest.mark.slow),
         pytest.param("z_image", (), marks=pytest.mark.slow),
     ],
-    ids=["sd", "flux-zero3", "sdxl", "z_image"],
+    ids=["sd", "flux-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
 )
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work, build, extra):
     name = f"killed-{build or 'sd'}"
