@@ -153,15 +153,16 @@ def _train_workers() -> list[psutil.Process]:
     [
         (None, ()),  # the SD family (the scratch toyworld model), ZeRO-2: the default lane
         pytest.param("flux", ("deepspeed.stage=3",), marks=pytest.mark.slow),  # a DiT under ZeRO-3
+        pytest.param("flux", ("deepspeed.stage=3", "lora={rank: 8}"), marks=pytest.mark.slow),
         pytest.param("sdxl", (), marks=pytest.mark.slow),
         pytest.param("sd3", (), marks=pytest.mark.slow),
         pytest.param("flux2_klein", (), marks=pytest.mark.slow),
         pytest.param("z_image", (), marks=pytest.mark.slow),
     ],
-    ids=["sd", "flux-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
+    ids=["sd", "flux-zero3", "flux-lora-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
 )
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work, build, extra):
-    name = f"killed-{build or 'sd'}"
+    name = f"killed-{build or 'sd'}-{len(extra)}"
     model = []
     if build is not None:
         from tiny_models import BUILDERS
@@ -275,16 +276,28 @@ def test_a_flux_model_fine_tunes_under_zero3_and_its_export_inpaints(work, short
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["flux", "sdxl", "sd3", "flux2_klein", "z_image"])
-def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build):
+@pytest.mark.parametrize(
+    "build, extra",
+    [
+        ("flux", ()),
+        ("flux", ("deepspeed.stage=3",)),  # the frozen base partitioned too; the EMA gathers the adapters
+        ("sdxl", ()),
+        ("sd3", ()),
+        ("flux2_klein", ()),
+        ("z_image", ()),
+    ],
+    ids=["flux", "flux-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
+)
+def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build, extra):
     # LoRA (rank 16 on the attention projections, 10x the full run's rate as LoRA runs use): the base stays
     # as it was in training; the export fuses the adapters into a full folder and keeps them in lora/
-    fine_tune_a_family(work, build, "lora={rank: 16}", "train.lr=1e-2", name=f"{build}-lora")
-    export = work / f"export-{build}-lora"
+    name = f"{build}-lora" + ("-zero3" if extra else "")
+    fine_tune_a_family(work, build, "lora={rank: 16}", "train.lr=1e-2", *extra, name=name)
+    export = work / f"export-{name}"
     assert (export / "lora" / "pytorch_lora_weights.safetensors").exists()
     from safetensors.torch import load_file
 
-    [checkpoint] = sorted((work / "runs" / f"{build}-lora").glob("checkpoint_*/ema_unet.safetensors"))[-1:]
+    [checkpoint] = sorted((work / "runs" / name).glob("checkpoint_*/ema_unet.safetensors"))[-1:]
     ema = load_file(str(checkpoint))
     assert ema and all(".lora_" in n for n in ema), "only the adapters were trained"
 

@@ -153,11 +153,6 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
     zero = ds.setdefault("zero_optimization", {})
     if cfg.deepspeed.stage is not None:
         zero["stage"] = cfg.deepspeed.stage
-    if cfg.lora is not None and zero.get("stage") == 3:
-        raise ValueError(
-            "lora under ZeRO-3 is not served: the adapters are small enough for ZeRO-2, and ZeRO-3 would "
-            "partition the frozen base too; use deepspeed.stage 2 (configs/deepspeed/zero2.json)"
-        )
     if cfg.deepspeed.offload_optimizer:
         if zero.get("stage", 0) < 1:
             raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")

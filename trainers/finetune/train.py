@@ -159,10 +159,11 @@ def train_loop_per_worker(config: dict) -> None:
     module_denoiser = family.denoiser(engine.module)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision(), torch.float32)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
     ema = None
-    with full_parameters(engine.module, stage):
+    with full_parameters(trained, stage):
         if rank == 0:
-            ema = EMA([p for p in engine.module.parameters() if p.requires_grad], cfg.train.ema_decay)
+            ema = EMA(trained, cfg.train.ema_decay)
 
     # 4. Resume.
     validation = validation_images(config["shard_urls"], cfg.checkpoint.grid_images) if rank == 0 else []
@@ -209,9 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
                 continue  # DeepSpeed applies the optimizer step on the accumulation boundary only
             state.step += 1
             steps_window += 1
-            with full_parameters(engine.module, stage):
+            with full_parameters(trained, stage):
                 if ema is not None:
-                    ema.update([p for p in engine.module.parameters() if p.requires_grad])
+                    ema.update(trained)
 
             # 6. Metrics and checkpoints.
             last = state.step >= cfg.train.max_steps

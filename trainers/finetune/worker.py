@@ -191,12 +191,13 @@ class LossWindow:
 
 
 @contextmanager
-def full_parameters(module, stage: int):
-    """With ZeRO-3 the parameters are partitioned: gather them (a collective: every rank must enter)."""
+def full_parameters(params: list, stage: int):
+    """With ZeRO-3 the parameters are partitioned: gather `params` (a collective: every rank must enter).
+    The EMA gathers only what it keeps: the trained parameters (LoRA: the adapters, not the frozen base)."""
     if stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
     else:
         yield
@@ -317,14 +318,17 @@ class Checkpoints:
 
     def sample_grid(self):
         """The validation images through the EMA denoiser (`sample_grid`)."""
-        if self.eval_module is None:
-            import copy
-
+        if self.eval_module is None:  # built whole, as the module is not under ZeRO-3 (partitioned)
             module = self.engine.module
-            if self.cfg.lora is not None:  # the frozen base with the adapters (ZeRO-2: the module is whole)
-                self.eval_module = copy.deepcopy(module).eval()
-            else:  # every parameter is the EMA's (under ZeRO-3 too, where the module is partitioned)
-                self.eval_module = type(module).from_config(module.config).to(module.device).eval()
+            if self.cfg.lora is not None:  # the base as it is on disk (frozen), with the adapters
+                self.eval_module = type(module).from_pretrained(
+                    self.cfg.model, subfolder=self.family.denoiser_name
+                )
+                self.eval_module.requires_grad_(False)
+                add_lora(self.eval_module, self.cfg.lora)
+            else:  # every parameter is the EMA's
+                self.eval_module = type(module).from_config(module.config)
+            self.eval_module.to(module.device).eval()
         self.ema.copy_to([p for p in self.eval_module.parameters() if p.requires_grad])
         cfg = self.cfg
         return sample_grid(
