@@ -71,9 +71,9 @@ class ConceptStreams:
     tokens: (B, N, D) the text encoder's states of each word's tokens, the word encoded alone (padded to N).
     groups: (B, N, W) the mean over a word's tokens: 1/len(word) at its tokens, 0 at padding. Word 0 is the
         concept (all its words' tokens), words 1.. the background words.
-    positions: (B, N) FLUX.2's text position of each token (its index in the word's own templated
-        encoding), given the rotary turn a text token at that position gets; None for FLUX.1, whose text
-        position ids are all zero.
+    positions: (B, N) FLUX.2's and Z-Image's text position of each token (its index in the word's own
+        templated encoding), given the rotary turn a text token at that position gets; None for FLUX.1,
+        whose text position ids are all zero.
     """
 
     tokens: torch.Tensor
@@ -101,7 +101,8 @@ def block_modules(transformer) -> list[tuple[str, object]]:
 
 def recorded_blocks(transformer, readout: Readout) -> list[int]:
     """The blocks `readout` records on: its layers (double-stream blocks first, then single-stream ones, as
-    the `image_to_text` readout numbers them), or the layout's last few double-stream blocks."""
+    the `image_to_text` readout numbers them; Z-Image's main layers), or the default: the layout's last few
+    double-stream blocks, every main layer of Z-Image."""
     layers = readout.layers
     if denoiser_layout(transformer) == "z_image":  # its main layers, every one by default
         n = len(transformer.layers)
