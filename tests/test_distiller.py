@@ -199,3 +199,35 @@ def test_a_draft_finished_by_the_papers_rule_equals_a_paper_run(toyworld_pipe, f
         assert np.array_equal(paper.mask, tn.mask) and paper.meta["edges"] == "off"
     pairs = zip(runs["guided"], runs["none"], strict=True)
     assert any(not np.array_equal(dg.finish().mask, dn.finish().mask) for dg, dn in pairs), "no snap changed"
+
+
+def test_distillers_that_share_a_probe_score_as_each_alone(tmp_path, toyworld_pipe, fast_config):
+    """The tables score m and m' from one probe of each test image (`evaluate_distillers`, `draft_each`):
+    each result is the one its own evaluation gives, noise included, and the two differ (m' is another
+    inpainting model here: m with one layer perturbed)."""
+    import copy
+
+    import torch
+
+    from factory.toyworld.world import write_split
+    from trainers.evaluate.method_masks import evaluate_distiller, evaluate_distillers
+
+    split = write_split(tmp_path / "split", range(3_000_000_000, 3_000_000_004))
+    other = copy.deepcopy(toyworld_pipe)
+    with torch.no_grad():
+        for p in other.unet.up_blocks[-1].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    other.save_pretrained(tmp_path / "m-prime")
+    m = Distiller("toyworld", config=fast_config, pipeline=toyworld_pipe)
+    m_prime = Distiller(
+        "toyworld", config=fast_config, pipeline=toyworld_pipe, inpaint_model=str(tmp_path / "m-prime")
+    )
+    together = evaluate_distillers([m, m_prime], split, batch=4)
+    alone = evaluate_distiller(m_prime, split, batch=4)  # drafted second above, from the same noise
+    together[1].pop("seconds"), alone.pop("seconds")
+    assert together[1] == alone
+    assert together[0]["refined"] != together[1]["refined"] and together[0]["prelim"] == together[1]["prelim"]
+    with pytest.raises(ValueError, match="one model and config"):
+        evaluate_distillers(
+            [m, Distiller("toyworld", config=dataclasses.replace(fast_config, inpaint_steps=4))], split
+        )

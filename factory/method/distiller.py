@@ -65,6 +65,19 @@ class ConceptMaps:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the whole micro-batch
 
 
+def draft_each(maps: ConceptMaps, distillers: list[Distiller]) -> list[list[Draft]]:
+    """One probe drafted by several distillers (other inpainting models or settings of Steps 3-4), each
+    from the same noise: the samples' generators are set back before each, so each distiller's drafts are
+    what its own `label` of the images would give."""
+    states = [g.get_state() for g in maps.generators]
+    out = []
+    for d in distillers:
+        for g, state in zip(maps.generators, states, strict=True):
+            g.set_state(state)
+        out.append(d.draft(maps))
+    return out
+
+
 class Distiller:
     """Concept distillation with one loaded pipeline: label images, or synthesize and label new ones.
 

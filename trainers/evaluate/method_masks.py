@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from factory.dataset.config import method_config
 from factory.dataset.report import contact_sheet
-from factory.method.distiller import Distiller
+from factory.method.distiller import Distiller, draft_each
 from factory.method.edges import snap_to_edges
 from factory.method.geometry import resize_mask
-from factory.method.settings import Concept
+from factory.method.settings import Concept, SampleSpec
 from trainers.evaluate.metrics import PooledSegmentationMetrics, pixel_auc
 
 # A GT object pixel counts as removed by the inpainting when its mean RGB change exceeds 10 % of the range; an
@@ -58,6 +58,114 @@ def load_pair(split: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
     return img, gt
 
 
+class _Scores:
+    """One distiller's running scores over a split: M_pre, refined M (and, with edges: guided, M_pre
+    snapped and refined M by the paper's rule from the same drafts), the attention maps for the AUC, how
+    much of each object the background inpainting removed, and the contact sheet's rows."""
+
+    def __init__(self, distiller: Distiller, sheet_rows: int):
+        self.d, self.sheet_rows = distiller, sheet_rows
+        self.prelim, self.refined = PooledSegmentationMetrics(), PooledSegmentationMetrics()
+        # with edges: guided, also what the same edge snapping makes of M_pre (the shards keep M_pre on the
+        # grid), and the refined masks by the paper's rule from the same drafts (the same M_pre and
+        # backgrounds)
+        guided = distiller.config.edges == "guided"
+        self.snapped = PooledSegmentationMetrics() if guided else None
+        self.paper = PooledSegmentationMetrics() if guided else None
+        self.maps, self.gts, self.sheet, self.changed = [], [], [], []
+
+    def update(self, img: np.ndarray, gt: np.ndarray, draft) -> None:
+        d = self.d
+        tr = draft.finish()
+        c = tr.meta["canvas"]
+        f = d.vae_factor
+        lat_h, lat_w = -(-c["valid_h"] // f), -(-c["valid_w"] // f)
+        prelim = resize_mask(tr.prelim[:lat_h, :lat_w], *gt.shape)
+        att = np.asarray(tr.attention[:lat_h, :lat_w], np.float32)
+        att_up = np.asarray(Image.fromarray(att).resize((gt.shape[1], gt.shape[0]), Image.NEAREST))
+        self.prelim.update(prelim, gt)
+        if self.snapped is not None:
+            snapped = snap_to_edges(tr.prelim[:lat_h, :lat_w], img, d.edge_radius_px, d.config.edge_eps)
+            self.snapped.update(snapped, gt)
+        self.refined.update(tr.mask, gt)
+        if self.paper is not None:
+            self.paper.update(draft.finish(dataclasses.replace(draft.settings, edges="none")).mask, gt)
+        self.maps.append(att_up)
+        self.gts.append(gt)
+        if gt.any():  # how much of the object did the background inpainting remove?
+            change = np.abs(img.astype(np.float32) - tr.background.astype(np.float32)).mean(-1) / 255.0
+            self.changed.append(float((change[gt] > OBJECT_CHANGE_THRESHOLD).mean()))
+        if len(self.sheet) < self.sheet_rows:
+            self.sheet.append([img, att_up, prelim, tr.background, tr.mask, gt])
+
+    def result(self, n_images: int, seconds: float, out: str | Path | None) -> dict:
+        d, changed = self.d, self.changed
+        res = {
+            "n_images": n_images,
+            "attention_auc": pixel_auc(self.maps, self.gts),
+            "prelim": self.prelim.compute(),
+            "inpaint_model": d.inpaint_model,
+            "refined": self.refined.compute(),
+            "seconds": seconds,
+            "model": d.model,
+            "object_changed_mean": float(np.mean(changed)) if changed else float("nan"),
+            "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
+            "config": d.config_dict(),
+        }
+        if self.snapped is not None:
+            res["prelim_edges"] = self.snapped.compute()
+        if self.paper is not None:  # every image scored by both rules: the same images, so the rows compare
+            res["refined_paper"] = self.paper.compute()
+        if out:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            contact_sheet(self.sheet, ["image", "attention", "M_pre", "background", "refined M", "GT"]).save(
+                out / "contact_sheet.png"
+            )
+            (out / "metrics.json").write_text(json.dumps(res, indent=2))
+            (out / "metrics.md").write_text(markdown_table(res))
+        return res
+
+
+def evaluate_distillers(
+    distillers: list[Distiller],
+    split: str | Path,
+    n: int | None = None,
+    batch: int = 16,
+    outs: list[str | Path | None] | None = None,
+    sheet_rows: int = 12,
+) -> list[dict]:
+    """Score several distillers that share Steps 1-2 (the same model and settings; their inpainting models
+    differ, m and m', say) on one split, probing each image once: the first distiller's probe is drafted
+    by each (`draft_each`: from the same noise, so each result is what its own evaluation gives). One
+    result per distiller (`evaluate_distiller`'s), each written to its folder in `outs`."""
+    first = distillers[0]
+    for d in distillers[1:]:
+        if d.model != first.model or d.config_dict() != first.config_dict():
+            raise ValueError("evaluate_distillers shares one probe: the distillers need one model and config")
+    split = Path(split)
+    rows = read_split(split, n)
+    scores = [_Scores(d, sheet_rows) for d in distillers]
+    t0 = time.time()
+    for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
+        chunk = rows[i : i + batch]
+        pairs = [load_pair(split, r) for r in chunk]
+        specs = [
+            SampleSpec(Concept(r["concept"]), s, f"{r['concept']}-{s:010d}")
+            for s, r in ((int(r.get("seed", i + j)), r) for j, r in enumerate(chunk))
+        ]
+        first.token_weights(specs)  # every prompt checked before any model work
+        mb = first.batch_size(len(specs))
+        for j in range(0, len(specs), mb):
+            maps = first.probe([p[0] for p in pairs[j : j + mb]], specs[j : j + mb])
+            for score, drafts in zip(scores, draft_each(maps, distillers), strict=True):
+                for (img, gt), draft in zip(pairs[j : j + mb], drafts, strict=True):
+                    score.update(img, gt, draft)
+    seconds = time.time() - t0
+    outs = outs or [None] * len(distillers)
+    return [s.result(len(rows), seconds, o) for s, o in zip(scores, outs, strict=True)]
+
+
 def evaluate_distiller(
     distiller: Distiller,
     split: str | Path,
@@ -66,76 +174,8 @@ def evaluate_distiller(
     out: str | Path | None = None,
     sheet_rows: int = 12,
 ) -> dict:
-    split = Path(split)
-    rows = read_split(split, n)
-    prelim_m, refined_m = PooledSegmentationMetrics(), PooledSegmentationMetrics()
-    # with edges: guided, also what the same edge snapping makes of M_pre (the shards keep M_pre on the grid),
-    # and the refined masks by the paper's rule from the same drafts (the same M_pre and backgrounds)
-    guided = distiller.config.edges == "guided"
-    snapped_m = PooledSegmentationMetrics() if guided else None
-    paper_m = PooledSegmentationMetrics() if guided else None
-    maps, gts, sheet, changed = [], [], [], []
-    t0 = time.time()
-    for i in tqdm(range(0, len(rows), batch), desc="label+score", mininterval=5):
-        chunk = rows[i : i + batch]
-        pairs = [load_pair(split, r) for r in chunk]
-        drafts = distiller.label(
-            [p[0] for p in pairs],
-            [Concept(r["concept"]) for r in chunk],
-            seeds=[int(r.get("seed", i + j)) for j, r in enumerate(chunk)],
-            finish=False,
-        )
-        for (img, gt), draft in zip(pairs, drafts, strict=True):
-            tr = draft.finish()
-            c = tr.meta["canvas"]
-            f = distiller.vae_factor
-            lat_h, lat_w = -(-c["valid_h"] // f), -(-c["valid_w"] // f)
-            prelim = resize_mask(tr.prelim[:lat_h, :lat_w], *gt.shape)
-            att = np.asarray(tr.attention[:lat_h, :lat_w], np.float32)
-            att_up = np.asarray(Image.fromarray(att).resize((gt.shape[1], gt.shape[0]), Image.NEAREST))
-            prelim_m.update(prelim, gt)
-            if snapped_m is not None:
-                snapped_m.update(
-                    snap_to_edges(
-                        tr.prelim[:lat_h, :lat_w], img, distiller.edge_radius_px, distiller.config.edge_eps
-                    ),
-                    gt,
-                )
-            refined_m.update(tr.mask, gt)
-            if paper_m is not None:
-                paper_m.update(draft.finish(dataclasses.replace(draft.settings, edges="none")).mask, gt)
-            maps.append(att_up)
-            gts.append(gt)
-            if gt.any():  # how much of the object did the background inpainting remove?
-                change = np.abs(img.astype(np.float32) - tr.background.astype(np.float32)).mean(-1) / 255.0
-                changed.append(float((change[gt] > OBJECT_CHANGE_THRESHOLD).mean()))
-            if len(sheet) < sheet_rows:
-                sheet.append([img, att_up, prelim, tr.background, tr.mask, gt])
-    res = {
-        "n_images": len(rows),
-        "attention_auc": pixel_auc(maps, gts),
-        "prelim": prelim_m.compute(),
-        "inpaint_model": distiller.inpaint_model,
-        "refined": refined_m.compute(),
-        "seconds": time.time() - t0,
-        "model": distiller.model,
-        "object_changed_mean": float(np.mean(changed)) if changed else float("nan"),
-        "object_kept_fraction": float(np.mean(np.array(changed) < 0.5)) if changed else float("nan"),
-        "config": distiller.config_dict(),
-    }
-    if snapped_m is not None:
-        res["prelim_edges"] = snapped_m.compute()
-    if paper_m is not None:  # every image scored by both rules: the same images, so the rows compare
-        res["refined_paper"] = paper_m.compute()
-    if out:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        contact_sheet(sheet, ["image", "attention", "M_pre", "background", "refined M", "GT"]).save(
-            out / "contact_sheet.png"
-        )
-        (out / "metrics.json").write_text(json.dumps(res, indent=2))
-        (out / "metrics.md").write_text(markdown_table(res))
-    return res
+    """The method's masks of `distiller` against the split's ground truth (the module's docstring)."""
+    return evaluate_distillers([distiller], split, n, batch, [out], sheet_rows)[0]
 
 
 def markdown_table(res: dict) -> str:
