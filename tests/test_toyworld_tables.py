@@ -8,6 +8,7 @@ import pytest
 
 from trainers.toyworld.tables import (
     NO_FINETUNE,
+    ONE_STUDENT,
     PAPER_CUB,
     SNAPPED_PRELIM,
     SNAPPED_REFINED,
@@ -43,7 +44,7 @@ def test_small_tables_pipeline_end_to_end(tmp_path, local_ray):
     # both mask rules are scored on the same images (the comparison itself is the full run's)
     assert rows[SNAPPED_REFINED] != rows["refined M"] and rows[SNAPPED_PRELIM] != rows["M_pre"]
     assert table["attention_auc"] > 0.8
-    for name in ("supervised student (GT masks)", "student on D_s", "student on D_s u D'_s"):
+    for name in ("supervised student (GT masks)", "student on D_s", "student on D_s u D'_s", ONE_STUDENT):
         assert rows[name]["iou"] > 0.05, name
         # two student seeds: two trained sets of students, and the row is their mean
         assert len(rows[name]["seed_ious"]) == 2 and rows[name]["iou"] == pytest.approx(
@@ -55,6 +56,13 @@ def test_small_tables_pipeline_end_to_end(tmp_path, local_ray):
         (c, seed) for c in sorted(cfg.concepts) for seed in (0, 1)
     ]
     assert (tmp_path / "tables" / "students-ds" / "seed1" / "star" / "best.ts").exists()
+    # one multi-class student per seed for every concept, both seeds in one run, twice a student's steps
+    one = json.loads((tmp_path / "tables" / "students-ds-one" / "students.json").read_text())
+    assert sorted((s["student"], s["seed"]) for s in one["students"]) == [
+        ("multiclass", 0),
+        ("multiclass", 1),
+    ]
+    assert {s["metrics"]["step"] for s in one["students"]} == {2 * cfg.student_steps}
     out = tmp_path / "tables"
     assert (out / "figure.png").exists() and "student on D_s u D'_s" in (out / "table.md").read_text()
 

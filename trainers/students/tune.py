@@ -185,40 +185,40 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
 
     t0 = time.time()
     also = f", seeds {', '.join(map(str, seeds))}" if cfg.train.seeds else ""
-    if cfg.multiclass:
-        print(
-            f"[students] one multi-class student (background + {', '.join(concepts)}){also} on "
-            f"{len(urls)} shards",
-            flush=True,
-        )
-        results = [train_one(seed_job(s), None, concepts, urls) for s in seeds]
-    else:
+    if cfg.multiclass:  # one student (background + every concept) per seed
+        space = {"seed": tune.grid_search(seeds)}
+        n = len(seeds)
+        what = f"{n} multi-class student(s) (background + {', '.join(concepts)}{also})"
+    else:  # one student per concept and seed
+        space = {"concept": tune.grid_search(concepts), "seed": tune.grid_search(seeds)}
         n = len(concepts) * len(seeds)
-        at_once = min(n, cfg.scaling.max_concurrent or n)
-        print(
-            f"[students] {n} students, {at_once} at once ({', '.join(concepts)}{also}), "
-            f"backbone {cfg.model.backbone}, {cfg.train.steps} steps each, on {len(urls)} shards",
-            flush=True,
-        )
+        what = f"{n} students ({', '.join(concepts)}{also})"
+    at_once = min(n, cfg.scaling.max_concurrent or n)
+    print(
+        f"[students] {what}, {at_once} at once, backbone {cfg.model.backbone}, {cfg.train.steps} steps each, "
+        f"on {len(urls)} shards",
+        flush=True,
+    )
 
-        def trial(config: dict) -> None:
-            summary = train_one(seed_job(config["seed"]), config["concept"], None, urls)
-            tune.report({"summary": json.dumps(summary)})
+    def trial(config: dict) -> None:
+        concept = config.get("concept")
+        summary = train_one(seed_job(config["seed"]), concept, None if concept else concepts, urls)
+        tune.report({"summary": json.dumps(summary)})
 
-        # one Tune run for every (concept, seed): one start-up and teardown of Tune for all of them
-        tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
-            param_space={"concept": tune.grid_search(concepts), "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
-            run_config=tune.RunConfig(
-                name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
-            ),
-        )
-        grid = tuner.fit()
-        errors = [r.error for r in grid if r.error]
-        if errors:
-            raise RuntimeError(f"{len(errors)} student run(s) failed; the first: {errors[0]}")
-        results = [json.loads(r.metrics["summary"]) for r in grid]
+    # one Tune run for every student: one start-up and teardown of Tune for all of them
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
+        run_config=tune.RunConfig(
+            name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
+        ),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} student run(s) failed; the first: {errors[0]}")
+    results = [json.loads(r.metrics["summary"]) for r in grid]
     summary = {"students": results, "wall_s": time.time() - t0, "export": cfg.output.export}
     Path(cfg.output.export).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output.export) / "students.json").write_text(json.dumps(summary, indent=1))

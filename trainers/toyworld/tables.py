@@ -13,13 +13,16 @@ Stages (folders under --out):
   5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled the same way)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept and
-                             `--student-seeds` seed in one run (train.seeds), in seed{s}/{concept}/
+                             `--student-seeds` seed in one run (train.seeds), in seed{s}/{concept}/;
+     students-ds-one/        one multi-class student for every concept on D_s per seed, in
+                             seed{s}/multiclass/ (as many steps as a set's per-concept students together)
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
                              (the method with m and with m + m' from one probe of each test image)
 Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); M_pre with its edges snapped
 to the image's (`masks.edges: guided`, ours); refined M (m + m') by the paper's exact rule (`edges: none`);
 refined M with m alone (the fine-tuning ablation) and refined M (m + m'), both with our default edge
-snapping, which is what D_s and D'_s hold; student on D_s; student on D_s u D'_s. Each is pixel-pooled
+snapping, which is what D_s and D'_s hold; student on D_s; one student for all concepts on D_s (ours);
+student on D_s u D'_s. Each is pixel-pooled
 ACC / IoU / mIoU beside the paper's CUB numbers. It also reports how often the background inpainting leaves
 the object in place, with m and with m'. With several `--student-seeds` each student row is the mean over the
 seeds (students trained again on the same shards, only `train.seed` changed) and its IoU carries their
@@ -173,7 +176,10 @@ STUDENT_SETS = {  # training set -> its shard folders under cfg.out ({c}: each c
     "gt": ["gt-{c}"],
     "ds": ["ds-{c}"],
     "ds-syn": ["ds-{c}", "synthetic"],
+    "ds-one": ["ds-{c}"],  # one multi-class student for every concept (issue 33, item 4)
 }
+MULTICLASS_SETS = {"ds-one"}
+ONE_STUDENT = "one student for all concepts on D_s (ours)"
 
 
 # The stages, in order. Each takes (cfg, out) and returns whether it did any work (False: every output was
@@ -274,10 +280,12 @@ def train_students(cfg: TablesConfig, out: Path) -> bool:
     for name, folders in STUDENT_SETS.items():
         shards = [str(out / f.format(c=c)) for f in folders for c in cfg.concepts if "{c}" in f]
         shards += [str(out / f) for f in folders if "{c}" not in f]
+        multiclass = name in MULTICLASS_SETS
+        students = ["multiclass"] if multiclass else cfg.concepts  # the export folders of one seed
         todo = [
             seed
             for seed in cfg.student_seeds
-            if not all((out / student_folder(name, seed) / c / "student.json").exists() for c in cfg.concepts)
+            if not all((out / student_folder(name, seed) / c / "student.json").exists() for c in students)
         ]
         if not todo:
             continue
@@ -289,7 +297,9 @@ def train_students(cfg: TablesConfig, out: Path) -> bool:
         values = {
             "data.shards": shards,
             "data.concepts": list(cfg.concepts),
-            "train.steps": cfg.student_steps,
+            "multiclass": multiclass,
+            # the one student takes as many steps as the per-concept students of a set together
+            "train.steps": cfg.student_steps * (len(cfg.concepts) if multiclass else 1),
             "train.batch": cfg.student_batch,
             "train.loss": cfg.student_loss,
             "train.seeds": todo,
@@ -400,12 +410,15 @@ def score(cfg: TablesConfig, out: Path) -> dict:
         ("supervised student (GT masks)", "gt"),
         ("student on D_s", "ds"),
         ("student on D_s u D'_s", "ds-syn"),
+        (ONE_STUDENT, "ds-one"),
     ]:
         per_seed = []
         for seed in cfg.student_seeds:
             per, preds = {}, {}
             for c in cfg.concepts:
-                preds[c], _ = student_predictor(out / student_folder(name, seed) / c)
+                # the multi-class student scores every concept's test images: foreground is any concept
+                student = "multiclass" if name in MULTICLASS_SETS else c
+                preds[c], _ = student_predictor(out / student_folder(name, seed) / student)
                 per[c] = evaluate(rows[c], preds[c], size, name=label)
             per_seed.append(pooled(per))
             if seed == cfg.student_seeds[0]:  # the figure shows the first seed's students
@@ -473,6 +486,7 @@ def score(cfg: TablesConfig, out: Path) -> dict:
         NO_FINETUNE,
         SNAPPED_REFINED,
         "student on D_s",
+        ONE_STUDENT,
         "student on D_s u D'_s",
     ]
     return {
