@@ -148,6 +148,9 @@ def _train_workers() -> list[psutil.Process]:
     ]
 
 
+LORA_KILLS = [None, "sdxl", "sd3", "flux2_klein", "z_image"]  # (FLUX's LoRA kill runs under ZeRO-3 above)
+
+
 @pytest.mark.parametrize(
     "build, extra",
     [
@@ -158,11 +161,26 @@ def _train_workers() -> list[psutil.Process]:
         pytest.param("sd3", (), marks=pytest.mark.slow),
         pytest.param("flux2_klein", (), marks=pytest.mark.slow),
         pytest.param("z_image", (), marks=pytest.mark.slow),
+        # LoRA on every family, and ZeRO-3 on SDXL and SD3 too
+        *[pytest.param(b, ("lora={rank: 8}",), marks=pytest.mark.slow) for b in LORA_KILLS],
+        pytest.param("sdxl", ("deepspeed.stage=3",), marks=pytest.mark.slow),
+        pytest.param("sd3", ("deepspeed.stage=3",), marks=pytest.mark.slow),
     ],
-    ids=["sd", "flux-zero3", "flux-lora-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
+    ids=[
+        "sd",
+        "flux-zero3",
+        "flux-lora-zero3",
+        "sdxl",
+        "sd3",
+        "flux2_klein",
+        "z_image",
+        *[f"{b or 'sd'}-lora" for b in LORA_KILLS],
+        "sdxl-zero3",
+        "sd3-zero3",
+    ],
 )
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work, build, extra):
-    name = f"killed-{build or 'sd'}-{len(extra)}"
+    name = "-".join(["killed", build or "sd", *(x.split("=")[0].split(".")[-1] for x in extra)])
     model = []
     if build is not None:
         from tiny_models import BUILDERS
