@@ -24,13 +24,14 @@ def test_the_readme_student_and_baseline_rows_are_the_tables_pages():
         "GrabCut, IoU (two concepts, `make tables`)": "GrabCut",
         "student supervised on ground truth, IoU (two concepts, 3 seeds)": "supervised student (GT masks)",
         "student on D_s, IoU (two concepts, 3 seeds)": "student on D_s",
+        "one student for both concepts on D_s, IoU (3 seeds)": "one student for all concepts on D_s (ours)",
         "student on D_s u D'_s, IoU (two concepts, 3 seeds)": "student on D_s u D'_s",
     }
     for readme_row, page_row in pairs.items():
         assert f"| {readme_row} | {table_iou(page, page_row)} |" in readme, readme_row
     paper, snapped = table_iou(page, "refined M"), table_iou(page, "refined M, edges snapped (ours, default)")
     assert (
-        f"refined masks of the same images ({paper}), not yet the edge-snapped masks they learn from "
+        f"refined masks of the same images ({paper}); against the edge-snapped masks they learn from "
         f"({snapped})" in " ".join(readme.split())
     )
 
