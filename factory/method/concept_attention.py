@@ -131,6 +131,8 @@ class _WordStreams:
         self.acc = acc
         self.rows = rows
         self.hidden: torch.Tensor | None = None  # (b, N, inner) the words' residual stream
+        # the words' stream before the first block: the same at every step, so formed once per capture
+        self.embedded: torch.Tensor | None = None
         self.n_text: int | None = None  # the text tokens before the image in a single-stream block
         self.temb: torch.Tensor | None = None  # FLUX.1: the time embedding each block modulates with
         self.mod: torch.Tensor | None = None  # FLUX.2: the text stream's modulation, shared by the blocks
@@ -146,7 +148,7 @@ class _WordStreams:
 
     def clear(self) -> None:
         self.hidden = self.n_text = self.temb = self.mod = self.mod_single = self.rotary = None
-        self.adaln = self.freqs = None
+        self.adaln = self.freqs = self.embedded = None
 
 
 class ConceptOutputProcessor:
@@ -346,19 +348,23 @@ def _start_flux_words(module, kwargs, state: _WordStreams) -> None:
     guidance = kwargs.get("guidance")
     guidance = guidance[rows].to(dtype) * 1000 if guidance is not None else None
     state.n_text = kwargs["encoder_hidden_states"].shape[1]
-    if denoiser_layout(module) == "flux2":
+    flux2 = denoiser_layout(module) == "flux2"
+    if state.embedded is None:  # step-independent: the words' embedding and (FLUX.2) rotary turns
+        state.embedded = module.context_embedder(streams.tokens.to(dtype))
+        if flux2:
+            ids = F.pad(streams.positions[:, :, None], (3, 0))  # (0, 0, 0, position), as the text's ids
+            state.rotary = [module.pos_embed(row) for row in ids]
+    if flux2:
         temb = module.time_guidance_embed(timestep, guidance)
         state.mod = module.double_stream_modulation_txt(temb)
         state.mod_single = module.single_stream_modulation(temb)
-        ids = F.pad(streams.positions[:, :, None], (3, 0))  # (0, 0, 0, position), as the text's ids
-        state.rotary = [module.pos_embed(row) for row in ids]
     else:
         pooled = torch.zeros_like(kwargs["pooled_projections"][rows])
         if guidance is None:
             state.temb = module.time_text_embed(timestep, pooled)
         else:
             state.temb = module.time_text_embed(timestep, guidance, pooled)
-    state.hidden = module.context_embedder(streams.tokens.to(dtype))
+    state.hidden = state.embedded
 
 
 def _start_z_image_words(module, args, state: _WordStreams) -> None:
@@ -369,12 +375,14 @@ def _start_z_image_words(module, args, state: _WordStreams) -> None:
     streams = state.streams
     dtype = latents[0].dtype
     state.adaln = module.t_embedder(t[state.rows] * module.t_scale).type_as(latents[0])
-    ids = F.pad(streams.positions[:, :, None] + 1, (0, 2))
-    state.freqs = module.rope_embedder(ids.flatten(0, 1)).unflatten(0, ids.shape[:2])
-    hidden = module.cap_embedder(streams.tokens.to(dtype))
-    for layer in module.context_refiner:
-        hidden = layer(hidden, streams.key_mask, state.freqs)
-    state.hidden = hidden
+    if state.embedded is None:  # the refiner has no time modulation: the same words at every step
+        ids = F.pad(streams.positions[:, :, None] + 1, (0, 2))
+        state.freqs = module.rope_embedder(ids.flatten(0, 1)).unflatten(0, ids.shape[:2])
+        hidden = module.cap_embedder(streams.tokens.to(dtype))
+        for layer in module.context_refiner:
+            hidden = layer(hidden, streams.key_mask, state.freqs)
+        state.embedded = hidden
+    state.hidden = state.embedded
 
 
 @contextlib.contextmanager
