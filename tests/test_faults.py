@@ -128,16 +128,19 @@ def test_the_driver_is_killed_and_the_same_command_finishes_the_job(tmp_path):
     out = tmp_path / "out"
     argv, env = _factory(out, extra=["output.samples_per_shard=1"])
     sets = [*_sets(out), "output.samples_per_shard=1"]
+    # three shards are generated, then the actors wait at their next shard: the kill lands mid-job however
+    # fast the machine (a fast CI machine had finished all eight between two polls)
+    held = {**env, "CF_HOLD_GENERATE": f"{tmp_path / 'tickets'}:3"}
     proc = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        argv, cwd=REPO, env=held, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("*.stats.json"))) < 2:
+    while time.time() < deadline and len(list(out.glob("*.stats.json"))) < 3:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, at once
     proc.wait(timeout=60)
     before = _digest(out)
-    assert 2 <= len(before) < 8, "kill the job mid-way"
+    assert len(before) == 3, "kill the job mid-way, three shards committed"
     r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     after = _digest(out)
@@ -145,7 +148,7 @@ def test_the_driver_is_killed_and_the_same_command_finishes_the_job(tmp_path):
     assert_output_whole(out, sets)
 
 
-def test_a_worker_node_is_removed_mid_job(tmp_path):
+def test_a_worker_node_is_removed_mid_job(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -155,6 +158,8 @@ def test_a_worker_node_is_removed_mid_job(tmp_path):
         ray.shutdown()
     out = tmp_path / "out"
     sets = [*_sets(out), "output.samples_per_shard=1"]
+    tickets = tmp_path / "tickets"  # one shard is generated, then the actors wait until released
+    monkeypatch.setenv("CF_HOLD_GENERATE", f"{tickets}:1")  # the nodes' processes inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
     result = {}
@@ -170,8 +175,11 @@ def test_a_worker_node_is_removed_mid_job(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and not list(out.glob("*.stats.json")):
             time.sleep(0.2)
+        time.sleep(1.0)  # both actors at their held next shard
+        assert len(list(out.glob("*.stats.json"))) == 1 and job.is_alive(), "the node goes mid-job"
         cluster.remove_node(worker, allow_graceful=False)
         cluster.add_node(num_cpus=1)  # as an autoscaler would replace it
+        (tickets / "release").touch()
         job.join(timeout=600)
         assert not job.is_alive()
     finally:

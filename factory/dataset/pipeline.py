@@ -32,7 +32,7 @@ import numpy as np
 
 from factory.dataset.config import JobConfig
 from factory.dataset.console import verbose_from_env
-from factory.dataset.faults import armed, crash_point
+from factory.dataset.faults import armed, crash_point, hold_point
 from factory.dataset.images import ImageRejected, read_image
 from factory.dataset.preflight import preflight
 from factory.dataset.ray_start import init_ray
@@ -188,6 +188,7 @@ class GenerateShard:
         rows = {"name": [], "result": []}
         for i in range(len(batch["name"])):
             crash_point("GENERATE")
+            hold_point("GENERATE")
             task = ShardTask.from_row({k: batch[k][i] for k in batch})
             try:
                 if self.user_error is not None:
