@@ -66,7 +66,14 @@ def check_model(cfg: JobConfig) -> None:
     """The model's and the inpainting model's configs read, and they are of a family the factory serves
     (`factory.method.families`)."""
     from factory.method.families import FAMILIES
-    from factory.method.loading import ModelLoadError, check_inpaint_fits, read_model_configs
+    from factory.method.loading import (
+        ModelLoadError,
+        adapter_denoiser_config,
+        check_adapter_fits,
+        check_inpaint_fits,
+        lora_adapter_folder,
+        read_model_configs,
+    )
 
     configs = read_model_configs(cfg.model)
     family = FAMILIES[configs["family"]]
@@ -80,8 +87,16 @@ def check_model(cfg: JobConfig) -> None:
                 f"inpaint.model is set, but model {cfg.model!r} is a {family.name} model: a fine-tuned m' "
                 f"is served for the families {', '.join(served)}. Leave inpaint.model unset."
             )
-        inpaint = read_model_configs(cfg.inpaint.model, components=("denoiser",))
-        check_inpaint_fits(cfg.model, cfg.inpaint.model, dict(configs["denoiser"]), dict(inpaint["denoiser"]))
+        adapter = lora_adapter_folder(cfg.inpaint.model)
+        if adapter is not None:  # a LoRA run's adapter, loaded on the model
+            check_adapter_fits(
+                cfg.model, cfg.inpaint.model, dict(configs["denoiser"]), adapter_denoiser_config(adapter)
+            )
+        else:
+            inpaint = read_model_configs(cfg.inpaint.model, components=("denoiser",))
+            check_inpaint_fits(
+                cfg.model, cfg.inpaint.model, dict(configs["denoiser"]), dict(inpaint["denoiser"])
+            )
     if cfg.vae is not None:
         from factory.method.loading import read_vae_config
 

@@ -119,7 +119,7 @@ class Distiller:
         inpaint_model: str | None = None,
         vae: str | None = None,
     ):
-        from factory.method.loading import ModelLoadError, check_inpaint_fits, load_vae, resolve_model
+        from factory.method.loading import ModelLoadError, load_inpaint_denoiser, load_vae
 
         self.config = config or DistillConfig()
         self.model = model
@@ -138,18 +138,7 @@ class Distiller:
                     f"inpaint.model (a fine-tuned m') is not served for a {self.family.name} model, which "
                     "inpaints with its own denoiser"
                 )
-            base, name = self.family.denoiser_module, self.family.denoiser_name
-            try:  # m' is a pipeline directory: its denoiser, of the model's denoiser's class
-                self.inpaint_unet = (
-                    type(base)
-                    .from_pretrained(resolve_model(inpaint_model), subfolder=name, torch_dtype=base.dtype)
-                    .to(base.device)
-                )
-            except (OSError, ValueError) as err:
-                raise ModelLoadError(
-                    f"could not load the inpainting model {inpaint_model!r}'s {name}: {err}"
-                ) from err
-            check_inpaint_fits(model, inpaint_model, dict(base.config), dict(self.inpaint_unet.config))
+            self.inpaint_unet = load_inpaint_denoiser(model, inpaint_model, self.family)
         # Three samplers on the model's own noise schedule: the probe's DDIM grid (paper Step 1), synthesis's
         # and Step 4's, each its own object since multistep schedulers keep state between steps.
         # (a rectified-flow model's are all its flow-matching Euler scheduler: factory.method.schedulers)

@@ -385,6 +385,97 @@ def check_inpaint_fits(model: str, inpaint_model: str, base: dict, inpaint: dict
         )
 
 
+LORA_FOLDER = "lora"  # a LoRA run's adapters in its export (`trainers finetune`)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `save_lora_adapter` writes
+
+
+def lora_adapter_folder(inpaint_model: str) -> Path | None:
+    """The folder of the LoRA adapter that `inpaint_model` names, or None where it names a pipeline (a
+    directory with `model_index.json`, a short name or a hub id): a LoRA run's export (`lora/` beside or
+    without its fused pipeline, `output.fused`) or that `lora/` folder itself. A pipeline folder is loaded
+    whole even when it holds `lora/` too."""
+    path = Path(os.path.expanduser(inpaint_model))
+    if not path.is_dir() or (path / "model_index.json").exists():
+        return None
+    return next((d for d in (path / LORA_FOLDER, path) if (d / LORA_WEIGHTS).exists()), None)
+
+
+def adapter_denoiser_config(adapter: Path) -> dict | None:
+    """The config of the denoiser an adapter was trained on, from its export's `finetune.json` (beside the
+    adapter or one folder up); None where it has none (an adapter from elsewhere)."""
+    import json
+
+    for f in (adapter / "finetune.json", adapter.parent / "finetune.json"):
+        if f.exists():
+            return json.loads(f.read_text()).get("denoiser")
+    return None
+
+
+def check_adapter_fits(model: str, inpaint_model: str, base: dict, trained_on: dict | None) -> None:
+    """A LoRA adapter fits the model when the denoiser it was trained on (its export's record) has the
+    model's denoiser's class and config: the adapter adds to the model's own weights, so a denoiser of
+    another depth or width would take some of it, or none. Checked from config files, before any weights."""
+    if trained_on is None:
+        return  # an adapter without a record: `load_inpaint_denoiser` checks that every tensor found a layer
+
+    def norm(d: dict) -> dict:
+        import json
+
+        return {k: json.loads(json.dumps(v, default=str)) for k, v in d.items() if not k.startswith("_")}
+
+    a, b = norm(base), norm(trained_on)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    classes = base.get("_class_name"), trained_on.get("_class_name")
+    if differ or (None not in classes and classes[0] != classes[1]):
+        shown = (
+            ", ".join(f"{k} {b.get(k)!r} against {a.get(k)!r}" for k in differ[:3]) or f"class {classes[1]}"
+        )
+        raise ModelLoadError(
+            f"inpaint.model {inpaint_model!r} is a LoRA adapter of another denoiser than model {model!r}'s "
+            f"({shown}): an adapter is loaded on the model it was fine-tuned from; set model to that one, or "
+            "use a fused export (`trainers finetune` with output.fused: true)."
+        )
+
+
+def load_inpaint_denoiser(model: str, inpaint_model: str, family):
+    """The denoiser of the fine-tuned m' (`inpaint.model`) beside the model's own (`family`'s): a pipeline
+    directory's denoiser, of the model's denoiser's class; or a LoRA adapter (`lora_adapter_folder`) fused
+    into a copy of the model's denoiser (the same memory as a whole m'; the disk and the download are the
+    adapter's megabytes). Fit checks as the preflight's (`check_inpaint_fits`, `check_adapter_fits`)."""
+    import copy
+
+    base, name = family.denoiser_module, family.denoiser_name
+    adapter = lora_adapter_folder(inpaint_model)
+    if adapter is None:
+        try:  # m' is a pipeline directory: its denoiser, of the model's denoiser's class
+            module = (
+                type(base)
+                .from_pretrained(resolve_model(inpaint_model), subfolder=name, torch_dtype=base.dtype)
+                .to(base.device)
+            )
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"could not load the inpainting model {inpaint_model!r}'s {name}: {err}"
+            ) from err
+        check_inpaint_fits(model, inpaint_model, dict(base.config), dict(module.config))
+        return module
+    from safetensors.torch import load_file
+
+    check_adapter_fits(model, inpaint_model, dict(base.config), adapter_denoiser_config(adapter))
+    tensors = len(load_file(str(adapter / LORA_WEIGHTS)))
+    module = copy.deepcopy(base)
+    module.load_lora_adapter(str(adapter), prefix=None, adapter_name="inpaint", weight_name=LORA_WEIGHTS)
+    placed = sum(1 for n, _ in module.named_parameters() if ".lora_" in n)
+    if placed != tensors:
+        raise ModelLoadError(
+            f"inpaint.model {inpaint_model!r}: {tensors - placed} of the LoRA adapter's {tensors} tensors "
+            f"name no layer of model {model!r}'s {name}: it was trained on another model; use that one."
+        )
+    module.fuse_lora()
+    module.unload_lora()
+    return module
+
+
 def load_tokenizers(model: str) -> dict:
     """The model's tokenizers alone (no weights), {component name: tokenizer}, each of the class its
     `model_index.json` names (FLUX.2-dev's is a processor around its tokenizer): what the preflight checks

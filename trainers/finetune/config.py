@@ -50,8 +50,9 @@ class DeepSpeedConfig(StrictConfig):
 
 class LoraConfig(StrictConfig):
     """LoRA adapters on the denoiser's attention projections (peft), trained in place of the whole
-    denoiser; the export fuses them into a full diffusers folder (what `inpaint.model` loads) and keeps the
-    adapter beside it (`lora/`, `load_lora_adapter`'s format)."""
+    denoiser; the export fuses them into a full diffusers folder and keeps the adapter beside it (`lora/`,
+    `load_lora_adapter`'s format), or writes the adapter alone (`output.fused: false`): `inpaint.model` loads
+    either."""
 
     rank: int = Field(16, ge=1, description="the adapters' rank r")
     alpha: float | None = Field(None, gt=0.0, description="their scale numerator (lora_alpha); default: rank")
@@ -94,6 +95,12 @@ class OutputConfig(StrictConfig):
     )
     name: str = Field("finetune", pattern=r"^[A-Za-z0-9_.-]+$")
     export: str | None = Field(None, description="diffusers pipeline directory of the EMA weights")
+    fused: bool = Field(
+        True,
+        description="LoRA runs: export the adapters fused into a whole pipeline folder, beside lora/; false: "
+        "lora/ and finetune.json alone (megabytes, not the base model's size), which a job's inpaint.model "
+        "loads on top of its model",
+    )
 
 
 class FinetuneConfig(StrictConfig):
@@ -122,6 +129,14 @@ class FinetuneConfig(StrictConfig):
         if not v.strip():
             raise ValueError("model must name a short name, a diffusers directory or a hub id")
         return v
+
+    @model_validator(mode="after")
+    def _fused_is_for_lora(self) -> FinetuneConfig:
+        if not self.output.fused and self.lora is None:
+            raise ValueError(
+                "output.fused: false exports LoRA adapters alone; set lora too, or leave it true"
+            )
+        return self
 
     def precision(self) -> str:
         mp = self.train.mixed_precision

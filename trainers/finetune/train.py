@@ -302,14 +302,15 @@ def latest_checkpoint(cfg: FinetuneConfig):
     return Checkpoint(best[1] if proto in ("file", "local") else f"{proto}://{best[1]}")
 
 
-def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
+def export_pipeline(model: str, checkpoint_dir: str, out: str, fused: bool = True) -> str:
     """The base model with the checkpoint's EMA denoiser, saved as a diffusers pipeline directory (local or
-    any fsspec URL)."""
+    any fsspec URL); a LoRA run's adapters also in `lora/`, or (`fused` false) there alone. Its
+    `finetune.json` holds the run's state, the base model and the denoiser's config."""
     import fsspec
     from safetensors.torch import load_file
 
     from factory.method.families import detect_family
-    from factory.method.loading import load_pipeline
+    from factory.method.loading import LORA_FOLDER, load_pipeline
     from trainers.finetune.config import LoraConfig
 
     pipe = load_pipeline(model, "cpu", "fp32")
@@ -331,12 +332,21 @@ def export_pipeline(model: str, checkpoint_dir: str, out: str) -> str:
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(root) if local else Path(tmp) / "export"
-        if lora is not None:  # the adapter as it is, then fused into the denoiser for a full folder
-            module.save_lora_adapter(str(target / "lora"))
-            module.fuse_lora()
-            module.unload_lora()
-        pipe.save_pretrained(target, safe_serialization=True)
-        (target / "finetune.json").write_text(json.dumps({"base_model": model, **state}, indent=1))
+        if lora is not None:  # the adapter as it is, then (`fused`) fused into the denoiser for a full folder
+            module.save_lora_adapter(str(target / LORA_FOLDER))
+        if lora is None or fused:
+            if lora is not None:
+                module.fuse_lora()
+                module.unload_lora()
+            pipe.save_pretrained(target, safe_serialization=True)
+        # the denoiser's config: what an adapter alone is checked against before it is loaded on a model
+        record = {
+            "base_model": model,
+            "denoiser": json.loads(json.dumps(dict(module.config), default=str)),
+            **state,
+        }
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "finetune.json").write_text(json.dumps(record, indent=1))
         if (Path(checkpoint_dir) / "samples.png").exists():
             (target / "samples.png").write_bytes((Path(checkpoint_dir) / "samples.png").read_bytes())
         if not local:
@@ -427,14 +437,14 @@ def run_finetune(cfg: FinetuneConfig, export_only: bool = False, verbose: bool |
         with result_checkpoint.as_directory() as d:
             summary["state"] = json.loads((Path(d) / STATE_FILE).read_text())
             if cfg.output.export:
-                summary["export"] = export_pipeline(cfg.model, d, cfg.output.export)
+                summary["export"] = export_pipeline(cfg.model, d, cfg.output.export, cfg.output.fused)
     st = summary.get("state", {})
     print(
         f"[finetune] done: step {st.get('step')}, "
         f"last loss {st.get('metrics', {}).get('loss', math.nan):.4f}; "
         f"checkpoint {summary['checkpoint']}"
         + (
-            f"; EMA pipeline exported to {summary['export']} (use it with --set model={summary['export']})"
+            f"; EMA export in {summary['export']} (a job's m': --set inpaint.model={summary['export']})"
             if summary["export"]
             else ""
         ),

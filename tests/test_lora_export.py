@@ -1,0 +1,115 @@
+"""A LoRA run's export as the adapter alone (`output.fused: false`, issue 34): `inpaint.model` loads it on
+top of the job's model, as it loads a fused pipeline folder; the preflight and the Distiller refuse an
+adapter of another denoiser. No Ray: the export is made from a checkpoint folder written as a run writes it
+(state.json and the EMA's adapter tensors), so the test is the export and the loading, not the training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_models import BUILDERS
+
+from factory.dataset.config import load_config
+from factory.dataset.preflight import check_model
+from factory.method.distiller import Distiller
+from factory.method.families import detect_family
+from factory.method.loading import ModelLoadError, lora_adapter_folder
+from factory.method.settings import Concept, DistillConfig, SampleSpec
+from trainers.finetune.config import LoraConfig, load_finetune_config
+from trainers.finetune.train import export_pipeline
+from trainers.finetune.worker import EMA_FILE, STATE_FILE, add_lora
+
+CONFIG = DistillConfig(num_inference_steps=3, probe_t0=2, inpaint_steps=3, resolution=32)
+
+
+def _lora_checkpoint(pipe, folder, seed: int = 0):
+    """A checkpoint of a LoRA run on `pipe`'s denoiser: adapters with non-zero B (a trained run's), as the
+    EMA file holds them."""
+    module = detect_family(pipe).denoiser_module
+    lora = LoraConfig(rank=4)
+    add_lora(module, lora)
+    g = torch.Generator().manual_seed(seed)
+    ema = {}
+    for n, p in module.named_parameters():
+        if ".lora_" in n:
+            ema[n] = torch.randn(p.shape, generator=g) * 0.5
+    folder.mkdir(parents=True)
+    save_file(ema, str(folder / EMA_FILE))
+    (folder / STATE_FILE).write_text(json.dumps({"step": 7, "lora": lora.model_dump()}))
+    module.unload_lora()  # the base as it was
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora-export")
+    BUILDERS["flux"]().save_pretrained(d / "base")
+    ckpt = _lora_checkpoint(BUILDERS["flux"](), d / "checkpoint")
+    export_pipeline(str(d / "base"), str(ckpt), str(d / "adapter"), fused=False)
+    export_pipeline(str(d / "base"), str(ckpt), str(d / "fused"), fused=True)
+    return d
+
+
+def test_an_adapter_alone_is_megabytes_and_records_its_denoiser(flux):
+    adapter, fused = flux / "adapter", flux / "fused"
+    assert not (adapter / "model_index.json").exists() and (fused / "model_index.json").exists()
+    assert (adapter / "lora" / "pytorch_lora_weights.safetensors").exists()
+    record = json.loads((adapter / "finetune.json").read_text())
+    assert record["denoiser"]["_class_name"] == "FluxTransformer2DModel" and record["step"] == 7
+    size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file())
+    assert size < sum(p.stat().st_size for p in fused.rglob("*") if p.is_file()) / 5
+    # an export folder, its lora/ folder: adapters; a pipeline folder (even with lora/ inside): not
+    assert lora_adapter_folder(str(adapter)) == adapter / "lora"
+    assert lora_adapter_folder(str(adapter / "lora")) == adapter / "lora"
+    assert lora_adapter_folder(str(fused)) is None and lora_adapter_folder("toyworld") is None
+
+
+def test_inpaint_model_loads_the_adapter_as_it_loads_the_fused_export(flux):
+    base = str(flux / "base")
+    plain = Distiller(base, config=CONFIG)
+    a = Distiller(base, config=CONFIG, inpaint_model=str(flux / "adapter"))
+    b = Distiller(base, config=CONFIG, inpaint_model=str(flux / "fused"))
+    pa, pb = dict(a.inpaint_unet.named_parameters()), dict(b.inpaint_unet.named_parameters())
+    assert pa.keys() == pb.keys() and not any(".lora_" in n for n in pa)
+    assert all(torch.allclose(pa[n], pb[n], atol=1e-6) for n in pa), "fused as the export fuses it"
+    base_params = dict(plain.family.denoiser_module.named_parameters())
+    assert any(not torch.equal(pa[n], base_params[n]) for n in pa), "the adapter changed m'"
+    # the model's own denoiser (attention maps, synthesis) keeps the base weights
+    assert all(torch.equal(p, base_params[n]) for n, p in a.family.denoiser_module.named_parameters())
+    [ta] = a.synthesize([SampleSpec(Concept("star"), 0)])
+    [tb] = b.synthesize([SampleSpec(Concept("star"), 0)])
+    assert ta.meta["inpaint_model"] == "adapter" and np.array_equal(ta.image, tb.image)
+    assert np.abs(ta.background.astype(int) - tb.background.astype(int)).max() <= 1
+
+
+def test_an_adapter_of_another_denoiser_is_refused_before_any_weights(flux, tmp_path):
+    other = BUILDERS["flux"](num_layers=2)  # one more double-stream block
+    other.save_pretrained(tmp_path / "other")
+    job = [
+        f"model={tmp_path / 'other'}",
+        f"inpaint.model={flux / 'adapter'}",
+        f"output.uri={tmp_path / 'out'}",
+        "concepts=[{name: star, samples: 1}]",
+    ]
+    with pytest.raises(ModelLoadError, match="LoRA adapter of another denoiser.*num_layers 1 against 2"):
+        check_model(load_config("configs/toyworld.yaml", job))
+    check_model(load_config("configs/toyworld.yaml", [f"model={flux / 'base'}", *job[1:]]))
+    # without its record (lora/ copied elsewhere), loading finds tensors that name no layer of the model
+    (flux / "bare").mkdir()
+    (flux / "bare" / "pytorch_lora_weights.safetensors").write_bytes(
+        (flux / "adapter" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    smaller = BUILDERS["flux"](num_layers=1, num_single_layers=0)
+    with pytest.raises(ModelLoadError, match="tensors name no layer"):
+        Distiller("smaller", pipeline=smaller, config=CONFIG, inpaint_model=str(flux / "bare"))
+
+
+def test_an_unfused_export_needs_a_lora_run():
+    from factory.yaml_config import ConfigError
+
+    with pytest.raises(ConfigError, match="output.fused: false exports LoRA adapters alone"):
+        load_finetune_config("configs/finetune-toyworld.yaml", ["output.fused=false"])
+    cfg = load_finetune_config("configs/finetune-toyworld.yaml", ["output.fused=false", "lora={rank: 4}"])
+    assert not cfg.output.fused
