@@ -149,6 +149,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 LORA_KILLS = [None, "sdxl", "sd3", "flux2_klein", "z_image"]  # (FLUX's LoRA kill runs under ZeRO-3 above)
+ZERO3_KILLS = ["sdxl", "sd3", "flux2_klein", "z_image"]  # (and FLUX's, above)
 
 
 @pytest.mark.parametrize(
@@ -161,10 +162,9 @@ LORA_KILLS = [None, "sdxl", "sd3", "flux2_klein", "z_image"]  # (FLUX's LoRA kil
         pytest.param("sd3", (), marks=pytest.mark.slow),
         pytest.param("flux2_klein", (), marks=pytest.mark.slow),
         pytest.param("z_image", (), marks=pytest.mark.slow),
-        # LoRA on every family, and ZeRO-3 on SDXL and SD3 too
+        # LoRA on every family, and ZeRO-3 on every DiT and SDXL too
         *[pytest.param(b, ("lora={rank: 8}",), marks=pytest.mark.slow) for b in LORA_KILLS],
-        pytest.param("sdxl", ("deepspeed.stage=3",), marks=pytest.mark.slow),
-        pytest.param("sd3", ("deepspeed.stage=3",), marks=pytest.mark.slow),
+        *[pytest.param(b, ("deepspeed.stage=3",), marks=pytest.mark.slow) for b in ZERO3_KILLS],
     ],
     ids=[
         "sd",
@@ -175,8 +175,7 @@ LORA_KILLS = [None, "sdxl", "sd3", "flux2_klein", "z_image"]  # (FLUX's LoRA kil
         "flux2_klein",
         "z_image",
         *[f"{b or 'sd'}-lora" for b in LORA_KILLS],
-        "sdxl-zero3",
-        "sd3-zero3",
+        *[f"{b}-zero3" for b in ZERO3_KILLS],
     ],
 )
 def test_a_killed_worker_resumes_from_the_last_checkpoint(work, build, extra):
