@@ -42,14 +42,26 @@ def _lora_checkpoint(pipe, folder, seed: int = 0):
     return folder
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lora-export")
-    BUILDERS["flux"]().save_pretrained(d / "base")
-    ckpt = _lora_checkpoint(BUILDERS["flux"](), d / "checkpoint")
+def _exports(d, build: str):
+    """`build`'s tiny pipeline in d/base, and one LoRA checkpoint exported alone and fused."""
+    BUILDERS[build]().save_pretrained(d / "base")
+    ckpt = _lora_checkpoint(BUILDERS[build](), d / "checkpoint")
     export_pipeline(str(d / "base"), str(ckpt), str(d / "adapter"), fused=False)
     export_pipeline(str(d / "base"), str(ckpt), str(d / "fused"), fused=True)
     return d
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return _exports(tmp_path_factory.mktemp("lora-export"), "flux")
+
+
+@pytest.fixture(scope="module", params=["flux", "sd2", "z_image"])
+def exported(request, flux, tmp_path_factory):
+    """A double-stream DiT, a UNet, a single-stream DiT."""
+    if request.param == "flux":
+        return flux
+    return _exports(tmp_path_factory.mktemp(f"lora-export-{request.param}"), request.param)
 
 
 def test_an_adapter_alone_is_megabytes_and_records_its_denoiser(flux):
@@ -66,11 +78,11 @@ def test_an_adapter_alone_is_megabytes_and_records_its_denoiser(flux):
     assert lora_adapter_folder(str(fused)) is None and lora_adapter_folder("toyworld") is None
 
 
-def test_inpaint_model_loads_the_adapter_as_it_loads_the_fused_export(flux):
-    base = str(flux / "base")
+def test_inpaint_model_loads_the_adapter_as_it_loads_the_fused_export(exported):
+    base = str(exported / "base")
     plain = Distiller(base, config=CONFIG)
-    a = Distiller(base, config=CONFIG, inpaint_model=str(flux / "adapter"))
-    b = Distiller(base, config=CONFIG, inpaint_model=str(flux / "fused"))
+    a = Distiller(base, config=CONFIG, inpaint_model=str(exported / "adapter"))
+    b = Distiller(base, config=CONFIG, inpaint_model=str(exported / "fused"))
     pa, pb = dict(a.inpaint_unet.named_parameters()), dict(b.inpaint_unet.named_parameters())
     assert pa.keys() == pb.keys() and not any(".lora_" in n for n in pa)
     assert all(torch.allclose(pa[n], pb[n], atol=1e-6) for n in pa), "fused as the export fuses it"
