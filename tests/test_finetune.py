@@ -22,9 +22,9 @@ from factory.dataset.pipeline import run_job
 from factory.dataset.sources import list_images
 from factory.method.distiller import Distiller
 from factory.method.loading import load_pipeline
-from factory.method.settings import Concept, SampleSpec
+from factory.method.settings import Concept, DistillConfig, SampleSpec
 from factory.toyworld.world import write_split
-from trainers.finetune.train import load_finetune_config, run_finetune
+from trainers.finetune.train import export_pipeline, load_finetune_config, run_finetune
 
 pytestmark = pytest.mark.training  # Ray Train + DeepSpeed: `make test-fast` skips these
 
@@ -225,7 +225,6 @@ def fine_tune_a_family(work, build: str, *extra, name: str | None = None) -> Non
     from tiny_models import BUILDERS
 
     from factory.method.families import detect_family
-    from factory.method.settings import DistillConfig
 
     base = BUILDERS[build]()
     base.save_pretrained(work / f"tiny-{build}")
@@ -305,7 +304,7 @@ def test_a_flux_model_fine_tunes_under_zero3_and_its_export_inpaints(work, short
     ],
     ids=["flux", "flux-zero3", "sdxl", "sd3", "flux2_klein", "z_image"],
 )
-def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build, extra):
+def test_lora_adapters_fine_tune_and_both_their_exports_inpaint(work, build, extra):
     # LoRA (rank 16 on the attention projections, 10x the full run's rate as LoRA runs use): the base stays
     # as it was in training; the export fuses the adapters into a full folder and keeps them in lora/
     name = f"{build}-lora" + ("-zero3" if extra else "")
@@ -317,6 +316,14 @@ def test_lora_adapters_fine_tune_and_their_fused_export_inpaints(work, build, ex
     [checkpoint] = sorted((work / "runs" / name).glob("checkpoint_*/ema_unet.safetensors"))[-1:]
     ema = load_file(str(checkpoint))
     assert ema and all(".lora_" in n for n in ema), "only the adapters were trained"
+    # the same checkpoint exported as the adapter alone (`output.fused: false`) inpaints on the base model
+    adapter = export_pipeline(
+        str(work / f"tiny-{build}"), str(checkpoint.parent), str(work / f"{name}-adapter"), False
+    )
+    config = DistillConfig(num_inference_steps=4, probe_t0=3, inpaint_steps=4, resolution=32)
+    d = Distiller(str(work / f"tiny-{build}"), config=config, inpaint_model=adapter)
+    [t] = d.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.meta["inpaint_model"] == f"{name}-adapter" and not (Path(adapter) / "model_index.json").exists()
 
 
 @pytest.mark.slow  # ~40 s each: the default lane keeps FLUX's (above), `make test-slow` runs these
