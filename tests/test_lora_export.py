@@ -125,3 +125,61 @@ def test_an_unfused_export_needs_a_lora_run():
         load_finetune_config("configs/finetune-toyworld.yaml", ["output.fused=false"])
     cfg = load_finetune_config("configs/finetune-toyworld.yaml", ["output.fused=false", "lora={rank: 4}"])
     assert not cfg.output.fused
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """moto's S3 server on loopback; fsspec's s3 file system pointed at it (as FSSPEC_S3_ENDPOINT_URL
+    would), the model cache in tmp_path."""
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    import factory.method.loading as loading
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{port}"})
+    monkeypatch.setattr(loading, "MODEL_CACHE", tmp_path / "cache")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("cf-models")
+    yield fs
+    server.stop()
+
+
+def test_models_and_adapters_load_from_an_object_store(flux, s3, tmp_path):
+    """model and inpaint.model as s3:// URLs: the preflight copies configs and tokenizers alone, the
+    Distiller the whole folder, once per content; a new export at the same URL is copied anew."""
+    s3.put(str(flux / "base"), "cf-models/flux-base", recursive=True)
+    s3.put(str(flux / "adapter"), "cf-models/flux-lora", recursive=True)
+    base, adapter = "s3://cf-models/flux-base", "s3://cf-models/flux-lora"
+    job = [f"model={base}", f"inpaint.model={adapter}", f"output.uri={tmp_path / 'out'}"]
+    check_model(load_config("configs/toyworld.yaml", [*job, "concepts=[{name: star, samples: 1}]"]))
+    cache = tmp_path / "cache"
+    copies = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert [c.split("-")[:2] for c in copies] == [["flux", "base"], ["flux", "lora"]]
+    assert not list((cache / copies[0]).rglob("*.safetensors")), "the preflight copied no weights"
+    remote = Distiller(base, config=CONFIG, inpaint_model=adapter)
+    local = Distiller(str(flux / "base"), config=CONFIG, inpaint_model=str(flux / "adapter"))
+    pr, pl = dict(remote.inpaint_unet.named_parameters()), dict(local.inpaint_unet.named_parameters())
+    assert all(torch.equal(pr[n], pl[n]) for n in pl)
+    [t] = remote.synthesize([SampleSpec(Concept("star"), 0)])
+    assert t.meta["inpaint_model"] == adapter
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3  # + the base's whole copy
+    Distiller(base, config=CONFIG, inpaint_model=adapter)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3, "copied once"
+    # another export at the same URL (another step): copied anew, never the stale copy
+    record = json.loads((flux / "adapter" / "finetune.json").read_text())
+    with s3.open("cf-models/flux-lora/finetune.json", "w") as f:
+        json.dump({**record, "step": 8}, f)
+    again = Distiller(base, config=CONFIG, inpaint_model=adapter)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 4
+    assert not list(cache.glob("*.partial"))
+    assert all(torch.equal(p, pl[n]) for n, p in again.inpaint_unet.named_parameters())

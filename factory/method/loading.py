@@ -57,8 +57,61 @@ def _not_found(model: str, err: Exception) -> ModelLoadError:
     )
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A short name's directory, an existing local directory, or else the string itself (a hub id)."""
+# a model folder at an fsspec URL (s3://, gs://, ...) is copied once per machine into this cache
+MODEL_CACHE = Path(os.environ.get("CF_MODEL_CACHE", "~/.cache/concept-factory/models")).expanduser()
+CONFIG_FILES = (".json", ".txt", ".model", ".jinja")  # configs and tokenizers: what a preflight reads
+
+
+def is_remote(name: str) -> bool:
+    """Whether a model is named by an fsspec URL of another file system (s3://bucket/models/x)."""
+    return "://" in name and not name.startswith("file://")
+
+
+def local_copy(url: str, weights: bool = True) -> str:
+    """The model folder at `url` (any fsspec URL; credentials and endpoint as the file system reads them,
+    e.g. AWS_* or FSSPEC_S3_ENDPOINT_URL) copied to this machine's cache (`CF_MODEL_CACHE`), once per
+    machine and content: the folder is named by the URL and its listing (names, sizes, ETags), so a new
+    export at the same URL is copied anew. `weights=False` copies the configs and tokenizers alone (what
+    the preflight reads, not gigabytes). One process copies, the others on the machine wait for it
+    (a file lock); the copy appears whole or not at all (a rename)."""
+    import hashlib
+    import json
+    import shutil
+
+    import fsspec
+    from filelock import FileLock
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        listing = fs.find(root, detail=True)
+    except Exception as err:  # noqa: BLE001  (any file system's error: missing bucket, no credentials)
+        raise ModelLoadError(f"could not list model folder {url!r}: {type(err).__name__}: {err}") from err
+    files = {p: d for p, d in listing.items() if weights or p.endswith(CONFIG_FILES)}
+    if not files:
+        raise ModelLoadError(f"model folder {url!r} is empty or does not exist")
+    version = {p: str(d.get("ETag") or d.get("etag") or d.get("mtime")) for p, d in files.items()}
+    stamp = json.dumps(sorted((p, d.get("size"), version[p]) for p, d in files.items()))
+    key = hashlib.sha256(f"{url}\n{weights}\n{stamp}".encode()).hexdigest()[:16]
+    dest = MODEL_CACHE / f"{root.rsplit('/', 1)[-1]}-{key}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not dest.exists():
+            partial = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            for p in files:
+                target = partial / p[len(root) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(p, str(target))
+            partial.rename(dest)
+    return str(dest)
+
+
+def resolve_model(name_or_path: str, weights: bool = True) -> str:
+    """A short name's directory, an existing local directory, a remote folder's local copy (`local_copy`;
+    `weights=False`: its configs and tokenizers alone), or else the string itself (a hub id)."""
+    if is_remote(name_or_path):
+        return local_copy(name_or_path, weights)
     if name_or_path in ARCHITECTURES:
         return str(ARCHITECTURES[name_or_path])
     if name_or_path in SHORT_NAMES:
@@ -343,7 +396,7 @@ def read_model_configs(model: str, components: tuple[str, ...] = ("denoiser", "v
 
     from factory.method.families import FAMILIES, component_classes, family_name_of_index
 
-    source = resolve_model(model)
+    source = resolve_model(model, weights=False)
     try:
         with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
@@ -394,6 +447,15 @@ def lora_adapter_folder(inpaint_model: str) -> Path | None:
     directory with `model_index.json`, a short name or a hub id): a LoRA run's export (`lora/` beside or
     without its fused pipeline, `output.fused`) or that `lora/` folder itself. A pipeline folder is loaded
     whole even when it holds `lora/` too."""
+    if is_remote(inpaint_model):  # looked at where it is; copied only if it is an adapter
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(inpaint_model.rstrip("/"))
+        if fs.exists(f"{root}/model_index.json"):
+            return None
+        if not any(fs.exists(f"{d}/{LORA_WEIGHTS}") for d in (f"{root}/{LORA_FOLDER}", root)):
+            return None
+        inpaint_model = local_copy(inpaint_model)
     path = Path(os.path.expanduser(inpaint_model))
     if not path.is_dir() or (path / "model_index.json").exists():
         return None
@@ -488,7 +550,7 @@ def load_tokenizers(model: str) -> dict:
     try:
         return {
             n: getattr(transformers, index[n][1], transformers.AutoTokenizer).from_pretrained(
-                resolve_model(model), subfolder=n
+                resolve_model(model, weights=False), subfolder=n
             )
             for n in names
         }
