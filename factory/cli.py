@@ -2,6 +2,7 @@
 
     factory generate CONFIG [--set KEY=VALUE ...]            synthesize + label into WebDataset shards (Ray)
     factory label CONFIG --input SRC [--set KEY=VALUE ...]   label your own images into shards (Ray)
+    factory refine CONFIG --from OUT --set inpaint.model=M'  their masks again with m', no probe (Ray)
     factory toyworld-split --out DIR --seeds 0:200 [--concept star]   write a labelled toyworld split
     factory bench [--model sd15-arch --steps 50 --batch 8 ...]        triplet vs plain diffusers, one run
 
@@ -60,6 +61,15 @@ def cmd_label(a) -> int:
     return 0 if a.dry_run or summary["complete"] else 1
 
 
+def cmd_refine(a) -> int:
+    from factory.dataset.config import load_config
+    from factory.dataset.pipeline import run_job
+
+    cfg = load_config(a.config, [*a.set, f"input.refine_from={a.source}"])
+    summary = run_job(cfg, "refine", verbose=a.verbose or None, dry_run=a.dry_run)
+    return 0 if a.dry_run or summary["complete"] else 1
+
+
 def cmd_bench(a) -> int:
     from factory.bench import main as bench_main
 
@@ -101,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         "--input", required=True, help="a folder, a glob or a .txt list of image URLs (any fsspec URL)"
     )
     s.set_defaults(fn=cmd_label)
+    s = sub.add_parser(
+        "refine",
+        help="draft a label or generate output's samples again from their concept maps (no probe), "
+        "inpainting with the job's inpaint.model: the paper's relabelling with m'",
+    )
+    _add_job_args(s)
+    s.add_argument(
+        "--from", dest="source", required=True, help="the output to refine (made with the job's model)"
+    )
+    s.set_defaults(fn=cmd_refine)
     s = sub.add_parser("toyworld-split", help="write a labelled toyworld split")
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", type=_seeds, default=range(0, 200))

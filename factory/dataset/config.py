@@ -166,13 +166,18 @@ class FilterConfig(StrictConfig):
 
 
 class InputConfig(StrictConfig):
-    """Label mode's images (factory/dataset/images.py)."""
+    """Label mode's images (factory/dataset/images.py); refine mode's source output."""
 
     max_pixels: int = Field(
         16_000_000,
         ge=1,
         description="larger images are downscaled to this many pixels (aspect kept) before the model and "
         "written at that size; beyond 16 times it they are not decoded (`too_large`)",
+    )
+    refine_from: str | None = Field(
+        None,
+        description="refine mode (`factory refine --from`): the label or generate output (any fsspec URL) "
+        "whose images and concept maps are drafted again, with this job's inpaint.model",
     )
 
 

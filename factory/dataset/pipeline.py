@@ -38,7 +38,13 @@ from factory.dataset.preflight import preflight
 from factory.dataset.ray_start import init_ray
 from factory.dataset.report import print_plan, print_summary, summarize, write_report
 from factory.dataset.shards import ShardStore
-from factory.dataset.specs import ShardTask, generation_shards, job_fingerprint, label_shards
+from factory.dataset.specs import (
+    ShardTask,
+    generation_shards,
+    job_fingerprint,
+    label_shards,
+    refine_shards,
+)
 from factory.dataset.writers import assemble_shards, write_part
 from factory.errors import UserError, user_error_from_state, user_error_state
 from factory.method.loading import quiet_model_libraries
@@ -95,6 +101,7 @@ class GenerateShard:
         self.write_part = ray.remote(num_cpus=self.cfg.resources.writer_num_cpus)(write_part)
         self.commit_part = write_part  # the same function, in this process (a CPU actor's parts)
         self.progress = progress  # the driver's PartProgress, or None
+        self._source_shard = None  # refine mode: (name, its samples by key), the shard being refined
         # Who runs Steps 5-6 (the refined mask: CPU work) and writes the parts. A GPU actor hands its drafts
         # to writer tasks, so that the GPU waits for no refined mask and no encoding. A CPU actor finishes
         # and commits its parts itself: writer tasks would run on its own cores, and cost more there than
@@ -122,6 +129,8 @@ class GenerateShard:
                 for t, (_, values) in zip(drafts, drawn, strict=True):
                     if values:  # the prompt itself is in every sample's metadata already
                         t.meta["prompt_attributes"] = values
+            elif self.mode == "refine":
+                drafts = self._refine(chunk)
             else:
                 images, ok = [], []
                 for s in chunk:
@@ -143,6 +152,35 @@ class GenerateShard:
                     t.meta["source"] = s["source"]
             out.extend(drafts)
         return out, errors
+
+    def _refine(self, chunk: list[dict]) -> list:
+        """Refine mode: the chunk's samples as the source output holds them (image, concept map, seed,
+        prompt), drafted by this job's distiller without a probe (`Distiller.with_maps`)."""
+        from factory.dataset.shards import ShardStore, decode_member, sample_image
+        from factory.method.settings import Concept, SampleSpec
+
+        shard = chunk[0]["source"]
+        if self._source_shard is None or self._source_shard[0] != shard:  # one read per source shard
+            src = ShardStore(self.cfg.input.refine_from, self.cfg.output.storage_options)
+            self._source_shard = (shard, {r["__key__"]: r for r in src.read_shard(f"{shard}.tar")})
+        records = [self._source_shard[1][s["key"]] for s in chunk]
+        metas = [decode_member("json", r["json"]) for r in records]
+        specs = []
+        for s, meta in zip(chunk, metas, strict=True):
+            c = self.concepts[s["concept"]]  # the source's own prompt (it may have been drawn per sample)
+            prompt = meta["prompt"].replace("{", "{{").replace("}", "}}")
+            specs.append(SampleSpec(Concept(c.name, prompt, c.words), int(meta["seed"]), s["key"]))
+        images = [sample_image(r) for r in records]
+        attention = [decode_member("attn.npy", r["attn.npy"]) for r in records]
+        mb, drafts = self.distiller.batch_size(len(specs)), []
+        for i in range(0, len(specs), mb):  # micro-batches, as `Distiller.label` calls the model
+            maps = self.distiller.with_maps(images[i : i + mb], attention[i : i + mb], specs[i : i + mb])
+            drafts += self.distiller.draft(maps)
+        for d, meta in zip(drafts, metas, strict=True):
+            d.meta["refined_from"] = {"output": self.cfg.input.refine_from, "mode": meta.get("mode")}
+            if meta.get("source"):
+                d.meta["source"] = meta["source"]
+        return drafts
 
     def _shard(self, task: ShardTask) -> dict:
         """Produce the parts of one shard that are not committed yet; return what the assembly needs."""
@@ -236,6 +274,8 @@ def plan(cfg: JobConfig, mode: str, sources: list[str] | None) -> list[ShardTask
         return generation_shards(cfg)
     if mode == "label":
         return label_shards(cfg, sources or [])
+    if mode == "refine":
+        return refine_shards(cfg)
     raise ValueError(f"unknown mode {mode!r}")
 
 

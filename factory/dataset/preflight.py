@@ -9,7 +9,9 @@ these checks find it first, in seconds, without loading any weights:
    reached or is cached), their configs read, and they are text-conditioned latent diffusion pipelines of a
    family the factory serves; the inpainting model fits the model's text encoder;
 3. every concept's prompt: the tokenizer finds each concept word's tokens in it, and the background prompt
-   tokenizes.
+   tokenizes;
+4. refine mode's source output: complete, and made by the same model, VAE and resolution, of the job's
+   concepts.
 
 Each failure raises a `UserError` subclass whose message says what to do.
 """
@@ -20,6 +22,7 @@ import uuid
 
 from factory.dataset.config import JobConfig
 from factory.errors import UserError
+from factory.yaml_config import ConfigError
 
 # fsspec protocol -> the extra of this package that installs it
 PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -147,9 +150,52 @@ def check_not_another_job(cfg: JobConfig, mode: str) -> None:
         )
 
 
+def check_refine_source(cfg: JobConfig, mode: str) -> None:
+    """Refine mode's source (`input.refine_from`): a complete label or generate output whose concept maps
+    this job can use: made by the same model (the maps are its attention, the latents its VAE's) at the
+    same resolution, of concepts this job names."""
+    from factory.dataset.shards import ShardStore
+
+    source = cfg.input.refine_from
+    if (mode == "refine") != (source is not None):
+        raise ConfigError(
+            "input.refine_from is refine mode's source: `factory refine CONFIG --from OUTPUT` sets it"
+            if source is not None
+            else "refine mode needs its source output (`factory refine CONFIG --from OUTPUT`)"
+        )
+    if source is None:
+        return
+    store = ShardStore(source, cfg.output.storage_options)
+    try:
+        manifest, job = store.read_json("manifest.json"), store.read_json("job.json")
+    except FileNotFoundError as err:
+        raise OutputError(f"--from {source!r} holds no factory output (no manifest.json, job.json)") from err
+    if not manifest.get("complete"):
+        raise OutputError(f"--from {source!r} is not complete: run its job to the end first")
+    made = job["config"]
+    differ = [
+        f"{what} {a!r} (the source's {b!r})"
+        for what, a, b in (
+            ("model", cfg.model, made.get("model")),
+            ("vae", cfg.vae, made.get("vae")),
+            ("sampler.resolution", cfg.sampler.resolution, made.get("sampler", {}).get("resolution")),
+        )
+        if a != b
+    ]
+    missing = sorted({c["name"] for c in made["concepts"]} - {c.name for c in cfg.concepts})
+    if differ or missing:
+        raise ConfigError(
+            f"--from {source!r} was made otherwise: "
+            + "; ".join(differ + ([f"concepts {missing} not in this job"] if missing else []))
+            + ". Refine an output with the job's model, VAE, resolution and concepts (the concept maps are "
+            "that model's)."
+        )
+
+
 def preflight(cfg: JobConfig, mode: str, write_probe: bool = True) -> None:
     """All the checks above, in order; raises the first failure. `write_probe=False` writes nothing (a dry
     run)."""
+    check_refine_source(cfg, mode)
     check_not_another_job(cfg, mode)
     if write_probe:
         check_writable(cfg.output.uri, cfg.output.storage_options)

@@ -148,3 +148,28 @@ def label_shards(cfg: JobConfig, sources: list[str]) -> list[ShardTask]:
         ShardTask(i // n, shard_name(cfg, i // n), i, min(i + n, len(samples)), tuple(samples[i : i + n]))
         for i in range(0, len(samples), n)
     ]
+
+
+def refine_shards(cfg: JobConfig) -> list[ShardTask]:
+    """Refine mode: one shard per committed shard of the source output (`input.refine_from`), of the same
+    name and keys; each sample's concept is the job's concept its key starts with (as both modes name
+    keys: "{concept}-..."). Reads the source's manifest and stats files, not its samples."""
+    from factory.dataset.shards import ShardStore
+
+    source = ShardStore(cfg.input.refine_from, cfg.output.storage_options)
+    prefixes = sorted(
+        ((f"{safe_key(c.name)}-", i) for i, c in enumerate(cfg.concepts)), key=lambda p: -len(p[0])
+    )
+    tasks = []
+    for index, shard in enumerate(source.read_json("manifest.json")["shards"]):
+        name = shard["name"].removesuffix(".tar")
+        listed = []
+        for key in source.read_json(f"{name}.stats.json")["keys"]:
+            ci = next((i for p, i in prefixes if key.startswith(p)), None)
+            if ci is None:
+                raise ValueError(
+                    f"sample {key!r} of {cfg.input.refine_from} is of none of the job's concepts"
+                )
+            listed.append({"key": key, "seed": None, "concept": ci, "source": name})
+        tasks.append(ShardTask(index, name, 0, len(listed), tuple(listed)))
+    return tasks

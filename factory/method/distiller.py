@@ -58,7 +58,7 @@ class ConceptMaps:
         torch.Generator
     ]  # one per sample, seeded by its seed; the inpainting draws from them too
     latents: torch.Tensor  # (B, C, h, w) z0 on the model's device
-    attention: torch.Tensor  # (B, h, w) mean attention of each sample's concept tokens
+    attention: torch.Tensor | None  # (B, h, w) mean attention of each sample's concept tokens
     canvases: list[Canvas]  # each image's geometry on the model's square canvas
     images: list[np.ndarray]  # (S, S, 3) uint8 canvases
     originals: list[np.ndarray] | None  # label mode: the images in their own size
@@ -390,38 +390,15 @@ class Distiller:
         ]
         return [d.finish() for d in drafts] if finish else drafts
 
-    def probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> ConceptMaps:
-        """Steps 1-2 of label mode for one micro-batch: each image on the model's canvas, its latents, and
-        the mean attention map of its concept (the paper's probe). `draft` takes the result."""
-        cfg = self.config
-        timings: dict[str, float] = {}
-        # 1. Each image on one canvas geometry, encoded by the VAE (latents sampled from the posterior).
+    def _encode(self, images: list[np.ndarray], specs: list[SampleSpec]) -> ConceptMaps:
+        """Step 1 of label mode: each image on one canvas geometry, encoded by the VAE (latents sampled from
+        the posterior by each sample's seeded generator). The maps' `attention` is not set yet."""
         t = self._clock()
         placed = [to_canvas(np.asarray(im), self.resolution) for im in images]
-        canvases = [c for _, c in placed]
         canvas_images = [im for im, _ in placed]
         generators = [torch.Generator().manual_seed(int(s.seed)) for s in specs]
         x = torch.from_numpy(np.stack(canvas_images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         latents = encode_images(self.vae, x.to(self.device, self.vae.dtype), generators).to(self.dtype)
-        timings["encode_s"] = self._clock() - t
-
-        # 2. The concept tokens' mean cross-attention over the T0 least-noisy steps (paper Step 1).
-        t = self._clock()
-        attention = mean_attention_map(
-            self.denoiser,
-            self.probe_scheduler,
-            latents=latents,
-            text_embeddings=self.embed([s.concept.prompt for s in specs]),
-            token_weights=self.token_weights(specs),
-            timesteps=probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
-            generators=generators,
-            repeats=cfg.probe_repeats,
-            inpainting_inputs=repaint_everything(self.vae, latents)
-            if self.denoiser.in_channels == 9
-            else None,
-            readout=self.readout(specs),
-        )
-        timings["attention_s"] = self._clock() - t
         originals = [
             np.asarray(im)[..., :3]
             if np.asarray(im).ndim == 3
@@ -433,12 +410,57 @@ class Distiller:
             specs=specs,
             generators=generators,
             latents=latents,
-            attention=attention,
-            canvases=canvases,
+            attention=None,
+            canvases=[c for _, c in placed],
             images=canvas_images,
             originals=originals,
-            timings=timings,
+            timings={"encode_s": self._clock() - t},
         )
+
+    def probe(self, images: list[np.ndarray], specs: list[SampleSpec]) -> ConceptMaps:
+        """Steps 1-2 of label mode for one micro-batch: each image on the model's canvas, its latents, and
+        the mean attention map of its concept (the paper's probe). `draft` takes the result."""
+        cfg = self.config
+        # 1. Each image on one canvas geometry, encoded by the VAE.
+        maps = self._encode(images, specs)
+
+        # 2. The concept tokens' mean cross-attention over the T0 least-noisy steps (paper Step 1).
+        t = self._clock()
+        maps.attention = mean_attention_map(
+            self.denoiser,
+            self.probe_scheduler,
+            latents=maps.latents,
+            text_embeddings=self.embed([s.concept.prompt for s in specs]),
+            token_weights=self.token_weights(specs),
+            timesteps=probe_timesteps(self.probe_scheduler, cfg.num_inference_steps, cfg.probe_t0),
+            generators=maps.generators,
+            repeats=cfg.probe_repeats,
+            inpainting_inputs=repaint_everything(self.vae, maps.latents)
+            if self.denoiser.in_channels == 9
+            else None,
+            readout=self.readout(specs),
+        )
+        maps.timings["attention_s"] = self._clock() - t
+        return maps
+
+    def with_maps(
+        self, images: list[np.ndarray], attention: list[np.ndarray], specs: list[SampleSpec]
+    ) -> ConceptMaps:
+        """Label mode with the concept maps already known (a label or generate output's `.attn.npy`, made
+        by this model at this resolution): Step 1 only, the probe skipped. `draft` then inpaints with this
+        distiller's inpainting model: the paper's relabelling with m' of what m has labelled, without
+        probing m again (`factory refine`). The inpainting's noise is each seed's generator after the
+        encoding, not after a probe, so the backgrounds are not bit for bit those of `label`."""
+        maps = self._encode(images, specs)
+        grid = tuple(maps.latents.shape[-2:])
+        bad = [s.key for s, a in zip(specs, attention, strict=True) if tuple(np.shape(a)) != grid]
+        if bad:
+            raise ValueError(
+                f"the concept maps of {bad[:3]} are not on this model's latent grid {grid}: they were made "
+                "by another model or at another sampler.resolution"
+            )
+        maps.attention = torch.from_numpy(np.stack(attention).astype(np.float32)).to(self.device)
+        return maps
 
     def synthesize(self, specs: list[SampleSpec], finish: bool = True) -> list[Triplet] | list[Draft]:
         """Generate images of each spec's concept and label them: paper Step 5.
