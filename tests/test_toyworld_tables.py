@@ -65,6 +65,15 @@ def test_small_tables_pipeline_end_to_end(tmp_path, local_ray):
     assert {s["metrics"]["step"] for s in one["students"]} == {2 * cfg.student_steps}
     out = tmp_path / "tables"
     assert (out / "figure.png").exists() and "student on D_s u D'_s" in (out / "table.md").read_text()
+    # D_s is stage 2's labels refined with m' (`factory refine`): m's concept maps, m' inpainting
+    from factory.dataset.shards import ShardStore, decode_member
+
+    [label] = ShardStore(str(out / "label-star")).read_first("shard-000000.tar", 1)
+    [ds] = ShardStore(str(out / "ds-star")).read_first("shard-000000.tar", 1)
+    meta = decode_member("json", ds["json"])
+    assert ds["__key__"] == label["__key__"] and ds["attn.npy"] == label["attn.npy"]
+    assert meta["refined_from"]["output"] == str(out / "label-star")
+    assert meta["inpaint_model"] == "toyworld-ft"
 
 
 def test_student_rows_over_seeds(tmp_path):

@@ -9,7 +9,8 @@ Stages (folders under --out):
   1. train-{c}/, test-{c}/   labelled one-concept splits of unseen seeds (the paper: a data set per concept)
   2. label-{c}/              `factory label` with the pretrained m: M_pre of the training images, no GT
   3. toyworld-ft/            `trainers finetune`: m' for all concepts (DeepSpeed on Ray Train)
-  4. ds-{c}/                 D_s: `factory label` again, attention from m, background inpainting with m'
+  4. ds-{c}/                 D_s: `factory refine` of label-{c}: its attention from m, background
+                             inpainting with m' (m is not probed again)
   5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled the same way)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept and
@@ -243,8 +244,21 @@ def finetune_m_prime(cfg: TablesConfig, out: Path) -> bool:
 
 
 def label_with_m_prime(cfg: TablesConfig, out: Path) -> bool:
-    """4. D_s: the training images labelled with m, their backgrounds inpainted with m'."""
-    return label_training_images(cfg, out, "ds", str(out / FINETUNED))
+    """4. D_s: stage 2's labels refined with m' (`factory refine`): their concept maps (m's, as the paper
+    takes them) drafted again, the backgrounds inpainted with m', without probing m a second time."""
+    from factory.dataset.pipeline import run_job
+
+    todo = [c for c in cfg.concepts if not _done(out / f"ds-{c}")]
+    for c in todo:
+        job = _job(
+            cfg,
+            str(out / f"ds-{c}"),
+            [{"name": c}],
+            inpaint={"model": str(out / FINETUNED)},
+            input={"refine_from": str(out / f"label-{c}")},
+        )
+        run_job(job, "refine", progress=False)
+    return bool(todo)
 
 
 def generate_with_m_prime(cfg: TablesConfig, out: Path) -> bool:
@@ -318,7 +332,7 @@ STAGES = [
     ("1 splits", write_splits),
     ("2 label with m (M_pre)", label_with_m),
     ("3 fine-tune m'", finetune_m_prime),
-    ("4 D_s: label with m + m'", label_with_m_prime),
+    ("4 D_s: refine with m'", label_with_m_prime),
     ("5 D'_s: generate with m'", generate_with_m_prime),
     ("6 ground-truth shards", ground_truth_shards),
     ("7 students", train_students),
