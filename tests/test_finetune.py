@@ -155,7 +155,10 @@ ZERO3_KILLS = ["sdxl", "sd3", "flux2_klein", "z_image"]  # (and FLUX's, above)
 @pytest.mark.parametrize(
     "build, extra",
     [
-        (None, ()),  # the SD family (the scratch toyworld model), ZeRO-2: the default lane
+        # the SD family (the scratch toyworld model), ZeRO-2: the slow lane since 2026-12-04 with the other
+        # kills (71-113 s; `make test` had reached 25 min on a slow day); the default lane keeps resuming a
+        # stopped run and resuming at another world size, which restore the same checkpoints
+        pytest.param(None, (), marks=pytest.mark.slow),
         pytest.param("flux", ("deepspeed.stage=3",), marks=pytest.mark.slow),  # a DiT under ZeRO-3
         pytest.param("flux", ("deepspeed.stage=3", "lora={rank: 8}"), marks=pytest.mark.slow),
         pytest.param("sdxl", (), marks=pytest.mark.slow),

@@ -322,7 +322,8 @@ def test_several_seeds_train_in_one_run(students):
 @pytest.mark.parametrize(
     "extra",
     [
-        ("data.cache=false",),
+        # the non-default streamed path (40 s): the slow lane since 2026-12-04
+        pytest.param(("data.cache=false",), marks=pytest.mark.slow),
         # with the noisy-label options: the teacher follows the DDP-wrapped student
         ("scaling.workers=2", "scaling.cpus_per_worker=0.25", "train.ignore_band=1", "train.teacher=0.3"),
     ],

@@ -227,9 +227,14 @@ class Distiller:
     def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
         """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an
         fp16 overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter:
-        one bad sample must not fail the actor call, which Ray would retry until the job fails."""
+        one bad sample must not fail the actor call, which Ray would retry until the job fails.
+
+        The maps are thresholded at the precision the shards store them (float16, `.attn.npy`), so a
+        stored map gives back its M_pre bit for bit (`with_maps`, `factory refine`): a float32 map whose
+        GMM split fell between two float16 neighbours gave another M_pre on another CPU."""
         masks, stats, finite = [], [], []
-        for a, c in zip(attention.float().cpu().numpy(), canvases, strict=True):
+        stored = attention.float().cpu().numpy().astype(np.float16).astype(np.float32)
+        for a, c in zip(stored, canvases, strict=True):
             vh, vw = c.latent_valid(self.vae_factor)
             m = np.zeros(a.shape, bool)
             ok = bool(np.isfinite(a[:vh, :vw]).all())
