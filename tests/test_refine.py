@@ -4,6 +4,7 @@ m labelled (issue 33, item 5). On real Ray, on toyworld."""
 
 import numpy as np
 import pytest
+import torch
 
 from factory.dataset.config import load_config
 from factory.dataset.pipeline import run_job
@@ -45,20 +46,26 @@ def test_refine_drafts_a_label_output_again_from_its_maps(tmp_path, local_ray, s
     assert a.keys() == b.keys() and len(a) == 6
     assert ShardStore(str(refined)).read_json("manifest.json")["expected_shards"] == 2  # the source's shards
     reference = Distiller("toyworld", config=cfg.distill_config(), inpaint_model="toyworld")
-    for key, ra in a.items():
-        rb = b[key]
-        ma, mb = decode_member("json", ra["json"]), decode_member("json", rb["json"])
-        # the same image, concept map and M_pre: nothing was probed again
-        assert all(ra[m] == rb[m] for m in ("png", "prelim.png", "attn.npy"))
-        assert (mb["seed"], mb["prompt"], mb["source"]) == (ma["seed"], ma["prompt"], ma["source"])
-        assert mb["inpaint_model"] == "toyworld"
-        assert mb["refined_from"] == {"output": str(source), "mode": "label"}
-        assert "attention_s" not in mb["timings"] and "attention_s" in ma["timings"]
-        # exactly what the Distiller drafts from the stored map (one sample a call, as on the CPU)
-        spec = SampleSpec(Concept("star", ma["prompt"]), ma["seed"], key)
-        image, attention = decode_member("png", ra["png"]), decode_member("attn.npy", ra["attn.npy"])
-        [draft] = reference.draft(reference.with_maps([image], [attention], [spec]))
-        assert np.array_equal(draft.finish().mask, decode_member("mask.png", rb["mask.png"]) > 127), key
+    threads = torch.get_num_threads()
+    # as many threads as the job's actor had (GenerateShard): the same float reductions in its inpainting
+    torch.set_num_threads(max(1, int(cfg.resources.num_cpus_per_actor)))
+    try:
+        for key, ra in a.items():
+            rb = b[key]
+            ma, mb = decode_member("json", ra["json"]), decode_member("json", rb["json"])
+            # the same image, concept map and M_pre: nothing was probed again
+            assert all(ra[m] == rb[m] for m in ("png", "prelim.png", "attn.npy"))
+            assert (mb["seed"], mb["prompt"], mb["source"]) == (ma["seed"], ma["prompt"], ma["source"])
+            assert mb["inpaint_model"] == "toyworld"
+            assert mb["refined_from"] == {"output": str(source), "mode": "label"}
+            assert "attention_s" not in mb["timings"] and "attention_s" in ma["timings"]
+            # exactly what the Distiller drafts from the stored map (one sample a call, as on the CPU)
+            spec = SampleSpec(Concept("star", ma["prompt"]), ma["seed"], key)
+            image, attention = decode_member("png", ra["png"]), decode_member("attn.npy", ra["attn.npy"])
+            [draft] = reference.draft(reference.with_maps([image], [attention], [spec]))
+            assert np.array_equal(draft.finish().mask, decode_member("mask.png", rb["mask.png"]) > 127), key
+    finally:
+        torch.set_num_threads(threads)
     # run again: everything is committed, nothing is drafted
     again = run_job(cfg, "refine", progress=False)
     assert again["complete"] and _samples(refined).keys() == b.keys()
