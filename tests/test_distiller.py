@@ -244,15 +244,13 @@ def test_a_stored_concept_map_gives_back_its_preliminary_mask(distiller):
     maps = distiller.probe(images, specs)
     grid = tuple(maps.latents.shape[-2:])
 
-    def rounding_moves_the_mask(seed):
-        a = np.random.default_rng(seed).random(grid, dtype=np.float32)
+    def rounding_moves_the_mask(a):
         return not np.array_equal(binarize(a)[0], binarize(a.astype(np.float16).astype(np.float32))[0])
 
-    seeds = [s for s in range(400) if rounding_moves_the_mask(s)][:2]
-    assert len(seeds) == 2
-    maps.attention = torch.from_numpy(
-        np.stack([np.random.default_rng(s).random(grid, dtype=np.float32) for s in seeds])
-    )
+    candidates = (np.random.default_rng(s).random(grid, dtype=np.float32) for s in range(400))
+    moved = [a for a in candidates if rounding_moves_the_mask(a)][:2]
+    assert len(moved) == 2
+    maps.attention = torch.from_numpy(np.stack(moved))
     stored = [a.numpy().astype(np.float16) for a in maps.attention]
     first = [d.prelim for d in distiller.draft(maps)]
     again = [d.prelim for d in distiller.draft(distiller.with_maps(images, stored, specs))]

@@ -224,17 +224,16 @@ class Distiller:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _prelim(self, attention: torch.Tensor, canvases: list[Canvas]):
+    def _prelim(self, attention: np.ndarray, canvases: list[Canvas]):
         """M_pre per sample, its rule's stats, and whether its map was finite. A map with a NaN or inf (an
         fp16 overflow, say) gets an empty M_pre and is rejected as `nonfinite_attention` by the job's filter:
         one bad sample must not fail the actor call, which Ray would retry until the job fails.
 
-        The maps are thresholded at the precision the shards store them (float16, `.attn.npy`), so a
-        stored map gives back its M_pre bit for bit (`with_maps`, `factory refine`): a float32 map whose
-        GMM split fell between two float16 neighbours gave another M_pre on another CPU."""
+        `attention` is the maps as the shards store them (float16, `.attn.npy`), so a stored map gives
+        back its M_pre bit for bit (`with_maps`, `factory refine`): a float32 map whose GMM split fell
+        between two float16 neighbours gave another M_pre on another CPU."""
         masks, stats, finite = [], [], []
-        stored = attention.float().cpu().numpy().astype(np.float16).astype(np.float32)
-        for a, c in zip(stored, canvases, strict=True):
+        for a, c in zip(attention.astype(np.float32), canvases, strict=True):
             vh, vw = c.latent_valid(self.vae_factor)
             m = np.zeros(a.shape, bool)
             ok = bool(np.isfinite(a[:vh, :vw]).all())
@@ -256,7 +255,8 @@ class Distiller:
         timings = dict(maps.timings)
         # 3. Preliminary masks M_pre from the attention maps (paper Step 2), on each canvas's valid region.
         t = self._clock()
-        prelims, prelim_stats, finite = self._prelim(maps.attention, maps.canvases)
+        attention = maps.attention.float().cpu().numpy().astype(np.float16)  # as `.attn.npy` stores it
+        prelims, prelim_stats, finite = self._prelim(attention, maps.canvases)
         timings["prelim_s"] = self._clock() - t
 
         # 4. Background: inpaint the M_pre region with the background prompt (Step 4), decode to pixels.
@@ -291,7 +291,6 @@ class Distiller:
             edge_radius_px=self.edge_radius_px,
             edge_eps=cfg.edge_eps,
         )
-        attention = maps.attention.float().cpu().numpy().astype(np.float16)
         drafts = []
         for i, spec in enumerate(maps.specs):
             c = maps.canvases[i]
