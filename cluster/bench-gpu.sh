@@ -8,13 +8,17 @@
 # Set-up: the project's own, `make venv`, then .venv/bin/factory (SETUP=make, the default). SETUP=none skips
 # it and runs $FACTORY (default `python3 -m factory.cli`) where the packages are installed already.
 #
-# Core run (at most CORE_BUDGET_S, 480 s, after the set-up): bf16; toyworld and sd15-arch (SD 1.5's
-# architecture, random weights) at 512 px; the paper's 50 + 50 DDIM steps, attention over the 40
-# least-noisy, guidance 1; batch 1, 8 and 32; compile off. By its loops' arithmetic: 6 rows of about 25
-# denoising loops each (warm-up, repeats, the capture on/off pairs), the largest 32 x 50 UNet calls per loop.
-# Optional run (OPTIONAL=1, at most OPTIONAL_BUDGET_S): compile on for sd15-arch at batch 8 and 32, then
-# sdxl-arch and sd3-arch at 1024 px, batch 1 and 4; then flux-arch (FLUX.1-dev's 12B transformer) at 1024
-# px, batch 1, the synthesis loop alone with each readout's capture and without (--capture-only).
+# Core run (at most CORE_BUDGET_S, 480 s, after the set-up): bf16; sd15-arch (SD 1.5's architecture,
+# random weights) first, then toyworld, each at its native resolution (512 and 64 px; RESOLUTION sets one
+# for all); the paper's 50 + 50 DDIM steps, attention over the 40 least-noisy, guidance 1; batch 1, 8 and
+# 32; compile off. By its loops' arithmetic: 6 rows of about 25 denoising loops each (warm-up, repeats, the
+# capture on/off pairs), the largest 32 x 50 UNet calls per loop. (The first H200 run, 2026-12-04, had
+# toyworld first at 512 px: 28 TFLOP a triplet, its 128 x 128 latents' self-attention, 283 s for its
+# three rows, and no sd15-arch row fitted.)
+# Optional run (OPTIONAL=1, at most OPTIONAL_BUDGET_S): first flux-arch (FLUX.1-dev's 12B transformer) at
+# 1024 px, batch 1, the synthesis loop alone with each readout's capture and without (--capture-only: the
+# DiT readouts' overhead, the figure a short slot should get first); then compile on for sd15-arch at batch
+# 8 and 32; then sdxl-arch and sd3-arch at 1024 px, batch 1 and 4.
 #
 # FLOPs are counted once per model and setting, by the first row of each model (batch 1, compile off), into
 # $OUT/flops.json; every later row reads them from there, so every row reports MFU (FLOPs per triplet do
@@ -32,8 +36,8 @@ OUT=${1:-docs/results/bench/gpu}
 SETUP=${SETUP:-make}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
-MODELS=${MODELS:-toyworld sd15-arch}
-RESOLUTION=${RESOLUTION:-512}
+MODELS=${MODELS:-sd15-arch toyworld}
+RESOLUTION=${RESOLUTION:-}  # empty: each model's native resolution
 BATCHES=${BATCHES:-1 8 32}
 STEPS=${STEPS:-50}
 REPEATS=${REPEATS:-2}
@@ -79,31 +83,32 @@ row() {
   grep -E '^(triplet|actor CPU|throughput|FLOPs)' "$OUT/$name.log" || true
 }
 
+res=()  # --resolution and the rows' name tag, when RESOLUTION is set
+tag=""
+if [ -n "$RESOLUTION" ]; then res=(--resolution "$RESOLUTION"); tag="-r$RESOLUTION"; fi
 start=$SECONDS
 core_end=$((start + CORE_BUDGET_S))
 for model in $MODELS; do
   for batch in $BATCHES; do  # the first batch of each model counts the FLOPs, the others read them
-    row "$model-$DTYPE-r$RESOLUTION-b$batch-compile_off" "$core_end" --model "$model" --resolution "$RESOLUTION" \
-      --batch "$batch"
+    row "$model-$DTYPE$tag-b$batch-compile_off" "$core_end" --model "$model" "${res[@]}" --batch "$batch"
   done
 done
 echo "core run: $((SECONDS - start)) s"
 
 if [ "$OPTIONAL" = 1 ]; then
   opt_end=$((SECONDS + OPTIONAL_BUDGET_S))
+  for model in $FLUX_MODELS; do  # --steps again: the last one given wins
+    row "$model-$DTYPE-b1-capture" "$opt_end" --model "$model" --batch 1 --capture-only --steps "$FLUX_STEPS"
+  done
   for model in $COMPILE_MODELS; do
     for batch in $COMPILE_BATCHES; do
-      row "$model-$DTYPE-r$RESOLUTION-b$batch-compile_on" "$opt_end" --model "$model" --resolution "$RESOLUTION" \
-        --batch "$batch" --compile
+      row "$model-$DTYPE$tag-b$batch-compile_on" "$opt_end" --model "$model" "${res[@]}" --batch "$batch" --compile
     done
   done
   for model in $LARGE_MODELS; do
     for batch in $LARGE_BATCHES; do
       row "$model-$DTYPE-b$batch-compile_off" "$opt_end" --model "$model" --batch "$batch"
     done
-  done
-  for model in $FLUX_MODELS; do  # --steps again: the last one given wins
-    row "$model-$DTYPE-b1-capture" "$opt_end" --model "$model" --batch 1 --capture-only --steps "$FLUX_STEPS"
   done
 fi
 # shellcheck disable=SC2086

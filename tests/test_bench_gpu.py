@@ -28,7 +28,7 @@ def run_script(out: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", "cluster/bench-gpu.sh", str(out)],
         cwd=ROOT,
-        env={**os.environ, **tiny, **env},
+        env={k: v for k, v in {**os.environ, **tiny, **env}.items() if v is not None},  # None: the default
         capture_output=True,
         text=True,
         timeout=600,
@@ -57,3 +57,14 @@ def test_rows_past_the_budget_are_skipped_and_listed(tmp_path):
     p = run_script(out, CORE_BUDGET_S="0")
     assert p.returncode == 0, p.stdout + p.stderr
     assert len((out / "skipped.txt").read_text().splitlines()) == 2 and not list(out.glob("toyworld*.json"))
+
+
+@pytest.mark.integration
+def test_the_core_run_takes_sd15_arch_first_each_model_at_its_native_resolution(tmp_path):
+    # the first H200 run had toyworld first at 512 px (its 128 x 128 latents: 28 TFLOP a triplet) and
+    # spent the core budget before any sd15-arch row, the figure clusters are sized by
+    out = tmp_path / "bench"
+    p = run_script(out, CORE_BUDGET_S="0", MODELS=None, RESOLUTION=None, BATCHES=None)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line.split()[0] for line in (out / "skipped.txt").read_text().splitlines()]
+    assert rows == [f"{m}-fp32-b{b}-compile_off" for m in ("sd15-arch", "toyworld") for b in (1, 8, 32)]
