@@ -37,7 +37,9 @@ The JSON's keys (also printed as a table; docs/benchmarks.md has them with measu
 - `flops`: per triplet and per plain image, counted by `torch.utils.flop_counter.FlopCounterMode` over one
   real call of each (fused attention included, on the CPU too), or read from `--flops-cache` (`source`).
 - `throughput`: plain images/s, triplets/s, triplets per device-hour; MFU on a GPU whose dense bf16 peak
-  is in `PEAK_FLOPS`.
+  is in `PEAK_FLOPS`. These count the whole triplet in one process, as a CPU actor makes it; a job's GPU
+  actor hands the refined mask to CPU writer tasks, so a GPU's own rate is `actor_triplets_per_hour(r)`
+  (derived from the fields above, also for older JSON files; printed and tabled beside them).
 - `compile_s`: with --compile, each measurement's first call minus its steady call.
 - `raw_s`: every timed call, per measurement.
 """
@@ -413,6 +415,14 @@ def _settings(d, model, concept, steps, probe_t0, inpaint_steps, guidance, batch
     }
 
 
+def actor_triplets_per_hour(r: dict) -> float:
+    """Triplets per hour of a job's GPU actor: 3600 / (triplet - the refined mask, Steps 5-6). On a GPU a
+    job runs the refine in CPU writer tasks beside the actor (`GenerateShard.finish_in_actor` is off), so
+    this is one GPU's rate when its node's CPUs keep up with the writers (each needs the refine plus
+    encode + write per sample); a CPU actor refines its own samples, so there the triplet's rate holds."""
+    return 3600 / (r["triplet_s_per_sample"] - r["writer_refine_s_per_sample"])
+
+
 def _capture(med: dict, batch: int, readouts: dict) -> dict:
     """The synthesis loop with the default readout's capture on and off; `overhead` = on / off - 1, and
     each other readout's the same way (`by_readout`)."""
@@ -477,7 +487,9 @@ def format_table(r: dict) -> str:
         (
             "throughput",
             f"{t['images_per_s']:.2f} plain images/s, {t['triplets_per_device_hour']:.0f} triplets per "
-            "device-hour" + (f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else ""),
+            "device-hour"
+            + (f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else "")
+            + f"; a job's GPU actor, the refine in writer tasks: {actor_triplets_per_hour(r):.0f}",
         )
     )
     if r["compile_s"]:
@@ -535,8 +547,9 @@ def summary_table(folder: str | Path) -> str:
     """A markdown table of every bench JSON in `folder` (docs/benchmarks.md's layout)."""
     lines = [
         "| run | model | device | dtype | sampler, steps | batch | compile | plain s/image "
-        "| triplet s/sample | triplet / plain | capture | triplets / device-hour | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| triplet s/sample | triplet / plain | capture | triplets / device-hour | MFU "
+        "| GPU actor triplets / hour |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in sorted(Path(folder).glob("*.json")):
         r = json.loads(f.read_text())
@@ -548,7 +561,7 @@ def summary_table(folder: str | Path) -> str:
             device = r["machine"]["device_name"]
             lines.append(
                 f"| {f.stem} | {s['model']} | {device} | {s['dtype']} | {s['scheduler']} {s['steps']} "
-                f"| {s['batch']} | {s['compile']} | - | - | - | {by} | - | - |"
+                f"| {s['batch']} | {s['compile']} | - | - | - | {by} | - | - | - |"
             )
             continue
         t = r["throughput"]
@@ -558,7 +571,8 @@ def summary_table(folder: str | Path) -> str:
             f"{s['steps']} + {s['inpaint_steps']} | {s['batch']} | {s['compile']} "
             f"| {r['plain_s_per_image']:.3f} | {r['triplet_s_per_sample']:.3f} "
             f"| {r['triplet_over_plain']:.3f}x "
-            f"| {100 * r['capture']['overhead']:+.1f}% | {t['triplets_per_device_hour']:,.0f} | {mfu} |"
+            f"| {100 * r['capture']['overhead']:+.1f}% | {t['triplets_per_device_hour']:,.0f} | {mfu} "
+            f"| {actor_triplets_per_hour(r):,.0f} |"
         )
     return "\n".join(lines) + "\n"
 

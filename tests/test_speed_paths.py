@@ -25,6 +25,7 @@ def test_bench_prints_and_writes_its_documented_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in ("triplet / plain", "capture overhead", "encode + write", "FLOPs", "triplets per device-hour"):
         assert row in printed
+    assert "a job's GPU actor, the refine in writer tasks:" in printed
     r = json.loads(out.read_text())
     assert r["settings"]["model"] == "toyworld" and r["settings"]["steps"] == 2 and r["machine"]["torch"]
     for key in (
@@ -43,6 +44,12 @@ def test_bench_prints_and_writes_its_documented_figures(tmp_path, capsys):
     f = r["flops"]
     assert 1.9 < f["triplet_per_sample"] / f["plain_per_image"] < 2.2
     assert r["throughput"]["mfu"] is None  # on the CPU no peak is claimed
+    # a GPU actor hands the refine to writer tasks: its rate leaves the refine stage out, and only that
+    from factory.bench import actor_triplets_per_hour
+
+    assert r["writer_refine_s_per_sample"] == r["stages_s_per_sample"]["refine_s"] > 0
+    assert actor_triplets_per_hour(r) == 3600 / (r["triplet_s_per_sample"] - r["writer_refine_s_per_sample"])
+    assert actor_triplets_per_hour(r) > r["throughput"]["triplets_per_device_hour"]
 
 
 @pytest.mark.parametrize("name", [n for n in SCHEDULERS if n != "ddim"])
@@ -187,6 +194,7 @@ def test_bench_summarize_tables_the_json_files(tmp_path, capsys):
         "machine": {"device_name": "NVIDIA H200"},
         "plain_s_per_image": 0.1,
         "triplet_s_per_sample": 0.2,
+        "writer_refine_s_per_sample": 0.04,
         "triplet_over_plain": 2.0,
         "capture": {"overhead": 0.01},
         "throughput": {"triplets_per_device_hour": 18000.0, "mfu": 0.43},
@@ -194,7 +202,7 @@ def test_bench_summarize_tables_the_json_files(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps(r))
     assert (
         "| a | m | NVIDIA H200 | bfloat16 | ddim 50 + 50 | 8 | True | 0.100 | 0.200 | 2.000x | +1.0% "
-        "| 18,000 | 43.0% |" in summary_table(tmp_path)
+        "| 18,000 | 43.0% | 22,500 |" in summary_table(tmp_path)  # 3600 / (0.2 - 0.04): the refine in writers
     )
     assert main(["bench", "--summarize", str(tmp_path)]) == 0 and "18,000" in capsys.readouterr().out
 
