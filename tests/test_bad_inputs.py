@@ -90,6 +90,36 @@ def test_config_and_preflight_corpus_each_a_clear_error_before_any_work(tmp_path
     assert not any(p.name.startswith(".factory-probe") for p in tmp_path.rglob("*"))  # probes removed
 
 
+def test_an_opencv_without_contrib_is_a_clear_error_before_any_model_loads(tmp_path, monkeypatch):
+    # The first H200 run's image had opencv-python-headless (no cv2.ximgproc): `masks.edges: guided` failed
+    # at Step 4b, after the GPU had generated a batch. Now the Distiller and the preflight refuse it first.
+    import cv2
+
+    from factory.method import distiller as distiller_module
+    from factory.method.distiller import Distiller
+    from factory.method.edges import EdgesUnavailable, check_edges_available
+    from factory.method.settings import DistillConfig
+
+    monkeypatch.delattr(cv2, "ximgproc")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the edge mode was checked")
+
+    monkeypatch.setattr(distiller_module, "load_pipeline", no_model)
+    with pytest.raises(EdgesUnavailable, match="opencv-contrib-python-headless.*masks.edges: none"):
+        Distiller("toyworld")
+    cfg = load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / 'out'}"])
+    with pytest.raises(EdgesUnavailable, match=r"cv2\.ximgproc"):
+        preflight(cfg, "generate")
+    assert not (tmp_path / "out").exists()  # refused before the output's write probe
+    # the paper's rule needs no contrib: its preflight passes, its Distiller goes on to load the model
+    check_edges_available("none")
+    paper = load_config("configs/toyworld.yaml", [f"output.uri={tmp_path / 'out'}", "masks.edges=none"])
+    preflight(paper, "generate")
+    with pytest.raises(AssertionError, match="the model loaded"):
+        Distiller("toyworld", config=DistillConfig(edges="none"))
+
+
 def _cli(*args, env=None):
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]],

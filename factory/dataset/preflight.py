@@ -13,6 +13,8 @@ these checks find it first, in seconds, without loading any weights:
 4. refine mode's source output: complete, and made by the same model, VAE and resolution, of the job's
    concepts.
 
+First of all, the edge mode's packages (`masks.edges: guided` needs OpenCV's contrib modules).
+
 Each failure raises a `UserError` subclass whose message says what to do.
 """
 
@@ -22,6 +24,7 @@ import uuid
 
 from factory.dataset.config import JobConfig
 from factory.errors import UserError
+from factory.method.edges import check_edges_available
 from factory.yaml_config import ConfigError
 
 # fsspec protocol -> the extra of this package that installs it
@@ -195,6 +198,7 @@ def check_refine_source(cfg: JobConfig, mode: str) -> None:
 def preflight(cfg: JobConfig, mode: str, write_probe: bool = True) -> None:
     """All the checks above, in order; raises the first failure. `write_probe=False` writes nothing (a dry
     run)."""
+    check_edges_available(cfg.masks.edges)
     check_refine_source(cfg, mode)
     check_not_another_job(cfg, mode)
     if write_probe:

@@ -119,9 +119,11 @@ class Distiller:
         inpaint_model: str | None = None,
         vae: str | None = None,
     ):
+        from factory.method.edges import check_edges_available
         from factory.method.loading import ModelLoadError, load_inpaint_denoiser, load_vae
 
         self.config = config or DistillConfig()
+        check_edges_available(self.config.edges)  # before the model loads, not at the first refined mask
         self.model = model
         self.pipe = pipeline if pipeline is not None else load_pipeline(model, device, dtype)
         p = self.pipe

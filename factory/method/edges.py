@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from factory.errors import UserError
 from factory.registry import Registry
+
+
+class EdgesUnavailable(UserError, ImportError):
+    """An edge mode whose implementation this machine's packages lack (OpenCV without its contrib modules)."""
 
 
 def _ximgproc():
     import cv2
 
     if not hasattr(cv2, "ximgproc"):
-        raise ImportError(
-            "the guided filter needs OpenCV's contrib modules (cv2.ximgproc): install "
-            "opencv-contrib-python-headless in place of opencv-python-headless (pip uninstall -y "
-            "opencv-python-headless && pip install opencv-contrib-python-headless)"
+        raise EdgesUnavailable(
+            "masks.edges: guided needs OpenCV's contrib modules (cv2.ximgproc), which this Python's OpenCV "
+            f"({cv2.__version__}) lacks, as GPU images that ship opencv-python-headless do: install "
+            "opencv-contrib-python-headless in its place (pip uninstall -y opencv-python-headless && pip "
+            "install opencv-contrib-python-headless), or set masks.edges: none (the paper's rule)"
         )
     return cv2.ximgproc
 
@@ -73,3 +79,11 @@ EDGES: Registry = Registry("edge mode")
 EDGES.register("none", keep_edges)
 EDGES.register("guided", snap_to_edges)
 EdgeMode = EDGES.literal()  # a config field's type: one of the registered modes
+
+
+def check_edges_available(mode: str) -> None:
+    """Raise `EdgesUnavailable` where `mode` cannot run on this machine: checked when a Distiller is built
+    and in a job's preflight, before any model loads, not when the first refined mask is made (the first H200
+    run met an image's OpenCV without contrib only at Step 4b, after the GPU had generated a batch)."""
+    if EDGES[mode] is snap_to_edges:
+        _ximgproc()
