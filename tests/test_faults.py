@@ -87,6 +87,7 @@ def _digest(out: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # ~50 s; the default lane's crash mid shard (below) kills an actor mid job as well
 def test_a_generation_actor_dies_mid_job(tmp_path):
     out, marker = tmp_path / "out", tmp_path / "crashed"
     argv, env = _factory(out, {"CF_FAULT_GENERATE": str(marker)})

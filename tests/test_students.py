@@ -307,6 +307,7 @@ def test_one_multiclass_student(students):
 
 
 @pytest.mark.training
+@pytest.mark.slow  # ~40 s; the default lane trains several students in one Tune run (the concepts, above)
 def test_several_seeds_train_in_one_run(students):
     # train.seeds: one student per concept and seed in the same Tune run, each seed exported on its own
     cfg = _cfg(students, "data.concepts=[star]", "train.seeds=[3, 4]", "output.name=seeds")
