@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,12 @@ def _cpu_name() -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _progress(start: float, message: str) -> None:
+    """A line on stderr as the bench goes (a row cut short by a GPU slot's limit still shows where its time
+    went: the first H200 run's sdxl-arch row left an empty log)."""
+    print(f"[bench {time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _timed(fn, device: torch.device) -> tuple[float, object]:
@@ -175,10 +182,12 @@ def bench(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     inpaint_steps = inpaint_steps or steps
+    start = time.perf_counter()
     t_load, pipe = _timed(
         lambda: load_pipeline(model, device, None if dtype == "auto" else dtype, arch_overrides),
         torch.device("cpu"),
     )
+    _progress(start, f"{model} loaded on {pipe.device} in {t_load:.1f} s")
     dev = pipe.device
     probe_t0 = max(1, round(0.8 * steps))  # the paper's 40 of 50
     config = DistillConfig(
@@ -265,6 +274,7 @@ def bench(
     with torch.inference_mode():
         for k, fn in [*runs.items(), *loops.items()]:  # warm-up (and compilation): timed apart
             first[k], out = _timed(fn, dev)
+            _progress(start, f"warm-up {k}: {first[k]:.2f} s")
             if k == "triplet":
                 triplets = out
         for i in range(repeats):
@@ -277,11 +287,19 @@ def bench(
                 times[k].append(t)
                 if k == "triplet":
                     triplets = out
+            if runs:
+                _progress(
+                    start,
+                    f"repeat {i + 1} of {repeats}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in runs),
+                )
         # the capture overhead is a few percent at most: its two loops alternate on their own, twice per
         # repeat (on, off, off, on, ...), so that the difference is not lost in the machine's drift
         for i in range(2 * repeats):
             for k in list(loops) if i % 2 == 0 else list(loops)[::-1]:
                 times[k].append(_timed(loops[k], dev)[0])
+        _progress(
+            start, "capture loops: " + ", ".join(f"{k} {statistics.median(times[k]):.2f} s" for k in loops)
+        )
         if capture_only:
             med = {k: statistics.median(v) for k, v in times.items()}
             return {
@@ -318,6 +336,7 @@ def bench(
                 "source": "counted",
             }
             _write_flops(flops_cache, key, flop_counts)
+            _progress(start, "FLOPs counted")
     # the edge snapping (masks.edges: guided, in the triplet's refine stage) timed apart on these triplets'
     # own masks and images, so that its share is known whether or not the config has it on
     from factory.method.edges import snap_to_edges

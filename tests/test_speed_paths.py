@@ -22,7 +22,12 @@ def test_bench_prints_and_writes_its_documented_figures(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # progress on stderr as it goes: where a row's time went, also when a GPU slot's limit cuts it short
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines() if line.startswith("[bench ")]
+    assert progress[0].startswith("toyworld loaded on cpu") and "warm-up triplet" in " ".join(progress)
+    assert any(p.startswith("repeat 1 of 1: plain") for p in progress) and "FLOPs counted" in progress
     for row in ("triplet / plain", "capture overhead", "encode + write", "FLOPs", "triplets per device-hour"):
         assert row in printed
     assert "a job's GPU actor, the refine in writer tasks:" in printed
