@@ -48,7 +48,7 @@ def test_refine_drafts_a_label_output_again_from_its_maps(tmp_path, local_ray, s
     reference = Distiller("toyworld", config=cfg.distill_config(), inpaint_model="toyworld")
     threads = torch.get_num_threads()
     # as many threads as the job's actor had (GenerateShard): the same float reductions in its inpainting
-    torch.set_num_threads(max(1, int(cfg.resources.num_cpus_per_actor)))
+    torch.set_num_threads(cfg.resources.actor_threads)
     try:
         for key, ra in a.items():
             rb = b[key]

@@ -225,6 +225,11 @@ class ResourcesConfig(StrictConfig):
         "(what an autoscaling cluster wants)",
     )
 
+    @property
+    def actor_threads(self) -> int:
+        """torch's threads in a generation actor: its CPUs, at least one."""
+        return max(1, int(self.num_cpus_per_actor))
+
 
 class MethodConfig(StrictConfig):
     """The method's settings in a job's keys: the `sampler`, `masks` and `inpaint` sections of a job YAML,

@@ -78,7 +78,7 @@ class GenerateShard:
         self.job = job
         self.mode = mode
         quiet_model_libraries(verbose)
-        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus_per_actor)))
+        torch.set_num_threads(self.cfg.resources.actor_threads)
         # A user error here (weights that do not load, say) is handed back with the first shard, as the
         # user's error, instead of failing the constructor: Ray would restart the actor forever, and hand
         # the driver a traceback in a string.
