@@ -72,6 +72,49 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
     ) == (0,)
     assert markdown(rows).count("\n") == 2 + len(grid)
 
+    # training goes on from the export (fresh optimizer, cosine schedule); the card tells both runs
+    shipped_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    go_on = DiTPretrainConfig(
+        out=str(tmp_path / "model2"),
+        work_dir=str(tmp_path / "work2"),
+        init_from=str(tmp_path / "model"),
+        lr_schedule="cosine",
+        pool_size=64,
+        steps=2,
+        batch=4,
+        warmup=1,
+        eval_every=2,
+        eval_images=2,
+    )
+    info3 = pretrain_dit(go_on, command="third")
+    assert info3["continued_from"]["steps"] == 8 and info3["continued_from"]["commands"] == [
+        "first",
+        "second",
+    ]
+    card = (tmp_path / "model2" / "README.md").read_text()
+    assert "`first`" in card and "`third`" in card and "| 2 | 10 |" in card and "10 steps in all" in card
+    trained = FluxPipeline.from_pretrained(
+        tmp_path / "model2", local_files_only=True
+    ).transformer.state_dict()
+    assert any(not torch.equal(trained[k], shipped_weights[k]) for k in shipped_weights)
+    assert all(trained[k].shape == shipped_weights[k].shape for k in shipped_weights)
+
+
+def test_going_on_from_a_model_that_is_not_a_dit_is_a_clear_error_before_any_work(tmp_path):
+    from trainers.toyworld.pretrain import scheduled_lr
+
+    cfg = DiTPretrainConfig(out=str(tmp_path / "m"), work_dir=str(tmp_path / "w"), init_from="toyworld")
+    with pytest.raises(ValueError, match="not an exported toyworld DiT"):
+        pretrain_dit(cfg)
+    assert not (tmp_path / "w").exists()  # nothing rendered, nothing written
+    same = DiTPretrainConfig(out="factory/models/toyworld-dit", init_from="toyworld-dit")
+    with pytest.raises(ValueError, match="own directory: export to a new one"):
+        pretrain_dit(same)
+    assert scheduled_lr(1.0, "cosine", 0, 10) == 1.0 and scheduled_lr(1.0, "cosine", 10, 10) == pytest.approx(
+        0.05
+    )
+    assert scheduled_lr(1.0, "constant", 7, 10) == 1.0
+
 
 def test_the_shipped_dit_loads_as_flux_and_draws_at_64_px():
     from factory.method.loading import SHORT_NAMES, load_pipeline, model_geometry

@@ -307,10 +307,19 @@ LR_SCHEDULES = ("constant", "cosine")
 def learning_rate(cfg: PretrainConfig, step: int) -> float:
     """The UNet + text encoder learning rate at `step` of this run: `constant`, or `cosine` from cfg.lr down
     to 5% of it at cfg.unet_steps (a function of the step alone, so a resumed run follows the same curve)."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = min(step / max(cfg.unet_steps, 1), 1.0)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
+    return scheduled_lr(cfg.lr, cfg.lr_schedule, step, cfg.unet_steps)
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
+    """`lr` at `step` of `total` under `schedule`: `constant`, or `cosine` down to 5% of it at `total`."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(
+            f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+        )
+    progress = min(step / max(total, 1), 1.0)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
 def timestep_weights(noise_sched, kind: str, max_weight: float = 20.0) -> torch.Tensor:

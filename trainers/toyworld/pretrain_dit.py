@@ -23,7 +23,14 @@ guidance-distilled, like FLUX.1-schnell).
 
 A run resumes from its work dir's checkpoint (model, EMA, optimizer, step, RNG) when run again.
 
+Training can also continue from an exported DiT (`--init-from toyworld-dit` or a directory): its VAE, CLIP,
+T5 and transformer (the EMA weights it was exported with) with a fresh optimizer, so the shipped model can
+be trained further without the original run's work dir; the export's training.json keeps the earlier runs
+under `continued_from`. `--lr-schedule cosine` anneals from --lr to 5% of it at --steps (this run's steps).
+
     trainers pretrain-toyworld-dit --out factory/models/toyworld-dit --work-dir runs/dit --max-minutes 80
+    trainers pretrain-toyworld-dit --init-from toyworld-dit --lr-schedule cosine --steps 13000 \
+        --out runs/dit2/model --work-dir runs/dit2/work
 """
 
 from __future__ import annotations
@@ -49,12 +56,15 @@ from factory.toyworld.world import CONCEPTS, caption_variants, render, vocabular
 from trainers.ema import EMA
 from trainers.toyworld.pretrain import (
     EVAL_SEED_BASE,
+    LR_SCHEDULES,
     encode_pool,
     load_run,
     record_eval,
     render_pool,
     save_run,
+    scheduled_lr,
 )
+from trainers.toyworld.quality import training_runs
 
 
 @dataclass
@@ -62,6 +72,8 @@ class DiTPretrainConfig:
     out: str = "factory/models/toyworld-dit"
     work_dir: str = "runs/toyworld-dit"
     vae_from: str = "toyworld"  # the VAE and the (frozen) CLIP text encoder of this exported model
+    init_from: str | None = None  # an exported DiT to go on training (all its components)
+    lr_schedule: str = "constant"  # or "cosine": from lr to 5% of it at `steps`
     seed: int = 0
     pool_size: int = 24000
     steps: int = 100000
@@ -119,13 +131,14 @@ def build_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer):
 
 
 def load_parent(cfg: DiTPretrainConfig):
-    """The VAE (with FLUX's `shift_factor`, 0) and the frozen CLIP text encoder + tokenizer of `vae_from`."""
+    """The VAE (with FLUX's `shift_factor`, 0) and the frozen CLIP text encoder + tokenizer of `vae_from`
+    (of `init_from` when given)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from factory.method.loading import resolve_model
 
-    src = Path(resolve_model(cfg.vae_from))
+    src = Path(resolve_model(cfg.init_from or cfg.vae_from))
     vae = AutoencoderKL.from_pretrained(src / "vae")
     if vae.config.get("shift_factor") is None:
         vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scale + shift
@@ -136,12 +149,55 @@ def load_parent(cfg: DiTPretrainConfig):
     return vae, clip, clip_tokenizer
 
 
+def init_source(cfg: DiTPretrainConfig) -> Path | None:
+    """The directory of `init_from`, checked to be an exported DiT (a clear error before any work)."""
+    if cfg.init_from is None:
+        return None
+    from factory.method.loading import resolve_model
+
+    src = Path(resolve_model(cfg.init_from))
+    if not (src / "transformer").is_dir() or not (src / "text_encoder_2").is_dir():
+        raise ValueError(
+            f"--init-from {cfg.init_from}: {src} is not an exported toyworld DiT (no transformer/ and "
+            "text_encoder_2/)"
+        )
+    if Path(cfg.out).resolve() == src.resolve():
+        raise ValueError(f"--out {cfg.out} is --init-from's own directory: export to a new one")
+    return src
+
+
+def initial_weights(cfg: DiTPretrainConfig, t5_tokenizer):
+    """A new transformer and T5 (seeded, of cfg's size), or those of the exported DiT `init_from` with its
+    training.json (None for new ones)."""
+    if cfg.init_from is None:
+        torch.manual_seed(cfg.seed + 1)
+        transformer = tw_model.build_flux_transformer(
+            cfg.width, cfg.heads, cfg.double_layers, cfg.single_layers
+        )
+        return transformer, tw_model.build_t5_encoder(t5_tokenizer), None
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    src = init_source(cfg)
+    t5 = T5EncoderModel.from_pretrained(src / "text_encoder_2")
+    if t5.config.vocab_size != len(t5_tokenizer):
+        raise ValueError(
+            f"--init-from {cfg.init_from}: its T5 has {t5.config.vocab_size} tokens, the toyworld T5 "
+            f"tokenizer {len(t5_tokenizer)}; it is not a toyworld DiT"
+        )
+    transformer = FluxTransformer2DModel.from_pretrained(src / "transformer")
+    info = src / "training.json"
+    print(f"[dit] starting from the transformer and T5 of {src}")
+    return transformer, t5, json.loads(info.read_text()) if info.exists() else None
+
+
 def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
     """Stage 2 of the recipe above for the DiT (steps 1-5 of the module docstring)."""
     from transformers import T5TokenizerFast
 
     from factory.method.families import Conditioning, FluxDenoiser
 
+    init_source(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = Path(cfg.work_dir)
@@ -170,12 +226,9 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
             pooled_cache.update(zip(missing, out, strict=True))
         return torch.stack([pooled_cache[c] for c in captions])
 
-    # 3. The trained models, optimizer, EMA; resume.
-    torch.manual_seed(cfg.seed + 1)
-    transformer = tw_model.build_flux_transformer(
-        cfg.width, cfg.heads, cfg.double_layers, cfg.single_layers
-    ).to(cfg.device)
-    t5 = tw_model.build_t5_encoder(t5_tokenizer).to(cfg.device)
+    # 3. The trained models (new, or `init_from`'s), optimizer, EMA; resume.
+    transformer, t5, previous = initial_weights(cfg, t5_tokenizer)
+    transformer, t5 = transformer.to(cfg.device), t5.to(cfg.device)
     models = {"transformer": transformer, "t5": t5}
     params = list(transformer.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -231,8 +284,9 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
         cond = Conditioning(t5(ids)[0], pooled(clip_captions))
         pred = denoiser((1 - s) * x0 + s * noise, sigma * 1000, cond)
         loss = F.mse_loss(pred, noise - x0)
+        lr = scheduled_lr(cfg.lr, cfg.lr_schedule, step, cfg.steps)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            group["lr"] = lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -273,6 +327,8 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
             "text_encoder_2": sum(p.numel() for p in t5.parameters()),
         },
     }
+    if previous is not None:  # the model this run continued from, so the card can state the whole recipe
+        info["continued_from"] = previous
     (out / "training.json").write_text(json.dumps(info, indent=2))
     write_card(out)
     print(f"[done] exported to {out}; {step} steps, {info['train_minutes']:.1f} min of training")
@@ -312,9 +368,27 @@ def write_card(model_dir: Path, results: dict | None = None) -> None:
         "| text_encoder | CLIPTextModel | the toyworld model's, frozen (the pooled vector) |",
         "| vae | AutoencoderKL | the toyworld model's (16x16x4 latents), `shift_factor` 0 |",
     ]
-    history = ["| step | loss | concept-map AUC | minutes |", "|---|---|---|---|"] + [
-        f"| {h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {h['minutes']:.1f} |" for h in info["history"]
-    ]
+    runs = training_runs(info)  # oldest first: a run that went on from an export follows it
+    history = ["| run | step | loss | concept-map AUC | minutes |", "|---|---|---|---|---|"]
+    commands, steps, minutes = [], 0, 0.0
+    for i, run in enumerate(runs, 1):
+        commands += run.get("commands", [])
+        history += [
+            f"| {i} | {steps + h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {minutes + h['minutes']:.1f} |"
+            for h in run["history"]
+        ]
+        steps, minutes = steps + run["steps"], minutes + run["train_minutes"]
+    schedule = (
+        f"AdamW {cfg['lr']:g} ({cfg['warmup']} warm-up steps)"
+        if cfg.get("lr_schedule", "constant") == "constant"
+        else f"AdamW cosine from {cfg['lr']:g} to 5% of it ({cfg['warmup']} warm-up steps)"
+    )
+    continued = (
+        f" (the last run went on from `--init-from {cfg['init_from']}` with a fresh optimizer: "
+        f"{info['steps']} steps, {info['train_minutes']:.1f} min)"
+        if cfg.get("init_from")
+        else ""
+    )
     text = [
         CARD_HEAD,
         "\n".join(rows),
@@ -325,11 +399,12 @@ def write_card(model_dir: Path, results: dict | None = None) -> None:
         "",
         "## Training (`trainers/toyworld/pretrain_dit.py`)",
         "",
-        *[f"- `{c}`" for c in info.get("commands", [])],
-        f"- {info['steps']} steps, batch {cfg['batch']}, AdamW {cfg['lr']:g} ({cfg['warmup']} warm-up "
-        f"steps), EMA {cfg['ema_decay']}, caption dropout {cfg['caption_dropout']:g}, pooled-vector dropout "
-        f"{cfg.get('pooled_dropout', 0):g}; {info['train_minutes']:.1f} min on {info['hardware']}; render "
-        f"pool of {cfg['pool_size']} (seeds 0..{cfg['pool_size'] - 1}); the AUC on 32 held-out renders "
+        *[f"- `{c}`" for c in commands],
+        f"- {steps} steps in all{continued}, batch {cfg['batch']}, {schedule}, EMA {cfg['ema_decay']}, "
+        f"caption dropout {cfg['caption_dropout']:g}, pooled-vector dropout "
+        f"{cfg.get('pooled_dropout', 0):g}; {minutes:.1f} min on {info['hardware']}; render "
+        f"pool of {cfg['pool_size']} (seeds 0..{cfg['pool_size'] - 1}); the AUC on {cfg['eval_images']} "
+        "held-out renders "
         "(seeds 1,000,000,000+), the Distiller's probe (`image_to_text`, 40 of 50 steps).",
         "- Departures from FLUX.1: T5 trained with the transformer (no pretrained T5 of the grammar "
         "exists), no guidance embedding (not guidance-distilled), CLIP's pooled vector dropped on its own "
@@ -359,9 +434,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    types = {"threads": int, "max_minutes": float, "init_from": str}
     for name, default in asdict(DiTPretrainConfig()).items():
-        typ = type(default) if default is not None else (int if name == "threads" else float)
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+        typ = type(default) if default is not None else types[name]
+        choices = LR_SCHEDULES if name == "lr_schedule" else None
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, choices=choices)
     p.add_argument("--card", default=None, metavar="SWEEP_JSON", help="write --out's model card only")
     args = p.parse_args(argv)
     if args.card is not None:
