@@ -87,15 +87,12 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
         eval_images=2,
     )
     info3 = pretrain_dit(go_on, command="third")
-    assert info3["continued_from"]["steps"] == 8 and info3["continued_from"]["commands"] == [
-        "first",
-        "second",
-    ]
+    earlier = info3["continued_from"]
+    assert earlier["steps"] == 8 and earlier["commands"] == ["first", "second"]
     card = (tmp_path / "model2" / "README.md").read_text()
     assert "`first`" in card and "`third`" in card and "| 2 | 10 |" in card and "10 steps in all" in card
-    trained = FluxPipeline.from_pretrained(
-        tmp_path / "model2", local_files_only=True
-    ).transformer.state_dict()
+    trained = FluxPipeline.from_pretrained(tmp_path / "model2", local_files_only=True)
+    trained = trained.transformer.state_dict()
     assert any(not torch.equal(trained[k], shipped_weights[k]) for k in shipped_weights)
     assert all(trained[k].shape == shipped_weights[k].shape for k in shipped_weights)
 
@@ -110,9 +107,8 @@ def test_going_on_from_a_model_that_is_not_a_dit_is_a_clear_error_before_any_wor
     same = DiTPretrainConfig(out="factory/models/toyworld-dit", init_from="toyworld-dit")
     with pytest.raises(ValueError, match="own directory: export to a new one"):
         pretrain_dit(same)
-    assert scheduled_lr(1.0, "cosine", 0, 10) == 1.0 and scheduled_lr(1.0, "cosine", 10, 10) == pytest.approx(
-        0.05
-    )
+    assert scheduled_lr(1.0, "cosine", 0, 10) == 1.0
+    assert scheduled_lr(1.0, "cosine", 10, 10) == pytest.approx(0.05)
     assert scheduled_lr(1.0, "constant", 7, 10) == 1.0
 
 
