@@ -104,6 +104,9 @@ def test_going_on_from_a_model_that_is_not_a_dit_is_a_clear_error_before_any_wor
     with pytest.raises(ValueError, match="not an exported toyworld DiT"):
         pretrain_dit(cfg)
     assert not (tmp_path / "w").exists()  # nothing rendered, nothing written
+    resized = DiTPretrainConfig(out=str(tmp_path / "m"), init_from="toyworld-dit", width=256)
+    with pytest.raises(ValueError, match="--width are for a new model"):
+        pretrain_dit(resized)
     same = DiTPretrainConfig(out="factory/models/toyworld-dit", init_from="toyworld-dit")
     with pytest.raises(ValueError, match="own directory: export to a new one"):
         pretrain_dit(same)

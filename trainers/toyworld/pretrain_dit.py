@@ -153,6 +153,13 @@ def init_source(cfg: DiTPretrainConfig) -> Path | None:
     """The directory of `init_from`, checked to be an exported DiT (a clear error before any work)."""
     if cfg.init_from is None:
         return None
+    sizes = ("width", "heads", "double_layers", "single_layers", "vae_from")
+    changed = [k for k in sizes if getattr(cfg, k) != getattr(DiTPretrainConfig, k)]
+    if changed:
+        raise ValueError(
+            f"--init-from {cfg.init_from} keeps that model's size and VAE; "
+            f"{', '.join('--' + k.replace('_', '-') for k in changed)} are for a new model: drop them"
+        )
     from factory.method.loading import resolve_model
 
     src = Path(resolve_model(cfg.init_from))
@@ -357,24 +364,28 @@ def write_card(model_dir: Path, results: dict | None = None) -> None:
     info = json.loads((model_dir / "training.json").read_text())
     cfg = info["config"]
     params = info["parameters"]
+    arch = json.loads((model_dir / "transformer" / "config.json").read_text())
     rows = [
         "| component | class | size |",
         "|---|---|---|",
         f"| transformer | FluxTransformer2DModel | {params['transformer'] / 1e6:.2f}M params: "
-        f"{cfg['double_layers']} double- + {cfg['single_layers']} single-stream blocks, width "
-        f"{cfg['width']}, {cfg['heads']} heads |",
+        f"{arch['num_layers']} double- + {arch['num_single_layers']} single-stream blocks, width "
+        f"{arch['num_attention_heads'] * arch['attention_head_dim']}, {arch['num_attention_heads']} heads |",
         f"| text_encoder_2 | T5EncoderModel | {params['text_encoder_2'] / 1e6:.2f}M params, trained "
         "with it |",
         "| text_encoder | CLIPTextModel | the toyworld model's, frozen (the pooled vector) |",
         "| vae | AutoencoderKL | the toyworld model's (16x16x4 latents), `shift_factor` 0 |",
     ]
     runs = training_runs(info)  # oldest first: a run that went on from an export follows it
-    history = ["| run | step | loss | concept-map AUC | minutes |", "|---|---|---|---|---|"]
+    several = len(runs) > 1  # a column for the run when training went on from an export
+    header = "| run " * several + "| step | loss | concept-map AUC | minutes |"
+    history = [header, "|---" * (4 + several) + "|"]
     commands, steps, minutes = [], 0, 0.0
     for i, run in enumerate(runs, 1):
         commands += run.get("commands", [])
         history += [
-            f"| {i} | {steps + h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {minutes + h['minutes']:.1f} |"
+            f"| {i} " * several
+            + f"| {steps + h['step']} | {h['loss']:.4f} | {h['auc']:.3f} | {minutes + h['minutes']:.1f} |"
             for h in run["history"]
         ]
         steps, minutes = steps + run["steps"], minutes + run["train_minutes"]
