@@ -13,24 +13,18 @@ from factory.method.families import detect_family
 from trainers.toyworld.pretrain_dit import DiTPretrainConfig, pretrain_dit
 
 
+def tiny_run(folder, **over) -> DiTPretrainConfig:
+    """A few steps of the recipe on a 64-render pool, exported to folder/model, its work dir folder/work."""
+    return DiTPretrainConfig(
+        out=str(folder / "model"), work_dir=str(folder / "work"), pool_size=64, batch=4, eval_images=2, **over
+    )
+
+
 @pytest.mark.training
 def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
     torch.set_num_threads(2)
-    cfg = DiTPretrainConfig(
-        out=str(tmp_path / "model"),
-        work_dir=str(tmp_path / "work"),
-        pool_size=64,
-        steps=6,
-        batch=4,
-        warmup=2,
-        eval_every=6,
-        eval_images=2,
-        ckpt_every=3,
-        width=32,
-        heads=2,
-        double_layers=1,
-        single_layers=1,
-    )
+    small = dict(width=32, heads=2, double_layers=1, single_layers=1)
+    cfg = tiny_run(tmp_path, steps=6, warmup=2, eval_every=6, ckpt_every=3, **small)
     info = pretrain_dit(cfg, command="first")
     assert info["steps"] == 6 and len(info["history"]) == 1
     assert np.isfinite(info["history"][0]["loss"]) and 0.0 <= info["history"][0]["auc"] <= 1.0
@@ -74,24 +68,20 @@ def test_the_dit_recipe_trains_resumes_and_exports_a_flux_pipeline(tmp_path):
 
     # training goes on from the export (fresh optimizer, cosine schedule); the card tells both runs
     shipped_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    go_on = DiTPretrainConfig(
-        out=str(tmp_path / "model2"),
-        work_dir=str(tmp_path / "work2"),
+    go_on = tiny_run(
+        tmp_path / "on",
         init_from=str(tmp_path / "model"),
         lr_schedule="cosine",
-        pool_size=64,
         steps=2,
-        batch=4,
         warmup=1,
         eval_every=2,
-        eval_images=2,
     )
     info3 = pretrain_dit(go_on, command="third")
     earlier = info3["continued_from"]
     assert earlier["steps"] == 8 and earlier["commands"] == ["first", "second"]
-    card = (tmp_path / "model2" / "README.md").read_text()
+    card = (tmp_path / "on" / "model" / "README.md").read_text()
     assert "`first`" in card and "`third`" in card and "| 2 | 10 |" in card and "10 steps in all" in card
-    trained = FluxPipeline.from_pretrained(tmp_path / "model2", local_files_only=True)
+    trained = FluxPipeline.from_pretrained(tmp_path / "on" / "model", local_files_only=True)
     trained = trained.transformer.state_dict()
     assert any(not torch.equal(trained[k], shipped_weights[k]) for k in shipped_weights)
     assert all(trained[k].shape == shipped_weights[k].shape for k in shipped_weights)
