@@ -105,6 +105,32 @@ def test_going_on_from_a_model_that_is_not_a_dit_is_a_clear_error_before_any_wor
     assert scheduled_lr(1.0, "constant", 7, 10) == 1.0
 
 
+def test_a_dit_export_with_another_t5_vocabulary_fails_before_the_pool_is_rendered(tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    import trainers.toyworld.pretrain_dit as recipe
+    from factory.method.loading import SHORT_NAMES
+
+    # the shipped DiT, its T5 swapped for one over a 10-token vocabulary
+    other = tmp_path / "other"
+    shutil.copytree(SHORT_NAMES["toyworld-dit"], other)
+    shutil.rmtree(other / "text_encoder_2")
+    tiny = T5Config(
+        vocab_size=10, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, is_encoder_decoder=False
+    )
+    T5EncoderModel(tiny).save_pretrained(other / "text_encoder_2")
+
+    def rendered(*args, **kwargs):
+        raise AssertionError("the pool was rendered before the T5 was checked")
+
+    monkeypatch.setattr(recipe, "render_pool", rendered)
+    cfg = tiny_run(tmp_path, init_from=str(other), steps=2)
+    with pytest.raises(ValueError, match="its T5 has 10 tokens.*it is not a toyworld DiT"):
+        pretrain_dit(cfg)
+
+
 def test_the_shipped_dit_loads_as_flux_and_draws_at_64_px():
     from factory.method.loading import SHORT_NAMES, load_pipeline, model_geometry
 

@@ -130,15 +130,15 @@ def build_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer):
     return pipe
 
 
-def load_parent(cfg: DiTPretrainConfig):
+def load_parent(cfg: DiTPretrainConfig, init_dir: Path | None = None):
     """The VAE (with FLUX's `shift_factor`, 0) and the frozen CLIP text encoder + tokenizer of `vae_from`
-    (of `init_from` when given)."""
+    (of `init_dir`, the checked `init_from`, when given)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from factory.method.loading import resolve_model
 
-    src = Path(resolve_model(cfg.init_from or cfg.vae_from))
+    src = init_dir or Path(resolve_model(cfg.vae_from))
     vae = AutoencoderKL.from_pretrained(src / "vae")
     if vae.config.get("shift_factor") is None:
         vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scale + shift
@@ -173,10 +173,10 @@ def init_source(cfg: DiTPretrainConfig) -> Path | None:
     return src
 
 
-def initial_weights(cfg: DiTPretrainConfig, t5_tokenizer):
-    """A new transformer and T5 (seeded, of cfg's size), or those of the exported DiT `init_from` with its
-    training.json (None for new ones)."""
-    if cfg.init_from is None:
+def initial_weights(cfg: DiTPretrainConfig, t5_tokenizer, init_dir: Path | None):
+    """A new transformer and T5 (seeded, of cfg's size), or those of the exported DiT `init_dir` (the checked
+    `init_from`) with its training.json (None for new ones)."""
+    if init_dir is None:
         torch.manual_seed(cfg.seed + 1)
         transformer = tw_model.build_flux_transformer(
             cfg.width, cfg.heads, cfg.double_layers, cfg.single_layers
@@ -185,16 +185,15 @@ def initial_weights(cfg: DiTPretrainConfig, t5_tokenizer):
     from diffusers import FluxTransformer2DModel
     from transformers import T5EncoderModel
 
-    src = init_source(cfg)
-    t5 = T5EncoderModel.from_pretrained(src / "text_encoder_2")
+    t5 = T5EncoderModel.from_pretrained(init_dir / "text_encoder_2")
     if t5.config.vocab_size != len(t5_tokenizer):
         raise ValueError(
             f"--init-from {cfg.init_from}: its T5 has {t5.config.vocab_size} tokens, the toyworld T5 "
             f"tokenizer {len(t5_tokenizer)}; it is not a toyworld DiT"
         )
-    transformer = FluxTransformer2DModel.from_pretrained(src / "transformer")
-    info = src / "training.json"
-    print(f"[dit] starting from the transformer and T5 of {src}")
+    transformer = FluxTransformer2DModel.from_pretrained(init_dir / "transformer")
+    info = init_dir / "training.json"
+    print(f"[dit] starting from the transformer and T5 of {init_dir}")
     return transformer, t5, json.loads(info.read_text()) if info.exists() else None
 
 
@@ -204,7 +203,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
 
     from factory.method.families import Conditioning, FluxDenoiser
 
-    init_source(cfg)
+    init_dir = init_source(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = Path(cfg.work_dir)
@@ -212,11 +211,13 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
     t0 = time.time()
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
 
-    # 1. The pool's latents, encoded once by the parent's VAE.
-    vae, clip, clip_tokenizer = load_parent(cfg)
+    # 1. The pool's latents, encoded once by the parent's VAE; the trained models (new, or `init_from`'s)
+    #    first, so that an export whose T5 is not toyworld's fails before the pool is rendered.
+    vae, clip, clip_tokenizer = load_parent(cfg, init_dir)
     t5_tokenizer = T5TokenizerFast.from_pretrained(
         write_t5_tokenizer(work / "tokenizer_2", vocabulary(), tw_model.MAX_TOKENS)
     )
+    transformer, t5, previous = initial_weights(cfg, t5_tokenizer, init_dir)
     pool = render_pool(cfg.pool_size, 0, "render pool")
     lat_mean, lat_std = encode_pool(vae, np.stack([s.image for s in pool]))
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor
@@ -233,8 +234,7 @@ def pretrain_dit(cfg: DiTPretrainConfig, command: str | None = None) -> dict:
             pooled_cache.update(zip(missing, out, strict=True))
         return torch.stack([pooled_cache[c] for c in captions])
 
-    # 3. The trained models (new, or `init_from`'s), optimizer, EMA; resume.
-    transformer, t5, previous = initial_weights(cfg, t5_tokenizer)
+    # 3. The trained models on the device, optimizer, EMA; resume.
     transformer, t5 = transformer.to(cfg.device), t5.to(cfg.device)
     models = {"transformer": transformer, "t5": t5}
     params = list(transformer.parameters()) + list(t5.parameters())
