@@ -23,7 +23,7 @@ from trainers.students.data import (
 )
 from trainers.students.export import load_student
 from trainers.students.model import PretrainedWeightsError, boundary_band, build_student, student_loss
-from trainers.students.tune import run_students
+from trainers.students.tune import run_student_jobs, run_students
 
 TINY = {"decoder_channels": [32, 16, 16, 8, 8]}
 
@@ -294,9 +294,20 @@ def test_students_for_all_concepts_train_concurrently_and_export(students, split
 
 
 @pytest.mark.training
-def test_one_multiclass_student(students):
-    summary = run_students(_cfg(students, "multiclass=true", "output.name=mc"))
-    [r] = summary["students"]
+def test_one_multiclass_student_beside_another_job_in_one_tune_run(students):
+    # two jobs in one Tune run (the tables' training sets): a multi-class student of twice the steps and a
+    # binary one; one at a time, the longer starts first, and each job gets its own exports and summary
+    mc = _cfg(students, "multiclass=true", "output.name=mc", "train.steps=24", "scaling.max_concurrent=1")
+    binary = _cfg(students, "data.concepts=[star]", "output.name=one")
+    binary.output.export = str(students / "export-one")
+    summary, other = run_student_jobs([binary, mc])
+    [r] = other["students"]
+    [b] = summary["students"]
+    assert r["metrics"]["step"] == 24 and b["metrics"]["step"] == 12 and b["student"] == "star"
+    assert r["finished"] <= b["started"], "the longer student went first, the two one after the other"
+    assert json.loads((students / "export-one" / "students.json").read_text())["students"] == [b]
+    runs = students / "runs"
+    assert (runs / "one-tune").is_dir() and not (runs / "mc-tune").exists(), "one Tune run for both jobs"
     model, info = load_student(r["export"])
     assert (
         r["student"] == "multiclass"

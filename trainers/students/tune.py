@@ -1,5 +1,5 @@
-"""Every student of a job: the rows each trains on (Ray Data), one Ray Train run per student, and one Ray Tune
-run over all the (concept, seed) students."""
+"""Every student of a job, or of several: the rows each trains on (Ray Data), one Ray Train run per student,
+and one Ray Tune run over all of them (each job's concepts and seeds, or its multi-class students)."""
 
 from __future__ import annotations
 
@@ -150,10 +150,10 @@ def discover_concepts(urls_by_source: dict[str, list[str]]) -> list[str]:
     return found
 
 
-def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
-    import ray
-    from ray import tune
-
+def _trials(cfg: StudentsConfig, job_index: int) -> tuple[list[dict], str]:
+    """One students job's trials (one per concept and seed, or one multi-class student per seed) and its line
+    for the log. Paths are made absolute here, in the driver: Ray Tune runs each trial in a working directory
+    of its own, so relative local paths would land there (fsspec URLs stay as they are)."""
     from factory.dataset.sources import list_shards
 
     urls_by_source = {s: list_shards(s) for s in cfg.data.shards}
@@ -161,10 +161,6 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     concepts = cfg.data.concepts or discover_concepts(urls_by_source)
     if not concepts:
         raise ValueError("no concepts: list them in data.concepts (the shard folders carry no job.json)")
-    init_ray(verbose)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # Ray Tune runs each trial in a working directory of its own, so relative local paths would land there:
-    # make them absolute here, in the driver (fsspec URLs stay as they are).
     cfg = cfg.model_copy(deep=True)
     cfg.output.storage = storage_path(cfg.output.storage)
     cfg.output.export = storage_path(cfg.output.export)
@@ -183,35 +179,68 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
         j["output"]["export"] = f"{cfg.output.export.rstrip('/')}/seed{seed}"
         return j
 
-    t0 = time.time()
     also = f", seeds {', '.join(map(str, seeds))}" if cfg.train.seeds else ""
     if cfg.multiclass:  # one student (background + every concept) per seed
-        space = {"seed": tune.grid_search(seeds)}
-        n = len(seeds)
-        what = f"{n} multi-class student(s) (background + {', '.join(concepts)}{also})"
+        students = [(None, concepts, s) for s in seeds]
+        what = f"{len(students)} multi-class student(s) (background + {', '.join(concepts)}{also})"
     else:  # one student per concept and seed
-        space = {"concept": tune.grid_search(concepts), "seed": tune.grid_search(seeds)}
-        n = len(concepts) * len(seeds)
-        what = f"{n} students ({', '.join(concepts)}{also})"
-    at_once = min(n, cfg.scaling.max_concurrent or n)
-    print(
-        f"[students] {what}, {at_once} at once, backbone {cfg.model.backbone}, {cfg.train.steps} steps each, "
-        f"on {len(urls)} shards",
-        flush=True,
+        students = [(c, None, s) for c in concepts for s in seeds]
+        what = f"{len(students)} students ({', '.join(concepts)}{also})"
+    trials = [
+        {"job_index": job_index, "job": seed_job(s), "concept": c, "classes": classes, "urls": urls}
+        for c, classes, s in students
+    ]
+    line = (
+        f"[students] {cfg.output.name}: {what}, backbone {cfg.model.backbone}, {cfg.train.steps} steps each, "
+        f"on {len(urls)} shards"
     )
+    return trials, line
+
+
+def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
+    """Every student of one job (`trainers students`) in one Ray Tune run; returns its summary (also written
+    to `{export}/students.json`)."""
+    [summary] = run_student_jobs([cfg], verbose)
+    return summary
+
+
+def run_student_jobs(cfgs: list[StudentsConfig], verbose: bool | None = None) -> list[dict]:
+    """The students of several jobs (other shards, targets, multi-class or not, step counts) in one Ray Tune
+    run: one start-up of Tune for all of them, and the longest students start first, so that at most
+    `scaling.max_concurrent` at once (the smallest of the jobs') keep every slot busy to the end (the tables'
+    four training sets: issue 33). Returns each job's summary, in order; each is also written to its
+    `{export}/students.json`."""
+    import ray
+    from ray import tune
+
+    if not cfgs:
+        raise ValueError("no students jobs")
+    init_ray(verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trials: list[dict] = []
+    for i, cfg in enumerate(cfgs):
+        more, line = _trials(cfg, i)
+        trials += more
+        print(line, flush=True)
+    # longest first (a stable sort: each job's own order stays): the step counts differ between jobs
+    trials.sort(key=lambda t: -t["job"]["train"]["steps"])
+    limits = [c.scaling.max_concurrent for c in cfgs if c.scaling.max_concurrent]
+    at_once = min([len(trials), *limits])
+    print(f"[students] {len(trials)} students in one Tune run, {at_once} at once", flush=True)
+    t0 = time.time()
 
     def trial(config: dict) -> None:
-        concept = config.get("concept")
-        summary = train_one(seed_job(config["seed"]), concept, None if concept else concepts, urls)
-        tune.report({"summary": json.dumps(summary)})
+        t = trials[config["trial"]]
+        summary = train_one(t["job"], t["concept"], t["classes"], t["urls"])
+        tune.report({"summary": json.dumps({**summary, "job_index": t["job_index"]})})
 
-    # one Tune run for every student: one start-up and teardown of Tune for all of them
+    first = cfgs[0]
     tuner = tune.Tuner(
         tune.with_resources(trial, {"CPU": 0.01}),  # the trial only drives its Ray Train run
-        param_space=space,
+        param_space={"trial": tune.grid_search(list(range(len(trials))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
         run_config=tune.RunConfig(
-            name=f"{cfg.output.name}-tune", storage_path=storage_path(cfg.output.storage), verbose=0
+            name=f"{first.output.name}-tune", storage_path=storage_path(first.output.storage), verbose=0
         ),
     )
     grid = tuner.fit()
@@ -219,11 +248,17 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
     if errors:
         raise RuntimeError(f"{len(errors)} student run(s) failed; the first: {errors[0]}")
     results = [json.loads(r.metrics["summary"]) for r in grid]
-    summary = {"students": results, "wall_s": time.time() - t0, "export": cfg.output.export}
-    Path(cfg.output.export).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.output.export) / "students.json").write_text(json.dumps(summary, indent=1))
+    wall = time.time() - t0
+    summaries = []
+    for i, cfg in enumerate(cfgs):
+        own = [{k: v for k, v in r.items() if k != "job_index"} for r in results if r["job_index"] == i]
+        export = storage_path(cfg.output.export)
+        summary = {"students": own, "wall_s": wall, "export": export}
+        Path(export).mkdir(parents=True, exist_ok=True)
+        (Path(export) / "students.json").write_text(json.dumps(summary, indent=1))
+        summaries.append(summary)
     for r in sorted(results, key=lambda r: r["started"]):
-        m = r["metrics"]
+        m, cfg = r["metrics"], cfgs[r["job_index"]]
         print(
             f"[students] {r['student']}"
             + (f" seed {r['seed']}" if cfg.train.seeds else "")
@@ -233,4 +268,4 @@ def run_students(cfg: StudentsConfig, verbose: bool | None = None) -> dict:
             f" -> {r['export']}",
             flush=True,
         )
-    return summary
+    return summaries

@@ -14,9 +14,10 @@ Stages (folders under --out):
   5. synthetic/              D'_s: `factory generate` with m' (generated images, labelled the same way)
   6. gt-{c}/                 the training images with their ground-truth masks, for the supervised row only
   7. students-{gt,ds,ds-syn}/ `trainers students` on each training set: one student per concept and
-                             `--student-seeds` seed in one run (train.seeds), in seed{s}/{concept}/;
+                             `--student-seeds` seed (train.seeds), in seed{s}/{concept}/;
      students-ds-one/        one multi-class student for every concept on D_s per seed, in
-                             seed{s}/multiclass/ (as many steps as a set's per-concept students together)
+                             seed{s}/multiclass/ (as many steps as a set's per-concept students together);
+                             all of them in one Tune run, the longest first
   8. table.md, table.json, figure.png: every row scored on the held-out test images, pooled over concepts
                              (the method with m and with m + m' from one probe of each test image)
 Rows: supervised student on GT masks; OpenCV GrabCut (centred box); M_pre (m); M_pre with its edges snapped
@@ -285,12 +286,13 @@ def ground_truth_shards(cfg: TablesConfig, out: Path) -> bool:
 
 
 def train_students(cfg: TablesConfig, out: Path) -> bool:
-    """7. One student per concept and seed on each training set (`trainers students`)."""
+    """7. One student per concept and seed on each training set (`trainers students`), and the multi-class
+    students: every set's unfinished seeds in one Tune run (`run_student_jobs`), the longest first."""
     from trainers.students.config import load_students_config
-    from trainers.students.tune import run_students
+    from trainers.students.tune import run_student_jobs
 
     base = load_students_config("configs/students-toyworld.yaml")
-    did = False
+    jobs = []
     for name, folders in STUDENT_SETS.items():
         shards = [str(out / f.format(c=c)) for f in folders for c in cfg.concepts if "{c}" in f]
         shards += [str(out / f) for f in folders if "{c}" not in f]
@@ -303,11 +305,9 @@ def train_students(cfg: TablesConfig, out: Path) -> bool:
         ]
         if not todo:
             continue
-        did = True
         export = out / f"students-{name}"
-        # every seed's students of this set in one Tune run, as many at once as there are concepts: six at
-        # once on 2 cores trained 3 steps/s in all (load average 20, two thirds of it system time), two
-        # at once 4.5-9.4 on earlier days
+        # two students at once (as many as the tables' concepts): six at once on 2 cores trained 3 steps/s in
+        # all (load average 20, two thirds of it system time), two at once 4.5-9.4 on earlier days
         values = {
             "data.shards": shards,
             "data.concepts": list(cfg.concepts),
@@ -324,8 +324,10 @@ def train_students(cfg: TablesConfig, out: Path) -> bool:
             "output.name": export.name,
             "output.export": str(export),
         }
-        run_students(with_values(base, values))
-    return did
+        jobs.append(with_values(base, values))
+    if jobs:
+        run_student_jobs(jobs)
+    return bool(jobs)
 
 
 STAGES = [
