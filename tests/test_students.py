@@ -294,6 +294,26 @@ def test_students_for_all_concepts_train_concurrently_and_export(students, split
 
 
 @pytest.mark.training
+def test_the_cached_rows_come_in_one_order_whatever_the_order_of_the_shards(students):
+    # a student depends on its shards and seed only: its rows come in key order, whatever order the shard
+    # files are listed in, the reader shuffles them in (shuffle="files") or Ray Data's blocks arrive in
+    from trainers.students.tune import _dataset
+
+    urls = sorted(str(u) for u in students.glob("gt-*/*.tar"))
+    assert len(urls) >= 4
+    runs = [
+        _dataset(_cfg(students), us, None, ["star", "heart"])
+        for us in (urls, urls[::-1], urls[1:] + urls[:1])
+    ]
+    first, _ = runs[0]
+    for train, val in runs[1:]:
+        assert np.array_equal(np.stack(train["stack"]), np.stack(first["stack"]))
+        assert np.array_equal(train["label"], first["label"]) and len(val["image"]) == len(
+            runs[0][1]["image"]
+        )
+
+
+@pytest.mark.training
 def test_one_multiclass_student_beside_another_job_in_one_tune_run(students):
     # two jobs in one Tune run (the tables' training sets): a multi-class student of twice the steps and a
     # binary one; one at a time, the longer starts first, and each job gets its own exports and summary
