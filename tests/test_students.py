@@ -305,12 +305,11 @@ def test_the_cached_rows_come_in_one_order_whatever_the_order_of_the_shards(stud
         _dataset(_cfg(students), us, None, ["star", "heart"])
         for us in (urls, urls[::-1], urls[1:] + urls[:1])
     ]
-    first, _ = runs[0]
+    first, first_val = runs[0]
     for train, val in runs[1:]:
         assert np.array_equal(np.stack(train["stack"]), np.stack(first["stack"]))
-        assert np.array_equal(train["label"], first["label"]) and len(val["image"]) == len(
-            runs[0][1]["image"]
-        )
+        assert np.array_equal(train["label"], first["label"])
+        assert len(val["image"]) == len(first_val["image"])
 
 
 @pytest.mark.training
